@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine:  make demo  |  make test
+# Both create .venv (Python 3.11) and install the pinned dependencies once; the install is
+# skipped while a stamp keyed by the requirement files (and pyproject.toml) exists.
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+REQS := requirements/torch.txt requirements/base.txt requirements/detectron2.txt pyproject.toml
+STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha256sum | cut -c1-16)
+PYTEST_ARGS ?=
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): $(REQS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -r requirements/torch.txt -r requirements/base.txt
+	# detectron2's pure-Python code: the cp310 wheel unpacked into this venv, hash-checked;
+	# its compiled _C is for another torch and Python and is never loaded, and its top-level
+	# 'tools' package would shadow ours.
+	$(PIP) install --no-deps --only-binary=:all: --python-version 3.10 --upgrade \
+		--target "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+		--require-hashes -r requirements/detectron2.txt
+	cd "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" && \
+		rm -rf tools detectron2/_C*.so
+	$(PIP) install --no-deps --no-build-isolation -e .
+	$(PY) -c "import detectron2, gn_det; print('detectron2', detectron2.__version__, 'gn_det', gn_det.__version__)"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,177 @@
+"""Convert every BatchNorm-family layer of a module tree to GroupNorm (or another BN variant)."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+from typing import Optional, Sequence, Tuple, Union
+
+from torch import nn
+from torch.nn.parameter import is_lazy
+
+from .groups import check_group_args
+from .registry import NORM_CONVERTERS, NORM_TARGETS, TargetOptions
+from .transfer import check_transfer
+
+__all__ = ["NormSpec", "convert_norm"]
+
+logger = logging.getLogger(__name__)
+
+Prefixes = Union[None, str, Sequence[str]]
+
+
+def _as_prefixes(value: Prefixes, what: str) -> Tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what} must be module-name prefixes (strings), got {value!r}")
+    return tuple(value)
+
+
+def _matches(name: str, prefixes: Tuple[str, ...]) -> bool:
+    """True if ``name`` is one of ``prefixes`` or inside one (``"a.b"`` is inside ``"a"``)."""
+    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """
+    What to convert, to what, and how — validated at construction.
+
+    Attributes:
+        target: ``"GN"`` or a BN-family target (``"FrozenBN"``, ``"BN"``, ``"SyncBN"``,
+            ``"naiveSyncBN"``); see ``gn_det.NORM_TARGETS``.
+        num_groups, dim_per_group: group choice for GN (``gn_det.resolve_num_groups``).
+        eps: eps of the new layers; ``None`` keeps each source layer's eps.
+        transfer: ``"stats"`` or ``"copy"`` (``gn_det.transfer``); GN targets only.
+        include: module-name prefixes to convert (empty: everything).
+        exclude: module-name prefixes to leave alone; wins over ``include``.
+        sources: registered source names to convert (empty: every registered type).
+    """
+
+    target: str = "GN"
+    num_groups: int = 32
+    dim_per_group: Optional[int] = None
+    eps: Optional[float] = None
+    transfer: str = "stats"
+    include: Tuple[str, ...] = ()
+    exclude: Tuple[str, ...] = ()
+    sources: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        NORM_TARGETS.get(self.target)
+        check_transfer(self.transfer)
+        check_group_args(self.num_groups, self.dim_per_group)
+        if self.eps is not None and not (isinstance(self.eps, (int, float)) and self.eps > 0):
+            raise ValueError(f"eps must be a positive number or None, got {self.eps!r}")
+        object.__setattr__(self, "include", _as_prefixes(self.include, "include"))
+        object.__setattr__(self, "exclude", _as_prefixes(self.exclude, "exclude"))
+        sources = _as_prefixes(self.sources, "sources")
+        NORM_CONVERTERS.types_named(sources)
+        object.__setattr__(self, "sources", sources)
+
+    @property
+    def options(self) -> TargetOptions:
+        return TargetOptions(self.num_groups, self.dim_per_group, self.eps, self.transfer)
+
+    def selects(self, name: str, module: nn.Module) -> bool:
+        """Whether the layer ``name`` is one this spec converts (by name and by source type)."""
+        if self.include and not _matches(name, self.include):
+            return False
+        if _matches(name, self.exclude):
+            return False
+        if self.sources:
+            return isinstance(module, NORM_CONVERTERS.types_named(self.sources))
+        return True
+
+
+def convert_norm(
+    module: nn.Module,
+    target: str = "GN",
+    *,
+    num_groups: int = 32,
+    dim_per_group: Optional[int] = None,
+    eps: Optional[float] = None,
+    transfer: str = "stats",
+    include: Prefixes = None,
+    exclude: Prefixes = None,
+    sources: Prefixes = None,
+) -> nn.Module:
+    """
+    Replace every BatchNorm-family layer in ``module`` by ``target``, transferring weights.
+
+    Like ``nn.SyncBatchNorm.convert_sync_batchnorm`` and detectron2's
+    ``FrozenBatchNorm2d.convert_frozen_batchnorm``: children are replaced in place and the
+    (possibly new) root is returned, so call it as ``model = convert_norm(model)``. Each new layer
+    takes its source's device, dtype, training mode and trainability (a FrozenBN, or a BN whose
+    affine has ``requires_grad=False``, becomes a GN with ``requires_grad=False``). Layers that
+    already are the target, and norm types not in ``gn_det.NORM_CONVERTERS``, are left alone,
+    so converting twice changes nothing.
+
+    Args:
+        module: any ``nn.Module``; it may itself be a norm layer.
+        target: ``"GN"``, ``"FrozenBN"``, ``"BN"``, ``"SyncBN"`` or ``"naiveSyncBN"``.
+        num_groups: GroupNorm groups (default 32, Wu & He 2018).
+        dim_per_group: channels per group; overrides ``num_groups`` when given.
+        eps: eps of the new layers; ``None`` keeps each source layer's eps.
+        transfer: ``"stats"`` (default, data-free, uses the BN running statistics) or ``"copy"``
+            (γ and β only, what detectron2 does); affects GN targets.
+        include: module-name prefixes (``"backbone"``, ``"roi_heads.mask_head"``) to convert;
+            default everything.
+        exclude: module-name prefixes to leave alone.
+        sources: source names (``gn_det.NORM_CONVERTERS.names()``) to convert; default all.
+
+    Returns:
+        The converted module. A summary of the changes is logged; ``gn_det.describe_norms``
+        tabulates every norm layer afterwards.
+
+    Raises:
+        ValueError: unknown target, transfer or source name, or bad group/eps values.
+    """
+    spec = NormSpec(
+        target=target,
+        num_groups=num_groups,
+        dim_per_group=dim_per_group,
+        eps=eps,
+        transfer=transfer,
+        include=include,
+        exclude=exclude,
+        sources=sources,
+    )
+    return convert_norm_by_spec(module, spec)
+
+
+def convert_norm_by_spec(module: nn.Module, spec: NormSpec) -> nn.Module:
+    """:func:`convert_norm` with a ready :class:`NormSpec`."""
+    counts: collections.Counter = collections.Counter()
+    converted = _convert(module, "", spec, counts)
+    if counts:
+        summary = ", ".join(f"{n} {src} → {spec.target}" for src, n in sorted(counts.items()))
+        logger.info("Converted %d norm layers (%s).", sum(counts.values()), summary)
+    else:
+        logger.info("No norm layers converted to %s.", spec.target)
+    return converted
+
+
+def _convert(module: nn.Module, name: str, spec: NormSpec, counts) -> nn.Module:
+    builder, produces = NORM_TARGETS.get(spec.target)
+    reader = NORM_CONVERTERS.lookup(module)
+    if reader is not None and type(module) not in produces and spec.selects(name, module):
+        layer_name = name or type(module).__name__
+        if any(is_lazy(t) for t in itertools.chain(module.parameters(), module.buffers())):
+            raise ValueError(f"'{layer_name}' is a lazy module; run one forward before converting")
+        state = dataclasses.replace(reader(module), source=type(module).__name__)
+        new = builder(state, spec.options, layer_name)
+        new.train(module.training)
+        counts[type(module).__name__] += 1
+        return new
+    for child_name, child in module.named_children():
+        full_name = f"{name}.{child_name}" if name else child_name
+        new_child = _convert(child, full_name, spec, counts)
+        if new_child is not child:
+            module.add_module(child_name, new_child)
+    return module

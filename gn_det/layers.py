@@ -1,0 +1,115 @@
+"""The GroupNorm layer that conversion creates."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .transfer import check_transfer, transfer_bn_to_gn
+
+__all__ = ["ConvertedGroupNorm"]
+
+_BN_STATE = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class ConvertedGroupNorm(nn.GroupNorm):
+    """
+    ``nn.GroupNorm`` that also loads BatchNorm-format state, transferring it on the way in.
+
+    It computes exactly what ``nn.GroupNorm`` computes and saves exactly what it saves (``weight``,
+    ``bias``), so detectron2's native GN models load its checkpoints. On load, a state that
+    carries BN statistics (``running_mean``, ``running_var``, ``num_batches_tracked`` next to
+    ``weight``, ``bias``) is turned into a GN affine with this layer's ``transfer``, so every
+    loader — ``load_state_dict``, detectron2's ``DetectionCheckpointer`` — transfers BN-trained
+    weights. This is the hook detectron2's ``FrozenBatchNorm2d`` uses for old checkpoint formats.
+
+    Args:
+        num_groups, num_channels, eps, affine, device, dtype: as for ``nn.GroupNorm``.
+        transfer: ``"copy"`` or ``"stats"``, applied to BN-format state on load.
+        source_eps: eps of the BN layer this one replaced (BN states carry no eps).
+        source: name of the replaced layer's type, for reports.
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        *,
+        transfer: str = "stats",
+        source_eps: float = 1e-5,
+        source: Optional[str] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        self.transfer = check_transfer(transfer)
+        self.source_eps = source_eps
+        self.source = source
+
+    def load_bn_state(
+        self,
+        weight: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
+        running_mean: Optional[torch.Tensor],
+        running_var: Optional[torch.Tensor],
+    ) -> None:
+        """Set this layer's affine from BN tensors, using its ``transfer``; keeps requires_grad."""
+        new_weight, new_bias = transfer_bn_to_gn(
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_groups=self.num_groups,
+            bn_eps=self.source_eps,
+            gn_eps=self.eps,
+            transfer=self.transfer,
+        )
+        if self.affine:
+            with torch.no_grad():
+                self.weight.copy_(new_weight)
+                self.bias.copy_(new_bias)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        keys = {name: prefix + name for name in ("weight", "bias") + _BN_STATE}
+        if keys["running_mean"] in state_dict or keys["running_var"] in state_dict:
+            bn_state = {name: state_dict.pop(key, None) for name, key in keys.items()}
+            shapes_fit = all(
+                t is None or not torch.is_tensor(t) or t.numel() == self.num_channels
+                for name, t in bn_state.items()
+                if name != "num_batches_tracked"
+            )
+            if shapes_fit and self.affine:
+                weight, bias = transfer_bn_to_gn(
+                    *(_as_tensor(bn_state[n]) for n in ("weight", "bias")),
+                    *(_as_tensor(bn_state[n]) for n in ("running_mean", "running_var")),
+                    num_groups=self.num_groups,
+                    bn_eps=self.source_eps,
+                    gn_eps=self.eps,
+                    transfer=self.transfer,
+                )
+                state_dict[keys["weight"]] = weight
+                state_dict[keys["bias"]] = bias
+            else:
+                # Hand the original tensors on, so the usual size-mismatch error names them.
+                for name in ("weight", "bias"):
+                    if bn_state[name] is not None:
+                        state_dict[keys[name]] = bn_state[name]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, transfer={self.transfer}"
+
+
+def _as_tensor(value) -> Optional[torch.Tensor]:
+    # detectron2's checkpointer converts numpy arrays itself; plain load_state_dict may not.
+    if value is None or torch.is_tensor(value):
+        return value
+    return torch.as_tensor(value)

@@ -1,0 +1,78 @@
+"""What the norm layers of a model are: one row per layer, printable as a table."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import List, Optional
+
+from tabulate import tabulate
+from torch import nn
+
+from .layers import ConvertedGroupNorm
+from .registry import NORM_CONVERTERS
+
+__all__ = ["NormLayerInfo", "describe_norms", "format_norm_table", "count_norms"]
+
+
+@dataclasses.dataclass(frozen=True)
+class NormLayerInfo:
+    """One norm layer: where it is, what it is, and where it came from."""
+
+    name: str
+    type: str
+    channels: int
+    groups: Optional[int]  # GroupNorm only
+    source: Optional[str]  # type it was converted from (ConvertedGroupNorm), else None
+    transfer: Optional[str]  # weight transfer it applies to BN state (ConvertedGroupNorm)
+    trainable: bool
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm))
+
+
+def describe_norms(model: nn.Module) -> List[NormLayerInfo]:
+    """Every normalisation layer of ``model`` (BN family, GroupNorm, LayerNorm, InstanceNorm)."""
+    rows = []
+    for name, module in model.named_modules():
+        if NORM_CONVERTERS.lookup(module) is None and not _is_norm(module):
+            continue
+        params = [p for p in (getattr(module, "weight", None), getattr(module, "bias", None))]
+        params = [p for p in params if isinstance(p, nn.Parameter)]
+        channels = getattr(module, "num_features", None) or getattr(module, "num_channels", None)
+        if channels is None:
+            weight = getattr(module, "weight", None)
+            channels = weight.numel() if weight is not None else 0
+        converted = isinstance(module, ConvertedGroupNorm)
+        rows.append(
+            NormLayerInfo(
+                name=name or "(root)",
+                type=type(module).__name__,
+                channels=int(channels),
+                groups=getattr(module, "num_groups", None),
+                source=module.source if converted else None,
+                transfer=module.transfer if converted else None,
+                trainable=any(p.requires_grad for p in params),
+            )
+        )
+    return rows
+
+
+def count_norms(model: nn.Module) -> "collections.Counter[str]":
+    """Number of norm layers of each type in ``model``."""
+    return collections.Counter(row.type for row in describe_norms(model))
+
+
+def format_norm_table(rows: List[NormLayerInfo], *, summary: bool = True) -> str:
+    """A plain-text table of ``rows`` (from :func:`describe_norms`), with per-type counts."""
+    headers = ["layer", "type", "channels", "groups", "from", "transfer", "trainable"]
+    table = [
+        [r.name, r.type, r.channels, r.groups or "", r.source or "", r.transfer or "", r.trainable]
+        for r in rows
+    ]
+    text = tabulate(table, headers=headers, tablefmt="simple")
+    if summary:
+        counts = collections.Counter(r.type for r in rows)
+        text += "\n\n" + tabulate(sorted(counts.items()), headers=["type", "count"])
+    return text

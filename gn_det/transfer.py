@@ -1,0 +1,80 @@
+"""Weight transfer from BatchNorm statistics to a GroupNorm affine (see shared/DESIGN.md).
+
+A BN layer in eval mode computes, per channel c, ``γ_c (x_c − μ_c) / σ_c + β_c`` with
+``σ_c = sqrt(running_var_c + eps_BN)``. GN computes, per image and group g,
+``γ'_c (x_c − m_g) / s_g + β'_c``. The transfers below choose γ', β':
+
+- ``copy``: γ' = γ, β' = β. What detectron2 does when a GN config loads BN weights.
+- ``stats``: expect the population group statistics ``M_g = mean_{c∈g} μ_c`` and
+  ``V_g = mean_{c∈g} (running_var_c + (μ_c − M_g)²)`` and match BN exactly whenever an image's
+  group statistics equal them: ``γ'_c = γ_c S_g / σ_c``, ``β'_c = β_c − γ_c (μ_c − M_g) / σ_c``
+  with ``S_g = sqrt(V_g + eps_GN)``. When ``eps_GN == eps_BN`` this is DESIGN.md's
+  ``S_g² = mean(σ_c² + (μ_c − M_g)²)``. For affine-only checkpoints (μ = 0, σ = 1) it reduces to
+  ``copy``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["TRANSFERS", "check_transfer", "transfer_bn_to_gn"]
+
+TRANSFERS = ("copy", "stats")
+
+
+def check_transfer(transfer: str) -> str:
+    """Return ``transfer`` if it names a known weight transfer, else raise ``ValueError``."""
+    if transfer not in TRANSFERS:
+        raise ValueError(f"Unknown transfer {transfer!r}; valid transfers: {', '.join(TRANSFERS)}")
+    return transfer
+
+
+@torch.no_grad()
+def transfer_bn_to_gn(
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    *,
+    num_groups: int,
+    bn_eps: float,
+    gn_eps: float,
+    transfer: str = "stats",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    GroupNorm affine (γ', β') that takes over from a BatchNorm layer.
+
+    Args:
+        weight, bias: BN affine γ, β, shape (C,); ``None`` means γ = 1, β = 0 (affine=False).
+        running_mean, running_var: BN population statistics μ, running_var, shape (C,);
+            ``None`` (a BN without running statistics) makes ``stats`` fall back to ``copy``.
+        num_groups: groups G of the GroupNorm; must divide C.
+        bn_eps, gn_eps: the eps of the BN source and of the GN target.
+        transfer: ``"copy"`` or ``"stats"`` (module docstring).
+
+    Returns:
+        (γ', β'), each of shape (C,), in the dtype and on the device of the inputs.
+        Computed in float64 so low-precision checkpoints do not lose the transfer.
+    """
+    check_transfer(transfer)
+    ref = next(t for t in (weight, bias, running_mean, running_var) if t is not None)
+    channels = ref.numel()
+    if channels % num_groups != 0:
+        raise ValueError(f"num_groups={num_groups} does not divide {channels} channels")
+    gamma = (weight if weight is not None else torch.ones_like(ref)).double()
+    beta = (bias if bias is not None else torch.zeros_like(ref)).double()
+    if transfer == "copy" or running_mean is None or running_var is None:
+        return gamma.to(ref), beta.to(ref)
+
+    mean = running_mean.double().reshape(num_groups, -1)
+    var = running_var.double().reshape(num_groups, -1)
+    sigma = (var + bn_eps).sqrt()
+    group_mean = mean.mean(dim=1, keepdim=True)
+    group_var = (var + (mean - group_mean) ** 2).mean(dim=1, keepdim=True)
+    group_std = (group_var + gn_eps).sqrt()
+    gamma_g = gamma.reshape(num_groups, -1)
+    new_weight = gamma_g * group_std / sigma
+    new_bias = beta.reshape(num_groups, -1) - gamma_g * (mean - group_mean) / sigma
+    return new_weight.reshape(-1).to(ref), new_bias.reshape(-1).to(ref)
