@@ -21,6 +21,7 @@ Registering a custom norm type::
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable, Dict, Iterator, Optional, Tuple, Type
 
 import torch
@@ -39,6 +40,8 @@ __all__ = [
     "SourceRegistry",
     "TargetRegistry",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -292,6 +295,12 @@ def _build_group_norm(state: NormState, options: TargetOptions, layer_name: str)
         source=state.source,
         **_factory(state),
     )
+    if not norm.affine and options.transfer == "stats" and state.running_mean is not None:
+        logger.info(
+            "'%s': affine-free BatchNorm becomes affine-free GroupNorm; its running statistics "
+            "have no GN counterpart to transfer into.",
+            layer_name,
+        )
     norm.load_bn_state(state.weight, state.bias, state.running_mean, state.running_var)
     if norm.affine:
         norm.weight.requires_grad_(state.trainable)
