@@ -2,13 +2,16 @@
 
 ``convert_norm(model)`` turns every BatchNorm-family layer (BN, SyncBN, detectron2 and torchvision
 FrozenBN, and any type registered in ``NORM_CONVERTERS``) into GroupNorm with weight transfer.
+Importing gn_det also registers its detectron2 parts: the ``MODEL.NORM_CONVERSION`` switch that
+detectron2's ``build_model`` honours (``gn_det.config``) and a torchvision-ResNet FPN backbone.
 """
 
 from .convert import NormSpec, convert_norm, convert_norm_by_spec
+from .config import add_gn_det_config, convert_model_by_config, get_cfg, norm_spec_from_config
 from .groups import resolve_num_groups
 from .layers import ConvertedGroupNorm
 from .registry import NORM_CONVERTERS, NORM_TARGETS, NormState, TargetOptions
-from .report import NormLayerInfo, count_norms, describe_norms, format_norm_table
+from .report import NormLayerInfo, audit_norms, count_norms, describe_norms, format_norm_table
 from .transfer import TRANSFERS, transfer_bn_to_gn
 
 __version__ = "0.1.0"
@@ -22,11 +25,16 @@ __all__ = [
     "NormState",
     "TRANSFERS",
     "TargetOptions",
+    "add_gn_det_config",
+    "audit_norms",
+    "convert_model_by_config",
     "convert_norm",
     "convert_norm_by_spec",
     "count_norms",
     "describe_norms",
     "format_norm_table",
+    "get_cfg",
+    "norm_spec_from_config",
     "resolve_num_groups",
     "transfer_bn_to_gn",
 ]

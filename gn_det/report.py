@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 from typing import List, Optional
 
 from tabulate import tabulate
@@ -12,7 +13,9 @@ from torch import nn
 from .layers import ConvertedGroupNorm
 from .registry import NORM_CONVERTERS
 
-__all__ = ["NormLayerInfo", "describe_norms", "format_norm_table", "count_norms"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["NormLayerInfo", "audit_norms", "count_norms", "describe_norms", "format_norm_table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,3 +79,51 @@ def format_norm_table(rows: List[NormLayerInfo], *, summary: bool = True) -> str
         counts = collections.Counter(r.type for r in rows)
         text += "\n\n" + tabulate(sorted(counts.items()), headers=["type", "count"])
     return text
+
+
+_BATCH_STAT_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+#: Below this many images per normalisation batch, BN's batch statistics are noise
+#: (Wu & He 2018, Fig. 1: BN's error grows sharply below 8 images per GPU).
+MIN_BN_BATCH = 8
+
+
+def audit_norms(model: nn.Module, images_per_gpu: int, world_size: int = 1) -> List[str]:
+    """
+    Log, and return as lines, what normalises ``model``: each norm type and count, GN groups,
+    and a warning when a BatchNorm in training mode sees fewer than 8 images per batch.
+
+    Args:
+        images_per_gpu: images one process normalises over (``IMS_PER_BATCH / world_size``).
+        world_size: processes; SyncBN normalises over all of them.
+    """
+    rows = describe_norms(model)
+    counts = collections.Counter(r.type for r in rows)
+    lines = [
+        "Norm layers: "
+        + (", ".join(f"{t} x{n}" for t, n in sorted(counts.items())) or "none")
+    ]
+    groups = collections.Counter(r.groups for r in rows if r.groups is not None)
+    if groups:
+        lines.append(
+            "GroupNorm groups: " + ", ".join(f"{g} (x{n})" for g, n in sorted(groups.items()))
+        )
+    for line in lines:
+        logger.info(line)
+
+    batch_stat = collections.Counter()
+    for module in model.modules():
+        if isinstance(module, _BATCH_STAT_TYPES) and module.training:
+            synced = isinstance(module, nn.SyncBatchNorm) or "Sync" in type(module).__name__
+            batch_stat[images_per_gpu * world_size if synced else images_per_gpu] += 1
+    for batch, n in sorted(batch_stat.items()):
+        if batch < MIN_BN_BATCH:
+            warning = (
+                f"{n} BatchNorm layers train on batch statistics of {batch} image(s) "
+                f"(< {MIN_BN_BATCH}): at this batch they are noise. GroupNorm does not depend "
+                "on the batch: set MODEL.NORM_CONVERSION.ENABLED True (TARGET GN), or use a "
+                "gn_* config."
+            )
+            logger.warning(warning)
+            lines.append("WARNING: " + warning)
+    return lines

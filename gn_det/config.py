@@ -1,0 +1,189 @@
+"""gn_det's config keys, and the hook that makes detectron2's ``build_model`` honour them.
+
+``add_gn_det_config(cfg)`` adds ``MODEL.NORM_CONVERSION``. After ``import gn_det``, detectron2's
+stock ``detectron2.modeling.build_model(cfg)`` converts the model it builds whenever
+``cfg.MODEL.NORM_CONVERSION.ENABLED`` is true — for any meta-architecture, backbone or head the
+config names, those a user registers included.
+
+How: ``build_model`` builds ``META_ARCH_REGISTRY.get(name)(cfg)``. detectron2 offers no
+post-build hook, so gn_det gives ``META_ARCH_REGISTRY`` a lookup table whose ``get`` returns the
+registered class wrapped in a builder that converts after construction. Registration,
+iteration and ``in`` are unchanged, no detectron2 function or file is replaced, and with
+``ENABLED: False`` (the default) the built model is exactly detectron2's.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import yaml
+from detectron2.config import CfgNode
+from detectron2.config import get_cfg as _d2_get_cfg
+from detectron2.modeling import META_ARCH_REGISTRY
+from torch import nn
+
+from .convert import NormSpec, convert_norm_by_spec
+
+__all__ = [
+    "add_gn_det_config",
+    "get_cfg",
+    "norm_spec_from_config",
+    "convert_model_by_config",
+    "load_config",
+    "resolve_config_name",
+    "UnsafeConfigError",
+    "CONFIGS_DIR",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The repository's ``configs/`` folder (``$GN_DET_CONFIGS`` overrides).
+CONFIGS_DIR = Path(os.environ.get("GN_DET_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
+
+
+def add_gn_det_config(cfg: CfgNode) -> CfgNode:
+    """Add gn_det's keys (with their defaults) to a detectron2 config, in place; returns it."""
+    from .modeling.torchvision_backbone import add_torchvision_backbone_config
+
+    _C = cfg
+    _C.MODEL.NORM_CONVERSION = CfgNode()
+    # Convert the built model's BatchNorm-family layers (BN, SyncBN, FrozenBN, ...) to TARGET.
+    _C.MODEL.NORM_CONVERSION.ENABLED = False
+    # "GN", or within the BN family "FrozenBN", "BN", "SyncBN", "naiveSyncBN".
+    _C.MODEL.NORM_CONVERSION.TARGET = "GN"
+    # GroupNorm groups (Wu & He 2018: 32); widths 32 does not divide use the largest divisor below.
+    _C.MODEL.NORM_CONVERSION.NUM_GROUPS = 32
+    # Channels per group instead of NUM_GROUPS (the paper's alternative, e.g. 16); 0: off.
+    _C.MODEL.NORM_CONVERSION.DIM_PER_GROUP = 0
+    # eps of the new layers; 0.0 keeps each source layer's eps.
+    _C.MODEL.NORM_CONVERSION.EPS = 0.0
+    # BN -> GN weight transfer, here and whenever BN weights are loaded: "stats" or "copy".
+    _C.MODEL.NORM_CONVERSION.TRANSFER = "stats"
+    # Module-name prefixes to convert, e.g. ["backbone", "roi_heads.mask_head"]; []: all.
+    _C.MODEL.NORM_CONVERSION.INCLUDE = []
+    # Module-name prefixes to leave alone (wins over INCLUDE).
+    _C.MODEL.NORM_CONVERSION.EXCLUDE = []
+    add_torchvision_backbone_config(cfg)
+    return cfg
+
+
+def get_cfg() -> CfgNode:
+    """detectron2's default config with gn_det's keys added."""
+    return add_gn_det_config(_d2_get_cfg())
+
+
+def norm_spec_from_config(cfg: CfgNode) -> Optional[NormSpec]:
+    """The :class:`NormSpec` that ``cfg.MODEL.NORM_CONVERSION`` asks for; ``None`` if disabled."""
+    node = cfg.MODEL.get("NORM_CONVERSION")
+    if node is None or not node.ENABLED:
+        return None
+    return NormSpec(
+        target=node.TARGET,
+        num_groups=node.NUM_GROUPS,
+        dim_per_group=node.DIM_PER_GROUP or None,
+        eps=node.EPS or None,
+        transfer=node.TRANSFER,
+        include=tuple(node.INCLUDE),
+        exclude=tuple(node.EXCLUDE),
+    )
+
+
+def convert_model_by_config(model: nn.Module, cfg: CfgNode) -> nn.Module:
+    """Convert ``model`` as ``cfg.MODEL.NORM_CONVERSION`` says (unchanged when disabled)."""
+    spec = norm_spec_from_config(cfg)
+    return model if spec is None else convert_norm_by_spec(model, spec)
+
+
+def _converting(meta_arch):
+    @functools.wraps(meta_arch, updated=())
+    def build(*args, **kwargs):
+        model = meta_arch(*args, **kwargs)
+        cfg = args[0] if args and isinstance(args[0], CfgNode) else kwargs.get("cfg")
+        return convert_model_by_config(model, cfg) if isinstance(cfg, CfgNode) else model
+
+    return build
+
+
+class _ConvertingLookup(dict):
+    """A registry table whose ``get`` wraps meta-architectures so that they convert on build."""
+
+    def get(self, name, default=None):
+        obj = super().get(name, default)
+        return obj if obj is None or obj is default else _converting(obj)
+
+
+def _install_build_hook() -> None:
+    if not isinstance(META_ARCH_REGISTRY._obj_map, _ConvertingLookup):
+        META_ARCH_REGISTRY._obj_map = _ConvertingLookup(META_ARCH_REGISTRY._obj_map)
+
+
+_install_build_hook()
+
+
+class UnsafeConfigError(ValueError):
+    """A config needs ``yaml.unsafe_load`` (Python tags: code that runs on load)."""
+
+
+def _check_safe_yaml(path: Path, seen=None) -> None:
+    seen = set() if seen is None else seen
+    if path in seen:
+        return
+    seen.add(path)
+    try:
+        with open(path, "r") as f:
+            data = yaml.safe_load(f)
+    except yaml.constructor.ConstructorError as e:
+        raise UnsafeConfigError(
+            f"{path} needs unsafe YAML (it constructs Python objects, which runs code on load: "
+            f"{e.problem}). Rewrite the value as plain YAML, or pass --allow-unsafe-yaml if "
+            "you trust the file."
+        ) from e
+    base = (data or {}).get("_BASE_") if isinstance(data, dict) else None
+    if isinstance(base, str) and not base.startswith(("http://", "https://", "detectron2://")):
+        _check_safe_yaml((path.parent / os.path.expanduser(base)).resolve(), seen)
+
+
+def resolve_config_name(name: Union[str, Path]) -> Path:
+    """
+    The config file ``name`` means: an existing path as given, else a file in ``configs/``
+    (``gn_mask_rcnn.yaml``, ``shapes/gn.yaml``; the ``.yaml`` suffix may be left off).
+
+    Raises:
+        FileNotFoundError: naming the places looked at and listing the available configs.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    candidates = [CONFIGS_DIR / name, CONFIGS_DIR / f"{name}.yaml", CONFIGS_DIR / f"{name}.py"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = sorted(
+        str(p.relative_to(CONFIGS_DIR))
+        for p in CONFIGS_DIR.rglob("*")
+        if p.suffix in (".yaml", ".py") and not p.name.startswith(("Base-", "_"))
+    )
+    raise FileNotFoundError(
+        f"No config {str(name)!r}: not a file, and not in {CONFIGS_DIR}. "
+        f"Available: {', '.join(available) or '(none)'}"
+    )
+
+
+def load_config(path: Union[str, Path], *, allow_unsafe_yaml: bool = False) -> CfgNode:
+    """
+    A full config (detectron2 defaults + gn_det keys) merged from ``path`` and its ``_BASE_``s.
+
+    detectron2 falls back to ``yaml.unsafe_load`` for files ``yaml.safe_load`` refuses (its
+    ``Base-RetinaNet.yaml`` runs ``eval`` on load). This refuses them with
+    :class:`UnsafeConfigError` unless ``allow_unsafe_yaml``.
+    """
+    path = Path(path)
+    if not allow_unsafe_yaml:
+        _check_safe_yaml(path.resolve())
+    cfg = get_cfg()
+    cfg.merge_from_file(str(path), allow_unsafe=allow_unsafe_yaml)
+    return cfg

@@ -1,0 +1,150 @@
+"""gn_det's config keys, detectron2's stock build_model honouring them, and configs/."""
+
+import pytest
+import torch
+from detectron2 import model_zoo
+from detectron2.config import get_cfg as d2_get_cfg
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_model
+from torch import nn
+
+import gn_det
+from gn_det.config import CONFIGS_DIR, UnsafeConfigError, load_config, resolve_config_name
+
+
+def _native_gn_model():
+    cfg = d2_get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file("Misc/mask_rcnn_R_50_FPN_3x_gn.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    return build_model(cfg)
+
+
+def _signature(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_keys_and_defaults():
+    cfg = gn_det.get_cfg()
+    node = cfg.MODEL.NORM_CONVERSION
+    assert (node.ENABLED, node.TARGET, node.NUM_GROUPS, node.DIM_PER_GROUP, node.EPS,
+            node.TRANSFER, node.INCLUDE, node.EXCLUDE) == (False, "GN", 32, 0, 0.0, "stats", [], [])
+    assert gn_det.norm_spec_from_config(cfg) is None
+
+
+def test_a_wrong_key_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("MODEL:\n  NORM_CONVERSION:\n    GROUPS: 16\n")
+    with pytest.raises(KeyError, match="NORM_CONVERSION.GROUPS"):
+        load_config(bad)
+    bad.write_text("MODEL:\n  NORM_CONVERSION:\n    ENABLED: True\n    TARGET: LN\n")
+    with pytest.raises(ValueError, match="valid targets"):
+        gn_det.norm_spec_from_config(load_config(bad))
+
+
+def test_gn_mask_rcnn_yaml_builds_the_native_gn_model_key_for_key():
+    cfg = load_config(resolve_config_name("gn_mask_rcnn.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)  # detectron2's own build_model
+    native = _native_gn_model()
+    assert _signature(model) == _signature(native)
+    types = {n: (nn.GroupNorm if isinstance(m, nn.GroupNorm) else type(m)) for n, m in model.named_modules()}
+    assert types == {n: type(m) for n, m in native.named_modules()}
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {
+        n: p.requires_grad for n, p in native.named_parameters()
+    }
+    assert model.backbone.bottom_up.res2[0].conv1.stride == (1, 1)  # STRIDE_IN_1X1 False
+    assert model.backbone.bottom_up.res3[0].conv2.stride == (2, 2)
+
+
+def test_disabled_conversion_builds_exactly_detectron2s_model():
+    cfg = load_config(resolve_config_name("mask_rcnn_R_50_FPN_bn.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    assert any(type(m) is nn.BatchNorm2d for m in model.modules())
+    assert not any(isinstance(m, nn.GroupNorm) for m in model.modules())
+
+
+def test_user_registered_meta_architectures_convert_too():
+    @META_ARCH_REGISTRY.register()
+    class TinyBNArch(nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64))
+
+    try:
+        assert "TinyBNArch" in META_ARCH_REGISTRY
+        cfg = gn_det.get_cfg()
+        cfg.MODEL.META_ARCHITECTURE = "TinyBNArch"
+        cfg.MODEL.DEVICE = "cpu"
+        assert type(build_model(cfg).body[1]) is nn.BatchNorm2d
+        cfg.MODEL.NORM_CONVERSION.ENABLED = True
+        cfg.MODEL.NORM_CONVERSION.DIM_PER_GROUP = 16
+        model = build_model(cfg)
+        assert isinstance(model.body[1], nn.GroupNorm) and model.body[1].num_groups == 4
+        assert isinstance(model, TinyBNArch)
+    finally:
+        META_ARCH_REGISTRY._obj_map.pop("TinyBNArch")
+
+
+def test_the_registry_still_behaves_like_detectron2s():
+    assert META_ARCH_REGISTRY.get("GeneralizedRCNN").__wrapped__ is GeneralizedRCNN
+    assert dict(META_ARCH_REGISTRY)["GeneralizedRCNN"] is GeneralizedRCNN
+    with pytest.raises(KeyError, match="No object named 'NoSuchArch'"):
+        META_ARCH_REGISTRY.get("NoSuchArch")
+
+
+def test_include_and_exclude_from_config():
+    cfg = load_config(resolve_config_name("gn_mask_rcnn.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.NORM_CONVERSION.INCLUDE = ["backbone"]
+    cfg.MODEL.NORM_CONVERSION.EXCLUDE = ["backbone.fpn_output2"]
+    model = build_model(cfg)
+    assert isinstance(model.backbone.fpn_lateral2.norm, nn.GroupNorm)
+    assert type(model.backbone.fpn_output2.norm) is nn.BatchNorm2d
+    assert type(model.roi_heads.mask_head.mask_fcn1.norm) is nn.BatchNorm2d
+
+
+def _all_configs():
+    return sorted(
+        str(p.relative_to(CONFIGS_DIR)) for p in CONFIGS_DIR.rglob("*.yaml") if not p.name.startswith("Base-")
+    )
+
+
+@pytest.mark.parametrize("name", _all_configs())
+def test_every_config_loads_safely_and_states_its_norm(name):
+    cfg = load_config(resolve_config_name(name))
+    norms = {cfg.MODEL.RESNETS.NORM, cfg.MODEL.FPN.NORM}
+    if "gn" in name.split("/")[-1]:
+        assert cfg.MODEL.NORM_CONVERSION.ENABLED and cfg.MODEL.NORM_CONVERSION.TARGET == "GN"
+    else:
+        assert not cfg.MODEL.NORM_CONVERSION.ENABLED
+    assert norms & {"FrozenBN", "BN", "SyncBN", ""}
+
+
+def test_variant_files_state_only_what_differs():
+    import yaml
+
+    for name in _all_configs():
+        text = yaml.safe_load((CONFIGS_DIR / name).read_text())
+        assert "_BASE_" in text, name
+
+
+def test_config_names_resolve_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_name("gn_mask_rcnn.yaml") == CONFIGS_DIR / "gn_mask_rcnn.yaml"
+    assert resolve_config_name("gn_mask_rcnn") == CONFIGS_DIR / "gn_mask_rcnn.yaml"
+    with pytest.raises(FileNotFoundError, match="Available: .*gn_mask_rcnn.yaml"):
+        resolve_config_name("gn_mask_rcnn_typo.yaml")
+
+
+def test_unsafe_yaml_is_refused_unless_allowed(tmp_path):
+    base = tmp_path / "Base-unsafe.yaml"
+    base.write_text(
+        "MODEL:\n  ANCHOR_GENERATOR:\n"
+        "    SIZES: !!python/object/apply:eval [\"[[x] for x in [32, 64, 128, 256, 512]]\"]\n"
+    )
+    child = tmp_path / "child.yaml"
+    child.write_text('_BASE_: "Base-unsafe.yaml"\nMODEL:\n  MASK_ON: True\n')
+    with pytest.raises(UnsafeConfigError, match="Base-unsafe.yaml needs unsafe YAML.*--allow-unsafe-yaml"):
+        load_config(child)
+    cfg = load_config(child, allow_unsafe_yaml=True)
+    assert cfg.MODEL.ANCHOR_GENERATOR.SIZES == [[32], [64], [128], [256], [512]]
