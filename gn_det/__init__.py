@@ -6,6 +6,7 @@ Importing gn_det also registers its detectron2 parts: the ``MODEL.NORM_CONVERSIO
 detectron2's ``build_model`` honours (``gn_det.config``) and a torchvision-ResNet FPN backbone.
 """
 
+from . import data, modeling  # noqa: F401  (register the shapes datasets and the backbone)
 from .convert import NormSpec, convert_norm, convert_norm_by_spec
 from .config import add_gn_det_config, convert_model_by_config, get_cfg, norm_spec_from_config
 from .groups import resolve_num_groups
