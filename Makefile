@@ -10,6 +10,8 @@ REQS := requirements/torch.txt requirements/base.txt requirements/detectron2.txt
 STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
+DEMO_DIR ?= output/demo
+
 .PHONY: install test demo clean
 
 install: $(STAMP)
@@ -32,6 +34,12 @@ $(STAMP): $(REQS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The main job: GN Mask R-CNN (R-18-FPN) trained from scratch on the embedded shapes dataset,
+# CPU, 2 images per batch, then COCO evaluation; prints box AP and mask AP.
+demo: $(STAMP)
+	$(PY) tools/train_net.py --config shapes/gn.yaml OUTPUT_DIR $(DEMO_DIR)
+	$(PY) tools/print_results.py $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
