@@ -1,98 +1,219 @@
 """The ``gn-det`` command line.
 
-    gn-det inspect --config-file CONFIG.yaml [--to GN] [--num-groups 32 | --dim-per-group N]
-                   [KEY VALUE ...]
+    gn-det convert --weights IN --output OUT [--config-file SRC.yaml] [--target-config DST.yaml]
+                   [--to GN] [--transfer copy|stats] [--num-groups 32 | --dim-per-group N]
+                   [--format pth|pkl|safetensors] [--force] [--verify-images N] [--debug]
+    gn-det inspect (--config-file X | --weights Y) [--to GN] [KEY VALUE ...]
 
-Errors (missing file, bad config key, bad option) exit with code 2 and one line on stderr; pass
-``--debug`` for the traceback.
+Bad input (missing, corrupt or unsafe file, a checkpoint that does not fit, a bad config key,
+conflicting flags) exits with code 2 and one line naming the file and the problem; ``--debug``
+shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import warnings
 from typing import List, Optional
 
 from . import __version__
-from .convert import NormSpec, convert_norm_by_spec
 from .transfer import TRANSFERS
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_SOURCE_CONFIG = "mask_rcnn_R_50_FPN_bn.yaml"
+
 
 class UsageError(Exception):
     """A problem with the user's input: reported in one line, exit code 2."""
 
 
-def _build_model_from_config(config_file: str, overrides: List[str]):
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
+def _load_cfg(name: str, overrides: List[str] = ()):
+    from .config import UnsafeConfigError, load_config, resolve_config_name
 
-    if not os.path.isfile(config_file):
-        raise UsageError(f"{config_file}: no such config file")
-    cfg = get_cfg()
-    cfg.set_new_allowed(False)
     try:
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(overrides)
+        path = resolve_config_name(name)
+    except FileNotFoundError:
+        raise UsageError(f"{name}: no such config file (not a path, nor a name in configs/)") from None
+    try:
+        cfg = load_config(path)
+        cfg.merge_from_list(list(overrides))
+    except UnsafeConfigError as e:
+        raise UsageError(str(e)) from e
     except (KeyError, ValueError, AssertionError) as e:
-        raise UsageError(f"{config_file}: {e}") from e
+        raise UsageError(f"{path}: {e}") from e
     cfg.MODEL.DEVICE = "cpu"
-    return build_model(cfg)
+    cfg.MODEL.WEIGHTS = ""
+    return cfg
 
 
-def _spec_from_args(args) -> Optional[NormSpec]:
-    if args.to is None:
+def _spec(args, *, required: bool):
+    from .convert import NormSpec
+
+    if args.to is None and not required:
         return None
     try:
         return NormSpec(
-            target=args.to,
-            num_groups=args.num_groups,
+            target=args.to or "GN",
+            num_groups=args.num_groups if args.num_groups is not None else 32,
             dim_per_group=args.dim_per_group,
-            transfer=args.transfer,
+            transfer=args.transfer or "stats",
         )
     except ValueError as e:
         raise UsageError(str(e)) from e
 
 
 def _cmd_inspect(args) -> int:
+    from tabulate import tabulate
+
+    if args.weights:
+        from .checkpoint.weights import norm_layers_in, read_weights
+
+        weights = read_weights(args.weights)
+        rows = norm_layers_in(weights)
+        print(f"{args.weights}: {weights.kind} checkpoint (from {weights.author}), "
+              f"{len(weights.state)} tensors")
+        print(tabulate(rows, headers=["layer", "norm", "channels"]))
+        counts = {}
+        for _, kind, _ in rows:
+            counts[kind] = counts.get(kind, 0) + 1
+        print("\n" + tabulate(sorted(counts.items()), headers=["norm", "count"]))
+        return 0
+
+    from detectron2.modeling import build_model
+
+    from .convert import convert_norm_by_spec
     from .report import describe_norms, format_norm_table
 
-    spec = _spec_from_args(args)
-    model = _build_model_from_config(args.config_file, args.opts)
+    spec = _spec(args, required=False)
+    cfg = _load_cfg(args.config_file, args.opts)
+    cfg.MODEL.NORM_CONVERSION.ENABLED = False  # show the config's own norms, or --to's
+    model = build_model(cfg)
     if spec is not None:
         model = convert_norm_by_spec(model, spec)
     print(format_norm_table(describe_norms(model)))
     return 0
 
 
+def _cmd_convert(args) -> int:
+    from tabulate import tabulate
+
+    from .checkpoint.convert import convert_checkpoint
+    from .config import norm_spec_from_config
+
+    source_cfg = _load_cfg(args.config_file or DEFAULT_SOURCE_CONFIG, args.opts)
+    target_cfg = _load_cfg(args.target_config) if args.target_config else None
+    target_spec = norm_spec_from_config(target_cfg) if target_cfg is not None else None
+    explicit = [f for f, v in (("--to", args.to), ("--transfer", args.transfer),
+                               ("--num-groups", args.num_groups), ("--dim-per-group", args.dim_per_group))
+                if v is not None]
+    if target_spec is not None and explicit:
+        raise UsageError(f"{', '.join(explicit)} conflict with --target-config {args.target_config}, "
+                         "whose MODEL.NORM_CONVERSION decides the conversion")
+    spec = target_spec or _spec(args, required=True)
+
+    result = convert_checkpoint(args.weights, args.output, source_cfg, spec, target_cfg=target_cfg,
+                                file_format=args.format, overwrite=args.force)
+    print(f"Wrote {result.output}: {result.scope} checkpoint from a {result.input_kind} checkpoint "
+          f"({result.seconds:.1f} s, verified against the target model).")
+    table = [[src, dst, n] for (src, dst), n in sorted(result.conversions.items())]
+    print(tabulate(table, headers=["converted from", "to", "layers"]))
+    print(f"transfer: {result.transfer}    groups: "
+          + (", ".join(f"{g} (x{n})" for g, n in sorted(result.groups.items())) or "-")
+          + f"    keys matched: {result.keys_matched}/{result.keys_expected}")
+    if args.verify_images:
+        _print_agreement(args, source_cfg, result)
+    return 0
+
+
+def _print_agreement(args, source_cfg, result) -> None:
+    import copy
+
+    from tabulate import tabulate
+
+    from . import data  # noqa: F401  (registers the shapes datasets)
+    from .agreement import backbone_cosines, load_images
+    from .convert import convert_norm_by_spec
+
+    try:
+        inputs = load_images(source_cfg, args.verify_dataset, args.verify_images)
+    except KeyError as e:
+        raise UsageError(f"--verify-dataset: {e}") from e
+    cosines = backbone_cosines(result.source_model, result.target_model, inputs)
+    columns = [cosines]
+    headers = ["stage", f"cosine ({result.transfer})"]
+    if result.transfer != "copy":
+        from .convert import NormSpec
+
+        baseline = convert_norm_by_spec(copy.deepcopy(result.source_model), NormSpec(transfer="copy"))
+        columns.append(backbone_cosines(result.source_model, baseline, inputs))
+        headers.append("cosine (copy)")
+    print(f"\nAgreement with the source model on {len(inputs)} images of {args.verify_dataset} "
+          "(cosine of backbone outputs, 1 = identical):")
+    print(tabulate([[s] + [f"{c[s]:.4f}" for c in columns] for s in cosines], headers=headers))
+
+
+def _add_conversion_flags(parser) -> None:
+    parser.add_argument("--to", default=None, metavar="TARGET",
+                        help="norm to convert to: GN (default), FrozenBN, BN, SyncBN or naiveSyncBN")
+    groups = parser.add_mutually_exclusive_group()
+    groups.add_argument("--num-groups", type=int, default=None, help="GN groups (default 32)")
+    groups.add_argument("--dim-per-group", type=int, default=None,
+                        help="GN channels per group, instead of --num-groups")
+    parser.add_argument("--transfer", default=None, choices=TRANSFERS,
+                        help="BN -> GN weight transfer (default stats: uses BN running statistics)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gn-det", description="Group Normalization for detectron2 models."
-    )
+    parser = argparse.ArgumentParser(prog="gn-det", description="Group Normalization for detectron2 models.")
     parser.add_argument("--version", action="version", version=f"gn-det {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    convert = sub.add_parser(
+        "convert",
+        help="turn a BN-trained checkpoint into a GN checkpoint, verified against the GN model",
+        description="Read a checkpoint safely (detectron2 .pth, model-zoo .pkl, Detectron/Caffe2 "
+        ".pkl, torchvision ResNet .pth, safetensors; detected from content), load it into the "
+        "source config's model, convert its norms with weight transfer, write the result "
+        "atomically and check that the target config's model loads it with nothing missing. "
+        "Backbone-only (ImageNet) checkpoints become GN backbones in detectron2's "
+        "ImageNet-pretrained format, usable as MODEL.WEIGHTS.",
+    )
+    convert.add_argument("--weights", required=True, metavar="IN", help="the checkpoint to convert")
+    convert.add_argument("--output", required=True, metavar="OUT", help="where to write the result")
+    convert.add_argument("--config-file", default=None, metavar="SRC",
+                         help=f"config the weights were trained with (path or name in configs/; "
+                         f"default {DEFAULT_SOURCE_CONFIG})")
+    convert.add_argument("--target-config", default=None, metavar="DST",
+                         help="config that must load the output (default: the source config with "
+                         "conversion on); its MODEL.NORM_CONVERSION, if enabled, decides the conversion")
+    _add_conversion_flags(convert)
+    convert.add_argument("--format", default=None, choices=("pth", "pkl", "safetensors"),
+                         help="output format (default: from OUT's extension, else pth)")
+    convert.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    convert.add_argument("--verify-images", type=int, default=0, metavar="N",
+                         help="also compare source and converted backbones on N images")
+    convert.add_argument("--verify-dataset", default="shapes_val", metavar="NAME",
+                         help="registered dataset for --verify-images (default shapes_val)")
+    convert.add_argument("--debug", action="store_true", help="show tracebacks")
+    convert.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                         help="overrides of the source config")
+    convert.set_defaults(func=_cmd_convert)
+
     inspect = sub.add_parser(
         "inspect",
-        help="table of a model's norm layers (name, type, channels, groups) and counts per type",
-        description="Build the model of a detectron2 config and list its normalisation layers; "
-        "with --to, list them as conversion would leave them.",
+        help="table of a model's or checkpoint's norm layers and counts per type",
+        description="List the normalisation layers of a config's model (name, type, channels, "
+        "groups; with --to, as conversion would leave them) or of a checkpoint file.",
     )
-    inspect.add_argument("--config-file", required=True, metavar="FILE", help="detectron2 YAML")
-    inspect.add_argument("--to", default=None, metavar="TARGET",
-                         help="convert before listing: GN, FrozenBN, BN, SyncBN or naiveSyncBN")
-    groups = inspect.add_mutually_exclusive_group()
-    groups.add_argument("--num-groups", type=int, default=32, help="GN groups (default 32)")
-    groups.add_argument("--dim-per-group", type=int, default=None,
-                        help="GN channels per group, instead of --num-groups")
-    inspect.add_argument("--transfer", default="stats", choices=TRANSFERS,
-                         help="weight transfer for GN (default stats)")
+    what = inspect.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config-file", metavar="FILE", help="a detectron2 config (path or name in configs/)")
+    what.add_argument("--weights", metavar="FILE", help="a checkpoint file (any supported format)")
+    _add_conversion_flags(inspect)
     inspect.add_argument("--debug", action="store_true", help="show tracebacks")
     inspect.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                          help="config overrides, as in detectron2's tools")
@@ -101,14 +222,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "convert" and args.verify_images < 0:
+        parser.error("--verify-images must be >= 0")
     # Deprecation chatter from detectron2's imports, not actionable by a CLI user.
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .checkpoint.io import CheckpointError
+
     try:
         return args.func(args)
-    except UsageError as e:
+    except (UsageError, CheckpointError, OSError) as e:
         if args.debug:
             raise
         print(f"gn-det {args.command}: error: {e}", file=sys.stderr)

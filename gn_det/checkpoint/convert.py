@@ -1,0 +1,219 @@
+"""Turn a BN-trained checkpoint into a GN checkpoint that a GN config loads with nothing missing.
+
+The pipeline (:func:`convert_checkpoint`): read the file safely → load it into the *source*
+config's BN model (so every BN statistic lands in a live BN layer) → ``convert_norm`` (the
+weight transfer happens there) → write the converted state atomically to a temporary file next
+to the output → load that file into the *target* config's model through the training loader and
+check it fits → rename it into place. Any failure leaves no output and an existing one untouched.
+
+Full detector checkpoints stay full detector checkpoints. Backbone-only (ImageNet) checkpoints
+become a GN backbone checkpoint in detectron2's ImageNet-pretrained format (``stem.conv1.*``,
+``res2.0.conv1.norm.*``, loaded by name matching), usable directly as ``MODEL.WEIGHTS``.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.modeling import build_model
+from torch import nn
+
+from ..config import norm_spec_from_config
+from ..convert import NormSpec, convert_norm_by_spec
+from ..report import describe_norms
+from .checkpointer import Checkpointer
+from .io import CheckpointError, save_checkpoint_file
+from .weights import Weights, first_shape_mismatches, read_weights, state_for_model
+
+__all__ = ["ConversionResult", "convert_checkpoint", "FILE_FORMATS", "format_for_output"]
+
+FILE_FORMATS = {".pth": "pth", ".pkl": "pkl", ".safetensors": "safetensors"}
+_BACKBONE_PREFIX = "backbone.bottom_up."
+_IGNORED_MODEL_KEYS = ("pixel_mean", "pixel_std")
+
+
+@dataclasses.dataclass
+class ConversionResult:
+    """What :func:`convert_checkpoint` did (all counts refer to model tensors)."""
+
+    output: Path
+    input_kind: str  # Weights.kind of the input
+    scope: str  # "detector" or "backbone"
+    conversions: Dict[Tuple[str, str], int]  # (source type, target type) -> layers
+    groups: Dict[int, int]  # GN groups -> layers
+    transfer: str
+    keys_matched: int  # output tensors equal after loading into the target model
+    keys_expected: int  # tensors of the target model the output must provide
+    seconds: float
+    source_model: nn.Module  # the BN model with the input weights (for verify-images)
+    target_model: nn.Module  # the target model loaded from the output file
+
+
+def format_for_output(output: Path, requested: Optional[str]) -> str:
+    """File format from ``--format`` or the output's extension; conflicting ones are an error."""
+    by_extension = FILE_FORMATS.get(output.suffix.lower())
+    if requested is not None and by_extension is not None and requested != by_extension:
+        raise CheckpointError(
+            f"{output}: --format {requested} conflicts with the '{output.suffix}' extension"
+        )
+    return requested or by_extension or "pth"
+
+
+def _without_conversion(cfg: CfgNode) -> CfgNode:
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.NORM_CONVERSION.ENABLED = False
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    return cfg
+
+
+def _target_config(source_cfg: CfgNode, target_cfg: Optional[CfgNode], spec: NormSpec) -> CfgNode:
+    if target_cfg is None:
+        cfg = source_cfg.clone()
+        cfg.defrost()
+        node = cfg.MODEL.NORM_CONVERSION
+        node.ENABLED, node.TARGET, node.TRANSFER = True, spec.target, spec.transfer
+        node.NUM_GROUPS, node.DIM_PER_GROUP = spec.num_groups, spec.dim_per_group or 0
+        node.EPS = spec.eps or 0.0
+        node.INCLUDE, node.EXCLUDE = list(spec.include), list(spec.exclude)
+    else:
+        cfg = target_cfg.clone()
+        cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    return cfg
+
+
+def _load_into_source(weights: Weights, model: nn.Module, path: str) -> List[str]:
+    state = state_for_model(weights, model)
+    mismatch = first_shape_mismatches(state, model)
+    if mismatch:
+        raise CheckpointError(f"{path}: does not fit the source config's model: {mismatch}")
+    model_keys = set(model.state_dict())
+    matched = sorted(k for k in state if k in model_keys)
+    if not [k for k in matched if k not in _IGNORED_MODEL_KEYS]:
+        raise CheckpointError(
+            f"{path}: none of its {len(state)} tensors match the source config's model "
+            f"(first: {next(iter(state))!r}); is --config-file the model it was trained with?"
+        )
+    model.load_state_dict({k: state[k] for k in matched}, strict=False)
+    return matched
+
+
+def _output_object(model: nn.Module, scope: str, file_format: str) -> dict:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    heuristics = scope == "backbone"
+    if heuristics:
+        state = {k[len(_BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(_BACKBONE_PREFIX)}
+    if file_format == "safetensors":  # its metadata holds strings only
+        return {"model": state, "__author__": "gn_det", "matching_heuristics": str(heuristics)}
+    return {"model": state, "__author__": "gn_det", "matching_heuristics": heuristics}
+
+
+def _verify(target: nn.Module, converted: nn.Module, file: Path, scope: str) -> Tuple[int, int]:
+    incompatible = Checkpointer(target).load_weights(str(file))
+    expected = {
+        k for k in target.state_dict()
+        if k not in _IGNORED_MODEL_KEYS and (scope == "detector" or k.startswith(_BACKBONE_PREFIX))
+    }
+    missing = sorted(set(incompatible.missing_keys) & expected)
+    unexpected = sorted(incompatible.unexpected_keys)
+    wrong = [k for k, _, _ in incompatible.incorrect_shapes]
+    if missing or unexpected or wrong:
+        problems = [f"{n} {what} (first: {keys[0]})" for what, keys, n in (
+            ("missing", missing, len(missing)), ("unexpected", unexpected, len(unexpected)),
+            ("of the wrong shape", wrong, len(wrong))) if keys]
+        raise CheckpointError(f"{file}: the converted weights do not fit the target model: "
+                              + "; ".join(problems))
+    reference = converted.state_dict()
+    loaded = target.state_dict()
+    matched = sum(1 for k in expected if k in reference and torch.equal(loaded[k], reference[k]))
+    return matched, len(expected)
+
+
+def convert_checkpoint(
+    weights_path: str,
+    output: str,
+    source_cfg: CfgNode,
+    spec: NormSpec,
+    *,
+    target_cfg: Optional[CfgNode] = None,
+    file_format: Optional[str] = None,
+    overwrite: bool = False,
+) -> ConversionResult:
+    """
+    Convert the checkpoint at ``weights_path`` (any supported format) and write ``output``.
+
+    Args:
+        source_cfg: config of the model the weights were trained for (its BN-family norms);
+            conversion in it is ignored.
+        spec: the conversion (target GN, groups, transfer). When ``target_cfg`` enables
+            ``MODEL.NORM_CONVERSION`` the caller should pass its spec.
+        target_cfg: config whose model must load the output; default: ``source_cfg`` with
+            ``spec`` switched on.
+        file_format: ``"pth"``, ``"pkl"`` or ``"safetensors"``; default from the extension.
+        overwrite: replace an existing ``output``.
+
+    Raises:
+        CheckpointError: any problem with the input, the fit, or the output; nothing written.
+    """
+    start = time.perf_counter()
+    output_path = Path(output)
+    file_format = format_for_output(output_path, file_format)
+    if output_path.exists() and not overwrite:
+        raise CheckpointError(f"{output_path}: exists; pass --force to overwrite")
+    if not output_path.parent.is_dir():
+        raise CheckpointError(f"{output_path}: folder {output_path.parent} does not exist")
+    weights = read_weights(weights_path)
+
+    source = build_model(_without_conversion(source_cfg)).eval()
+    matched = _load_into_source(weights, source, weights_path)
+    outside_backbone = [k for k in matched if not k.startswith(_BACKBONE_PREFIX) and k not in _IGNORED_MODEL_KEYS]
+    scope = "detector" if outside_backbone else "backbone"
+
+    converted = convert_norm_by_spec(copy.deepcopy(source), spec)
+    rows = [r for r in describe_norms(converted) if r.source]
+    conversions = collections.Counter((r.source, r.type) for r in rows)
+    groups = collections.Counter(r.groups for r in rows if r.groups)
+    target = build_model(_target_config(source_cfg, target_cfg, spec))
+
+    fd, temporary = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".verify", dir=output_path.parent)
+    os.close(fd)
+    os.unlink(temporary)
+    try:
+        save_checkpoint_file(_output_object(converted, scope, file_format), temporary, file_format=file_format)
+        keys_matched, keys_expected = _verify(target, converted, Path(temporary), scope)
+        if output_path.exists() and not overwrite:
+            raise CheckpointError(f"{output_path}: appeared during conversion; pass --force to overwrite")
+        os.replace(temporary, output_path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return ConversionResult(
+        output=output_path,
+        input_kind=weights.kind,
+        scope=scope,
+        conversions=dict(conversions),
+        groups=dict(groups),
+        transfer=spec.transfer,
+        keys_matched=keys_matched,
+        keys_expected=keys_expected,
+        seconds=time.perf_counter() - start,
+        source_model=source,
+        target_model=target,
+    )
+
+
+def spec_for_target(target_cfg: Optional[CfgNode]) -> Optional[NormSpec]:
+    """The conversion a target config asks for (``None`` if it enables none)."""
+    return None if target_cfg is None else norm_spec_from_config(target_cfg)

@@ -1,0 +1,230 @@
+"""What a checkpoint file holds, in every supported format, named for a given model.
+
+Formats (detected from content by :mod:`gn_det.checkpoint.io`, never executing code):
+
+- detectron2 training checkpoints (``.pth``: ``{"model": state, "optimizer": ..., ...}``) and
+  plain state dicts;
+- detectron2 model-zoo ``.pkl`` (``{"model": arrays, "__author__": ..., "matching_heuristics"}``);
+- Detectron/Caffe2 ``.pkl`` (``{"blobs": arrays}`` or plain; Caffe2 names, BN fused into
+  ``_bn_s``/``_bn_b``, GN as ``_gn_s``/``_gn_b``);
+- torchvision ImageNet ResNet state dicts (``conv1``, ``bn1``, ``layer1..4``, ``downsample``);
+- safetensors (a flat state dict; gn_det writes ``__author__`` and ``matching_heuristics`` into
+  its metadata).
+
+:func:`state_for_model` names a checkpoint's tensors as a model's state dict, with detectron2's
+own name-matching heuristics where the format needs them — extended so that the BatchNorm
+statistics of a BN checkpoint reach the GroupNorm layers conversion made (detectron2's matching
+drops every checkpoint key the model does not have, and a GN layer has no ``running_mean``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
+from torch import nn
+
+from ..layers import ConvertedGroupNorm
+from ..modeling import torchvision_resnet_to_detectron2_state_dict
+from .io import CheckpointError, detect_format, load_checkpoint_file, load_safetensors_metadata
+
+__all__ = [
+    "Weights",
+    "first_shape_mismatches",
+    "norm_layers_in",
+    "read_weights",
+    "state_for_model",
+    "torchvision_to_detectron2_resnet_names",
+]
+
+logger = logging.getLogger(__name__)
+
+_TORCHVISION_TOP = re.compile(r"^(conv1|bn1|layer[1-4]|fc)\.")
+_TORCHVISION_BACKBONE_PREFIX = "backbone.bottom_up."
+
+
+@dataclasses.dataclass
+class Weights:
+    """
+    A checkpoint's model weights, as tensors, with what is needed to name them for a model.
+
+    Attributes:
+        state: tensors by the checkpoint's own names.
+        kind: ``"detectron2"``, ``"detectron2-model-zoo"``, ``"caffe2"``, ``"torchvision"`` or
+            ``"safetensors"``.
+        heuristics: the names need detectron2's suffix matching (ImageNet backbones, Caffe2).
+        c2_names: the names are Caffe2/Detectron's (``res2_0_branch2a_w``).
+        author: ``__author__`` of model-zoo files, else the kind.
+        extra: the rest of a detectron2 training checkpoint (optimizer, scheduler, iteration),
+            for resuming.
+    """
+
+    state: Dict[str, torch.Tensor]
+    kind: str
+    heuristics: bool = False
+    c2_names: bool = False
+    author: str = ""
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _tensors(path: str, state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: model weights are a {type(state).__name__}, not a dict")
+    tensors = {}
+    for name, value in state.items():
+        if torch.is_tensor(value):
+            tensors[name] = value
+        elif isinstance(value, np.ndarray):
+            tensors[name] = torch.from_numpy(value.copy(order="C"))  # keeps 0-d arrays 0-d
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            tensors[name] = torch.tensor(value)
+        # Other entries (Caffe2 blobs such as strings) carry no weights.
+    if not tensors:
+        raise CheckpointError(f"{path}: no weight tensors found")
+    return tensors
+
+
+def _is_torchvision_resnet(state: Dict[str, Any]) -> bool:
+    return "conv1.weight" in state and all(_TORCHVISION_TOP.match(k) for k in state)
+
+
+def read_weights(path: str) -> Weights:
+    """Load ``path`` safely (see module doc) and tell its format. Raises ``CheckpointError``."""
+    file_format = detect_format(path)
+    raw = load_checkpoint_file(path)
+    if file_format == "pickle":
+        if "model" in raw and "__author__" in raw:
+            author = str(raw["__author__"])
+            return Weights(
+                _tensors(path, raw["model"]),
+                "detectron2-model-zoo",
+                heuristics=bool(raw.get("matching_heuristics", False)),
+                c2_names=author == "Caffe2",
+                author=author,
+            )
+        blobs = raw.get("blobs", raw)
+        blobs = {k: v for k, v in blobs.items() if not str(k).endswith("_momentum")}
+        return Weights(_tensors(path, blobs), "caffe2", True, True, "Caffe2")
+    if file_format == "safetensors":
+        metadata = load_safetensors_metadata(path)
+        state = _tensors(path, raw)
+        if _is_torchvision_resnet(state):
+            return Weights(state, "torchvision", author="torchvision")
+        return Weights(
+            state,
+            "safetensors",
+            heuristics=metadata.get("matching_heuristics") == "True",
+            author=metadata.get("__author__", "safetensors"),
+        )
+    # torch.save: a detectron2 checkpoint {"model": ...}, or a bare state dict.
+    if isinstance(raw.get("model"), dict):
+        extra = {k: v for k, v in raw.items() if k not in ("model", "matching_heuristics", "__author__")}
+        return Weights(
+            _tensors(path, raw["model"]),
+            "detectron2",
+            heuristics=bool(raw.get("matching_heuristics", False)),
+            author=str(raw.get("__author__", "detectron2")),
+            extra=extra,
+        )
+    state = _tensors(path, raw)
+    if _is_torchvision_resnet(state):
+        return Weights(state, "torchvision", author="torchvision")
+    return Weights(state, "detectron2", author="detectron2")
+
+
+def torchvision_to_detectron2_resnet_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A torchvision ResNet state dict renamed to detectron2's ResNet (``res2.0.conv1.norm...``),
+    as detectron2's ``convert-torchvision-to-d2.py`` does; ``fc`` is dropped."""
+    renamed = {}
+    for name, value in state.items():
+        if name.startswith("fc."):
+            continue
+        new = re.sub(r"^conv1\.", "stem.conv1.", name)
+        new = re.sub(r"^bn1\.", "stem.conv1.norm.", new)
+        new = re.sub(r"^layer(\d)", lambda m: f"res{int(m.group(1)) + 1}", new)
+        new = re.sub(r"\.bn(\d)\.", r".conv\1.norm.", new)
+        new = new.replace(".downsample.0.", ".shortcut.").replace(".downsample.1.", ".shortcut.norm.")
+        renamed[new] = value
+    return renamed
+
+
+def _model_keys_with_bn_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's state dict plus BN-statistics keys for every converted GN layer."""
+    keys = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if isinstance(module, ConvertedGroupNorm) and module.affine:
+            prefix = f"{name}." if name else ""
+            for stat in ("running_mean", "running_var"):
+                keys[prefix + stat] = module.weight.detach()
+    return keys
+
+
+def state_for_model(weights: Weights, model: nn.Module) -> Dict[str, torch.Tensor]:
+    """
+    ``weights`` renamed to ``model``'s state-dict names, ready for ``load_state_dict``.
+
+    torchvision ResNet weights map by prefix onto gn_det's torchvision backbone, or by name onto
+    detectron2's ResNet. Formats that need it go through detectron2's suffix matching
+    (``align_and_update_state_dicts``), run against the model's keys *plus* ``running_mean`` /
+    ``running_var`` of each :class:`ConvertedGroupNorm`, so BN statistics stay in the result
+    and the GN layers transfer them on load.
+    """
+    state, heuristics, c2 = dict(weights.state), weights.heuristics, weights.c2_names
+    model_keys = model.state_dict().keys()
+    if weights.kind == "torchvision":
+        if any(k.startswith(_TORCHVISION_BACKBONE_PREFIX + "layer1.") for k in model_keys):
+            return dict(torchvision_resnet_to_detectron2_state_dict(state, _TORCHVISION_BACKBONE_PREFIX))
+        state, heuristics = torchvision_to_detectron2_resnet_names(state), True
+    if not heuristics:
+        return state
+    return align_and_update_state_dicts(_model_keys_with_bn_state(model), state, c2_conversion=c2)
+
+
+def first_shape_mismatches(
+    state: Dict[str, torch.Tensor], model: nn.Module, limit: int = 3
+) -> Optional[str]:
+    """``"name: checkpoint (a, b) vs model (c, d); ..."`` for the first mismatches, else None."""
+    model_state = model.state_dict()
+    mismatches = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model_state[k].shape)}"
+        for k, v in state.items()
+        if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)
+    ]
+    if not mismatches:
+        return None
+    more = f" (+{len(mismatches) - limit} more)" if len(mismatches) > limit else ""
+    return "; ".join(mismatches[:limit]) + more
+
+
+_C2_NORM = re.compile(r"^(?P<layer>.+)_(?P<kind>bn|gn)_s$")
+
+
+def norm_layers_in(weights: Weights) -> List[Tuple[str, str, int]]:
+    """
+    The normalisation layers a checkpoint holds, from its tensor names alone:
+    ``(layer, kind, channels)``, kind one of ``"BN"`` (with running statistics),
+    ``"BN, fused (affine only)"`` (Caffe2 ``_bn_s``), ``"GN"`` (Caffe2 ``_gn_s``) and
+    ``"affine only (FrozenBN-fused or GN)"`` (a ``norm``/``bn`` layer without statistics).
+    A checkpoint does not record GN groups.
+    """
+    rows = []
+    state = weights.state
+    for name, value in state.items():
+        match = _C2_NORM.match(name) if weights.c2_names else None
+        if match:
+            kind = "GN" if match.group("kind") == "gn" else "BN, fused (affine only)"
+            rows.append((match.group("layer"), kind, value.numel()))
+            continue
+        if not name.endswith(".weight") or value.dim() != 1:
+            continue
+        layer = name[: -len(".weight")]
+        if f"{layer}.running_var" in state:
+            rows.append((layer, "BN", value.numel()))
+        elif re.search(r"(^|\.)(norm|bn\d*)$", layer):
+            rows.append((layer, "affine only (FrozenBN-fused or GN)", value.numel()))
+    return rows

@@ -1,0 +1,295 @@
+"""gn-det convert: every input format to a GN checkpoint that the GN configs load strictly,
+and every way it must fail cleanly."""
+
+import hashlib
+import os
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from detectron2.modeling import build_model
+from safetensors.torch import save_file
+
+import gn_det
+from gn_det.checkpoint import Checkpointer
+from gn_det.cli import main
+from gn_det.config import load_config, resolve_config_name
+from reference import stats_transfer_reference
+
+BN_CONFIG = "mask_rcnn_R_50_FPN_bn.yaml"
+GN_CONFIG = "gn_mask_rcnn.yaml"
+LAYER = "backbone.bottom_up.res4.2.conv2"  # a trainable BN layer of the source model
+
+
+def _model(name, **overrides):
+    cfg = load_config(resolve_config_name(name))
+    cfg.MODEL.DEVICE = "cpu"
+    for key, value in overrides.items():
+        cfg.merge_from_list([key, value])
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+@pytest.fixture(scope="module")
+def bn_model():
+    """The BN model with non-trivial BN statistics, as a trained one has."""
+    model = _model(BN_CONFIG)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if gn_det.NORM_CONVERTERS.lookup(m) is not None:
+                c = m.weight.numel()
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model
+
+
+def _bn_state(model, layer):
+    norm = model.get_submodule(layer).norm
+    return norm.weight.detach(), norm.bias.detach(), norm.running_mean, norm.running_var
+
+
+def _convert(*argv):
+    return main(["convert", *map(str, argv)])
+
+
+def _gn_model_strictly_loaded(state):
+    gn_model = _model(GN_CONFIG)
+    gn_model.load_state_dict(state, strict=True)
+    return gn_model
+
+
+def _assert_stats_transfer(gn_model, bn_model, layer=LAYER):
+    expected_w, expected_b = stats_transfer_reference(*_bn_state(bn_model, layer), num_groups=32, eps=1e-5)
+    gn = gn_model.get_submodule(layer).norm
+    torch.testing.assert_close(gn.weight.detach().double(), expected_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gn.bias.detach().double(), expected_b, rtol=1e-5, atol=1e-6)
+
+
+def test_detectron2_pth_to_gn(bn_model, tmp_path, capsys):
+    source = tmp_path / "bn_model.pth"
+    torch.save({"model": bn_model.state_dict(), "iteration": 100}, source)
+    out = tmp_path / "gn_model.pth"
+    assert _convert("--weights", source, "--output", out, "--config-file", BN_CONFIG) == 0
+    printed = capsys.readouterr().out
+    assert "detector checkpoint" in printed and "transfer: stats" in printed
+    assert re.search(r"keys matched: (\d+)/\1", printed)  # every expected key matched
+    assert re.search(r"BatchNorm2d\s+ConvertedGroupNorm\s+58", printed)
+    assert re.search(r"FrozenBatchNorm2d\s+ConvertedGroupNorm\s+11", printed)
+    state = torch.load(out, weights_only=True)["model"]
+    _assert_stats_transfer(_gn_model_strictly_loaded(state), bn_model)
+
+
+def test_model_zoo_pkl_to_gn(bn_model, tmp_path):
+    source = tmp_path / "model_final.pkl"
+    with open(source, "wb") as f:  # detectron2 model-zoo format: numpy arrays
+        pickle.dump({"model": {k: v.numpy() for k, v in bn_model.state_dict().items()},
+                     "__author__": "tests"}, f)
+    out = tmp_path / "gn_model.pkl"
+    assert _convert("--weights", source, "--output", out, "--config-file", BN_CONFIG) == 0
+    with open(out, "rb") as f:
+        saved = pickle.load(f)  # plain pickle: gn_det's output holds numpy arrays only
+    assert saved["__author__"] == "gn_det"
+    gn_model = _gn_model_strictly_loaded({k: torch.from_numpy(v) for k, v in saved["model"].items()})
+    _assert_stats_transfer(gn_model, bn_model)
+
+
+def test_safetensors_to_gn(bn_model, tmp_path):
+    source = tmp_path / "bn_model.safetensors"
+    save_file({k: v.contiguous() for k, v in bn_model.state_dict().items()}, str(source))
+    out = tmp_path / "gn_model.safetensors"
+    assert _convert("--weights", source, "--output", out, "--config-file", BN_CONFIG, "--transfer", "copy") == 0
+    from safetensors.torch import load_file
+
+    gn_model = _gn_model_strictly_loaded(load_file(str(out)))
+    norm = bn_model.get_submodule(LAYER).norm
+    assert torch.equal(gn_model.get_submodule(LAYER).norm.weight, norm.weight)  # copy transfer
+
+
+def _caffe2_backbone(bn_model):
+    """The BN model's ResNet as a Detectron/Caffe2 ImageNet .pkl: Caffe2 names, BN fused."""
+    blobs = {}
+    bottom_up = bn_model.backbone.bottom_up
+    for name, module in bottom_up.named_modules():
+        if not hasattr(module, "norm") or module.norm is None:
+            continue
+        c2 = name.replace("stem.conv1", "conv1")
+        c2 = re.sub(r"^res(\d)\.(\d+)\.", r"res\1_\2_", c2)
+        c2 = c2.replace("shortcut", "branch1").replace("conv1", "branch2a" if c2.startswith("res") else "conv1")
+        c2 = c2.replace("conv2", "branch2b").replace("conv3", "branch2c")
+        norm = module.norm
+        scale = norm.weight / (norm.running_var + norm.eps).sqrt()
+        blobs[c2 + "_w"] = module.weight.detach().numpy()
+        bn_name = "res_conv1" if c2 == "conv1" else c2
+        blobs[bn_name + "_bn_s"] = scale.detach().numpy()
+        blobs[bn_name + "_bn_b"] = (norm.bias - norm.running_mean * scale).detach().numpy()
+    blobs["pred_w"] = np.zeros((1000, 2048), np.float32)
+    return blobs
+
+
+def test_caffe2_pkl_with_fused_bn_to_a_gn_backbone(bn_model, tmp_path):
+    source = tmp_path / "R-50.pkl"
+    blobs = _caffe2_backbone(bn_model)
+    with open(source, "wb") as f:
+        pickle.dump({"blobs": blobs}, f, protocol=2)
+    out = tmp_path / "R-50-GN.pkl"
+    assert _convert("--weights", source, "--output", out, "--config-file", BN_CONFIG) == 0
+    gn_model = _model(GN_CONFIG)
+    incompatible = Checkpointer(gn_model).load_weights(str(out))  # as train_net loads MODEL.WEIGHTS
+    assert not [k for k in incompatible.missing_keys if k.startswith("backbone.bottom_up.")]
+    assert not incompatible.unexpected_keys
+    # Fused BN is affine only (mean 0, std 1): stats == copy, the fused scale and shift carry over.
+    norm = gn_model.backbone.bottom_up.res4[2].conv2.norm
+    torch.testing.assert_close(norm.weight.detach().numpy(), blobs["res4_2_branch2b_bn_s"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm.bias.detach().numpy(), blobs["res4_2_branch2b_bn_b"], rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_resnet50_to_a_gn_backbone(tmp_path):
+    resnet = torchvision.models.resnet50()
+    with torch.no_grad():
+        bn = resnet.layer3[2].bn2
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+    source = tmp_path / "resnet50-0676ba61.pth"
+    torch.save(resnet.state_dict(), source)
+    out = tmp_path / "R-50-GN.pth"
+    assert _convert("--weights", source, "--output", out) == 0  # default source: the BN R-50 config
+    saved = torch.load(out, weights_only=True)
+    assert saved["matching_heuristics"] is True and "res4.2.conv2.norm.weight" in saved["model"]
+    gn_model = _model(GN_CONFIG)
+    incompatible = Checkpointer(gn_model).load_weights(str(out))
+    assert not [k for k in incompatible.missing_keys if k.startswith("backbone.bottom_up.")]
+    expected_w, expected_b = stats_transfer_reference(
+        bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var, num_groups=32, eps=1e-5)
+    norm = gn_model.backbone.bottom_up.res4[2].conv2.norm
+    torch.testing.assert_close(norm.weight.detach().double(), expected_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm.bias.detach().double(), expected_b, rtol=1e-5, atol=1e-6)
+
+
+def test_training_loader_transfers_bn_statistics_of_imagenet_weights(tmp_path):
+    """MODEL.WEIGHTS = a BN ImageNet checkpoint (names matched by heuristics), GN model: the
+    statistics reach the GN layers instead of being dropped by detectron2's name matching."""
+    resnet = torchvision.models.resnet50()
+    with torch.no_grad():
+        resnet.layer2[0].bn1.running_mean.normal_()
+        resnet.layer2[0].bn1.running_var.uniform_(0.5, 2.0)
+    torch.save(resnet.state_dict(), tmp_path / "resnet50.pth")
+    gn_model = _model(GN_CONFIG)
+    Checkpointer(gn_model).load_weights(str(tmp_path / "resnet50.pth"))
+    bn = resnet.layer2[0].bn1
+    expected_w, _ = stats_transfer_reference(bn.weight.detach(), bn.bias.detach(), bn.running_mean,
+                                             bn.running_var, num_groups=32, eps=1e-5)
+    got = gn_model.backbone.bottom_up.res3[0].conv1.norm.weight.detach().double()
+    torch.testing.assert_close(got, expected_w, rtol=1e-5, atol=1e-6)
+
+
+def test_inspect_weights_lists_the_norm_layers(bn_model, tmp_path, capsys):
+    torch.save({"model": bn_model.state_dict()}, tmp_path / "bn.pth")
+    assert main(["inspect", "--weights", str(tmp_path / "bn.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "backbone.bottom_up.res4.2.conv2.norm" in out and re.search(r"BN\s+69", out)  # FrozenBN keeps statistics too
+
+
+# ---- bad input: exit 2, one line naming the file, nothing written --------------------------
+
+def _error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+class _WritesAFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_pickle_carrying_code_is_refused_and_runs_nothing(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    source = tmp_path / "evil.pkl"
+    with open(source, "wb") as f:
+        pickle.dump({"model": {"w": _WritesAFile(marker)}, "__author__": "x"}, f)
+    assert _convert("--weights", source, "--output", tmp_path / "out.pkl") == 2
+    err = _error(capsys)
+    assert "evil.pkl" in err and "system" in err
+    assert not marker.exists() and not (tmp_path / "out.pkl").exists()
+
+
+def test_a_pth_carrying_code_is_refused_and_runs_nothing(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    source = tmp_path / "evil.pth"
+    torch.save({"model": {"w": _WritesAFile(marker)}}, source)
+    assert _convert("--weights", source, "--output", tmp_path / "out.pth") == 2
+    assert "evil.pth" in _error(capsys)
+    assert not marker.exists() and not (tmp_path / "out.pth").exists()
+
+
+@pytest.mark.parametrize("content, problem", [(b"", "empty"), (b"not a checkpoint at all", "format"),
+                                              (b"PK\x03\x04truncated", "")])
+def test_corrupt_or_unknown_files(tmp_path, capsys, content, problem):
+    source = tmp_path / "weights.pth"
+    source.write_bytes(content)
+    assert _convert("--weights", source, "--output", tmp_path / "out.pth") == 2
+    err = _error(capsys)
+    assert "weights.pth" in err and problem in err.lower()
+
+
+def test_a_missing_file(tmp_path, capsys):
+    assert _convert("--weights", tmp_path / "nope.pth", "--output", tmp_path / "out.pth") == 2
+    assert "nope.pth" in _error(capsys)
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_first_mismatching_layers(bn_model, tmp_path, capsys):
+    source = tmp_path / "bn.pth"
+    torch.save({"model": bn_model.state_dict()}, source)
+    out = tmp_path / "out.pth"
+    assert _convert("--weights", source, "--output", out, "--config-file", BN_CONFIG,
+                    "MODEL.ROI_HEADS.NUM_CLASSES", "4") == 2
+    err = _error(capsys)
+    assert "does not fit" in err and "roi_heads.box_predictor.cls_score.weight" in err
+    assert not out.exists()
+
+
+def test_existing_output_needs_force_and_conflicting_flags_fail(bn_model, tmp_path, capsys):
+    source = tmp_path / "bn.pth"
+    torch.save({"model": bn_model.state_dict()}, source)
+    out = tmp_path / "out.pth"
+    out.write_bytes(b"keep me")
+    assert _convert("--weights", source, "--output", out, "--config-file", BN_CONFIG) == 2
+    assert "--force" in _error(capsys) and out.read_bytes() == b"keep me"
+    assert _convert("--weights", source, "--output", tmp_path / "o.pkl", "--format", "pth") == 2
+    assert "conflicts" in _error(capsys)
+    assert _convert("--weights", source, "--output", tmp_path / "o.pth", "--target-config",
+                    GN_CONFIG, "--num-groups", "16") == 2
+    assert "conflict" in _error(capsys)
+    assert _convert("--weights", source, "--output", out, "--config-file", BN_CONFIG, "--force") == 0
+    assert out.read_bytes() != b"keep me"
+
+
+def test_an_interrupted_write_leaves_no_output_and_the_input_untouched(bn_model, tmp_path, monkeypatch, capsys):
+    source = tmp_path / "bn.pth"
+    torch.save({"model": bn_model.state_dict()}, source)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    import gn_det.checkpoint.io as checkpoint_io
+
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", failing_save)
+    out = tmp_path / "out.pth"
+    assert _convert("--weights", source, "--output", out, "--config-file", BN_CONFIG) != 0
+    monkeypatch.setattr(checkpoint_io.torch, "save", real_save)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bn.pth"]
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
