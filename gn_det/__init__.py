@@ -8,6 +8,7 @@ detectron2's ``build_model`` honours (``gn_det.config``) and a torchvision-ResNe
 
 from . import data, modeling  # noqa: F401  (register the shapes datasets and the backbone)
 from .convert import NormSpec, convert_norm, convert_norm_by_spec
+from .calibration import LayerFit, calibrate
 from .config import add_gn_det_config, convert_model_by_config, get_cfg, norm_spec_from_config
 from .groups import resolve_num_groups
 from .layers import ConvertedGroupNorm
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvertedGroupNorm",
     "NORM_CONVERTERS",
+    "LayerFit",
     "NORM_TARGETS",
     "NormLayerInfo",
     "NormSpec",
@@ -27,6 +29,7 @@ __all__ = [
     "TRANSFERS",
     "TargetOptions",
     "add_gn_det_config",
+    "calibrate",
     "audit_norms",
     "convert_model_by_config",
     "convert_norm",

@@ -114,10 +114,20 @@ def _cmd_convert(args) -> int:
     if target_spec is not None and explicit:
         raise UsageError(f"{', '.join(explicit)} conflict with --target-config {args.target_config}, "
                          "whose MODEL.NORM_CONVERSION decides the conversion")
+    calibrating = args.transfer == "calibrate"
+    if calibrating:
+        args.transfer = "stats"  # calibration starts from the data-free transfer
+    elif args.calib_dataset is not None or args.calib_images is not None:
+        raise UsageError("--calib-dataset and --calib-images go with --transfer calibrate")
     spec = target_spec or _spec(args, required=True)
+    calibration_inputs = None
+    if calibrating:
+        calibration_inputs = _images(source_cfg, args.calib_dataset or "shapes_train",
+                                     args.calib_images if args.calib_images is not None else 32)
 
     result = convert_checkpoint(args.weights, args.output, source_cfg, spec, target_cfg=target_cfg,
-                                file_format=args.format, overwrite=args.force)
+                                file_format=args.format, overwrite=args.force,
+                                calibration_inputs=calibration_inputs)
     print(f"Wrote {result.output}: {result.scope} checkpoint from a {result.input_kind} checkpoint "
           f"({result.seconds:.1f} s, verified against the target model).")
     table = [[src, dst, n] for (src, dst), n in sorted(result.conversions.items())]
@@ -125,9 +135,26 @@ def _cmd_convert(args) -> int:
     print(f"transfer: {result.transfer}    groups: "
           + (", ".join(f"{g} (x{n})" for g, n in sorted(result.groups.items())) or "-")
           + f"    keys matched: {result.keys_matched}/{result.keys_expected}")
+    if result.fits:
+        before = sum(f.error_before for f in result.fits) / len(result.fits)
+        after = sum(f.error_after for f in result.fits) / len(result.fits)
+        print(f"calibration: {len(result.fits)} layers on {len(calibration_inputs)} images, "
+              f"mean relative error per layer {before:.4f} -> {after:.4f}")
     if args.verify_images:
         _print_agreement(args, source_cfg, result)
     return 0
+
+
+def _images(cfg, dataset: str, count: int):
+    from . import data  # noqa: F401  (registers the shapes datasets)
+    from .agreement import load_images
+
+    if count < 1:
+        raise UsageError(f"--calib-images must be >= 1, got {count}")
+    try:
+        return load_images(cfg, dataset, count)
+    except KeyError as e:
+        raise UsageError(f"dataset {dataset!r} is not registered ({e})") from e
 
 
 def _print_agreement(args, source_cfg, result) -> None:
@@ -135,14 +162,10 @@ def _print_agreement(args, source_cfg, result) -> None:
 
     from tabulate import tabulate
 
-    from . import data  # noqa: F401  (registers the shapes datasets)
-    from .agreement import backbone_cosines, load_images
+    from .agreement import backbone_cosines
     from .convert import convert_norm_by_spec
 
-    try:
-        inputs = load_images(source_cfg, args.verify_dataset, args.verify_images)
-    except KeyError as e:
-        raise UsageError(f"--verify-dataset: {e}") from e
+    inputs = _images(source_cfg, args.verify_dataset, args.verify_images)
     cosines = backbone_cosines(result.source_model, result.target_model, inputs)
     columns = [cosines]
     headers = ["stage", f"cosine ({result.transfer})"]
@@ -164,8 +187,9 @@ def _add_conversion_flags(parser) -> None:
     groups.add_argument("--num-groups", type=int, default=None, help="GN groups (default 32)")
     groups.add_argument("--dim-per-group", type=int, default=None,
                         help="GN channels per group, instead of --num-groups")
-    parser.add_argument("--transfer", default=None, choices=TRANSFERS,
-                        help="BN -> GN weight transfer (default stats: uses BN running statistics)")
+    parser.add_argument("--transfer", default=None, choices=TRANSFERS + ("calibrate",),
+                        help="BN -> GN weight transfer (default stats: uses BN running statistics; "
+                        "calibrate: stats, then a least-squares fit on images, convert only)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -199,6 +223,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="also compare source and converted backbones on N images")
     convert.add_argument("--verify-dataset", default="shapes_val", metavar="NAME",
                          help="registered dataset for --verify-images (default shapes_val)")
+    convert.add_argument("--calib-dataset", default=None, metavar="NAME",
+                         help="registered dataset for --transfer calibrate (default shapes_train)")
+    convert.add_argument("--calib-images", type=int, default=None, metavar="N",
+                         help="images for --transfer calibrate (default 32)")
     convert.add_argument("--debug", action="store_true", help="show tracebacks")
     convert.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                          help="overrides of the source config")

@@ -293,3 +293,24 @@ def test_an_interrupted_write_leaves_no_output_and_the_input_untouched(bn_model,
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bn.pth"]
     assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
+
+
+def test_convert_with_calibration(tmp_path, capsys):
+    from gn_det.data import register_shapes
+
+    register_shapes("shapes_calib", cache_dir=tmp_path / "cache", image_size=(96, 96), num_train=3, num_val=1)
+    bn_model = _model("shapes/bn.yaml")
+    source = tmp_path / "bn.pth"
+    torch.save({"model": bn_model.state_dict()}, source)
+    out = tmp_path / "gn.pth"
+    assert _convert("--weights", source, "--output", out, "--config-file", "shapes/bn.yaml",
+                    "--transfer", "calibrate", "--calib-dataset", "shapes_calib_train",
+                    "--calib-images", "3") == 0
+    printed = capsys.readouterr().out
+    assert "transfer: stats + calibrate" in printed
+    before, after = map(float, re.search(r"error per layer ([\d.]+) -> ([\d.]+)", printed).groups())
+    assert after < before
+    gn_model = _model("shapes/gn.yaml")
+    gn_model.load_state_dict(torch.load(out, weights_only=True)["model"], strict=True)
+    assert _convert("--weights", source, "--output", tmp_path / "x.pth", "--calib-images", "3") == 2
+    assert "go with --transfer calibrate" in _error(capsys)

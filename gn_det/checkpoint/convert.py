@@ -27,6 +27,7 @@ from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 from torch import nn
 
+from ..calibration import LayerFit, calibrate
 from ..config import norm_spec_from_config
 from ..convert import NormSpec, convert_norm_by_spec
 from ..report import describe_norms
@@ -51,6 +52,7 @@ class ConversionResult:
     conversions: Dict[Tuple[str, str], int]  # (source type, target type) -> layers
     groups: Dict[int, int]  # GN groups -> layers
     transfer: str
+    fits: Optional[List[LayerFit]]  # calibration, layer by layer (None: not calibrated)
     keys_matched: int  # output tensors equal after loading into the target model
     keys_expected: int  # tensors of the target model the output must provide
     seconds: float
@@ -150,6 +152,7 @@ def convert_checkpoint(
     target_cfg: Optional[CfgNode] = None,
     file_format: Optional[str] = None,
     overwrite: bool = False,
+    calibration_inputs: Optional[list] = None,
 ) -> ConversionResult:
     """
     Convert the checkpoint at ``weights_path`` (any supported format) and write ``output``.
@@ -163,6 +166,9 @@ def convert_checkpoint(
             ``spec`` switched on.
         file_format: ``"pth"``, ``"pkl"`` or ``"safetensors"``; default from the extension.
         overwrite: replace an existing ``output``.
+        calibration_inputs: if given, detectron2 model inputs (dicts with ``"image"``) on which
+            the converted model is calibrated against the source BN model after the transfer
+            (``gn_det.calibrate``).
 
     Raises:
         CheckpointError: any problem with the input, the fit, or the output; nothing written.
@@ -182,6 +188,9 @@ def convert_checkpoint(
     scope = "detector" if outside_backbone else "backbone"
 
     converted = convert_norm_by_spec(copy.deepcopy(source), spec)
+    fits = None
+    if calibration_inputs is not None:
+        fits = calibrate(converted, source, calibration_inputs)
     rows = [r for r in describe_norms(converted) if r.source]
     conversions = collections.Counter((r.source, r.type) for r in rows)
     groups = collections.Counter(r.groups for r in rows if r.groups)
@@ -205,7 +214,8 @@ def convert_checkpoint(
         scope=scope,
         conversions=dict(conversions),
         groups=dict(groups),
-        transfer=spec.transfer,
+        transfer=spec.transfer if fits is None else f"{spec.transfer} + calibrate",
+        fits=fits,
         keys_matched=keys_matched,
         keys_expected=keys_expected,
         seconds=time.perf_counter() - start,

@@ -1,0 +1,289 @@
+"""Data-driven calibration of converted GroupNorm layers against their BatchNorm teacher.
+
+The data-free ``stats`` transfer (``gn_det.transfer``) matches BN only when an image's group
+statistics equal the population's. :func:`calibrate` fits each converted GN layer's per-channel
+affine (γ', β') by least squares so that its output matches the teacher BN layer's output on
+real inputs:
+
+    min_{γ', β'}  Σ_{images, pixels} (γ'_c ĝ_c + β'_c − t_c)²
+
+where ĝ is the student's group-normalised input and t the teacher's BN output. It has a closed
+form per channel from five running sums (n, Σĝ, Σt, Σĝ², Σĝt), so no activation map is ever
+stored: memory is that of the forward passes themselves.
+
+**Sequential** (default): layers are fitted in forward order *on the student's own activations*,
+each after every layer before it has been calibrated, so drift accumulated through depth is
+corrected. For the convolutional body (a detectron2 model's ``backbone``, or a whole plain
+``nn.Module``) this takes one forward pass over a doubled batch ``[x; x]`` through the student's
+layers, with each GN layer temporarily paired with its teacher BN: the first half runs the
+teacher's norm, the second half the student's, and the GN affine is fitted on the spot from
+both halves, before the student half flows on. All calibration images go through as one batch,
+so the fit sees every image at every layer; memory grows with the number of images (about
+2 N images of activations at the widest layer).
+
+Layers outside the backbone (detectron2's ROI box and mask heads, whose inputs are per-proposal
+crops that differ between the two models) are fitted *locally*: on the teacher's own inputs to
+that layer, from one teacher inference pass over the images in ``batch_size`` chunks.
+
+Cost: one backbone forward of 2 N images, plus (detectron2 models with converted head layers)
+one teacher inference pass of N images; no backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .layers import ConvertedGroupNorm
+from .registry import NORM_CONVERTERS
+
+__all__ = ["LayerFit", "calibrate"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LayerFit:
+    """One calibrated layer: relative squared error of its output against the teacher's
+    (``Σ(student − teacher)² / Σ(teacher − mean)²`` per channel, averaged), before and after."""
+
+    name: str
+    mode: str  # "sequential" or "local"
+    error_before: float
+    error_after: float
+
+
+class _Moments:
+    """Per-channel running sums for the least-squares fit of t ≈ a·s + b."""
+
+    def __init__(self, channels: int):
+        self.sums = torch.zeros(6, channels, dtype=torch.float64)  # n, s, t, ss, st, tt
+
+    def add(self, s: torch.Tensor, t: torch.Tensor) -> None:
+        s = s.transpose(0, 1).reshape(s.shape[1], -1).double()
+        t = t.transpose(0, 1).reshape(t.shape[1], -1).double()
+        self.sums[0] += s.shape[1]
+        self.sums[1] += s.sum(1)
+        self.sums[2] += t.sum(1)
+        self.sums[3] += (s * s).sum(1)
+        self.sums[4] += (s * t).sum(1)
+        self.sums[5] += (t * t).sum(1)
+
+    def relative_error(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        n, s, t, ss, st, tt = self.sums
+        sse = a * a * ss + 2 * a * b * s + n * b * b - 2 * a * st - 2 * b * t + tt
+        spread = (tt - t * t / n).clamp_min(1e-12)
+        return (sse.clamp_min(0) / spread).mean().item()
+
+    def solve(self, fallback_a: torch.Tensor, fallback_b: torch.Tensor):
+        n, s, t, ss, st, _ = self.sums
+        var_s = ss / n - (s / n) ** 2
+        cov = st / n - (s / n) * (t / n)
+        ok = var_s > 1e-10
+        a = torch.where(ok, cov / var_s.clamp_min(1e-10), fallback_a)
+        b = torch.where(ok, t / n - a * s / n, fallback_b)
+        return a, b
+
+
+def _normalised(gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.group_norm(x, gn.num_groups, None, None, gn.eps)
+
+
+@torch.no_grad()
+def _fit(gn: ConvertedGroupNorm, moments: _Moments) -> tuple:
+    a0, b0 = gn.weight.detach().double(), gn.bias.detach().double()
+    before = moments.relative_error(a0, b0)
+    a, b = moments.solve(a0, b0)
+    after = moments.relative_error(a, b)
+    if after < before:  # least squares cannot be worse on its own data; guard degenerate sums
+        gn.weight.copy_(a.to(gn.weight))
+        gn.bias.copy_(b.to(gn.bias))
+    else:
+        after = before
+    return before, after
+
+
+class _PairedNorm(nn.Module):
+    """Teacher norm on the first half of the batch, student GN on the second; fits the GN on
+    the spot from both halves (see module doc)."""
+
+    def __init__(self, name, teacher, student, fits, progress):
+        super().__init__()
+        self.name, self.teacher, self.student = name, teacher, student
+        self.fits, self.progress = fits, progress
+
+    def forward(self, x):
+        half = x.shape[0] // 2
+        t = self.teacher(x[:half])
+        s = _normalised(self.student, x[half:])
+        moments = _Moments(x.shape[1])
+        moments.add(s, t)
+        before, after = _fit(self.student, moments)
+        self.fits.append(LayerFit(self.name, "sequential", before, after))
+        self.progress.update(1)
+        return torch.cat([t, self.student(x[half:])])
+
+
+def _converted_layers(student: nn.Module, teacher: nn.Module, prefix: str = "") -> Dict[str, tuple]:
+    teacher_modules = dict(teacher.named_modules())
+    pairs = {}
+    for name, module in student.named_modules():
+        if not isinstance(module, ConvertedGroupNorm) or not module.affine:
+            continue
+        source = teacher_modules.get(name)
+        if source is None or NORM_CONVERTERS.lookup(source) is None:
+            raise ValueError(
+                f"student layer '{prefix}{name}' has no BatchNorm-family counterpart in the "
+                "teacher; the teacher must be the model the student was converted from"
+            )
+        pairs[name] = (source, module)
+    return pairs
+
+
+def _check_same_weights(student: nn.Module, teacher: nn.Module, norm_names: Iterable[str]) -> None:
+    prefixes = tuple(f"{n}." for n in norm_names)
+    teacher_state = teacher.state_dict()
+    for key, value in student.state_dict().items():
+        if key.startswith(prefixes):
+            continue
+        if key not in teacher_state or not torch.equal(teacher_state[key], value):
+            raise ValueError(
+                f"student and teacher differ at '{key}': calibration needs the teacher to be "
+                "the BN model the student was converted from (same weights but the norms)"
+            )
+
+
+@contextlib.contextmanager
+def _swapped(root: nn.Module, replacements: Dict[str, nn.Module]):
+    originals = {}
+    for name, new in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        originals[name] = (parent, child, getattr(parent, child))
+        setattr(parent, child, new)
+    try:
+        yield
+    finally:
+        for parent, child, old in originals.values():
+            setattr(parent, child, old)
+
+
+def _calibrate_sequential(student, teacher, images: torch.Tensor, pairs, fits, progress) -> None:
+    replacements = {
+        name: _PairedNorm(name, teacher_norm, student_norm, fits, progress)
+        for name, (teacher_norm, student_norm) in pairs.items()
+    }
+    with _swapped(student, replacements):
+        student(torch.cat([images, images]))
+
+
+def _calibrate_local(teacher, student_root, pairs, run_teacher, fits, progress) -> None:
+    moments = {name: _Moments(gn.num_channels) for name, (_, gn) in pairs.items()}
+    handles = []
+    for name, (teacher_norm, student_norm) in pairs.items():
+        def hook(module, args, output, name=name, gn=student_norm):
+            moments[name].add(_normalised(gn, args[0]), output)
+
+        handles.append(teacher_norm.register_forward_hook(hook))
+    try:
+        run_teacher()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, (_, student_norm) in pairs.items():
+        if moments[name].sums[0, 0] == 0:
+            continue  # the teacher never ran this layer on these inputs
+        before, after = _fit(student_norm, moments[name])
+        fits.append(LayerFit(name, "local", before, after))
+        progress.update(1)
+
+
+def _is_detectron2_model(model: nn.Module) -> bool:
+    return hasattr(model, "backbone") and hasattr(model, "preprocess_image")
+
+
+@torch.no_grad()
+def calibrate(
+    student: nn.Module,
+    teacher: nn.Module,
+    inputs: Iterable,
+    *,
+    sequential: bool = True,
+    progress: bool = True,
+    batch_size: int = 4,
+) -> List[LayerFit]:
+    """
+    Fit every converted GN layer of ``student`` to the matching BN layer of ``teacher``.
+
+    Args:
+        student: a model converted by ``gn_det.convert_norm`` from ``teacher`` (same weights
+            but the norms; checked).
+        teacher: the BN model, used in eval mode; never modified (modes restored).
+        inputs: what ``model(x)`` takes: for detectron2 models, dicts with ``"image"`` (a CHW
+            tensor in the model's input format) or lists of them; for plain modules, tensors
+            (N, C, ...) — all of them are used, concatenated.
+        sequential: fit the backbone in forward order on the student's own activations
+            (module doc); ``False`` fits every layer locally on the teacher's activations.
+        progress: show a tqdm progress bar over layers.
+        batch_size: images per teacher pass for the local fits (memory, not results).
+
+    Returns:
+        One :class:`LayerFit` per calibrated layer, in the order fitted. ``requires_grad``
+        flags (frozen layers) are left as they are. Deterministic for fixed inputs.
+    """
+    pairs = _converted_layers(student, teacher)
+    if not pairs:
+        raise ValueError("student has no layers converted by gn_det to calibrate")
+    _check_same_weights(student, teacher, pairs)
+    modes = student.training, teacher.training
+    student.eval(), teacher.eval()
+    fits: List[LayerFit] = []
+    bar = tqdm(total=len(pairs), desc="calibrate", unit="layer", disable=not progress)
+    try:
+        if _is_detectron2_model(student):
+            items = [d for item in inputs for d in (item if isinstance(item, (list, tuple)) else [item])]
+            if not items:
+                raise ValueError("calibrate needs at least one input image")
+            backbone_pairs = {n: p for n, p in pairs.items() if n.startswith("backbone.")}
+            other_pairs = {n: p for n, p in pairs.items() if not n.startswith("backbone.")}
+            if sequential and backbone_pairs:
+                images = student.preprocess_image(items).tensor
+                local = {n[len("backbone."):]: p for n, p in backbone_pairs.items()}
+                _calibrate_sequential(student.backbone, teacher.backbone, images, local, fits, bar)
+                for fit in fits:
+                    fit.name = "backbone." + fit.name
+            else:
+                other_pairs = pairs
+            if other_pairs:
+                def run_teacher():
+                    for i in range(0, len(items), batch_size):
+                        teacher(items[i : i + batch_size])
+
+                _calibrate_local(teacher, student, other_pairs, run_teacher, fits, bar)
+        else:
+            tensors = [x for x in inputs]
+            if not tensors:
+                raise ValueError("calibrate needs at least one input")
+            x = torch.cat(tensors)
+            if sequential:
+                _calibrate_sequential(student, teacher, x, pairs, fits, bar)
+            else:
+                _calibrate_local(teacher, student, pairs, lambda: teacher(x), fits, bar)
+    finally:
+        bar.close()
+        student.train(modes[0]), teacher.train(modes[1])
+    if fits:
+        logger.info(
+            "Calibrated %d GN layers: mean relative error %.4f -> %.4f.",
+            len(fits),
+            sum(f.error_before for f in fits) / len(fits),
+            sum(f.error_after for f in fits) / len(fits),
+        )
+    return fits
