@@ -1,0 +1,119 @@
+"""Feature-level weight-transfer study: how close does each BN -> GN transfer keep a network?
+
+Used by ``tools/transfer_study.py``. The scenario follows shared/DESIGN.md: a torchvision
+ResNet-18 whose BN population statistics are computed on its own smooth random images; each
+transfer's student is compared with the BN teacher by the cosine of their stage outputs on
+held-out images, in two regimes: images that share their statistics, and images that each have
+their own brightness and contrast (which GN normalises away and BN keeps).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from .calibration import calibrate
+from .convert import convert_norm
+
+__all__ = ["FidelityRow", "smooth_images", "bn_teacher", "stage_cosines", "transfer_fidelity"]
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+@dataclasses.dataclass
+class FidelityRow:
+    regime: str  # "shared statistics" or "per-image photometrics"
+    method: str  # "copy", "stats", "calibrate N", "calibrate N (local)"
+    cosines: Dict[str, float]  # stage -> mean cosine to the teacher on held-out images
+    seconds: float  # time the transfer took (calibration included)
+
+
+def smooth_images(n: int, size: int, *, per_image_photometrics: bool, seed: int) -> torch.Tensor:
+    """Smooth random RGB images; optionally each with its own brightness and contrast."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(n, 3, size // 8, size // 8, generator=g), size=size,
+                      mode="bilinear", align_corners=False)
+    x = (x - 0.5) * 2
+    if per_image_photometrics:
+        x = x * (torch.rand(n, 1, 1, 1, generator=g) * 2.5 + 0.25)
+        x = x + torch.randn(n, 1, 1, 1, generator=g)
+    return x
+
+
+def bn_teacher(images: torch.Tensor, seed: int = 0, batch: int = 32) -> nn.Module:
+    """ResNet-18 (random conv weights) whose BN running statistics are the population
+    statistics of ``images`` (cumulative average over batches)."""
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18()
+    model.fc = nn.Identity()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+            with torch.no_grad():  # non-trivial affine, as trained models have
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            model(images[i : i + batch])
+    return model.eval()
+
+
+class _Stages(nn.Module):
+    def __init__(self, resnet):
+        super().__init__()
+        self.resnet = resnet
+
+    def forward(self, x):
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        out = {}
+        for stage in STAGES:
+            x = getattr(r, stage)(x)
+            out[stage] = x
+        return out
+
+
+@torch.no_grad()
+def stage_cosines(student: nn.Module, teacher: nn.Module, images: torch.Tensor) -> Dict[str, float]:
+    """Mean over images of the cosine between the two models' stage outputs."""
+    a, b = _Stages(student)(images), _Stages(teacher)(images)
+    return {
+        s: F.cosine_similarity(a[s].flatten(1), b[s].flatten(1), dim=1).mean().item() for s in STAGES
+    }
+
+
+def transfer_fidelity(
+    *,
+    size: int = 96,
+    population: int = 256,
+    held_out: int = 64,
+    calibration_counts: Sequence[int] = (8, 32, 128),
+    seed: int = 0,
+) -> List[FidelityRow]:
+    """Run the study (module doc) in both regimes; returns one row per (regime, method)."""
+    import time
+
+    rows = []
+    for regime, photometric in (("shared statistics", False), ("per-image photometrics", True)):
+        data = smooth_images(population, size, per_image_photometrics=photometric, seed=seed)
+        test = smooth_images(held_out, size, per_image_photometrics=photometric, seed=seed + 1)
+        teacher = bn_teacher(data, seed=seed)
+        methods = [("copy", "copy", 0, True), ("stats", "stats", 0, True)]
+        methods += [(f"calibrate {n}", "stats", n, True) for n in calibration_counts]
+        methods += [(f"calibrate {max(calibration_counts)} (local)", "stats", max(calibration_counts), False)]
+        for name, transfer, count, sequential in methods:
+            start = time.perf_counter()
+            student = convert_norm(copy.deepcopy(teacher), transfer=transfer)
+            if count:
+                calibration = smooth_images(count, size, per_image_photometrics=photometric, seed=seed + 2)
+                calibrate(student, teacher, [calibration], sequential=sequential, progress=False)
+            seconds = time.perf_counter() - start
+            rows.append(FidelityRow(regime, name, stage_cosines(student, teacher, test), seconds))
+    return rows
