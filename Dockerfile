@@ -71,6 +71,7 @@ RUN python3 -m venv "$VIRTUAL_ENV" \
         networkx==3.4.2 \
         ninja==1.13.2 \
         numpy==1.26.4 \
+        opencv-python-headless==4.11.0.86 \
         omegaconf==2.3.1 \
         packaging==26.4 \
         pathspec==1.1.1 \

@@ -1,0 +1,572 @@
+"""Results a person can see: predictions drawn beside ground truth, and training curves.
+
+- :func:`visualize_predictions` runs a model on images of a registered dataset and writes one PNG
+  per image: ground truth (left) beside the prediction (right), drawn by detectron2's
+  ``Visualizer`` (masks, boxes, class names, scores) with the dataset's metadata.
+- :func:`read_metrics` reads detectron2's ``metrics.json`` tolerantly (a run killed mid-write,
+  keys a run does not have, NaN), and :func:`plot_metrics` draws several runs overlaid in one
+  PNG: total loss, each loss term, learning rate and box/mask AP against the iteration.
+
+Both write atomically (temporary file, then ``os.replace``) and refuse to replace an existing
+file unless asked to. The command-line entry points (``tools/visualize.py``,
+``tools/plot_metrics.py``) are :func:`visualize_main` and :func:`plot_metrics_main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = [
+    "AP_KEYS",
+    "LOSS_KEYS",
+    "RunMetrics",
+    "compose_panels",
+    "default_visualize_dir",
+    "draw_ground_truth",
+    "draw_predictions",
+    "plot_metrics",
+    "plot_metrics_main",
+    "predict",
+    "read_metrics",
+    "visualize_main",
+    "visualize_predictions",
+]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+#: detectron2's R-CNN loss terms, in the order they are plotted (other ``loss_*`` keys follow).
+LOSS_KEYS: Dict[str, str] = {
+    "loss_cls": "box classification",
+    "loss_box_reg": "box regression",
+    "loss_mask": "mask",
+    "loss_rpn_cls": "RPN objectness",
+    "loss_rpn_loc": "RPN box regression",
+}
+#: Evaluation keys of detectron2's ``COCOEvaluator`` that get a panel each.
+AP_KEYS: Dict[str, str] = {"bbox/AP": "box AP", "segm/AP": "mask AP"}
+
+# One panel of the metrics figure, in inches; the figure is a grid of these.
+_PANEL_SIZE = (4.0, 3.0)
+_PANEL_COLUMNS = 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing files
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_atomic(path: PathLike, write: Callable[[Any], None], *, overwrite: bool) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+    """
+    path = os.fspath(path)
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --force to overwrite")
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temp_path = tempfile.mkstemp(
+        dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(temp_path, 0o644)  # mkstemp creates 0600; an image is for everyone to read
+        os.replace(temp_path, path)
+    except BaseException:
+        try:
+            os.unlink(temp_path)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions beside ground truth
+# ---------------------------------------------------------------------------------------------
+
+
+def default_visualize_dir(weights: PathLike) -> Path:
+    """``visualize/`` in the folder of ``weights`` (a run's ``OUTPUT_DIR``)."""
+    return Path(weights).resolve().parent / "visualize"
+
+
+def predict(model, image: np.ndarray, cfg) -> "Any":
+    """Run ``model`` (in eval mode) on one image as detectron2's ``DefaultPredictor`` does.
+
+    Args:
+        model: a detectron2 model.
+        image: HxWx3 uint8 array in ``cfg.INPUT.FORMAT`` channel order.
+        cfg: the model's config (``INPUT.MIN_SIZE_TEST``, ``INPUT.MAX_SIZE_TEST``).
+
+    Returns:
+        The ``Instances`` predicted for the image, at its original size, on the CPU.
+    """
+    import torch
+    from detectron2.data import transforms as T
+
+    height, width = image.shape[:2]
+    if cfg.INPUT.MIN_SIZE_TEST > 0:
+        resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+        image = resize.get_transform(image).apply_image(image)
+    tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    with torch.no_grad():
+        output = model([{"image": tensor, "height": height, "width": width}])[0]
+    return output["instances"].to("cpu")
+
+
+def _visualizer(image_rgb: np.ndarray, metadata, scale: float):
+    from detectron2.utils.visualizer import ColorMode, Visualizer
+
+    # With thing_colors, each class has its colour (jittered per instance) in both panels.
+    mode = ColorMode.SEGMENTATION if metadata.get("thing_colors") else ColorMode.IMAGE
+    return Visualizer(image_rgb, metadata, scale=scale, instance_mode=mode)
+
+
+def draw_ground_truth(
+    image_rgb: np.ndarray, dataset_dict: dict, metadata, scale: float = 1.0
+) -> np.ndarray:
+    """The dataset's annotations of one image drawn on it (detectron2's ``draw_dataset_dict``).
+
+    Returns:
+        HxWx3 uint8 RGB image, ``scale`` times the input's size.
+    """
+    return _visualizer(image_rgb, metadata, scale).draw_dataset_dict(dataset_dict).get_image()
+
+
+def draw_predictions(image_rgb: np.ndarray, instances, metadata, scale: float = 1.0) -> np.ndarray:
+    """Predicted ``Instances`` drawn on the image: masks, boxes, class names and scores.
+
+    Colours come from ``metadata.thing_colors`` when the dataset has them, as in
+    :func:`draw_ground_truth`, so the two panels of one image agree.
+
+    Returns:
+        HxWx3 uint8 RGB image, ``scale`` times the input's size.
+    """
+    return _visualizer(image_rgb, metadata, scale).draw_instance_predictions(instances).get_image()
+
+
+def compose_panels(panels: Sequence[Tuple[str, np.ndarray]], font_size: int = 14):
+    """Images side by side, left to right, each under a one-line title.
+
+    Args:
+        panels: ``(title, HxWx3 uint8 RGB image)`` pairs; images of different heights are
+            aligned at the top.
+        font_size: title font size in pixels.
+
+    Returns:
+        A ``PIL.Image`` of width the sum of the images' widths and height the tallest image's
+        plus a title bar of ``font_size + 10`` pixels.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    title_height = font_size + 10
+    width = sum(image.shape[1] for _, image in panels)
+    height = max(image.shape[0] for _, image in panels) + title_height
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=font_size)
+    x = 0
+    for title, image in panels:
+        canvas.paste(Image.fromarray(np.asarray(image, dtype=np.uint8)), (x, title_height))
+        draw.text((x + 6, title_height // 2), title, fill="black", font=font, anchor="lm")
+        x += image.shape[1]
+    return canvas
+
+
+def visualize_predictions(
+    model,
+    cfg,
+    dataset_name: str,
+    output_dir: PathLike,
+    *,
+    num_images: int = 4,
+    score_threshold: float = 0.5,
+    scale: float = 1.0,
+    overwrite: bool = False,
+) -> List[Path]:
+    """Draw ``model``'s predictions on the first images of a registered dataset.
+
+    Images with annotations get ground truth (left) beside the prediction (right); images
+    without get the prediction alone. Every output name is checked before the model runs, so an
+    existing file stops the call before any work (unless ``overwrite``).
+
+    Args:
+        model: a detectron2 model with its weights loaded; put in eval mode here.
+        cfg: the model's config (input format and test size).
+        dataset_name: a dataset registered in detectron2's ``DatasetCatalog``.
+        output_dir: folder for the PNGs, created if missing; files are named
+            ``<dataset>_<image file stem>.png``.
+        num_images: how many images, from the first.
+        score_threshold: predictions scoring below it are not drawn.
+        scale: drawing scale (2.0 doubles the size of small images).
+        overwrite: replace existing files.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        KeyError: ``dataset_name`` is not registered.
+        FileExistsError: an output exists and ``overwrite`` is false.
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.detection_utils import convert_image_to_rgb, read_image
+
+    importlib.import_module("detectron2.utils.visualizer")  # needs OpenCV: fail before any work
+    if dataset_name not in DatasetCatalog.list():
+        raise KeyError(f"dataset {dataset_name!r} is not registered "
+                       f"(registered: {', '.join(sorted(DatasetCatalog.list()))})")
+    dataset_dicts = DatasetCatalog.get(dataset_name)[:num_images]
+    metadata = MetadataCatalog.get(dataset_name)
+    output_dir = Path(output_dir)
+    outputs = [
+        output_dir / f"{dataset_name}_{Path(d['file_name']).stem}.png" for d in dataset_dicts
+    ]
+    if not overwrite:
+        for path in outputs:
+            if os.path.lexists(path):
+                raise FileExistsError(f"{path} exists; pass --force to overwrite")
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    model.eval()
+    for dataset_dict, path in zip(dataset_dicts, outputs):
+        image = read_image(dataset_dict["file_name"], format=cfg.INPUT.FORMAT)
+        instances = predict(model, image, cfg)
+        instances = instances[instances.scores >= score_threshold]
+        image_rgb = convert_image_to_rgb(image, cfg.INPUT.FORMAT)
+        panels = []
+        if "annotations" in dataset_dict:
+            count = len(dataset_dict["annotations"])
+            panels.append((f"ground truth: {count} instances",
+                           draw_ground_truth(image_rgb, dataset_dict, metadata, scale)))
+        panels.append((f"prediction: {len(instances)} with score >= {score_threshold:g}",
+                       draw_predictions(image_rgb, instances, metadata, scale)))
+        canvas = compose_panels(panels)
+        _write_atomic(path, lambda f: canvas.save(f, format="PNG"), overwrite=overwrite)
+        logger.info("Wrote %s (%d predictions drawn).", path, len(instances))
+    return outputs
+
+
+def _build_model(cfg, weights: PathLike):
+    from detectron2.modeling import build_model
+
+    from .checkpoint import Checkpointer
+
+    model = build_model(cfg)
+    # load_weights, not load: load() starts from random weights when the file is missing, and
+    # reports keys that do not fit only in the log.
+    incompatible = Checkpointer(model).load_weights(os.fspath(weights))
+    problems = list(incompatible.missing_keys) + [k for k, *_ in incompatible.incorrect_shapes]
+    if problems:
+        raise ValueError(
+            f"{weights} does not fit the config's model ({len(problems)} parameters missing or "
+            f"of another shape, e.g. {problems[0]}); is it the config the weights were "
+            "trained with?"
+        )
+    return model
+
+
+def _visualize_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tools/visualize.py",
+        description="Draw a trained model's predictions (masks, boxes, classes, scores) beside "
+        "the ground truth, one PNG per image of a registered dataset.",
+        epilog="Example: tools/visualize.py --config shapes/gn.yaml --weights "
+        "output/demo/model_final.pth --num-images 4",
+    )
+    config = parser.add_mutually_exclusive_group()
+    config.add_argument("--config", metavar="NAME", default="",
+                        help="a config by name in gn_det's configs/ (shapes/gn.yaml), or a path")
+    config.add_argument("--config-file", metavar="FILE", default="",
+                        help="a config file; default: config.yaml beside --weights "
+                        "(detectron2 writes it to OUTPUT_DIR)")
+    parser.add_argument("--weights", required=True, metavar="FILE",
+                        help="trained weights (any supported format)")
+    parser.add_argument("--dataset", default=None, metavar="NAME",
+                        help="registered dataset (default: the config's first DATASETS.TEST)")
+    parser.add_argument("--num-images", type=int, default=4, metavar="N",
+                        help="first N images (default 4)")
+    parser.add_argument("--output-dir", default=None, metavar="DIR",
+                        help="where the PNGs go (default: visualize/ beside --weights)")
+    parser.add_argument("--score-threshold", type=float, default=0.5, metavar="S",
+                        help="draw predictions scoring at least S (default 0.5)")
+    parser.add_argument("--scale", type=float, default=1.0, help="drawing scale (default 1.0)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing PNGs")
+    parser.add_argument("--allow-unsafe-yaml", action="store_true",
+                        help="accept configs that need yaml.unsafe_load (they can run code "
+                        "when loaded)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides")
+    return parser
+
+
+def _quiet_imports() -> None:
+    # Deprecation chatter from detectron2's imports, not actionable by a user of the tools.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def visualize_main(argv: Optional[List[str]] = None) -> int:
+    """``tools/visualize.py``; returns the exit code (2 with a one-line message on bad input)."""
+    parser = _visualize_parser()
+    args = parser.parse_args(argv)
+    if args.num_images < 1:
+        parser.error("--num-images must be >= 1")
+    if args.scale <= 0:
+        parser.error("--scale must be > 0")
+    _quiet_imports()
+
+    import torch
+
+    from . import data  # noqa: F401  (registers the shapes datasets)
+    from .checkpoint.io import CheckpointError
+    from .config import load_config, resolve_config_name
+
+    try:
+        name = args.config or args.config_file
+        if not name:
+            name = Path(args.weights).parent / "config.yaml"
+            if not name.is_file():
+                raise FileNotFoundError(f"no --config given and no {name} beside the weights")
+        cfg = load_config(resolve_config_name(name), allow_unsafe_yaml=args.allow_unsafe_yaml)
+        cfg.merge_from_list(args.opts)
+        if not torch.cuda.is_available():
+            cfg.MODEL.DEVICE = "cpu"
+        # Keep low-scoring boxes in the model's output too, so thresholds below its default work.
+        for heads in (cfg.MODEL.ROI_HEADS, cfg.MODEL.RETINANET):
+            heads.SCORE_THRESH_TEST = min(heads.SCORE_THRESH_TEST, args.score_threshold)
+        dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
+        if dataset is None:
+            raise ValueError("the config names no DATASETS.TEST; pass --dataset")
+        output_dir = Path(args.output_dir or default_visualize_dir(args.weights))
+        importlib.import_module("detectron2.utils.visualizer")  # needs OpenCV: fail before any work
+        model = _build_model(cfg, args.weights)
+        paths = visualize_predictions(
+            model, cfg, dataset, output_dir, num_images=args.num_images,
+            score_threshold=args.score_threshold, scale=args.scale, overwrite=args.force,
+        )
+    except (CheckpointError, OSError, KeyError, ValueError, AssertionError, ImportError) as e:
+        if args.debug:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        if isinstance(e, ImportError) and e.name == "cv2":
+            message = ("detectron2's Visualizer needs OpenCV, which is not installed "
+                       "(pip install opencv-python-headless)")
+        print(f"tools/visualize.py: error: {message}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"Wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Training curves
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunMetrics:
+    """The plottable values of one run's ``metrics.json``.
+
+    Attributes:
+        label: the run's name in legends.
+        series: metric name -> ``(iterations, values)``, sorted by iteration; finite values
+            only. A resumed run that logged an iteration twice keeps the later value.
+        skipped_lines: lines that were not a JSON object (e.g. a truncated last line).
+    """
+
+    label: str
+    series: Dict[str, Tuple[List[int], List[float]]] = field(default_factory=dict)
+    skipped_lines: int = 0
+
+
+def _metrics_file(run: PathLike) -> Path:
+    run = Path(run)
+    return run if run.is_file() else run / "metrics.json"
+
+
+def read_metrics(run: PathLike, label: Optional[str] = None) -> RunMetrics:
+    """Read detectron2's ``metrics.json`` (one JSON object per line) tolerantly.
+
+    Lines that are not a JSON object (a run killed mid-write leaves a partial last line) are
+    skipped with a warning; records without ``iteration``, and values that are not finite
+    numbers (NaN from a diverged run), are left out.
+
+    Args:
+        run: a run's ``OUTPUT_DIR``, or its ``metrics.json`` itself.
+        label: name in legends; default the run folder's name.
+
+    Raises:
+        FileNotFoundError: there is no ``metrics.json``.
+    """
+    path = _metrics_file(run)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (is {run} a detectron2 OUTPUT_DIR?)")
+    result = RunMetrics(label if label is not None else path.resolve().parent.name)
+    points: Dict[str, Dict[int, float]] = {}
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                result.skipped_lines += 1
+                logger.warning("%s line %d: not a JSON object (truncated by a crash?), skipped.",
+                               path, number)
+                continue
+            iteration = record.get("iteration")
+            if not isinstance(iteration, (int, float)) or isinstance(iteration, bool):
+                continue
+            for key, value in record.items():
+                if (key != "iteration" and isinstance(value, (int, float))
+                        and not isinstance(value, bool) and math.isfinite(value)):
+                    points.setdefault(key, {})[int(iteration)] = float(value)
+    for key, by_iteration in points.items():
+        iterations = sorted(by_iteration)
+        result.series[key] = (iterations, [by_iteration[i] for i in iterations])
+    return result
+
+
+def _panels(runs: Sequence[RunMetrics]) -> List[Tuple[str, str]]:
+    """``(metric key, title)`` of every panel that at least one run has data for."""
+    present = set().union(*(run.series for run in runs))
+    losses = [k for k in LOSS_KEYS if k in present]
+    losses += sorted(k for k in present if k.startswith("loss_") and k not in LOSS_KEYS)
+    panels = [("total_loss", "total_loss")] if "total_loss" in present else []
+    panels += [(k, f"{k} ({LOSS_KEYS[k]})" if k in LOSS_KEYS else k) for k in losses]
+    if "lr" in present:
+        panels.append(("lr", "learning rate"))
+    panels += [(k, f"{k} ({title}), evaluation") for k, title in AP_KEYS.items() if k in present]
+    return panels
+
+
+def plot_metrics(runs: Sequence[RunMetrics], output: PathLike, *, dpi: int = 100,
+                 overwrite: bool = False) -> Tuple[int, int]:
+    """Draw the runs' curves overlaid, one panel per metric, into one PNG.
+
+    Panels, for the metrics at least one run has: ``total_loss``, each ``loss_*`` term, the
+    learning rate, and ``bbox/AP`` / ``segm/AP`` at each evaluation (the last value labelled).
+    Each run has one colour throughout; the legend is in the first panel.
+
+    Args:
+        runs: from :func:`read_metrics`.
+        output: the PNG to write (atomically).
+        dpi: pixels per inch; each panel is 4 x 3 inches, 3 panels to a row.
+        overwrite: replace an existing ``output``.
+
+    Returns:
+        The image's ``(width, height)`` in pixels.
+
+    Raises:
+        ValueError: no run has anything to plot.
+        FileExistsError: ``output`` exists and ``overwrite`` is false.
+    """
+    # A bare Figure renders with Agg and leaves pyplot's global backend and state alone.
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    panels = _panels(runs)
+    if not panels:
+        raise ValueError("no run has training or evaluation values to plot")
+    if os.path.lexists(output) and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --force to overwrite")
+    columns = min(_PANEL_COLUMNS, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure = Figure(figsize=(_PANEL_SIZE[0] * columns, _PANEL_SIZE[1] * rows), dpi=dpi,
+                    layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    last_iteration = max(max(iterations) for run in runs for iterations, _ in run.series.values())
+    for ax, (key, title) in zip(axes, panels):
+        is_ap = key in AP_KEYS
+        for index, run in enumerate(runs):
+            if key not in run.series:
+                continue
+            iterations, values = run.series[key]
+            ax.plot(iterations, values, color=f"C{index}", label=run.label, linewidth=1.2,
+                    marker="o" if is_ap else None, markersize=4)
+            if is_ap:
+                ax.annotate(f"{values[-1]:.1f}", (iterations[-1], values[-1]), color=f"C{index}",
+                            textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        if is_ap:
+            # From 0: the size of AP shows, not only its changes.
+            ax.set_ylim(0, max(1.0, ax.get_ylim()[1] * 1.15))
+        # One iteration scale for every panel, so that panels line up for the eye.
+        ax.set_xlim(0, last_iteration * 1.04)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], color=f"C{i}", label=run.label) for i, run in enumerate(runs)]
+    axes[0].legend(handles=handles, fontsize=8)
+    # Not bbox_inches="tight": the image keeps the size the figure states.
+    _write_atomic(output, lambda f: figure.savefig(f, format="png", dpi=dpi), overwrite=overwrite)
+    return int(round(figure.get_figwidth() * dpi)), int(round(figure.get_figheight() * dpi))
+
+
+def _plot_metrics_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tools/plot_metrics.py",
+        description="Plot the losses, learning rate and AP of one or more detectron2 runs "
+        "(their metrics.json) overlaid in one PNG.",
+        epilog="Example: tools/plot_metrics.py output/shapes_bn output/shapes_gn "
+        "--labels BN GN --output norm_comparison.png",
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="a run's OUTPUT_DIR (holding metrics.json), or a metrics.json")
+    parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
+                        help="legend names, one per run (default: the folder names)")
+    parser.add_argument("--output", required=True, metavar="PNG", help="the image to write")
+    parser.add_argument("--dpi", type=int, default=100,
+                        help="pixels per inch (default 100; a panel is 4x3 in)")
+    parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def plot_metrics_main(argv: Optional[List[str]] = None) -> int:
+    """``tools/plot_metrics.py``; returns the exit code (2 with a one-line message on bad input)."""
+    parser = _plot_metrics_parser()
+    args = parser.parse_args(argv)
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        parser.error(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
+    if args.dpi < 1:
+        parser.error("--dpi must be >= 1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    labels = args.labels or [None] * len(args.runs)
+    try:
+        runs = [read_metrics(run, label) for run, label in zip(args.runs, labels)]
+        for run, path in zip(runs, args.runs):
+            if not run.series:
+                logger.warning("%s: no values to plot (did the run log anything?).", path)
+        width, height = plot_metrics(runs, args.output, dpi=args.dpi, overwrite=args.force)
+    except (OSError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"tools/plot_metrics.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"Wrote {args.output} ({width}x{height}, {len(runs)} runs)")
+    return 0

@@ -1,0 +1,242 @@
+"""tools/visualize.py and tools/plot_metrics.py (gn_det/visualize.py), run in-process on tiny
+runs made here: synthetic metrics.json files, and a random-init model on a 128x128 shapes set."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gn_det.visualize import read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tool(name):
+    """The ``main`` of tools/<name>.py, loaded as the script is (a thin shell over gn_det)."""
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+# ---------------------------------------------------------------------------------------------
+# plot_metrics
+# ---------------------------------------------------------------------------------------------
+
+LOSSES = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc")
+
+
+def _train_record(iteration, losses=LOSSES, scale=1.0):
+    record = {"iteration": iteration, "lr": 0.02 * min(1.0, (iteration + 1) / 40), "time": 0.5,
+              "data_time": 0.01, "fast_rcnn/cls_accuracy": 0.9}
+    for i, key in enumerate(losses):
+        record[key] = scale * (i + 1) / (iteration + 10)
+    record["total_loss"] = sum(record[k] for k in losses)
+    return record
+
+
+def _write_run(folder: Path, lines) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text("".join(line + "\n" for line in lines))
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """Three runs as detectron2 leaves them: finished (two evaluations); no masks and no
+    evaluation; crashed (a NaN loss, a line cut off mid-write, no newline at the end)."""
+    finished = _write_run(tmp_path / "finished", [
+        *(json.dumps(_train_record(i)) for i in range(19, 200, 20)),
+        json.dumps({"iteration": 100, "bbox/AP": 10.5, "segm/AP": 9.25, "bbox/AP50": 20.0}),
+        json.dumps({"iteration": 200, "bbox/AP": 15.0, "segm/AP": 14.0, "bbox/AP50": 30.0}),
+    ])
+    boxes_only = _write_run(tmp_path / "boxes_only", [
+        json.dumps(_train_record(i, losses=[k for k in LOSSES if k != "loss_mask"]))
+        for i in range(19, 120, 20)
+    ])
+    nan_record = dict(_train_record(59, scale=2.0), loss_mask=float("nan"))
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    (crashed / "metrics.json").write_text(
+        json.dumps(_train_record(19, scale=2.0)) + "\n"
+        + json.dumps(_train_record(39, scale=2.0)) + "\n"
+        + json.dumps(nan_record) + "\n"  # json.dumps writes NaN, as detectron2 does
+        + json.dumps(_train_record(79, scale=2.0))[:57]  # killed mid-write
+    )
+    return {"finished": finished, "boxes_only": boxes_only, "crashed": crashed}
+
+
+def test_read_metrics_skips_bad_lines_and_nan(runs, gn_det_logs):
+    crashed = read_metrics(runs["crashed"])
+    assert crashed.label == "crashed"
+    assert crashed.skipped_lines == 1
+    assert "line 4" in gn_det_logs.text and "truncated" in gn_det_logs.text
+    assert crashed.series["total_loss"][0] == [19, 39, 59]
+    assert crashed.series["loss_mask"] == ([19, 39], [2.0 * 3 / 29, 2.0 * 3 / 49])  # NaN left out
+    assert "bbox/AP" not in crashed.series
+
+    finished = read_metrics(runs["finished"] / "metrics.json", label="GN")
+    assert finished.label == "GN"
+    assert finished.series["bbox/AP"] == ([100, 200], [10.5, 15.0])
+    assert finished.series["segm/AP"] == ([100, 200], [9.25, 14.0])
+    assert finished.series["lr"][1][-1] == pytest.approx(0.02)
+
+    assert "loss_mask" not in read_metrics(runs["boxes_only"]).series
+
+
+def test_read_metrics_resumed_run_keeps_the_later_value(tmp_path):
+    run = _write_run(tmp_path / "resumed", [
+        json.dumps({"iteration": 19, "total_loss": 3.0}),
+        json.dumps({"iteration": 39, "total_loss": 2.0}),
+        json.dumps({"iteration": 39, "total_loss": 2.5}),  # resumed from iteration 20
+        "[1, 2]",  # valid JSON, not a record
+        "",
+        json.dumps({"total_loss": 1.0}),  # no iteration: not plottable
+    ])
+    metrics = read_metrics(run)
+    assert metrics.series == {"total_loss": ([19, 39], [3.0, 2.5])}
+    assert metrics.skipped_lines == 1
+
+
+def test_plot_metrics_writes_one_png_of_the_stated_size(runs, tmp_path, gn_det_logs, capsys):
+    main = _tool("plot_metrics")
+    output = tmp_path / "plots" / "curves.png"
+    output.parent.mkdir()
+    argv = [str(runs["finished"]), str(runs["boxes_only"]), str(runs["crashed"]),
+            "--labels", "GN", "BN", "crashed", "--output", str(output)]
+    assert main(argv) == 0
+    # total_loss, 5 loss terms, lr, bbox/AP, segm/AP: 9 panels of 4x3 in, 3 to a row, 100 dpi.
+    with Image.open(output) as image:
+        assert image.format == "PNG"
+        assert image.size == (3 * 400, 3 * 300)
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.std() > 10  # not a blank canvas
+    assert "truncated" in gn_det_logs.text
+    assert sorted(p.name for p in output.parent.iterdir()) == ["curves.png"]  # no temp file left
+
+    # An existing output is kept unless --force.
+    before = output.read_bytes()
+    assert main(argv) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert output.read_bytes() == before
+    assert main(argv[:3] + ["--output", str(output), "--force", "--dpi", "50"]) == 0
+    with Image.open(output) as image:
+        assert image.size == (3 * 200, 3 * 150)
+
+
+def test_plot_metrics_panels_follow_the_keys_present(runs, tmp_path):
+    # No masks, no evaluation: total_loss, 4 loss terms, lr = 6 panels, 2 rows.
+    output = tmp_path / "boxes_only.png"
+    assert _tool("plot_metrics")([str(runs["boxes_only"]), "--output", str(output)]) == 0
+    with Image.open(output) as image:
+        assert image.size == (1200, 600)
+
+
+def test_plot_metrics_bad_input(runs, tmp_path, capsys):
+    main = _tool("plot_metrics")
+    assert main([str(tmp_path / "no_run"), "--output", str(tmp_path / "x.png")]) == 2
+    assert "metrics.json: no such file" in capsys.readouterr().err
+    empty = _write_run(tmp_path / "empty", ['{"iteration": 1'])
+    assert main([str(empty), "--output", str(tmp_path / "x.png")]) == 2
+    assert "no run has training or evaluation values to plot" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(runs["finished"]), "--labels", "a", "b", "--output", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# visualize
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny shapes dataset (2 + 2 images of 128x128) and random-init weights of shapes/gn.yaml,
+    saved as a run's OUTPUT_DIR would hold them."""
+    from detectron2.modeling import build_model
+
+    from gn_det.config import load_config, resolve_config_name
+    from gn_det.data import register_shapes
+
+    root = tmp_path_factory.mktemp("vis")
+    register_shapes("shapes_vis", cache_dir=root / "cache", image_size=(IMAGE_SIZE, IMAGE_SIZE),
+                    num_train=2, num_val=2)
+    cfg = load_config(resolve_config_name("shapes/gn.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    run = root / "run"
+    run.mkdir()
+    weights = run / "model_final.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    return {"weights": weights, "state": model.state_dict(), "root": root}
+
+
+def _visualize_argv(weights, *extra):
+    return ["--config", "shapes/gn.yaml", "--weights", str(weights), "--dataset", "shapes_vis_val",
+            "--num-images", "2", "--score-threshold", "0.05", *extra]
+
+
+def test_visualize_draws_ground_truth_beside_prediction(tiny_run, capsys):
+    pytest.importorskip("cv2", reason="detectron2's Visualizer needs OpenCV")
+    main = _tool("visualize")
+    assert main(_visualize_argv(tiny_run["weights"])) == 0
+    folder = tiny_run["weights"].parent / "visualize"  # the default: beside the weights
+    written = sorted(folder.iterdir())
+    assert [p.name for p in written] == ["shapes_vis_val_000000.png", "shapes_vis_val_000001.png"]
+    for path in written:
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            width, height = image.size
+            pixels = np.asarray(image.convert("RGB"))
+        assert width == 2 * IMAGE_SIZE  # ground truth | prediction
+        assert IMAGE_SIZE < height <= IMAGE_SIZE + 40  # plus a title bar
+        assert pixels.std() > 10
+    assert str(written[0]) in capsys.readouterr().out
+
+    # Again: existing files are kept (exit 2, one line naming the file) unless --force.
+    before = written[0].read_bytes()
+    assert main(_visualize_argv(tiny_run["weights"])) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert written[0].read_bytes() == before
+    out = tiny_run["root"] / "out"
+    assert main(_visualize_argv(tiny_run["weights"], "--num-images", "1", "--scale", "2",
+                                "--output-dir", str(out))) == 0
+    [path] = out.iterdir()
+    with Image.open(path) as image:
+        assert image.size[0] == 2 * 2 * IMAGE_SIZE
+
+
+def test_visualize_refuses_weights_that_do_not_fit(tiny_run, tmp_path, capsys):
+    pytest.importorskip("cv2", reason="without OpenCV the tool stops before loading weights")
+    state = {k: v for k, v in tiny_run["state"].items() if not k.startswith("roi_heads.mask_head")}
+    weights = tmp_path / "partial.pth"
+    torch.save({"model": state}, weights)
+    assert _tool("visualize")(_visualize_argv(weights, "--output-dir", str(tmp_path / "out"))) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the config's model" in err and "mask_head" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_visualize_without_opencv_says_what_to_install(tiny_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now fails, installed or not
+    monkeypatch.delitem(sys.modules, "detectron2.utils.visualizer", raising=False)
+    argv = _visualize_argv(tiny_run["weights"], "--output-dir", str(tmp_path))
+    assert _tool("visualize")(argv) == 2
+    assert "opencv-python-headless" in capsys.readouterr().err
+
+
+def test_visualize_usage_errors(tmp_path, capsys):
+    main = _tool("visualize")
+    with pytest.raises(SystemExit):
+        main(["--weights", "x.pth", "--num-images", "0"])
+    # No config given and none beside the weights.
+    assert main(["--weights", str(tmp_path / "model_final.pth")]) == 2
+    assert "config.yaml" in capsys.readouterr().err
