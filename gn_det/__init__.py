@@ -12,6 +12,7 @@ from .calibration import LayerFit, calibrate
 from .config import add_gn_det_config, convert_model_by_config, get_cfg, norm_spec_from_config
 from .groups import resolve_num_groups
 from .layers import ConvertedGroupNorm
+from .recompute import RecomputeConv2d, disable_recompute, enable_recompute
 from .registry import NORM_CONVERTERS, NORM_TARGETS, NormState, TargetOptions
 from .report import NormLayerInfo, audit_norms, count_norms, describe_norms, format_norm_table
 from .transfer import TRANSFERS, transfer_bn_to_gn
@@ -26,6 +27,7 @@ __all__ = [
     "NormLayerInfo",
     "NormSpec",
     "NormState",
+    "RecomputeConv2d",
     "TRANSFERS",
     "TargetOptions",
     "add_gn_det_config",
@@ -36,6 +38,8 @@ __all__ = [
     "convert_norm_by_spec",
     "count_norms",
     "describe_norms",
+    "disable_recompute",
+    "enable_recompute",
     "format_norm_table",
     "get_cfg",
     "norm_spec_from_config",

@@ -27,6 +27,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .convert import NormSpec, convert_norm_by_spec
+from .recompute import enable_recompute
 
 __all__ = [
     "add_gn_det_config",
@@ -67,6 +68,8 @@ def add_gn_det_config(cfg: CfgNode) -> CfgNode:
     _C.MODEL.NORM_CONVERSION.INCLUDE = []
     # Module-name prefixes to leave alone (wins over INCLUDE).
     _C.MODEL.NORM_CONVERSION.EXCLUDE = []
+    # Recompute conv+GN in backward instead of storing the GN input (less memory, slower step).
+    _C.MODEL.NORM_CONVERSION.RECOMPUTE = False
     add_torchvision_backbone_config(cfg)
     return cfg
 
@@ -93,9 +96,19 @@ def norm_spec_from_config(cfg: CfgNode) -> Optional[NormSpec]:
 
 
 def convert_model_by_config(model: nn.Module, cfg: CfgNode) -> nn.Module:
-    """Convert ``model`` as ``cfg.MODEL.NORM_CONVERSION`` says (unchanged when disabled)."""
+    """
+    Convert ``model`` as ``cfg.MODEL.NORM_CONVERSION`` says (unchanged when disabled).
+
+    ``RECOMPUTE`` then applies :func:`gn_det.enable_recompute` — also to GroupNorm layers the
+    model was built with (detectron2's native GN configs), whether or not ``ENABLED`` is set.
+    """
     spec = norm_spec_from_config(cfg)
-    return model if spec is None else convert_norm_by_spec(model, spec)
+    if spec is not None:
+        model = convert_norm_by_spec(model, spec)
+    node = cfg.MODEL.get("NORM_CONVERSION")
+    if node is not None and node.get("RECOMPUTE", False):
+        enable_recompute(model)
+    return model
 
 
 def _converting(meta_arch):
