@@ -67,14 +67,16 @@ class _Moments:
         self.sums = torch.zeros(6, channels, dtype=torch.float64)  # n, s, t, ss, st, tt
 
     def add(self, s: torch.Tensor, t: torch.Tensor) -> None:
-        s = s.transpose(0, 1).reshape(s.shape[1], -1).double()
-        t = t.transpose(0, 1).reshape(t.shape[1], -1).double()
-        self.sums[0] += s.shape[1]
-        self.sums[1] += s.sum(1)
-        self.sums[2] += t.sum(1)
-        self.sums[3] += (s * s).sum(1)
-        self.sums[4] += (s * t).sum(1)
-        self.sums[5] += (t * t).sum(1)
+        # Image by image in the activations' own dtype (no float64 copies of whole activation
+        # maps); each image's sums are accumulated in float64.
+        for s_i, t_i in zip(s, t):
+            s_i, t_i = s_i.reshape(s_i.shape[0], -1), t_i.reshape(t_i.shape[0], -1)
+            self.sums[0] += s_i.shape[1]
+            self.sums[1] += s_i.sum(1).double()
+            self.sums[2] += t_i.sum(1).double()
+            self.sums[3] += (s_i * s_i).sum(1).double()
+            self.sums[4] += (s_i * t_i).sum(1).double()
+            self.sums[5] += (t_i * t_i).sum(1).double()
 
     def relative_error(self, a: torch.Tensor, b: torch.Tensor) -> float:
         n, s, t, ss, st, tt = self.sums
