@@ -7,28 +7,18 @@ per-image loss, since Mask R-CNN's per-process anchor/proposal sampling would di
 
 import pytest
 import torch
-from detectron2 import model_zoo
 from detectron2.engine import launch
-from detectron2.modeling import build_backbone
 from detectron2.utils import comm
 
 import gn_det
 from gn_det.engine import create_ddp_model
+from models import resnet18_fpn_backbone
 
 STEPS, LR = 3, 0.05
 
 
 def _backbone(norm: str):
-    cfg = gn_det.get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file("Base-RCNN-FPN.yaml"))
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.NORM = "BN"
-    cfg.MODEL.FPN.NORM = "BN"
-    cfg.MODEL.FPN.OUT_CHANNELS = 64
-    cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    torch.manual_seed(0)
-    backbone = build_backbone(cfg)
+    backbone = resnet18_fpn_backbone(freeze_at=0)
     return gn_det.convert_norm(backbone) if norm == "GN" else backbone
 
 

@@ -12,9 +12,8 @@ import weakref
 
 import pytest
 import torch
-from detectron2 import model_zoo
 from detectron2.layers import Conv2d
-from detectron2.modeling import build_backbone, build_model
+from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 from torch import nn
@@ -23,20 +22,12 @@ import gn_det
 import gn_det.recompute
 from gn_det import RecomputeConv2d, disable_recompute, enable_recompute
 from gn_det.config import CONFIGS_DIR, load_config
+from models import resnet18_fpn_backbone
 
 
 def _backbone():
     """Converted ResNet-18 + FPN with frozen stem and res2 (FREEZE_AT 2), in training mode."""
-    cfg = gn_det.get_cfg()
-    cfg.merge_from_file(model_zoo.get_config_file("Base-RCNN-FPN.yaml"))
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.NORM = "BN"
-    cfg.MODEL.FPN.NORM = "BN"
-    cfg.MODEL.FPN.OUT_CHANNELS = 64
-    cfg.MODEL.BACKBONE.FREEZE_AT = 2
-    torch.manual_seed(0)
-    model = gn_det.convert_norm(build_backbone(cfg)).train()
+    model = gn_det.convert_norm(resnet18_fpn_backbone(freeze_at=2)).train()
     # Non-trivial GN affines, so a wrong recompute would show in the gradients.
     with torch.no_grad():
         for m in model.modules():

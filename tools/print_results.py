@@ -5,39 +5,31 @@
 """
 
 import argparse
-import json
-import math
 import sys
-from pathlib import Path
 
-
-def final_results(output_dir: Path) -> dict:
-    """The last record of metrics.json that holds evaluation results (bbox/AP, segm/AP)."""
-    records = []
-    for line in (output_dir / "metrics.json").read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a run killed mid-write leaves a partial last line
-    evaluations = [r for r in records if "bbox/AP" in r]
-    if not evaluations:
-        raise SystemExit(f"{output_dir}/metrics.json: no evaluation results (did the run finish?)")
-    return evaluations[-1]
+from gn_det.visualize import read_metrics
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("output_dir")
     args = parser.parse_args(argv)
-    results = final_results(args.output_dir)
+    try:
+        run = read_metrics(args.output_dir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "bbox/AP" not in run.series:
+        print(f"error: {args.output_dir}: no evaluation results (did the run finish?)", file=sys.stderr)
+        return 2
 
-    def fmt(key):
-        value = results.get(key, float("nan"))
-        return "n/a" if value is None or math.isnan(value) else f"{value:.1f}"
+    def last(key):
+        iterations, values = run.series.get(key, ([], []))
+        return f"{values[-1]:.1f}" if values else "n/a"
 
-    print(f"{args.output_dir}: iteration {results.get('iteration')}: "
-          f"box AP {fmt('bbox/AP')} (AP50 {fmt('bbox/AP50')}), "
-          f"mask AP {fmt('segm/AP')} (AP50 {fmt('segm/AP50')})")
+    iteration = run.series["bbox/AP"][0][-1]
+    print(f"{args.output_dir}: iteration {iteration}: box AP {last('bbox/AP')} (AP50 {last('bbox/AP50')}), "
+          f"mask AP {last('segm/AP')} (AP50 {last('segm/AP50')})")
     return 0
 
 
