@@ -84,6 +84,7 @@ RUN python3 -m venv "$VIRTUAL_ENV" \
         python-dateutil==3.0.0 \
         PyYAML==6.0.4 \
         safetensors==0.8.0 \
+        shapely==2.1.2 \
         setuptools==80.10.2 \
         six==1.17.0 \
         sympy==1.12.1 \

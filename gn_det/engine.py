@@ -25,18 +25,25 @@ from .checkpoint import Checkpointer
 from .config import UnsafeConfigError, load_config, resolve_config_name
 from .report import audit_norms
 
-__all__ = ["Trainer", "argument_parser", "setup", "main", "launch_from_args"]
+__all__ = ["Trainer", "argument_parser", "setup", "main", "lazy_main", "launch_from_args"]
 
 logger = logging.getLogger(__name__)
 
 
-def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+def create_ddp_model(
+    model: torch.nn.Module, *, fp16_compression: bool = False, **kwargs
+) -> torch.nn.Module:
     """detectron2's ``create_ddp_model``, also on CPU (gloo), where DDP takes no device_ids."""
     if comm.get_world_size() == 1:
         return model
     if next(model.parameters()).device.type == "cuda":
         kwargs.setdefault("device_ids", [comm.get_local_rank()])
-    return DistributedDataParallel(model, **kwargs)
+    ddp = DistributedDataParallel(model, **kwargs)
+    if fp16_compression:
+        from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
+
+        ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
+    return ddp
 
 
 class Trainer(DefaultTrainer):
@@ -137,6 +144,71 @@ def main(args: argparse.Namespace):
     return trainer.train()
 
 
+def _lazy_test(cfg, model):
+    from detectron2.config import instantiate
+    from detectron2.evaluation import inference_on_dataset, print_csv_format
+
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    results = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    print_csv_format(results)
+    return results
+
+
+def lazy_main(args: argparse.Namespace):
+    """Train or evaluate a LazyConfig (``.py``) config: detectron2's
+    ``tools/lazyconfig_train_net.py``, with gn_det's norm audit, safe weight loading and DDP
+    that also runs on CPU."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.engine import hooks
+    from detectron2.engine.defaults import default_writers
+
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    if not torch.cuda.is_available():
+        cfg.train.device = "cpu"
+    default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="gn_det")
+
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
+    world_size = comm.get_world_size()
+    batch = cfg.dataloader.train.get("total_batch_size", world_size)
+    audit_norms(model, max(batch // world_size, 1), world_size)
+    if args.eval_only:
+        Checkpointer(model).load(cfg.train.init_checkpoint)
+        return _lazy_test(cfg, create_ddp_model(model))
+
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+    model = create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    checkpointer = Checkpointer(model, cfg.train.output_dir, trainer=trainer)
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            if comm.is_main_process()
+            else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: _lazy_test(cfg, model)),
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+    return trainer.storage.latest() if hasattr(trainer, "storage") else None
+
+
 def _torchrun_worker(main_func, args) -> None:
     """Run under torchrun / torch.distributed.run (its env:// variables), as detectron2's
     launch would set up each worker."""
@@ -157,7 +229,7 @@ def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.config_file = str(resolve_config_name(args.config or args.config_file))
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
-    if not args.allow_unsafe_yaml:
+    if not args.allow_unsafe_yaml and not args.config_file.endswith(".py"):
         try:
             load_config(args.config_file)  # refuse before any process is started
         except UnsafeConfigError as e:
@@ -174,6 +246,8 @@ def launch_from_args(argv=None, main_func=main):
     already exist and join through torchrun's rendezvous instead.
     """
     args = _resolve_args(argument_parser().parse_args(argv))
+    if args.config_file.endswith(".py") and main_func is main:
+        main_func = lazy_main  # LazyConfig
     if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return _torchrun_worker(main_func, args)
     return launch(
