@@ -183,6 +183,7 @@ def lazy_main(args: argparse.Namespace):
 
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
+    _check_lazy_datasets(cfg)
     train_loader = instantiate(cfg.dataloader.train)
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
@@ -206,7 +207,17 @@ def lazy_main(args: argparse.Namespace):
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
-    return trainer.storage.latest() if hasattr(trainer, "storage") else None
+
+
+def _check_lazy_datasets(cfg) -> None:
+    """Missing COCO files: a clear error before training (as for YAML configs)."""
+    from .data import check_dataset_files
+
+    for split in ("train", "test"):
+        dataset = cfg.dataloader.get(split, {}).get("dataset", {})
+        names = dataset.get("names", ()) if hasattr(dataset, "get") else ()
+        for name in [names] if isinstance(names, str) else list(names):
+            check_dataset_files(name)
 
 
 def _torchrun_worker(main_func, args) -> None:

@@ -103,3 +103,16 @@ def test_two_iterations_of_the_shapes_lazy_config(tmp_path):
     log = (out / "log.txt").read_text()
     assert "Norm layers: ConvertedGroupNorm x31" in log
     assert (out / "model_final.pth").is_file() and (out / "metrics.json").is_file()
+
+
+def test_missing_coco_files_are_a_clear_error_for_lazy_configs(tmp_path):
+    import os
+
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "train_net.py"), "--config",
+         "lazy/mask_rcnn_R_50_FPN_100ep_LSJ_gn.py", f"train.output_dir={tmp_path / 'out'}"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode != 0
+    assert str(tmp_path / "datasets" / "coco") in result.stderr and "DETECTRON2_DATASETS" in result.stderr
