@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 from detectron2.config import LazyCall
 from torch import nn
 
-from .convert import NormSpec, convert_norm_by_spec
+from .convert import NormSpec, convert_norm
 from .recompute import enable_recompute
 
 __all__ = ["build_converted_model", "with_norm_conversion"]
@@ -43,16 +43,10 @@ def build_converted_model(
 ) -> nn.Module:
     """``model`` (already built by ``instantiate``) with its norms converted (``convert_norm``)
     and, with ``recompute``, conv+GN recomputed in backward (``enable_recompute``)."""
-    spec = NormSpec(
-        target=target,
-        num_groups=num_groups,
-        dim_per_group=dim_per_group,
-        eps=eps,
-        transfer=transfer,
-        include=tuple(include),
-        exclude=tuple(exclude),
+    model = convert_norm(
+        model, target, num_groups=num_groups, dim_per_group=dim_per_group, eps=eps,
+        transfer=transfer, include=tuple(include), exclude=tuple(exclude),
     )
-    model = convert_norm_by_spec(model, spec)
     if recompute:
         enable_recompute(model)
     return model
