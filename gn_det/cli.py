@@ -13,6 +13,7 @@ shows the traceback.
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import sys
 import warnings
@@ -78,9 +79,7 @@ def _cmd_inspect(args) -> int:
         print(f"{args.weights}: {weights.kind} checkpoint (from {weights.author}), "
               f"{len(weights.state)} tensors")
         print(tabulate(rows, headers=["layer", "norm", "channels"]))
-        counts = {}
-        for _, kind, _ in rows:
-            counts[kind] = counts.get(kind, 0) + 1
+        counts = collections.Counter(kind for _, kind, _ in rows)
         print("\n" + tabulate(sorted(counts.items()), headers=["norm", "count"]))
         return 0
 

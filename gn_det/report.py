@@ -8,6 +8,7 @@ import logging
 from typing import List, Optional
 
 from tabulate import tabulate
+from detectron2.layers import NaiveSyncBatchNorm
 from torch import nn
 
 from .layers import ConvertedGroupNorm
@@ -114,7 +115,7 @@ def audit_norms(model: nn.Module, images_per_gpu: int, world_size: int = 1) -> L
     batch_stat = collections.Counter()
     for module in model.modules():
         if isinstance(module, _BATCH_STAT_TYPES) and module.training:
-            synced = isinstance(module, nn.SyncBatchNorm) or "Sync" in type(module).__name__
+            synced = isinstance(module, (nn.SyncBatchNorm, NaiveSyncBatchNorm))
             batch_stat[images_per_gpu * world_size if synced else images_per_gpu] += 1
     for batch, n in sorted(batch_stat.items()):
         if batch < MIN_BN_BATCH:

@@ -28,17 +28,21 @@ from detectron2.modeling import build_model
 from torch import nn
 
 from ..calibration import LayerFit, calibrate
-from ..config import norm_spec_from_config
 from ..convert import NormSpec, convert_norm_by_spec
 from ..report import describe_norms
 from .checkpointer import Checkpointer
 from .io import CheckpointError, save_checkpoint_file
-from .weights import Weights, first_shape_mismatches, read_weights, state_for_model
+from .weights import (
+    BOTTOM_UP_PREFIX,
+    Weights,
+    first_shape_mismatches,
+    read_weights,
+    state_for_model,
+)
 
 __all__ = ["ConversionResult", "convert_checkpoint", "FILE_FORMATS", "format_for_output"]
 
 FILE_FORMATS = {".pth": "pth", ".pkl": "pkl", ".safetensors": "safetensors"}
-_BACKBONE_PREFIX = "backbone.bottom_up."
 _IGNORED_MODEL_KEYS = ("pixel_mean", "pixel_std")
 
 
@@ -116,7 +120,7 @@ def _output_object(model: nn.Module, scope: str, file_format: str) -> dict:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     heuristics = scope == "backbone"
     if heuristics:
-        state = {k[len(_BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(_BACKBONE_PREFIX)}
+        state = {k[len(BOTTOM_UP_PREFIX):]: v for k, v in state.items() if k.startswith(BOTTOM_UP_PREFIX)}
     if file_format == "safetensors":  # its metadata holds strings only
         return {"model": state, "__author__": "gn_det", "matching_heuristics": str(heuristics)}
     return {"model": state, "__author__": "gn_det", "matching_heuristics": heuristics}
@@ -126,7 +130,7 @@ def _verify(target: nn.Module, converted: nn.Module, file: Path, scope: str) -> 
     incompatible = Checkpointer(target).load_weights(str(file))
     expected = {
         k for k in target.state_dict()
-        if k not in _IGNORED_MODEL_KEYS and (scope == "detector" or k.startswith(_BACKBONE_PREFIX))
+        if k not in _IGNORED_MODEL_KEYS and (scope == "detector" or k.startswith(BOTTOM_UP_PREFIX))
     }
     missing = sorted(set(incompatible.missing_keys) & expected)
     unexpected = sorted(incompatible.unexpected_keys)
@@ -184,7 +188,7 @@ def convert_checkpoint(
 
     source = build_model(_without_conversion(source_cfg)).eval()
     matched = _load_into_source(weights, source, weights_path)
-    outside_backbone = [k for k in matched if not k.startswith(_BACKBONE_PREFIX) and k not in _IGNORED_MODEL_KEYS]
+    outside_backbone = [k for k in matched if not k.startswith(BOTTOM_UP_PREFIX) and k not in _IGNORED_MODEL_KEYS]
     scope = "detector" if outside_backbone else "backbone"
 
     converted = convert_norm_by_spec(copy.deepcopy(source), spec)
@@ -223,7 +227,3 @@ def convert_checkpoint(
         target_model=target,
     )
 
-
-def spec_for_target(target_cfg: Optional[CfgNode]) -> Optional[NormSpec]:
-    """The conversion a target config asks for (``None`` if it enables none)."""
-    return None if target_cfg is None else norm_spec_from_config(target_cfg)

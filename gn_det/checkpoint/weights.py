@@ -34,6 +34,7 @@ from ..modeling import torchvision_resnet_to_detectron2_state_dict
 from .io import CheckpointError, detect_format, load_checkpoint_file, load_safetensors_metadata
 
 __all__ = [
+    "BOTTOM_UP_PREFIX",
     "Weights",
     "first_shape_mismatches",
     "norm_layers_in",
@@ -45,7 +46,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _TORCHVISION_TOP = re.compile(r"^(conv1|bn1|layer[1-4]|fc)\.")
-_TORCHVISION_BACKBONE_PREFIX = "backbone.bottom_up."
+#: Where a detectron2 detector keeps its backbone body (ResNet, torchvision ResNet, ...).
+BOTTOM_UP_PREFIX = "backbone.bottom_up."
 
 
 @dataclasses.dataclass
@@ -177,8 +179,8 @@ def state_for_model(weights: Weights, model: nn.Module) -> Dict[str, torch.Tenso
     state, heuristics, c2 = dict(weights.state), weights.heuristics, weights.c2_names
     model_keys = model.state_dict().keys()
     if weights.kind == "torchvision":
-        if any(k.startswith(_TORCHVISION_BACKBONE_PREFIX + "layer1.") for k in model_keys):
-            return dict(torchvision_resnet_to_detectron2_state_dict(state, _TORCHVISION_BACKBONE_PREFIX))
+        if any(k.startswith(BOTTOM_UP_PREFIX + "layer1.") for k in model_keys):
+            return dict(torchvision_resnet_to_detectron2_state_dict(state, BOTTOM_UP_PREFIX))
         state, heuristics = torchvision_to_detectron2_resnet_names(state), True
     if not heuristics:
         return state
