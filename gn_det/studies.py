@@ -21,7 +21,8 @@ from torch import nn
 from .calibration import calibrate
 from .convert import convert_norm
 
-__all__ = ["FidelityRow", "smooth_images", "bn_teacher", "stage_cosines", "transfer_fidelity"]
+__all__ = ["DetectorRow", "FidelityRow", "bn_teacher", "detector_zero_shot", "smooth_images", "stage_cosines",
+           "transfer_fidelity"]
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -116,4 +117,90 @@ def transfer_fidelity(
                 calibrate(student, teacher, [calibration], sequential=sequential, progress=False)
             seconds = time.perf_counter() - start
             rows.append(FidelityRow(regime, name, stage_cosines(student, teacher, test), seconds))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Detector level: a BN-trained Mask R-CNN converted to GN, evaluated without training
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DetectorRow:
+    method: str  # "BN teacher", "copy", "stats", "calibrate N"
+    box_ap: float
+    mask_ap: float
+    cosines: Dict[str, float]  # FPN level -> mean cosine to the teacher's on held-out images
+    seconds: float  # the transfer (calibration included)
+    weights: str  # where this model's weights were written ("" for the teacher)
+
+
+def detector_zero_shot(
+    teacher_weights: str,
+    output_dir: str,
+    *,
+    teacher_config: str = "shapes/bn.yaml",
+    student_config: str = "shapes/gn.yaml",
+    calibration_counts: Sequence[int] = (8, 32, 128),
+    calibration_dataset: str = "shapes_train",
+    cosine_images: int = 16,
+    opts: Sequence[str] = (),
+) -> List[DetectorRow]:
+    """Convert a BN-trained detectron2 model to GN by each transfer; evaluate each unchanged.
+
+    The teacher (``teacher_config`` + ``teacher_weights``, BN in eval mode) and one student per
+    method (``student_config``, which converts to GN, loading the same weights with the
+    ``copy`` or ``stats`` transfer, then ``calibrate`` on the first N images of
+    ``calibration_dataset``) are evaluated by COCO AP on the config's ``DATASETS.TEST`` and
+    compared by the cosine of their FPN outputs on its first ``cosine_images`` images. Each
+    student's weights are written to ``output_dir/<method>.pth`` (for fine-tuning).
+    """
+    import os
+    import time
+
+    from detectron2.modeling import build_model
+
+    from .agreement import backbone_cosines, load_images
+    from .checkpoint import Checkpointer
+    from .checkpoint.io import save_checkpoint_file
+    from .config import load_config, resolve_config_name
+    from .engine import Trainer
+
+    def config(name, method=None):
+        cfg = load_config(resolve_config_name(name))
+        cfg.merge_from_list(list(opts))
+        cfg.MODEL.DEVICE = "cpu"
+        cfg.MODEL.WEIGHTS = ""
+        if method is not None:
+            cfg.MODEL.NORM_CONVERSION.TRANSFER = method
+        cfg.OUTPUT_DIR = os.path.join(output_dir, (method or "teacher").replace(" ", "_"))
+        return cfg
+
+    def evaluate(cfg, model):
+        results = Trainer.test(cfg, model)
+        return (float(results["bbox"]["AP"]), float(results.get("segm", {}).get("AP", float("nan"))))
+
+    teacher_cfg = config(teacher_config)
+    teacher = build_model(teacher_cfg)
+    Checkpointer(teacher).load_weights(teacher_weights)
+    teacher.eval()
+    held_out = load_images(teacher_cfg, teacher_cfg.DATASETS.TEST[0], cosine_images)
+    rows = [DetectorRow("BN teacher", *evaluate(teacher_cfg, teacher),
+                        backbone_cosines(teacher, teacher, held_out), 0.0, "")]
+    methods = [("copy", "copy", 0), ("stats", "stats", 0)]
+    methods += [(f"calibrate {n}", "stats", n) for n in calibration_counts]
+    for name, transfer, count in methods:
+        cfg = config(student_config, transfer)
+        start = time.perf_counter()
+        student = build_model(cfg)
+        Checkpointer(student).load_weights(teacher_weights)  # the transfer happens on load
+        if count:
+            calibrate(student, teacher, load_images(teacher_cfg, calibration_dataset, count),
+                      progress=False)
+        seconds = time.perf_counter() - start
+        student.eval()
+        path = os.path.join(output_dir, name.replace(" ", "_") + ".pth")
+        save_checkpoint_file({"model": student.state_dict()}, path, file_format="pth", overwrite=True)
+        rows.append(DetectorRow(name, *evaluate(cfg, student), backbone_cosines(teacher, student, held_out),
+                                seconds, path))
     return rows

@@ -41,8 +41,10 @@ __all__ = [
     "plot_metrics_main",
     "predict",
     "read_metrics",
+    "save_figure",
     "visualize_main",
     "visualize_predictions",
+    "write_atomic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ _PANEL_COLUMNS = 3
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: PathLike, write: Callable[[Any], None], *, overwrite: bool) -> None:
+def write_atomic(path: PathLike, write: Callable[[Any], None], *, overwrite: bool) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place.
 
     Raises:
@@ -94,6 +96,15 @@ def _write_atomic(path: PathLike, write: Callable[[Any], None], *, overwrite: bo
         except FileNotFoundError:
             pass
         raise
+
+
+def save_figure(figure, path: PathLike, *, dpi: int = 100, overwrite: bool = False) -> None:
+    """Save a matplotlib figure as PNG atomically; refuses to replace ``path`` unless asked.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+    """
+    write_atomic(path, lambda f: figure.savefig(f, format="png", dpi=dpi), overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +268,7 @@ def visualize_predictions(
         panels.append((f"prediction: {len(instances)} with score >= {score_threshold:g}",
                        draw_predictions(image_rgb, instances, metadata, scale)))
         canvas = compose_panels(panels)
-        _write_atomic(path, lambda f: canvas.save(f, format="PNG"), overwrite=overwrite)
+        write_atomic(path, lambda f: canvas.save(f, format="PNG"), overwrite=overwrite)
         logger.info("Wrote %s (%d predictions drawn).", path, len(instances))
     return outputs
 
@@ -523,7 +534,7 @@ def plot_metrics(runs: Sequence[RunMetrics], output: PathLike, *, dpi: int = 100
     handles = [Line2D([], [], color=f"C{i}", label=run.label) for i, run in enumerate(runs)]
     axes[0].legend(handles=handles, fontsize=8)
     # Not bbox_inches="tight": the image keeps the size the figure states.
-    _write_atomic(output, lambda f: figure.savefig(f, format="png", dpi=dpi), overwrite=overwrite)
+    save_figure(figure, output, dpi=dpi, overwrite=overwrite)
     return int(round(figure.get_figwidth() * dpi)), int(round(figure.get_figheight() * dpi))
 
 

@@ -132,7 +132,21 @@ def test_a_detectron2_mask_rcnn_calibrates_backbone_sequentially_and_heads_local
         teacher.backbone(teacher.preprocess_image(images).tensor)
     teacher.eval()
     student = convert_norm(copy.deepcopy(teacher))
-    fits = calibrate(student, teacher, images, progress=False, batch_size=2)
+    regions = {"box_head": [], "mask_head": []}
+    hooks = [getattr(teacher.roi_heads, head).register_forward_hook(
+        lambda module, args, output, head=head: regions[head].append(args[0].shape[0]))
+        for head in regions]
+    caps = (dict(teacher.proposal_generator.post_nms_topk),
+            teacher.roi_heads.box_predictor.test_topk_per_image)
+    fits = calibrate(student, teacher, images, progress=False, batch_size=2,
+                     head_proposals=30, head_detections=3)
+    for hook in hooks:
+        hook.remove()
+    # The head layers were fitted on a sample of regions: <= 30 proposals and 3 detections per
+    # image (2 images per teacher pass); the teacher's own settings are restored.
+    assert regions["box_head"] and max(regions["box_head"]) <= 2 * 30
+    assert regions["mask_head"] and max(regions["mask_head"]) <= 2 * 3
+    assert (teacher.proposal_generator.post_nms_topk, teacher.roi_heads.box_predictor.test_topk_per_image) == caps
     modes = {f.name.split(".")[0]: f.mode for f in fits}
     assert modes == {"backbone": "sequential", "roi_heads": "local"}
     assert len([f for f in fits if f.mode == "sequential"]) == 20 + 8  # R-18 + FPN

@@ -23,3 +23,83 @@ def test_transfer_study_smoke(tmp_path, capsys):
         assert f"| shared statistics | {method} |" in table
         assert f"| per-image photometrics | {method} |" in table
     assert Image.open(out).size == (800, 400)
+
+
+def test_small_batch_study_smoke(tmp_path, capsys):
+    study = _tool("small_batch_study")
+    out = tmp_path / "study"
+    argv = ["--smoke", "--output-dir", str(out), "--norms", "gn", "frozenbn", "--batches", "1", "2",
+            "--jobs", "2"]
+    assert study.main(argv) == 0
+    table = capsys.readouterr().out
+    # 4 images seen in every cell; LR scaled linearly from the config's rate at 2 images.
+    assert "| GN | 1 | 4 | 0.01 |" in table
+    assert "| GN | 2 | 2 | 0.02 |" in table
+    assert "| no norm (FrozenBN) | 2 | 2 | 0.002 |" in table
+    assert Image.open(out / "small_batch.png").size == (900, 360)
+    for cell in ("gn_b1", "gn_b2", "frozenbn_b1", "frozenbn_b2"):
+        assert (out / cell / "metrics.json").is_file()
+    # Finished cells are read back, not retrained; the plot is not replaced without --force.
+    before = (out / "gn_b1" / "metrics.json").stat().st_mtime_ns
+    assert study.main(argv + ["--force"]) == 0
+    assert (out / "gn_b1" / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_small_batch_schedule_is_fixed_in_images():
+    schedule = _tool("small_batch_study").schedule
+    assert schedule(0.02, 8, 640) == ["SOLVER.IMS_PER_BATCH", "8", "SOLVER.BASE_LR", "0.08",
+                                      "SOLVER.MAX_ITER", "80", "SOLVER.WARMUP_ITERS", "25",
+                                      "SOLVER.STEPS", "(62,)"]
+    assert schedule(0.02, 1, 640)[5::2] == ["640", "200", "(499,)"]
+
+
+def test_benchmark_norms_smoke(tmp_path):
+    """All four parts run on 64-pixel images, one round: R-50 FrozenBN (4conv1fc head) and GN."""
+    import json
+    import subprocess
+    import sys
+
+    results, plot = tmp_path / "results.json", tmp_path / "norms.png"
+    command = [sys.executable, str(TOOLS / "benchmark_norms.py"), "--smoke", "--variants", "gn",
+               "--json", str(results), "--output", str(plot), "--profile", "gn"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "naiveSyncBN / GN step time:" in done.stdout
+    assert "| gn: op | self time (s) | share |" in done.stdout and "aten::" in done.stdout
+    data = json.loads(results.read_text())
+    assert set(data["timing"]) == set(data["memory"]) == {"frozenbn_4conv1fc", "gn"}
+    assert all(t["step_2"] > 0 and t["inference"] > 0 for t in data["timing"].values())
+    # GN keeps its norm inputs for backward; FrozenBN's affine does not.
+    assert data["memory"]["gn"]["saved_mib"] > data["memory"]["frozenbn_4conv1fc"]["saved_mib"]
+    assert set(data["distributed"]) == {"gn", "naive_syncbn"}
+    assert set(data["layer"]) == {"res2", "res3", "res4", "res5"}
+    assert Image.open(plot).size == (1280, 360)
+    # Outputs are not replaced without --force.
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--force" in refused.stderr
+
+
+def test_transfer_study_detector_smoke(tmp_path, capsys):
+    """Zero-shot transfers and the fine-tuning runs, end to end on 64-pixel images."""
+    import torch
+    from detectron2.modeling import build_model
+
+    from gn_det.config import load_config, resolve_config_name
+
+    cfg = load_config(resolve_config_name("shapes/bn.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, teacher)
+    out, plot = tmp_path / "study", tmp_path / "finetune.png"
+    argv = ["--smoke", "--detector", str(teacher), "--output-dir", str(out), "--output", str(plot),
+            "--jobs", "2", "--runs", "calibrate", "bn"]  # the other runs differ only in options
+    assert _tool("transfer_study").main(argv) == 0
+    table = capsys.readouterr().out
+    for model in ("BN teacher", "copy", "stats", "calibrate 2"):
+        assert f"| {model} |" in table
+    for run in ("GN from calibrate 2", "BN teacher at 2 images"):
+        assert f"| {run} | 1 |" in table and f"| {run} | 2 |" in table  # evaluated every iteration
+    assert "GN from copy" not in table
+    assert Image.open(plot).size == (1000, 400)
+    assert (out / "zero_shot" / "calibrate_2.pth").is_file()

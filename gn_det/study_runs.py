@@ -1,0 +1,96 @@
+"""Training runs for the studies: one ``tools/train_net.py`` process per run, resumable.
+
+A study (``tools/small_batch_study.py``, ``tools/transfer_study.py --detector``) is a grid of
+training runs. Each runs in its own process (its own OUTPUT_DIR, logs, ``metrics.json`` and COCO
+evaluations), so runs are isolated and can go side by side; a run that finished is read back
+instead of retrained, so an interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["TRAIN_NET", "evaluations", "final_ap", "train_run"]
+
+TRAIN_NET = Path(__file__).resolve().parent.parent / "tools" / "train_net.py"
+_DONE = "run.json"
+
+
+def evaluations(run_dir) -> List[Dict[str, float]]:
+    """Every COCO evaluation in ``run_dir/metrics.json``: ``iteration`` (iterations trained
+    when it ran), ``box_ap``, ``mask_ap``.
+
+    detectron2 logs a periodic evaluation at the index of the iteration just done (period - 1)
+    and the final one at MAX_ITER; both become the number of iterations trained. Its
+    COCOEvaluator reports NaN when the model predicted nothing; that is AP 0. Lines that are not
+    JSON (a run killed mid-write) are skipped.
+    """
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("iteration"), int):
+            records.append(record)
+    trained = [r["iteration"] + 1 for r in records if "total_loss" in r]
+    last = max(trained, default=None)
+    found = {}
+    for record in records:
+        if "bbox/AP" not in record:
+            continue
+        iteration = record["iteration"] if last is None else min(record["iteration"] + 1, last)
+        ap = {key: float(record.get(name, math.nan))
+              for key, name in (("box_ap", "bbox/AP"), ("mask_ap", "segm/AP"))}
+        found[iteration] = {key: 0.0 if math.isnan(value) else value for key, value in ap.items()}
+    return [{"iteration": i, **found[i]} for i in sorted(found)]
+
+
+def final_ap(run_dir) -> Optional[Dict[str, float]]:
+    """The last evaluation of a run, or None if it never evaluated."""
+    found = evaluations(run_dir)
+    return found[-1] if found else None
+
+
+def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[int] = None,
+              extra_args: Sequence[str] = ()) -> dict:
+    """Train (and evaluate) ``config`` with ``opts`` into ``run_dir`` in a child process.
+
+    Returns a record with ``returncode``, ``seconds``, ``evaluations`` and the final
+    ``box_ap``/``mask_ap`` (NaN, with ``failure`` = the last line of its output, when the run
+    stopped without evaluating: detectron2 stops on a non-finite loss, so divergence shows here).
+    A run whose record says it finished is not run again. Output goes to ``run_dir/stdout.txt``.
+    """
+    run_dir = Path(run_dir)
+    done = run_dir / _DONE
+    if done.is_file():
+        return json.loads(done.read_text())
+    command = [sys.executable, str(TRAIN_NET), "--config", config, *extra_args,
+               *opts, "OUTPUT_DIR", str(run_dir)]
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(run_dir / "stdout.txt", "w") as log:
+        returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    record = {"config": config, "opts": list(opts), "returncode": returncode,
+              "seconds": time.perf_counter() - start, "evaluations": evaluations(run_dir)}
+    final = record["evaluations"][-1] if returncode == 0 and record["evaluations"] else None
+    if final is None:
+        tail = (run_dir / "stdout.txt").read_text(errors="replace").strip().splitlines()[-1:]
+        record.update(box_ap=math.nan, mask_ap=math.nan, failure=tail[0] if tail else "no output")
+    else:
+        record.update(box_ap=final["box_ap"], mask_ap=final["mask_ap"])
+        done.write_text(json.dumps(record))
+    return record
