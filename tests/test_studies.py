@@ -43,6 +43,12 @@ def test_small_batch_study_smoke(tmp_path, capsys):
     before = (out / "gn_b1" / "metrics.json").stat().st_mtime_ns
     assert study.main(argv + ["--force"]) == 0
     assert (out / "gn_b1" / "metrics.json").stat().st_mtime_ns == before
+    # --report-only trains nothing: a cell that never ran is named and left out.
+    capsys.readouterr()
+    assert study.main(argv + ["--force", "--report-only", "--batches", "1", "2", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "gn at 4: not run" in captured.err and "| GN | 4 |" not in captured.out
+    assert not (out / "gn_b4").exists()
 
 
 def test_small_batch_schedule_is_fixed_in_images():

@@ -60,9 +60,12 @@ def _config_lr(norm: str) -> float:
 
 def run_cell(norm: str, batch: int, args, base_lr: float) -> dict:
     """Train and evaluate one cell in its own process (or read its finished results)."""
-    from gn_det.study_runs import train_run
+    from gn_det.study_runs import finished_run, train_run
 
     run_dir = Path(args.output_dir) / f"{norm}_b{batch}"
+    if args.report_only:
+        record = finished_run(run_dir)
+        return None if record is None else {"norm": norm, "batch": batch, "run_dir": str(run_dir), **record}
     opts = [*schedule(base_lr, batch, args.images), "SEED", str(args.seed), *(SMOKE_OPTS if args.smoke else [])]
     record = train_run(f"shapes/{norm}.yaml", opts, run_dir,
                        threads=max(1, (os.cpu_count() or 1) // args.jobs))
@@ -104,6 +107,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--force", action="store_true", help="overwrite --plot")
     parser.add_argument("--smoke", action="store_true", help="tiny images and 4 images seen (tests)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report and plot the cells that finished")
     args = parser.parse_args(argv)
     if args.smoke:
         args.images = min(args.images, 4)
@@ -117,6 +122,10 @@ def main(argv=None) -> int:
     grid = [(norm, batch) for batch in sorted(args.batches) for norm in args.norms]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         cells = list(pool.map(lambda nb: run_cell(*nb, args, lrs[nb[0]]), grid))
+    for (norm, batch), cell in zip(grid, cells):
+        if cell is None:
+            print(f"{norm} at {batch}: not run (--report-only)", file=sys.stderr)
+    cells = [c for c in cells if c is not None]
     (Path(args.output_dir) / "results.json").write_text(json.dumps(cells, indent=1))
     print(f"| norm | images/batch | iterations | LR | box AP | mask AP | minutes |")
     print("|---|---|---|---|---|---|---|")
