@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["TRAIN_NET", "evaluations", "final_ap", "finished_run", "train_run"]
+__all__ = ["TRAIN_NET", "evaluations", "finished_run", "train_run"]
 
 TRAIN_NET = Path(__file__).resolve().parent.parent / "tools" / "train_net.py"
 _DONE = "run.json"
@@ -56,20 +56,13 @@ def evaluations(run_dir) -> List[Dict[str, float]]:
     return [{"iteration": i, **found[i]} for i in sorted(found)]
 
 
-def final_ap(run_dir) -> Optional[Dict[str, float]]:
-    """The last evaluation of a run, or None if it never evaluated."""
-    found = evaluations(run_dir)
-    return found[-1] if found else None
-
-
 def finished_run(run_dir) -> Optional[dict]:
     """The record :func:`train_run` left for a run that finished, or None."""
     done = Path(run_dir) / _DONE
     return json.loads(done.read_text()) if done.is_file() else None
 
 
-def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[int] = None,
-              extra_args: Sequence[str] = ()) -> dict:
+def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[int] = None) -> dict:
     """Train (and evaluate) ``config`` with ``opts`` into ``run_dir`` in a child process.
 
     Returns a record with ``returncode``, ``seconds``, ``evaluations`` and the final
@@ -81,8 +74,7 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
     done = run_dir / _DONE
     if done.is_file():
         return finished_run(run_dir)
-    command = [sys.executable, str(TRAIN_NET), "--config", config, *extra_args,
-               *opts, "OUTPUT_DIR", str(run_dir)]
+    command = [sys.executable, str(TRAIN_NET), "--config", config, *opts, "OUTPUT_DIR", str(run_dir)]
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
