@@ -17,10 +17,20 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["TRAIN_NET", "evaluations", "finished_run", "train_run"]
+__all__ = ["SMOKE_OPTS", "TRAIN_NET", "evaluations", "finished_run", "threads_per_job", "train_run"]
 
 TRAIN_NET = Path(__file__).resolve().parent.parent / "tools" / "train_net.py"
 _DONE = "run.json"
+#: Overrides that make a shapes run tiny, for the studies' smoke tests: 64-pixel images, few
+#: detections to evaluate, data loaded in the training process.
+SMOKE_OPTS = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+              "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+              "TEST.DETECTIONS_PER_IMAGE", "5", "DATALOADER.NUM_WORKERS", "0"]
+
+
+def threads_per_job(jobs: int) -> int:
+    """Torch threads for each of ``jobs`` runs side by side: the CPUs shared out, at least 1."""
+    return max(1, (os.cpu_count() or 1) // jobs)
 
 
 def evaluations(run_dir) -> List[Dict[str, float]]:

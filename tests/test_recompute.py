@@ -8,7 +8,6 @@ the model holds those anyway).
 
 import copy
 import pickle
-import weakref
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ import gn_det
 import gn_det.recompute
 from gn_det import RecomputeConv2d, disable_recompute, enable_recompute
 from gn_det.config import CONFIGS_DIR, load_config
+from gn_det.recompute import SavedForBackward
 from models import resnet18_fpn_backbone
 
 
@@ -63,22 +63,11 @@ def _loss_and_grads(model, images):
 
 def _saved_bytes(model, images):
     """Bytes autograd keeps for backward after ``model(images)``, parameters excluded."""
-    packed = []
-
-    def pack(t):
-        packed.append(weakref.ref(t))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedForBackward(model.parameters()) as saved:
         out = model(images)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-    for ref in packed:
-        t = ref()  # dead: nothing kept it for backward
-        if t is not None and t.untyped_storage().data_ptr() not in params:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    nbytes = saved.nbytes
     del out
-    return sum(storages.values())
+    return nbytes
 
 
 def test_counts_every_conv_with_group_norm_and_is_idempotent(models):

@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import weakref
 
 REFERENCE = "frozenbn_4conv1fc"
 _4CONV1FC = ["MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead", "MODEL.ROI_BOX_HEAD.NUM_CONV", "4",
@@ -224,28 +223,19 @@ def memory_worker(variant: str, args) -> dict:
     torch.set_flush_denormal(True)
     batch = load_batch(args, 2)
     model, optimizer = build(variant, args, batch)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    packed = []
-
-    def pack(t):
-        packed.append(weakref.ref(t))
-        return t
-
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     _reset_peak_rss()
     base_rss = _rss_mib()
-    saved = {}
     from detectron2.utils.events import EventStorage
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), EventStorage():
+    from gn_det.recompute import SavedForBackward
+
+    with SavedForBackward(model.parameters()) as saved, EventStorage():
         losses = model(batch)
-    for ref in packed:
-        t = ref()
-        if t is not None and t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    del packed
+    saved_bytes = saved.nbytes
+    del saved
     loss = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -253,7 +243,7 @@ def memory_worker(variant: str, args) -> dict:
     del losses, loss
     train_step(model, optimizer, batch)
     _sync(args.device)
-    result = {"variant": variant, "saved_mib": sum(saved.values()) / 2**20,
+    result = {"variant": variant, "saved_mib": saved_bytes / 2**20,
               "peak_rss_growth_mib": _peak_rss_mib() - base_rss}
     if args.device == "cuda":
         result["cuda_peak_growth_mib"] = torch.cuda.max_memory_allocated() / 2**20 - base

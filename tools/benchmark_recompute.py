@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import time
-import weakref
 
 VARIANTS = ("off", "on")
 
@@ -34,6 +33,7 @@ def measure(config: str, size: int, batch: int, recompute: bool, threads: int) -
     from detectron2.modeling import build_backbone
 
     from gn_det.config import convert_model_by_config, load_config, resolve_config_name
+    from gn_det.recompute import SavedForBackward
 
     if threads:
         torch.set_num_threads(threads)
@@ -42,23 +42,12 @@ def measure(config: str, size: int, batch: int, recompute: bool, threads: int) -
     torch.manual_seed(0)
     model = convert_model_by_config(build_backbone(cfg), cfg).train()
     images = torch.randn(batch, 3, size, size)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    packed = []
-
-    def pack(t):
-        packed.append(weakref.ref(t))
-        return t
-
     base_rss = _rss_mib()
     start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedForBackward(model.parameters()) as saved:
         features = model(images)
     forward_s = time.perf_counter() - start
-    saved = {}
-    for ref in packed:
-        t = ref()
-        if t is not None and t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    saved_bytes = saved.nbytes
     loss = sum((f**2).mean() + f.mean() for f in features.values())
     loss.backward()
     step_s = time.perf_counter() - start
@@ -67,7 +56,7 @@ def measure(config: str, size: int, batch: int, recompute: bool, threads: int) -
         "recompute": recompute,
         "forward_s": forward_s,
         "step_s": step_s,
-        "saved_mib": sum(saved.values()) / 2**20,
+        "saved_mib": saved_bytes / 2**20,
         "peak_rss_growth_mib": peak_rss - base_rss,
         "loss": loss.item(),
     }

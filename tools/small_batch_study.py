@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,10 +30,6 @@ NORMS = {"bn": "BN", "gn": "GN", "frozenbn": "no norm (FrozenBN)"}
 CONFIG_BATCH = 2
 WARMUP_IMAGES = 200
 STEP_FRACTION = 0.78  # LR drop at 350 of 450 iterations in the configs
-# Tiny cells for the test suite: 64-pixel images, 4 images seen, few detections to evaluate.
-SMOKE_OPTS = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-              "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-              "TEST.DETECTIONS_PER_IMAGE", "5", "DATALOADER.NUM_WORKERS", "0"]
 
 
 def schedule(base_lr: float, batch: int, images: int) -> list:
@@ -60,15 +55,14 @@ def _config_lr(norm: str) -> float:
 
 def run_cell(norm: str, batch: int, args, base_lr: float) -> dict:
     """Train and evaluate one cell in its own process (or read its finished results)."""
-    from gn_det.study_runs import finished_run, train_run
+    from gn_det.study_runs import SMOKE_OPTS, finished_run, threads_per_job, train_run
 
     run_dir = Path(args.output_dir) / f"{norm}_b{batch}"
     if args.report_only:
         record = finished_run(run_dir)
         return None if record is None else {"norm": norm, "batch": batch, "run_dir": str(run_dir), **record}
     opts = [*schedule(base_lr, batch, args.images), "SEED", str(args.seed), *(SMOKE_OPTS if args.smoke else [])]
-    record = train_run(f"shapes/{norm}.yaml", opts, run_dir,
-                       threads=max(1, (os.cpu_count() or 1) // args.jobs))
+    record = train_run(f"shapes/{norm}.yaml", opts, run_dir, threads=threads_per_job(args.jobs))
     return {"norm": norm, "batch": batch, "run_dir": str(run_dir), **record}
 
 

@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 from gn_det.studies import STAGES, transfer_fidelity
+from gn_det.study_runs import SMOKE_OPTS, threads_per_job, train_run
 from gn_det.visualize import save_figure
 
 # Fine-tuning a trained model at 2 images per batch: the teacher's final per-image learning rate
@@ -41,8 +42,6 @@ from gn_det.visualize import save_figure
 FINETUNE_OPTS = ["SOLVER.BASE_LR", "0.002", "SOLVER.WARMUP_ITERS", "20", "SOLVER.STEPS", "()"]
 SCRATCH_OPTS = ["SOLVER.STEPS", "()"]
 FINETUNE_RUNS = ("copy", "stats", "calibrate", "bn", "scratch")  # the config's own from-scratch LR and warmup
-SMOKE_OPTS = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64",
-              "INPUT.MAX_SIZE_TEST", "64", "TEST.DETECTIONS_PER_IMAGE", "5", "DATALOADER.NUM_WORKERS", "0"]
 
 
 def _plot(rows, path):
@@ -70,8 +69,6 @@ def _plot(rows, path):
 
 def finetune_runs(rows, args) -> dict:
     """Run (or read back) the fine-tuning runs; returns label -> train_run record."""
-    from gn_det.study_runs import train_run
-
     by_method = {r.method: r for r in rows}
     calibrated = f"calibrate {args.finetune_calibration}"
     common = ["SOLVER.MAX_ITER", str(args.finetune_iters), "TEST.EVAL_PERIOD", str(args.eval_period),
@@ -88,7 +85,7 @@ def finetune_runs(rows, args) -> dict:
                "calibrate": by_method[calibrated].weights, "bn": args.detector}
     runs = {label: (config, [weights.get(name) if o is None else o for o in opts])
             for name, (label, config, opts) in runs.items() if name in args.runs}
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = threads_per_job(args.jobs)
 
     def run(item):
         label, (config, opts) = item
