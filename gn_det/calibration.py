@@ -14,23 +14,27 @@ stored: memory is that of the forward passes themselves.
 **Sequential** (default): layers are fitted in forward order *on the student's own activations*,
 each after every layer before it has been calibrated, so drift accumulated through depth is
 corrected. For the convolutional body (a detectron2 model's ``backbone``, or a whole plain
-``nn.Module``) this takes one forward pass over a doubled batch ``[x; x]`` through the student's
-layers, with each GN layer temporarily paired with its teacher BN: the first half runs the
-teacher's norm, the second half the student's, and the GN affine is fitted on the spot from
-both halves, before the student half flows on. All calibration images go through as one batch,
-so the fit sees every image at every layer; memory grows with the number of images (about
-2 N images of activations at the widest layer).
+``nn.Module``) the images go through in chunks of ``batch_size``, each as a doubled batch
+``[x; x]`` through the student's layers, with each GN layer temporarily paired with its teacher
+BN: the first half runs the teacher's norm, the second half the student's; the GN's moments are
+accumulated and its affine refitted on the spot from all chunks so far, before the student half
+flows on. Memory is that of one forward pass of ``2 * batch_size`` images, whatever the number
+of images. (With one chunk this is the exact sequential fit; with several, a chunk's moments
+were gathered under the upstream fits of its time, which converge within the first chunk or
+two, so the difference is small.)
 
 Layers outside the backbone (detectron2's ROI box and mask heads, whose inputs are per-proposal
 crops that differ between the two models) are fitted *locally*: on the teacher's own inputs to
-that layer, from one teacher inference pass over the images in ``batch_size`` chunks. That pass
-is capped to a sample of regions (``head_proposals`` top RPN proposals per image for the box
-head, ``head_detections`` top detections for the mask head): inference would otherwise run the
-box head on 1000 proposals and the mask head on up to 100 detections per image, most of the
-cost for little gain in a per-channel fit (R-50-FPN 4conv1fc head: 4.9 s per image uncapped).
+that layer. The teacher half of the paired pass *is* the teacher's backbone output, so its RPN
+and ROI heads run on those features, with no backbone pass of their own (GeneralizedRCNN;
+other meta-architectures run the whole teacher). That pass is capped to a sample of regions
+(``head_proposals`` top RPN proposals per image for the box head, ``head_detections`` top
+detections for the mask head): inference would otherwise run the box head on 1000 proposals
+and the mask head on up to 100 detections per image, most of the cost for little gain in a
+per-channel fit (R-50-FPN 4conv1fc head: 4.9 s per image uncapped).
 
 Cost: one backbone forward of 2 N images, plus (detectron2 models with converted head layers)
-one capped teacher inference pass of N images; no backward.
+the teacher's capped RPN and ROI heads on N images; no backward.
 """
 
 from __future__ import annotations
@@ -102,39 +106,45 @@ def _normalised(gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return F.group_norm(x, gn.num_groups, None, None, gn.eps)
 
 
-@torch.no_grad()
-def _fit(gn: ConvertedGroupNorm, moments: _Moments) -> tuple:
-    a0, b0 = gn.weight.detach().double(), gn.bias.detach().double()
-    before = moments.relative_error(a0, b0)
-    a, b = moments.solve(a0, b0)
+def _refit(gn: ConvertedGroupNorm, moments: _Moments, initial: tuple) -> tuple:
+    """Set ``gn``'s affine to the least-squares fit of ``moments``; returns the errors of the
+    ``initial`` affine and of the one now set, on those moments."""
+    before = moments.relative_error(*initial)
+    a, b = moments.solve(*initial)
     after = moments.relative_error(a, b)
-    if after < before:  # least squares cannot be worse on its own data; guard degenerate sums
+    if after >= before:  # least squares cannot be worse on its own data; guard degenerate sums
+        a, b, after = *initial, before
+    with torch.no_grad():
         gn.weight.copy_(a.to(gn.weight))
         gn.bias.copy_(b.to(gn.bias))
-    else:
-        after = before
     return before, after
 
 
-class _PairedNorm(nn.Module):
-    """Teacher norm on the first half of the batch, student GN on the second; fits the GN on
-    the spot from both halves (see module doc)."""
+def _affine(gn: ConvertedGroupNorm) -> tuple:
+    return gn.weight.detach().double().clone(), gn.bias.detach().double().clone()
 
-    def __init__(self, name, teacher, student, fits, progress):
+
+class _PairedNorm(nn.Module):
+    """Teacher norm on the first half of the batch, student GN on the second; refits the GN on
+    the spot from the moments of every batch seen so far (see module doc)."""
+
+    def __init__(self, name: str, teacher: nn.Module, student: ConvertedGroupNorm, order: List[str]):
         super().__init__()
-        self.name, self.teacher, self.student = name, teacher, student
-        self.fits, self.progress = fits, progress
+        self.name, self.teacher, self.student, self.order = name, teacher, student, order
+        self.moments = _Moments(student.num_channels)
+        self.initial = _affine(student)
+        self.errors = None
 
     def forward(self, x):
         half = x.shape[0] // 2
         t = self.teacher(x[:half])
         s = _normalised(self.student, x[half:])
-        moments = _Moments(x.shape[1])
-        moments.add(s, t)
-        before, after = _fit(self.student, moments)
-        self.fits.append(LayerFit(self.name, "sequential", before, after))
-        self.progress.update(1)
-        return torch.cat([t, self.student(x[half:])])
+        self.moments.add(s, t)
+        if self.errors is None:
+            self.order.append(self.name)
+        self.errors = _refit(self.student, self.moments, self.initial)
+        shape = (1, -1) + (1,) * (s.dim() - 2)
+        return torch.cat([t, s * self.student.weight.view(shape) + self.student.bias.view(shape)])
 
 
 def _converted_layers(student: nn.Module, teacher: nn.Module, prefix: str = "") -> Dict[str, tuple]:
@@ -181,16 +191,10 @@ def _swapped(root: nn.Module, replacements: Dict[str, nn.Module]):
             setattr(parent, child, old)
 
 
-def _calibrate_sequential(student, teacher, images: torch.Tensor, pairs, fits, progress) -> None:
-    replacements = {
-        name: _PairedNorm(name, teacher_norm, student_norm, fits, progress)
-        for name, (teacher_norm, student_norm) in pairs.items()
-    }
-    with _swapped(student, replacements):
-        student(torch.cat([images, images]))
-
-
-def _calibrate_local(teacher, student_root, pairs, run_teacher, fits, progress) -> None:
+@contextlib.contextmanager
+def _local_moments(pairs):
+    """Collect, while the teacher runs, the moments of each pair's student GN on the teacher's
+    own inputs to that layer (hooks on the teacher's norms, removed after)."""
     moments = {name: _Moments(gn.num_channels) for name, (_, gn) in pairs.items()}
     handles = []
     for name, (teacher_norm, student_norm) in pairs.items():
@@ -199,16 +203,10 @@ def _calibrate_local(teacher, student_root, pairs, run_teacher, fits, progress) 
 
         handles.append(teacher_norm.register_forward_hook(hook))
     try:
-        run_teacher()
+        yield moments
     finally:
         for handle in handles:
             handle.remove()
-    for name, (_, student_norm) in pairs.items():
-        if moments[name].sums[0, 0] == 0:
-            continue  # the teacher never ran this layer on these inputs
-        before, after = _fit(student_norm, moments[name])
-        fits.append(LayerFit(name, "local", before, after))
-        progress.update(1)
 
 
 def _is_detectron2_model(model: nn.Module) -> bool:
@@ -235,6 +233,22 @@ def _sampled_regions(model: nn.Module, proposals: int, detections: int):
             setattr(obj, attribute, value)
 
 
+def _teacher_heads(teacher: nn.Module):
+    """``run(images, features)``: the teacher's inference after its backbone, where the model
+    is a detectron2 GeneralizedRCNN (so the backbone features of the paired pass can be reused);
+    else None."""
+    from detectron2.modeling import GeneralizedRCNN
+
+    if not isinstance(teacher, GeneralizedRCNN) or teacher.proposal_generator is None:
+        return None
+
+    def run(images, features):
+        proposals, _ = teacher.proposal_generator(images, features, None)
+        teacher.roi_heads(images, features, proposals, None)
+
+    return run
+
+
 @torch.no_grad()
 def calibrate(
     student: nn.Module,
@@ -259,58 +273,71 @@ def calibrate(
             (N, C, ...) — all of them are used, concatenated.
         sequential: fit the backbone in forward order on the student's own activations
             (module doc); ``False`` fits every layer locally on the teacher's activations.
-        progress: show a tqdm progress bar over layers.
-        batch_size: images per teacher pass for the local fits (memory, not results).
+        progress: show a tqdm progress bar over images.
+        batch_size: images per pass (the paired pass runs twice as many); bounds the memory.
         head_proposals, head_detections: regions per image on which detectron2 ROI-head
             layers are fitted: the teacher's top RPN proposals (box head) and its top
             detections (mask head), see the module doc.
 
     Returns:
-        One :class:`LayerFit` per calibrated layer, in the order fitted. ``requires_grad``
-        flags (frozen layers) are left as they are. Deterministic for fixed inputs.
+        One :class:`LayerFit` per calibrated layer, in the order fitted, with its errors on all
+        the inputs. ``requires_grad`` flags (frozen layers) are left as they are. Deterministic
+        for fixed inputs and ``batch_size``.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     pairs = _converted_layers(student, teacher)
     if not pairs:
         raise ValueError("student has no layers converted by gn_det to calibrate")
     _check_same_weights(student, teacher, pairs)
+    detectron2 = _is_detectron2_model(student)
+    if detectron2:
+        items = [d for item in inputs for d in (item if isinstance(item, (list, tuple)) else [item])]
+        chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        body, prefix = student.backbone, "backbone."
+    else:
+        tensors = list(inputs)
+        chunks = list(torch.cat(tensors).split(batch_size)) if tensors else []
+        body, prefix = student, ""
+    if not chunks:
+        raise ValueError("calibrate needs at least one input image")
+    in_body = {n: p for n, p in pairs.items() if sequential and n.startswith(prefix)}
+    local_pairs = {n: p for n, p in pairs.items() if n not in in_body}
+    order: List[str] = []
+    paired = {n[len(prefix):]: _PairedNorm(n, t, s, order) for n, (t, s) in in_body.items()}
+    heads = _teacher_heads(teacher) if detectron2 and paired and local_pairs else None
+
     modes = student.training, teacher.training
     student.eval(), teacher.eval()
-    fits: List[LayerFit] = []
-    bar = tqdm(total=len(pairs), desc="calibrate", unit="layer", disable=not progress)
+    bar = tqdm(total=sum(len(c) for c in chunks), desc="calibrate", unit="image", disable=not progress)
     try:
-        if _is_detectron2_model(student):
-            items = [d for item in inputs for d in (item if isinstance(item, (list, tuple)) else [item])]
-            if not items:
-                raise ValueError("calibrate needs at least one input image")
-            backbone_pairs = {n: p for n, p in pairs.items() if n.startswith("backbone.")}
-            other_pairs = {n: p for n, p in pairs.items() if not n.startswith("backbone.")}
-            if sequential and backbone_pairs:
-                images = student.preprocess_image(items).tensor
-                local = {n[len("backbone."):]: p for n, p in backbone_pairs.items()}
-                _calibrate_sequential(student.backbone, teacher.backbone, images, local, fits, bar)
-                for fit in fits:
-                    fit.name = "backbone." + fit.name
-            else:
-                other_pairs = pairs
-            if other_pairs:
-                def run_teacher():
-                    with _sampled_regions(teacher, head_proposals, head_detections):
-                        for i in range(0, len(items), batch_size):
-                            teacher(items[i : i + batch_size])
-
-                _calibrate_local(teacher, student, other_pairs, run_teacher, fits, bar)
-        else:
-            tensors = [x for x in inputs]
-            if not tensors:
-                raise ValueError("calibrate needs at least one input")
-            x = torch.cat(tensors)
-            if sequential:
-                _calibrate_sequential(student, teacher, x, pairs, fits, bar)
-            else:
-                _calibrate_local(teacher, student, pairs, lambda: teacher(x), fits, bar)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_swapped(body, paired))
+            moments = stack.enter_context(_local_moments(local_pairs))
+            if detectron2:
+                stack.enter_context(_sampled_regions(teacher, head_proposals, head_detections))
+            for chunk in chunks:
+                if detectron2 and paired:
+                    images = student.preprocess_image(chunk)
+                    features = body(torch.cat([images.tensor, images.tensor]))
+                    if heads is not None:  # the teacher half of the paired pass is its backbone
+                        half = len(images)
+                        heads(images, {k: v[:half] for k, v in features.items()})
+                    elif local_pairs:
+                        teacher(chunk)
+                elif paired:
+                    body(torch.cat([chunk, chunk]))
+                else:
+                    teacher(chunk)
+                bar.update(len(chunk))
     finally:
         bar.close()
         student.train(modes[0]), teacher.train(modes[1])
+
+    fits = [LayerFit(name, "sequential", *paired[name[len(prefix):]].errors) for name in order]
+    for name, (_, gn) in local_pairs.items():
+        if moments[name].sums[0, 0] > 0:  # else the teacher never ran this layer on these inputs
+            fits.append(LayerFit(name, "local", *_refit(gn, moments[name], _affine(gn))))
     if fits:
         logger.info(
             "Calibrated %d GN layers: mean relative error %.4f -> %.4f.",

@@ -2,7 +2,9 @@
 
 import torch
 from detectron2 import model_zoo
-from detectron2.modeling import build_backbone
+from detectron2.modeling import build_backbone, build_model
+from detectron2.utils.events import EventStorage
+from torch import nn
 
 import gn_det
 
@@ -19,3 +21,48 @@ def resnet18_fpn_backbone(freeze_at: int, seed: int = 0):
     cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
     torch.manual_seed(seed)
     return build_backbone(cfg)
+
+
+def photometric_images(n: int, seed: int) -> torch.Tensor:
+    """Smooth random 32x32 images, each with its own brightness and contrast (which GN
+    normalises away and BN keeps)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.avg_pool2d(torch.rand(n, 3, 36, 36, generator=g), 5, 1)
+    return x * (torch.rand(n, 1, 1, 1, generator=g) * 2 + 0.5) + torch.randn(n, 1, 1, 1, generator=g)
+
+
+def bn_teacher_net() -> nn.Sequential:
+    """Four conv-BN-ReLU blocks whose BN population statistics are computed on
+    :func:`photometric_images`; the third BN layer is frozen. Eval mode."""
+    torch.manual_seed(0)
+    layers = []
+    channels = [3, 32, 64, 64, 64]
+    for i in range(4):
+        layers += [nn.Conv2d(channels[i], channels[i + 1], 3, padding=1, stride=1 + (i % 2)),
+                   nn.BatchNorm2d(channels[i + 1], momentum=None), nn.ReLU()]
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        for _ in range(4):
+            model(photometric_images(64, seed=1))  # momentum=None: cumulative average
+    model[4].requires_grad_(False)
+    return model.eval()
+
+
+def shapes_bn_mask_rcnn():
+    """The shapes Mask R-CNN with BN everywhere (random weights), its BN population statistics
+    computed on 4 random 96x128 images (returned too, as model inputs). Eval mode."""
+    from gn_det.config import load_config, resolve_config_name
+
+    cfg = load_config(resolve_config_name("shapes/bn.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    images = [{"image": torch.rand(3, 96, 128, generator=g) * 255} for _ in range(4)]
+    model.train()
+    with torch.no_grad(), EventStorage():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = None
+        model.backbone(model.preprocess_image(images).tensor)
+    return model.eval(), images

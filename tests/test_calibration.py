@@ -5,36 +5,18 @@ import torch
 from torch import nn
 
 import gn_det
-from gn_det import calibrate, convert_norm
+from gn_det import calibrate, calibration, convert_norm
+
+from models import bn_teacher_net, photometric_images, shapes_bn_mask_rcnn
 
 
-def _net():
-    torch.manual_seed(0)
-    layers = []
-    channels = [3, 32, 64, 64, 64]
-    for i in range(4):
-        layers += [nn.Conv2d(channels[i], channels[i + 1], 3, padding=1, stride=1 + (i % 2)),
-                   nn.BatchNorm2d(channels[i + 1], momentum=None), nn.ReLU()]
-    return nn.Sequential(*layers)
-
-
-def _images(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.avg_pool2d(torch.rand(n, 3, 36, 36, generator=g), 5, 1)  # smooth
-    # Each image its own brightness and contrast: GN removes what BN keeps.
-    return x * (torch.rand(n, 1, 1, 1, generator=g) * 2 + 0.5) + torch.randn(n, 1, 1, 1, generator=g)
+_images = photometric_images
 
 
 @pytest.fixture(scope="module")
 def teacher():
     """A BN network whose population statistics are computed on its own data."""
-    model = _net()
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(_images(64, seed=1))  # momentum=None: cumulative average
-    model[4].requires_grad_(False)  # one frozen BN layer
-    return model.eval()
+    return bn_teacher_net()
 
 
 def _outputs(model, x):
@@ -103,7 +85,7 @@ def test_teacher_is_unchanged_frozen_stays_frozen_and_results_repeat(teacher):
 
 def test_the_teacher_must_be_the_source_model(teacher):
     student = convert_norm(copy.deepcopy(teacher))
-    other = _net().eval()
+    other = bn_teacher_net()
     with torch.no_grad():
         other[0].weight.add_(1.0)
     with pytest.raises(ValueError, match="differ at '0.weight'"):
@@ -113,24 +95,7 @@ def test_the_teacher_must_be_the_source_model(teacher):
 
 
 def test_a_detectron2_mask_rcnn_calibrates_backbone_sequentially_and_heads_locally():
-    from detectron2.modeling import build_model
-    from detectron2.utils.events import EventStorage
-
-    from gn_det.config import load_config, resolve_config_name
-
-    cfg = load_config(resolve_config_name("shapes/bn.yaml"))
-    cfg.MODEL.DEVICE = "cpu"
-    torch.manual_seed(0)
-    teacher = build_model(cfg)
-    g = torch.Generator().manual_seed(0)
-    images = [{"image": torch.rand(3, 96, 128, generator=g) * 255} for _ in range(4)]
-    teacher.train()
-    with torch.no_grad(), EventStorage():  # population statistics of the BN layers: a few passes
-        for m in teacher.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = None
-        teacher.backbone(teacher.preprocess_image(images).tensor)
-    teacher.eval()
+    teacher, images = shapes_bn_mask_rcnn()
     student = convert_norm(copy.deepcopy(teacher))
     regions = {"box_head": [], "mask_head": []}
     hooks = [getattr(teacher.roi_heads, head).register_forward_hook(
@@ -151,3 +116,51 @@ def test_a_detectron2_mask_rcnn_calibrates_backbone_sequentially_and_heads_local
     assert modes == {"backbone": "sequential", "roi_heads": "local"}
     assert len([f for f in fits if f.mode == "sequential"]) == 20 + 8  # R-18 + FPN
     assert all(f.error_after <= f.error_before for f in fits)
+
+
+def test_memory_is_bounded_by_the_batch_and_chunks_fit_close_to_one_pass(teacher):
+    seen = []
+    x = _images(32, seed=2)
+    held_out = _images(32, seed=4)
+    students = {}
+    for batch_size in (32, 4):
+        student = convert_norm(copy.deepcopy(teacher))
+        hook = student[0].register_forward_hook(lambda m, a, o: seen.append(o.shape[0]))
+        fits = calibrate(student, teacher, [x], batch_size=batch_size, progress=False)
+        hook.remove()
+        assert all(f.error_after < f.error_before for f in fits)
+        students[batch_size] = student
+    # One doubled pass of all 32 images, then 8 doubled passes of 4: never more than 2 x 4 at once.
+    assert seen == [64] + [8] * 8
+    one_pass = _relative_errors(students[32], teacher, held_out)
+    chunked = _relative_errors(students[4], teacher, held_out)
+    stats = _relative_errors(convert_norm(copy.deepcopy(teacher)), teacher, held_out)
+    for c, o, s in zip(chunked, one_pass, stats):
+        assert c < s and abs(c - o) <= 0.1 * o, (chunked, one_pass, stats)
+
+
+def test_head_layers_are_fitted_on_the_backbone_features_of_the_paired_pass(monkeypatch):
+    """The teacher's heads run on the teacher half of the paired pass: the same fits as a full
+    teacher pass, without running the teacher's backbone again."""
+    teacher, images = shapes_bn_mask_rcnn()
+    reused, full = convert_norm(copy.deepcopy(teacher)), convert_norm(copy.deepcopy(teacher))
+    backbone_calls = []
+    hook = teacher.backbone.register_forward_hook(lambda m, a, o: backbone_calls.append(1))
+    fits = calibrate(reused, teacher, images, progress=False, batch_size=2)
+    assert backbone_calls == []
+    monkeypatch.setattr(calibration, "_teacher_heads", lambda teacher: None)
+    fits_full = calibrate(full, teacher, images, progress=False, batch_size=2)
+    hook.remove()
+    assert len(backbone_calls) == 2  # one teacher pass per chunk
+    assert [f.name for f in fits] == [f.name for f in fits_full]
+    heads = [f.name for f in fits if f.mode == "local"]
+    assert heads
+    state, state_full = reused.state_dict(), full.state_dict()
+    for name in heads:
+        for p in ("weight", "bias"):
+            torch.testing.assert_close(state[f"{name}.{p}"], state_full[f"{name}.{p}"], rtol=1e-4, atol=1e-5)
+
+
+def test_bad_batch_size_is_refused(teacher):
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        calibrate(convert_norm(copy.deepcopy(teacher)), teacher, [_images(4, seed=2)], batch_size=0)
