@@ -10,6 +10,7 @@ from . import data, modeling  # noqa: F401  (register the shapes datasets and th
 from .convert import NormSpec, convert_norm, convert_norm_by_spec
 from .calibration import LayerFit, calibrate
 from .config import add_gn_det_config, convert_model_by_config, get_cfg, norm_spec_from_config
+from .distillation import DistillationResult, distill
 from .groups import resolve_num_groups
 from .layers import ConvertedGroupNorm
 from .recompute import RecomputeConv2d, disable_recompute, enable_recompute
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvertedGroupNorm",
+    "DistillationResult",
     "NORM_CONVERTERS",
     "LayerFit",
     "NORM_TARGETS",
@@ -38,6 +40,7 @@ __all__ = [
     "convert_norm_by_spec",
     "count_norms",
     "describe_norms",
+    "distill",
     "disable_recompute",
     "enable_recompute",
     "format_norm_table",

@@ -116,8 +116,11 @@ def _cmd_convert(args) -> int:
     calibrating = args.transfer == "calibrate"
     if calibrating:
         args.transfer = "stats"  # calibration starts from the data-free transfer
-    elif args.calib_dataset is not None or args.calib_images is not None:
-        raise UsageError("--calib-dataset and --calib-images go with --transfer calibrate")
+    elif args.calib_dataset is not None or args.calib_images is not None or args.calib_distill_steps:
+        raise UsageError("--calib-dataset, --calib-images and --calib-distill-steps go with "
+                         "--transfer calibrate")
+    if args.calib_distill_steps < 0:
+        raise UsageError(f"--calib-distill-steps must be 0 or more, got {args.calib_distill_steps}")
     spec = target_spec or _spec(args, required=True)
     calibration_inputs = None
     if calibrating:
@@ -126,7 +129,8 @@ def _cmd_convert(args) -> int:
 
     result = convert_checkpoint(args.weights, args.output, source_cfg, spec, target_cfg=target_cfg,
                                 file_format=args.format, overwrite=args.force,
-                                calibration_inputs=calibration_inputs)
+                                calibration_inputs=calibration_inputs,
+                                distill_steps=args.calib_distill_steps)
     print(f"Wrote {result.output}: {result.scope} checkpoint from a {result.input_kind} checkpoint "
           f"({result.seconds:.1f} s, verified against the target model).")
     table = [[src, dst, n] for (src, dst), n in sorted(result.conversions.items())]
@@ -226,6 +230,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="registered dataset for --transfer calibrate (default shapes_train)")
     convert.add_argument("--calib-images", type=int, default=None, metavar="N",
                          help="images for --transfer calibrate (default 32)")
+    convert.add_argument("--calib-distill-steps", type=int, default=0, metavar="K",
+                         help="after the least-squares fit, K steps of feature distillation of the "
+                         "GN affine on the calibration images (gn_det.distill; "
+                         "default 0: off)")
     convert.add_argument("--debug", action="store_true", help="show tracebacks")
     convert.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                          help="overrides of the source config")

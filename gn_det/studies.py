@@ -20,6 +20,7 @@ from torch import nn
 
 from .calibration import calibrate
 from .convert import convert_norm
+from .distillation import distill
 
 __all__ = ["DetectorRow", "FidelityRow", "bn_teacher", "detector_zero_shot", "smooth_images", "stage_cosines",
            "transfer_fidelity"]
@@ -30,7 +31,7 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")
 @dataclasses.dataclass
 class FidelityRow:
     regime: str  # "shared statistics" or "per-image photometrics"
-    method: str  # "copy", "stats", "calibrate N", "calibrate N (local)"
+    method: str  # "copy", "stats", "calibrate N", "calibrate N (local)", "calibrate N + distill K"
     cosines: Dict[str, float]  # stage -> mean cosine to the teacher on held-out images
     seconds: float  # time the transfer took (calibration included)
 
@@ -96,6 +97,7 @@ def transfer_fidelity(
     population: int = 256,
     held_out: int = 64,
     calibration_counts: Sequence[int] = (8, 32, 128),
+    distill_steps: Sequence[int] = (100,),
     seed: int = 0,
 ) -> List[FidelityRow]:
     """Run the study (module doc) in both regimes; returns one row per (regime, method)."""
@@ -106,15 +108,19 @@ def transfer_fidelity(
         data = smooth_images(population, size, per_image_photometrics=photometric, seed=seed)
         test = smooth_images(held_out, size, per_image_photometrics=photometric, seed=seed + 1)
         teacher = bn_teacher(data, seed=seed)
-        methods = [("copy", "copy", 0, True), ("stats", "stats", 0, True)]
-        methods += [(f"calibrate {n}", "stats", n, True) for n in calibration_counts]
-        methods += [(f"calibrate {max(calibration_counts)} (local)", "stats", max(calibration_counts), False)]
-        for name, transfer, count, sequential in methods:
+        methods = [("copy", "copy", 0, True, 0), ("stats", "stats", 0, True, 0)]
+        methods += [(f"calibrate {n}", "stats", n, True, 0) for n in calibration_counts]
+        largest = max(calibration_counts)
+        methods += [(f"calibrate {largest} (local)", "stats", largest, False, 0)]
+        methods += [(f"calibrate {largest} + distill {k}", "stats", largest, True, k) for k in distill_steps]
+        for name, transfer, count, sequential, steps in methods:
             start = time.perf_counter()
             student = convert_norm(copy.deepcopy(teacher), transfer=transfer)
             if count:
                 calibration = smooth_images(count, size, per_image_photometrics=photometric, seed=seed + 2)
                 calibrate(student, teacher, [calibration], sequential=sequential, progress=False)
+                if steps:
+                    distill(student, teacher, [calibration], steps=steps, progress=False)
             seconds = time.perf_counter() - start
             rows.append(FidelityRow(regime, name, stage_cosines(student, teacher, test), seconds))
     return rows
@@ -127,7 +133,7 @@ def transfer_fidelity(
 
 @dataclasses.dataclass
 class DetectorRow:
-    method: str  # "BN teacher", "copy", "stats", "calibrate N"
+    method: str  # "BN teacher", "copy", "stats", "calibrate N", "calibrate N + distill K"
     box_ap: float
     mask_ap: float
     cosines: Dict[str, float]  # FPN level -> mean cosine to the teacher's on held-out images
@@ -142,6 +148,8 @@ def detector_zero_shot(
     teacher_config: str = "shapes/bn.yaml",
     student_config: str = "shapes/gn.yaml",
     calibration_counts: Sequence[int] = (8, 32, 128),
+    distill_steps: Sequence[int] = (),
+    distill_images: int = 32,
     calibration_dataset: str = "shapes_train",
     cosine_images: int = 16,
     opts: Sequence[str] = (),
@@ -151,7 +159,8 @@ def detector_zero_shot(
     The teacher (``teacher_config`` + ``teacher_weights``, BN in eval mode) and one student per
     method (``student_config``, which converts to GN, loading the same weights with the
     ``copy`` or ``stats`` transfer, then ``calibrate`` on the first N images of
-    ``calibration_dataset``) are evaluated by COCO AP on the config's ``DATASETS.TEST`` and
+    ``calibration_dataset``; and, for each of ``distill_steps``, ``calibrate`` on
+    ``distill_images`` images followed by that many steps of ``distill`` on them) are evaluated by COCO AP on the config's ``DATASETS.TEST`` and
     compared by the cosine of their FPN outputs on its first ``cosine_images`` images. Each
     student's weights are written to ``output_dir/<method>.pth`` (for fine-tuning).
     """
@@ -187,16 +196,19 @@ def detector_zero_shot(
     held_out = load_images(teacher_cfg, teacher_cfg.DATASETS.TEST[0], cosine_images)
     rows = [DetectorRow("BN teacher", *evaluate(teacher_cfg, teacher),
                         backbone_cosines(teacher, teacher, held_out), 0.0, "")]
-    methods = [("copy", "copy", 0), ("stats", "stats", 0)]
-    methods += [(f"calibrate {n}", "stats", n) for n in calibration_counts]
-    for name, transfer, count in methods:
+    methods = [("copy", "copy", 0, 0), ("stats", "stats", 0, 0)]
+    methods += [(f"calibrate {n}", "stats", n, 0) for n in calibration_counts]
+    methods += [(f"calibrate {distill_images} + distill {k}", "stats", distill_images, k) for k in distill_steps]
+    for name, transfer, count, steps in methods:
         cfg = config(student_config, transfer)
         start = time.perf_counter()
         student = build_model(cfg)
         Checkpointer(student).load_weights(teacher_weights)  # the transfer happens on load
         if count:
-            calibrate(student, teacher, load_images(teacher_cfg, calibration_dataset, count),
-                      progress=False)
+            images = load_images(teacher_cfg, calibration_dataset, count)
+            calibrate(student, teacher, images, progress=False)
+            if steps:
+                distill(student, teacher, images, steps=steps, progress=False)
         seconds = time.perf_counter() - start
         student.eval()
         path = os.path.join(output_dir, name.replace(" ", "_") + ".pth")

@@ -314,3 +314,18 @@ def test_convert_with_calibration(tmp_path, capsys):
     gn_model.load_state_dict(torch.load(out, weights_only=True)["model"], strict=True)
     assert _convert("--weights", source, "--output", tmp_path / "x.pth", "--calib-images", "3") == 2
     assert "go with --transfer calibrate" in _error(capsys)
+
+    distilled = tmp_path / "gn_distilled.pth"
+    calibrate = ["--config-file", "shapes/bn.yaml", "--transfer", "calibrate",
+                 "--calib-dataset", "shapes_calib_train", "--calib-images", "3"]
+    assert _convert("--weights", source, "--output", distilled, *calibrate, "--calib-distill-steps", "2") == 0
+    assert "transfer: stats + calibrate + distill 2 steps" in capsys.readouterr().out
+    calibrated, distilled = (torch.load(p, weights_only=True)["model"] for p in (out, distilled))
+    changed = {k for k in calibrated if not torch.equal(calibrated[k], distilled[k])}
+    assert changed and all("norm" in k for k in changed)
+    assert _convert("--weights", source, "--output", tmp_path / "x.pth", "--calib-distill-steps", "2") == 2
+    assert "go with --transfer calibrate" in _error(capsys)
+    assert _convert("--weights", source, "--output", tmp_path / "x.pth", *calibrate,
+                    "--calib-distill-steps", "-1") == 2
+    assert "must be 0 or more" in _error(capsys)
+    assert not (tmp_path / "x.pth").exists()

@@ -19,7 +19,7 @@ def test_transfer_study_smoke(tmp_path, capsys):
     out = tmp_path / "fidelity.png"
     assert _tool("transfer_study").main(["--smoke", "--output", str(out)]) == 0
     table = capsys.readouterr().out
-    for method in ("copy", "stats", "calibrate 2", "calibrate 4 (local)"):
+    for method in ("copy", "stats", "calibrate 2", "calibrate 4 (local)", "calibrate 4 + distill 1"):
         assert f"| shared statistics | {method} |" in table
         assert f"| per-image photometrics | {method} |" in table
     assert Image.open(out).size == (800, 400)
@@ -99,13 +99,29 @@ def test_transfer_study_detector_smoke(tmp_path, capsys):
     torch.save({"model": build_model(cfg).state_dict()}, teacher)
     out, plot = tmp_path / "study", tmp_path / "finetune.png"
     argv = ["--smoke", "--detector", str(teacher), "--output-dir", str(out), "--output", str(plot),
-            "--jobs", "2", "--runs", "calibrate", "bn"]  # the other runs differ only in options
+            "--jobs", "2", "--runs", "distill", "bn"]  # the other runs differ only in options
     assert _tool("transfer_study").main(argv) == 0
     table = capsys.readouterr().out
-    for model in ("BN teacher", "copy", "stats", "calibrate 2"):
+    for model in ("BN teacher", "copy", "stats", "calibrate 2", "calibrate 2 + distill 1"):
         assert f"| {model} |" in table
-    for run in ("GN from calibrate 2", "BN teacher at 2 images"):
+    for run in ("GN from calibrate 2 + distill 1", "BN teacher at 2 images"):
         assert f"| {run} | 1 |" in table and f"| {run} | 2 |" in table  # evaluated every iteration
     assert "GN from copy" not in table
     assert Image.open(plot).size == (1000, 400)
     assert (out / "zero_shot" / "calibrate_2.pth").is_file()
+
+
+def test_benchmark_recompute_runs_and_recompute_keeps_less_for_backward():
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(TOOLS / "benchmark_recompute.py"), "--config", "shapes/gn.yaml",
+               "--size", "64", "--batch", "1", "--repeats", "1", "--threads", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]]
+            for line in done.stdout.splitlines() if line.split() and line.split()[0].endswith(("_s", "_mib"))}
+    assert set(rows) == {"forward_s", "step_s", "saved_mib", "peak_rss_growth_mib"}
+    off, on, ratio = rows["saved_mib"]
+    assert 0 < on < off and ratio < 1
+    assert all(v >= 0 for v in rows["peak_rss_growth_mib"][:2])

@@ -31,12 +31,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from gn_det.memory import MEASURE_ENV, peak_rss_mib, reset_peak_rss, rss_mib
 
 REFERENCE = "frozenbn_4conv1fc"
 _4CONV1FC = ["MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead", "MODEL.ROI_BOX_HEAD.NUM_CONV", "4",
@@ -56,25 +57,6 @@ TIMED = [v for v in VARIANTS if v != "naive_syncbn"]  # naiveSyncBN is BN in one
 DISTRIBUTED = ("gn", "naive_syncbn")
 # R-50 stages: (channels, stride) of each stage's output, where GN normalises the most bytes.
 STAGES = {"res2": (256, 4), "res3": (512, 8), "res4": (1024, 16), "res5": (2048, 32)}
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _reset_peak_rss() -> None:
-    """Restart the kernel's peak-RSS count (VmHWM) from the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def normalize_frozen_bn(model, batch) -> None:
@@ -226,8 +208,8 @@ def memory_worker(variant: str, args) -> dict:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
-    _reset_peak_rss()
-    base_rss = _rss_mib()
+    reset_peak_rss()
+    base_rss = rss_mib()
     from detectron2.utils.events import EventStorage
 
     from gn_det.recompute import SavedForBackward
@@ -244,7 +226,7 @@ def memory_worker(variant: str, args) -> dict:
     train_step(model, optimizer, batch)
     _sync(args.device)
     result = {"variant": variant, "saved_mib": saved_bytes / 2**20,
-              "peak_rss_growth_mib": _peak_rss_mib() - base_rss}
+              "peak_rss_growth_mib": peak_rss_mib() - base_rss}
     if args.device == "cuda":
         result["cuda_peak_growth_mib"] = torch.cuda.max_memory_allocated() / 2**20 - base
     return result
@@ -252,7 +234,7 @@ def memory_worker(variant: str, args) -> dict:
 
 def memory_variants(args) -> dict:
     """:func:`memory_worker` for each variant, each in its own process."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, **MEASURE_ENV}
     results = {}
     for v in [v for v in TIMED if v in args.variants]:
         out = subprocess.run(

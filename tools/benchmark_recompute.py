@@ -7,24 +7,22 @@ Each measurement is one training forward + backward of the config's backbone + F
 initialised, FREEZE_AT as configured) under a deterministic loss, in a fresh process, so that
 peak RSS belongs to that variant alone. Variants alternate (off, on, off, on, ...) and medians
 and on/off ratios are reported. "saved" is what autograd holds for backward when the forward
-ends (distinct storages, parameters excluded); "peak RSS" is the process's growth over the
-built model during the step.
+ends (distinct storages, parameters excluded); "peak RSS" is the process's peak during the
+step over its RSS before it (``gn_det.memory``: the kernel's high-water mark, reset before the
+step; workers run with ``MALLOC_MMAP_THRESHOLD_`` so RSS follows live tensors).
 """
 
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
 import time
 
+from gn_det.memory import MEASURE_ENV, peak_rss_mib, reset_peak_rss, rss_mib
+
 VARIANTS = ("off", "on")
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def measure(config: str, size: int, batch: int, recompute: bool, threads: int) -> dict:
@@ -42,7 +40,8 @@ def measure(config: str, size: int, batch: int, recompute: bool, threads: int) -
     torch.manual_seed(0)
     model = convert_model_by_config(build_backbone(cfg), cfg).train()
     images = torch.randn(batch, 3, size, size)
-    base_rss = _rss_mib()
+    reset_peak_rss()
+    base_rss = rss_mib()
     start = time.perf_counter()
     with SavedForBackward(model.parameters()) as saved:
         features = model(images)
@@ -51,7 +50,7 @@ def measure(config: str, size: int, batch: int, recompute: bool, threads: int) -
     loss = sum((f**2).mean() + f.mean() for f in features.values())
     loss.backward()
     step_s = time.perf_counter() - start
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_rss = peak_rss_mib()
     return {
         "recompute": recompute,
         "forward_s": forward_s,
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
                 [sys.executable, __file__, "--worker", variant, "--config", args.config,
                  "--size", str(args.size), "--batch", str(args.batch),
                  "--threads", str(args.threads)],
-                check=True, capture_output=True, text=True,
+                check=True, capture_output=True, text=True, env={**os.environ, **MEASURE_ENV},
             ).stdout
             result = json.loads(out.strip().splitlines()[-1])
             results[variant].append(result)

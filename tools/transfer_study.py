@@ -17,11 +17,12 @@ Detector level (the shapes Mask R-CNN; a BN teacher trained at 8 images per batc
         --output-dir output/transfer_study --output docs/images/transfer_finetune.png --jobs 2
 
 1. converts the teacher to GN by ``copy``, ``stats`` and ``stats`` + ``calibrate`` on 8, 32
-   and 128 training images, and evaluates each without training (box/mask AP on shapes_val,
+   and 128 training images, and ``calibrate`` 32 + ``distill`` 100 and 300 steps, and
+   evaluates each without training (box/mask AP on shapes_val,
    cosine of each FPN level to the teacher's; ``gn_det.studies.detector_zero_shot``);
 2. fine-tunes at 2 images per batch for ``--finetune-iters`` iterations, evaluating every
    ``--eval-period``: the copy, stats and calibrated GN students, the teacher kept as BN (batch
-   statistics of 2 images), and GN from scratch (its config's learning rate); one
+   statistics of 2 images), the distilled student, and GN from scratch (its config's learning rate); one
    ``tools/train_net.py`` process each (``gn_det.study_runs``; finished runs are reused);
 3. prints both tables and plots AP against iteration.
 """
@@ -41,7 +42,7 @@ from gn_det.visualize import save_figure
 # (0.08 / 10 after its LR drop, at 8 images: 0.001 per image), a short warmup, no drop.
 FINETUNE_OPTS = ["SOLVER.BASE_LR", "0.002", "SOLVER.WARMUP_ITERS", "20", "SOLVER.STEPS", "()"]
 SCRATCH_OPTS = ["SOLVER.STEPS", "()"]
-FINETUNE_RUNS = ("copy", "stats", "calibrate", "bn", "scratch")  # the config's own from-scratch LR and warmup
+FINETUNE_RUNS = ("copy", "stats", "calibrate", "distill", "bn", "scratch")  # the config's own from-scratch LR and warmup
 
 
 def _plot(rows, path):
@@ -71,6 +72,7 @@ def finetune_runs(rows, args) -> dict:
     """Run (or read back) the fine-tuning runs; returns label -> train_run record."""
     by_method = {r.method: r for r in rows}
     calibrated = f"calibrate {args.finetune_calibration}"
+    distilled = f"{calibrated} + distill {args.distill_steps[0]}" if args.distill_steps else None
     common = ["SOLVER.MAX_ITER", str(args.finetune_iters), "TEST.EVAL_PERIOD", str(args.eval_period),
               "SEED", "1", *(SMOKE_OPTS if args.smoke else [])]
     finetune = ["MODEL.WEIGHTS", None, *FINETUNE_OPTS]
@@ -78,13 +80,17 @@ def finetune_runs(rows, args) -> dict:
         "copy": ("GN from copy", "shapes/gn.yaml", finetune),
         "stats": ("GN from stats", "shapes/gn.yaml", finetune),
         "calibrate": (f"GN from {calibrated}", "shapes/gn.yaml", finetune),
+        "distill": (f"GN from {distilled}", "shapes/gn.yaml", finetune),
         "bn": ("BN teacher at 2 images", "shapes/bn.yaml", finetune),
         "scratch": ("GN from scratch", "shapes/gn.yaml", ["MODEL.WEIGHTS", "", *SCRATCH_OPTS]),
     }
     weights = {"copy": by_method["copy"].weights, "stats": by_method["stats"].weights,
                "calibrate": by_method[calibrated].weights, "bn": args.detector}
+    if distilled:
+        weights["distill"] = by_method[distilled].weights
     runs = {label: (config, [weights.get(name) if o is None else o for o in opts])
-            for name, (label, config, opts) in runs.items() if name in args.runs}
+            for name, (label, config, opts) in runs.items()
+            if name in args.runs and (name != "distill" or distilled)}
     threads = threads_per_job(args.jobs)
 
     def run(item):
@@ -131,7 +137,8 @@ def detector_main(args) -> int:
     if args.finetune_calibration not in counts:
         args.finetune_calibration = counts[len(counts) // 2]
     rows = detector_zero_shot(args.detector, os.path.join(args.output_dir, "zero_shot"),
-                              calibration_counts=counts, cosine_images=2 if args.smoke else 16,
+                              calibration_counts=counts, distill_steps=args.distill_steps,
+                              distill_images=args.finetune_calibration, cosine_images=2 if args.smoke else 16,
                               opts=SMOKE_OPTS if args.smoke else ())
     teacher = rows[0]
     levels = list(teacher.cosines)
@@ -170,20 +177,25 @@ def main(argv=None) -> int:
     detector.add_argument("--calibration-images", type=int, nargs="+", default=[8, 32, 128])
     detector.add_argument("--finetune-calibration", type=int, default=32,
                           help="which calibrated student is fine-tuned (default 32 images)")
+    detector.add_argument("--distill-steps", type=int, nargs="*", default=[100, 300],
+                          help="also calibrate on --finetune-calibration images, then distill this "
+                          "many steps (gn_det.distill); one zero-shot row each (default 100 300)")
     detector.add_argument("--finetune-iters", type=int, default=200)
     detector.add_argument("--eval-period", type=int, default=50)
     detector.add_argument("--jobs", type=int, default=1, help="fine-tuning runs at a time")
     detector.add_argument("--runs", nargs="+", default=list(FINETUNE_RUNS), choices=FINETUNE_RUNS,
                           help="fine-tuning runs (default all): GN from copy, stats, calibrate, "
-                          "scratch; BN teacher at 2 images (bn)")
+                          "distill (the first --distill-steps row), scratch; BN teacher at 2 "
+                          "images (bn)")
     args = parser.parse_args(argv)
     if args.output and os.path.exists(args.output) and not args.force:
         parser.error(f"{args.output} exists; pass --force to overwrite")
     if args.detector:
         if args.smoke:
             args.finetune_iters, args.eval_period = 2, 1
+            args.distill_steps = args.distill_steps[:1] and [1]
         return detector_main(args)
-    kwargs = dict(size=32, population=16, held_out=4, calibration_counts=(2, 4)) if args.smoke else {}
+    kwargs = dict(size=32, population=16, held_out=4, calibration_counts=(2, 4), distill_steps=(1,)) if args.smoke else {}
     rows = transfer_fidelity(**kwargs)
     print("| regime | method | " + " | ".join(STAGES) + " | seconds |")
     print("|---|---|" + "---|" * len(STAGES) + "---|")

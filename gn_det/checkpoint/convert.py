@@ -29,6 +29,7 @@ from torch import nn
 
 from ..calibration import LayerFit, calibrate
 from ..convert import NormSpec, convert_norm_by_spec
+from ..distillation import distill
 from ..report import describe_norms
 from .checkpointer import Checkpointer
 from .io import CheckpointError, save_checkpoint_file
@@ -157,6 +158,7 @@ def convert_checkpoint(
     file_format: Optional[str] = None,
     overwrite: bool = False,
     calibration_inputs: Optional[list] = None,
+    distill_steps: int = 0,
 ) -> ConversionResult:
     """
     Convert the checkpoint at ``weights_path`` (any supported format) and write ``output``.
@@ -173,6 +175,8 @@ def convert_checkpoint(
         calibration_inputs: if given, detectron2 model inputs (dicts with ``"image"``) on which
             the converted model is calibrated against the source BN model after the transfer
             (``gn_det.calibrate``).
+        distill_steps: if positive (with ``calibration_inputs``), that many steps of
+            ``gn_det.distill`` on the same inputs follow the calibration.
 
     Raises:
         CheckpointError: any problem with the input, the fit, or the output; nothing written.
@@ -195,6 +199,8 @@ def convert_checkpoint(
     fits = None
     if calibration_inputs is not None:
         fits = calibrate(converted, source, calibration_inputs)
+        if distill_steps > 0:
+            distill(converted, source, calibration_inputs, steps=distill_steps)
     rows = [r for r in describe_norms(converted) if r.source]
     conversions = collections.Counter((r.source, r.type) for r in rows)
     groups = collections.Counter(r.groups for r in rows if r.groups)
@@ -218,7 +224,8 @@ def convert_checkpoint(
         scope=scope,
         conversions=dict(conversions),
         groups=dict(groups),
-        transfer=spec.transfer if fits is None else f"{spec.transfer} + calibrate",
+        transfer=(spec.transfer if fits is None else f"{spec.transfer} + calibrate"
+                  + (f" + distill {distill_steps} steps" if distill_steps > 0 else "")),
         fits=fits,
         keys_matched=keys_matched,
         keys_expected=keys_expected,

@@ -1,0 +1,195 @@
+"""Feature distillation of converted GroupNorm layers' affine parameters.
+
+The alternative to :func:`gn_det.calibrate`'s per-layer least squares: train only the (γ, β) of
+the converted GN layers so that the network's *outputs* match the BN teacher's on unlabeled
+images:
+
+    min_{γ, β}  Σ_outputs  ‖f_student(x) − f_teacher(x)‖² / ‖f_teacher(x) − mean_c‖²
+
+(relative squared error per output; mean_c the per-channel mean over the batch). The outputs
+are, for a plain ``nn.Module``, what it returns; for a detectron2 model, its backbone's (FPN)
+levels and, for an R-CNN with ``StandardROIHeads``, also the box head's output on the teacher's
+top RPN proposals and the mask head's logits on the teacher's top detections, each computed
+from the student's own features. Least squares matches each layer on its own; this trains the
+layers together for what the heads (and the predictors) see. Everything else in the student is
+left as it is (requires_grad flags restored); the teacher runs in eval mode without gradients
+and is never modified.
+
+Cost: ``steps`` × (teacher inference + student forward and backward) of ``batch_size`` images;
+memory is one training step's activations at ``batch_size``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from typing import Callable, Iterable, List
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .calibration import _is_detectron2_model, _sampled_regions
+from .layers import ConvertedGroupNorm
+
+__all__ = ["DistillationResult", "distill"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DistillationResult:
+    losses: List[float]  # relative squared error of the body's outputs, per step (before the update)
+    parameters: int  # number of scalars trained (the affine of the converted GN layers)
+
+
+def _body_outputs(model: nn.Module) -> Callable:
+    def run(batch):
+        out = model(batch)
+        if isinstance(out, dict):
+            return [out[k] for k in sorted(out)]
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    return run
+
+
+def _has_roi_heads(model: nn.Module) -> bool:
+    from detectron2.modeling import GeneralizedRCNN, StandardROIHeads
+
+    return (isinstance(model, GeneralizedRCNN) and model.proposal_generator is not None
+            and isinstance(model.roi_heads, StandardROIHeads))
+
+
+@torch.no_grad()
+def _teacher_regions(teacher: nn.Module, images, features) -> tuple:
+    """The teacher's (capped) RPN proposals and detections: the regions its heads see."""
+    proposals, _ = teacher.proposal_generator(images, features, None)
+    detections, _ = teacher.roi_heads(images, features, proposals, None)
+    return [p.proposal_boxes for p in proposals], [d.pred_boxes for d in detections]
+
+
+def _detector_outputs(model: nn.Module, features: dict, regions) -> List[torch.Tensor]:
+    """FPN outputs, then (given regions) the box head's output on the proposals and the mask
+    head's logits on the detections."""
+    outputs = [features[k] for k in sorted(features)]
+    if regions is None:
+        return outputs
+    heads, (proposal_boxes, detection_boxes) = model.roi_heads, regions
+    if heads.box_pooler is not None:
+        pooled = heads.box_pooler([features[f] for f in heads.box_in_features], proposal_boxes)
+        outputs.append(heads.box_head(pooled))
+    if heads.mask_on and heads.mask_pooler is not None and sum(len(b) for b in detection_boxes):
+        pooled = heads.mask_pooler([features[f] for f in heads.mask_in_features], detection_boxes)
+        outputs.append(heads.mask_head.layers(pooled))
+    return outputs
+
+
+def relative_error(student: List[torch.Tensor], teacher: List[torch.Tensor]) -> torch.Tensor:
+    """Mean over outputs of ‖s − t‖² / ‖t − per-channel mean of t‖²."""
+    terms = []
+    for s, t in zip(student, teacher):
+        centred = t - t.mean(dim=[d for d in range(t.dim()) if d != 1], keepdim=True)
+        terms.append((s - t).pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    inputs: Iterable,
+    *,
+    steps: int = 100,
+    lr: float = 0.01,
+    batch_size: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+    head_proposals: int = 100,
+    head_detections: int = 16,
+) -> DistillationResult:
+    """
+    Train the affine of ``student``'s converted GN layers so that its outputs match
+    ``teacher``'s (module doc). Adam, cosine-decayed learning rate.
+
+    Args:
+        student: a model converted by ``gn_det.convert_norm`` from ``teacher`` (typically after
+            ``stats`` transfer and :func:`gn_det.calibrate`, whose fit it starts from).
+        teacher: the BN model, run in eval mode; never modified (modes restored).
+        inputs: as for :func:`gn_det.calibrate`: detectron2 input dicts (or lists of them) or
+            tensors (N, C, ...), concatenated.
+        steps: optimisation steps, each on ``batch_size`` images drawn without replacement
+            (reshuffled every pass over the inputs) from a generator seeded by ``seed``.
+        lr: Adam's initial learning rate.
+        head_proposals, head_detections: for detectron2 R-CNNs (StandardROIHeads), the box
+            and mask heads are distilled too, on the teacher's top RPN proposals and top
+            detections per image (as in :func:`gn_det.calibrate`).
+
+    Returns:
+        The loss before each step. Frozen GN layers (``requires_grad`` False) are not trained.
+        Deterministic for a seed on a deterministic device.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    detectron2 = _is_detectron2_model(student)
+    heads = detectron2 and _has_roi_heads(student) and _has_roi_heads(teacher)
+    if detectron2:
+        items = [d for item in inputs for d in (item if isinstance(item, (list, tuple)) else [item])]
+        parts = [student.backbone]
+        if heads:
+            parts += [m for m in (student.roi_heads.box_head, getattr(student.roi_heads, "mask_head", None))
+                      if m is not None]
+    else:
+        tensors = list(inputs)
+        items = torch.cat(tensors) if tensors else []
+        parts = [student]
+    if len(items) == 0:
+        raise ValueError("distill needs at least one input image")
+    trained = [p for part in parts for m in part.modules() if isinstance(m, ConvertedGroupNorm) and m.affine
+               for p in (m.weight, m.bias) if p.requires_grad]
+    if not trained:
+        raise ValueError("student has no trainable layers converted by gn_det to distill")
+
+    flags = {p: p.requires_grad for p in student.parameters()}
+    modes = student.training, teacher.training
+    selected = set(map(id, trained))
+    for p in student.parameters():
+        p.requires_grad_(id(p) in selected)
+    student.eval(), teacher.eval()
+    optimizer = torch.optim.Adam(trained, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    order: List[int] = []
+    losses = []
+    caps = _sampled_regions(teacher, head_proposals, head_detections) if heads else contextlib.nullcontext()
+    try:
+        with caps:
+            for step in tqdm(range(steps), desc="distill", unit="step", disable=not progress):
+                while len(order) < batch_size:
+                    order += torch.randperm(len(items), generator=generator).tolist()
+                chosen, order = order[:batch_size], order[batch_size:]
+                batch = items[chosen] if isinstance(items, torch.Tensor) else [items[i] for i in chosen]
+                if detectron2:
+                    images = student.preprocess_image(batch)
+                    with torch.no_grad():
+                        features = teacher.backbone(images.tensor)
+                        regions = _teacher_regions(teacher, images, features) if heads else None
+                        target = _detector_outputs(teacher, features, regions)
+                    output = _detector_outputs(student, student.backbone(images.tensor), regions)
+                else:
+                    with torch.no_grad():
+                        target = _body_outputs(teacher)(batch)
+                    output = _body_outputs(student)(batch)
+                loss = relative_error(output, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                optimizer.step()
+                losses.append(loss.item())
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        student.train(modes[0]), teacher.train(modes[1])
+    logger.info("Distilled %d GN affine parameters in %d steps: loss %.4f -> %.4f.",
+                sum(p.numel() for p in trained), steps, losses[0], losses[-1])
+    return DistillationResult(losses, sum(p.numel() for p in trained))
