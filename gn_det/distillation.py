@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class DistillationResult:
-    losses: List[float]  # relative squared error of the body's outputs, per step (before the update)
+    losses: List[float]  # relative squared error of the outputs, per step (before the update)
     parameters: int  # number of scalars trained (the affine of the converted GN layers)
 
 
@@ -86,7 +86,7 @@ def _detector_outputs(model: nn.Module, features: dict, regions) -> List[torch.T
     return outputs
 
 
-def relative_error(student: List[torch.Tensor], teacher: List[torch.Tensor]) -> torch.Tensor:
+def _relative_error(student: List[torch.Tensor], teacher: List[torch.Tensor]) -> torch.Tensor:
     """Mean over outputs of ‖s − t‖² / ‖t − per-channel mean of t‖²."""
     terms = []
     for s, t in zip(student, teacher):
@@ -179,7 +179,7 @@ def distill(
                     with torch.no_grad():
                         target = _body_outputs(teacher)(batch)
                     output = _body_outputs(student)(batch)
-                loss = relative_error(output, target)
+                loss = _relative_error(output, target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 for group in optimizer.param_groups:
