@@ -233,20 +233,31 @@ def _sampled_regions(model: nn.Module, proposals: int, detections: int):
             setattr(obj, attribute, value)
 
 
-def _teacher_heads(teacher: nn.Module):
-    """``run(images, features)``: the teacher's inference after its backbone, where the model
-    is a detectron2 GeneralizedRCNN (so the backbone features of the paired pass can be reused);
-    else None."""
+def _input_items(model: nn.Module, inputs: Iterable):
+    """The inputs as one sliceable sequence of images: detectron2 input dicts (lists of them
+    flattened) for a detectron2 model, else the tensors concatenated (empty if none)."""
+    if _is_detectron2_model(model):
+        return [d for item in inputs for d in (item if isinstance(item, (list, tuple)) else [item])]
+    tensors = list(inputs)
+    return torch.cat(tensors) if tensors else []
+
+
+def _heads_run_on_features(model: nn.Module) -> bool:
+    """Whether ``model``'s RPN and ROI heads can run on given backbone features
+    (:func:`_teacher_regions`): a detectron2 GeneralizedRCNN with a proposal generator."""
     from detectron2.modeling import GeneralizedRCNN
 
-    if not isinstance(teacher, GeneralizedRCNN) or teacher.proposal_generator is None:
-        return None
+    return isinstance(model, GeneralizedRCNN) and model.proposal_generator is not None
 
-    def run(images, features):
-        proposals, _ = teacher.proposal_generator(images, features, None)
-        teacher.roi_heads(images, features, proposals, None)
 
-    return run
+@torch.no_grad()
+def _teacher_regions(teacher: nn.Module, images, features) -> tuple:
+    """Run the teacher's RPN and ROI heads (inference, as capped by :func:`_sampled_regions`)
+    on its backbone ``features``; returns the regions its heads saw: the proposal boxes and
+    the detection boxes per image."""
+    proposals, _ = teacher.proposal_generator(images, features, None)
+    detections, _ = teacher.roi_heads(images, features, proposals, None)
+    return [p.proposal_boxes for p in proposals], [d.pred_boxes for d in detections]
 
 
 @torch.no_grad()
@@ -291,25 +302,20 @@ def calibrate(
         raise ValueError("student has no layers converted by gn_det to calibrate")
     _check_same_weights(student, teacher, pairs)
     detectron2 = _is_detectron2_model(student)
-    if detectron2:
-        items = [d for item in inputs for d in (item if isinstance(item, (list, tuple)) else [item])]
-        chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-        body, prefix = student.backbone, "backbone."
-    else:
-        tensors = list(inputs)
-        chunks = list(torch.cat(tensors).split(batch_size)) if tensors else []
-        body, prefix = student, ""
-    if not chunks:
+    items = _input_items(student, inputs)
+    if len(items) == 0:
         raise ValueError("calibrate needs at least one input image")
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    body, prefix = (student.backbone, "backbone.") if detectron2 else (student, "")
     in_body = {n: p for n, p in pairs.items() if sequential and n.startswith(prefix)}
     local_pairs = {n: p for n, p in pairs.items() if n not in in_body}
     order: List[str] = []
     paired = {n[len(prefix):]: _PairedNorm(n, t, s, order) for n, (t, s) in in_body.items()}
-    heads = _teacher_heads(teacher) if detectron2 and paired and local_pairs else None
+    reuse_features = detectron2 and paired and local_pairs and _heads_run_on_features(teacher)
 
     modes = student.training, teacher.training
     student.eval(), teacher.eval()
-    bar = tqdm(total=sum(len(c) for c in chunks), desc="calibrate", unit="image", disable=not progress)
+    bar = tqdm(total=len(items), desc="calibrate", unit="image", disable=not progress)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(_swapped(body, paired))
@@ -320,9 +326,9 @@ def calibrate(
                 if detectron2 and paired:
                     images = student.preprocess_image(chunk)
                     features = body(torch.cat([images.tensor, images.tensor]))
-                    if heads is not None:  # the teacher half of the paired pass is its backbone
+                    if reuse_features:  # the teacher half of the paired pass is its backbone's
                         half = len(images)
-                        heads(images, {k: v[:half] for k, v in features.items()})
+                        _teacher_regions(teacher, images, {k: v[:half] for k, v in features.items()})
                     elif local_pairs:
                         teacher(chunk)
                 elif paired:

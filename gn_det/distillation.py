@@ -25,13 +25,14 @@ import contextlib
 import dataclasses
 import logging
 import math
-from typing import Callable, Iterable, List
+from typing import Iterable, List
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .calibration import _is_detectron2_model, _sampled_regions
+from .calibration import (_heads_run_on_features, _input_items, _is_detectron2_model, _sampled_regions,
+                          _teacher_regions)
 from .layers import ConvertedGroupNorm
 
 __all__ = ["DistillationResult", "distill"]
@@ -45,29 +46,18 @@ class DistillationResult:
     parameters: int  # number of scalars trained (the affine of the converted GN layers)
 
 
-def _body_outputs(model: nn.Module) -> Callable:
-    def run(batch):
-        out = model(batch)
-        if isinstance(out, dict):
-            return [out[k] for k in sorted(out)]
-        return list(out) if isinstance(out, (list, tuple)) else [out]
-
-    return run
+def _module_outputs(model: nn.Module, batch) -> List[torch.Tensor]:
+    """A plain module's output as a list of tensors (dict values in key order)."""
+    out = model(batch)
+    if isinstance(out, dict):
+        return [out[k] for k in sorted(out)]
+    return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
 def _has_roi_heads(model: nn.Module) -> bool:
-    from detectron2.modeling import GeneralizedRCNN, StandardROIHeads
+    from detectron2.modeling import StandardROIHeads
 
-    return (isinstance(model, GeneralizedRCNN) and model.proposal_generator is not None
-            and isinstance(model.roi_heads, StandardROIHeads))
-
-
-@torch.no_grad()
-def _teacher_regions(teacher: nn.Module, images, features) -> tuple:
-    """The teacher's (capped) RPN proposals and detections: the regions its heads see."""
-    proposals, _ = teacher.proposal_generator(images, features, None)
-    detections, _ = teacher.roi_heads(images, features, proposals, None)
-    return [p.proposal_boxes for p in proposals], [d.pred_boxes for d in detections]
+    return _heads_run_on_features(model) and isinstance(model.roi_heads, StandardROIHeads)
 
 
 def _detector_outputs(model: nn.Module, features: dict, regions) -> List[torch.Tensor]:
@@ -133,15 +123,13 @@ def distill(
         raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
     detectron2 = _is_detectron2_model(student)
     heads = detectron2 and _has_roi_heads(student) and _has_roi_heads(teacher)
+    items = _input_items(student, inputs)
     if detectron2:
-        items = [d for item in inputs for d in (item if isinstance(item, (list, tuple)) else [item])]
         parts = [student.backbone]
         if heads:
             parts += [m for m in (student.roi_heads.box_head, getattr(student.roi_heads, "mask_head", None))
                       if m is not None]
     else:
-        tensors = list(inputs)
-        items = torch.cat(tensors) if tensors else []
         parts = [student]
     if len(items) == 0:
         raise ValueError("distill needs at least one input image")
@@ -177,8 +165,8 @@ def distill(
                     output = _detector_outputs(student, student.backbone(images.tensor), regions)
                 else:
                     with torch.no_grad():
-                        target = _body_outputs(teacher)(batch)
-                    output = _body_outputs(student)(batch)
+                        target = _module_outputs(teacher, batch)
+                    output = _module_outputs(student, batch)
                 loss = _relative_error(output, target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

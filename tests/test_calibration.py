@@ -148,7 +148,7 @@ def test_head_layers_are_fitted_on_the_backbone_features_of_the_paired_pass(monk
     hook = teacher.backbone.register_forward_hook(lambda m, a, o: backbone_calls.append(1))
     fits = calibrate(reused, teacher, images, progress=False, batch_size=2)
     assert backbone_calls == []
-    monkeypatch.setattr(calibration, "_teacher_heads", lambda teacher: None)
+    monkeypatch.setattr(calibration, "_heads_run_on_features", lambda model: False)
     fits_full = calibrate(full, teacher, images, progress=False, batch_size=2)
     hook.remove()
     assert len(backbone_calls) == 2  # one teacher pass per chunk

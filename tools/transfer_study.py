@@ -21,8 +21,8 @@ Detector level (the shapes Mask R-CNN; a BN teacher trained at 8 images per batc
    evaluates each without training (box/mask AP on shapes_val,
    cosine of each FPN level to the teacher's; ``gn_det.studies.detector_zero_shot``);
 2. fine-tunes at 2 images per batch for ``--finetune-iters`` iterations, evaluating every
-   ``--eval-period``: the copy, stats and calibrated GN students, the teacher kept as BN (batch
-   statistics of 2 images), the distilled student, and GN from scratch (its config's learning rate); one
+   ``--eval-period``: the copy, stats, calibrated and distilled GN students, the teacher kept
+   as BN (batch statistics of 2 images), and GN from scratch (its config's learning rate); one
    ``tools/train_net.py`` process each (``gn_det.study_runs``; finished runs are reused);
 3. prints both tables and plots AP against iteration.
 """
@@ -41,8 +41,8 @@ from gn_det.visualize import save_figure
 # Fine-tuning a trained model at 2 images per batch: the teacher's final per-image learning rate
 # (0.08 / 10 after its LR drop, at 8 images: 0.001 per image), a short warmup, no drop.
 FINETUNE_OPTS = ["SOLVER.BASE_LR", "0.002", "SOLVER.WARMUP_ITERS", "20", "SOLVER.STEPS", "()"]
-SCRATCH_OPTS = ["SOLVER.STEPS", "()"]
-FINETUNE_RUNS = ("copy", "stats", "calibrate", "distill", "bn", "scratch")  # the config's own from-scratch LR and warmup
+SCRATCH_OPTS = ["SOLVER.STEPS", "()"]  # the config's own from-scratch LR and warmup
+FINETUNE_RUNS = ("copy", "stats", "calibrate", "distill", "bn", "scratch")
 
 
 def _plot(rows, path):
