@@ -6,17 +6,25 @@ Importing gn_det also registers its detectron2 parts: the ``MODEL.NORM_CONVERSIO
 detectron2's ``build_model`` honours (``gn_det.config``) and a torchvision-ResNet FPN backbone.
 """
 
-from . import data, modeling  # noqa: F401  (register the shapes datasets and the backbone)
-from .convert import NormSpec, convert_norm, convert_norm_by_spec
-from .calibration import LayerFit, calibrate
-from .config import add_gn_det_config, convert_model_by_config, get_cfg, norm_spec_from_config
-from .distillation import DistillationResult, distill
-from .groups import resolve_num_groups
-from .layers import ConvertedGroupNorm
-from .recompute import RecomputeConv2d, disable_recompute, enable_recompute
-from .registry import NORM_CONVERTERS, NORM_TARGETS, NormState, TargetOptions
-from .report import NormLayerInfo, audit_norms, count_norms, describe_norms, format_norm_table
-from .transfer import TRANSFERS, transfer_bn_to_gn
+import warnings
+
+with warnings.catch_warnings():
+    # detectron2's first import, under torch >= 2.10 and setuptools 80, warns about its own
+    # @torch.jit.script and pkg_resources use: not actionable here, and it would turn the CLI's
+    # one-line errors into five lines.
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    from . import data, modeling  # noqa: F401  (register the shapes datasets and the backbone)
+    from .convert import NormSpec, convert_norm, convert_norm_by_spec
+    from .calibration import LayerFit, calibrate
+    from .config import add_gn_det_config, convert_model_by_config, get_cfg, norm_spec_from_config
+    from .distillation import DistillationResult, distill
+    from .groups import resolve_num_groups
+    from .layers import ConvertedGroupNorm
+    from .recompute import RecomputeConv2d, disable_recompute, enable_recompute
+    from .registry import NORM_CONVERTERS, NORM_TARGETS, NormState, TargetOptions
+    from .report import NormLayerInfo, audit_norms, count_norms, describe_norms, format_norm_table
+    from .transfer import TRANSFERS, transfer_bn_to_gn
 
 __version__ = "0.1.0"
 

@@ -233,12 +233,43 @@ def _sampled_regions(model: nn.Module, proposals: int, detections: int):
             setattr(obj, attribute, value)
 
 
+def _detectron2_images(item) -> list:
+    """One input item of a detectron2 model as a list of input dicts."""
+    if isinstance(item, dict):
+        image = item.get("image")
+        if not (isinstance(image, torch.Tensor) and image.dim() == 3):
+            raise ValueError("a detectron2 input dict needs 'image': a (C, H, W) tensor; got "
+                             + (f"shape {tuple(image.shape)}" if isinstance(image, torch.Tensor)
+                                else type(image).__name__))
+        return [item]
+    if isinstance(item, torch.Tensor) and item.dim() in (3, 4):  # (C, H, W) or (N, C, H, W)
+        return [{"image": image} for image in (item if item.dim() == 4 else [item])]
+    if isinstance(item, (list, tuple)):
+        return [d for element in item for d in _detectron2_images(element)]
+    raise ValueError(
+        "detectron2 models take input dicts {'image': (C, H, W) tensor}, (C, H, W) or "
+        "(N, C, H, W) tensors, or lists of them; got "
+        + (f"a tensor of shape {tuple(item.shape)}" if isinstance(item, torch.Tensor) else type(item).__name__)
+    )
+
+
 def _input_items(model: nn.Module, inputs: Iterable):
-    """The inputs as one sliceable sequence of images: detectron2 input dicts (lists of them
-    flattened) for a detectron2 model, else the tensors concatenated (empty if none)."""
+    """The inputs as one sliceable sequence of images: detectron2 input dicts for a detectron2
+    model, else the tensors concatenated along the batch (empty if none). ``inputs`` may be one
+    batch tensor (N, C, ...) or an iterable of them (of dicts, for detectron2 models)."""
     if _is_detectron2_model(model):
-        return [d for item in inputs for d in (item if isinstance(item, (list, tuple)) else [item])]
-    tensors = list(inputs)
+        return _detectron2_images(inputs if isinstance(inputs, (torch.Tensor, dict)) else list(inputs))
+    tensors = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    for tensor in tensors:
+        if not (isinstance(tensor, torch.Tensor) and tensor.dim() >= 2):
+            raise ValueError(
+                "inputs of a plain module are batch tensors (N, C, ...) or a list of them; got "
+                + (f"a tensor of shape {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor)
+                   else type(tensor).__name__)
+            )
+    if len({tensor.shape[1:] for tensor in tensors}) > 1:
+        raise ValueError("input batches differ in their per-sample shape (C, ...): "
+                         + ", ".join(str(tuple(tensor.shape)) for tensor in tensors))
     return torch.cat(tensors) if tensors else []
 
 
@@ -280,8 +311,9 @@ def calibrate(
             but the norms; checked).
         teacher: the BN model, used in eval mode; never modified (modes restored).
         inputs: what ``model(x)`` takes: for detectron2 models, dicts with ``"image"`` (a CHW
-            tensor in the model's input format) or lists of them; for plain modules, tensors
-            (N, C, ...) — all of them are used, concatenated.
+            tensor in the model's input format), image tensors (C, H, W) or batches
+            (N, C, H, W), or lists of them; for plain modules, one batch tensor (N, C, ...) or
+            a list of them — all of them are used, concatenated.
         sequential: fit the backbone in forward order on the student's own activations
             (module doc); ``False`` fits every layer locally on the teacher's activations.
         progress: show a tqdm progress bar over images.

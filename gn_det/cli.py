@@ -1,5 +1,6 @@
 """The ``gn-det`` command line.
 
+    gn-det train [--config NAME | --config-file FILE] [--num-gpus N ...] [KEY VALUE ...]
     gn-det convert --weights IN --output OUT [--config-file SRC.yaml] [--target-config DST.yaml]
                    [--to GN] [--transfer copy|stats] [--num-groups 32 | --dim-per-group N]
                    [--format pth|pkl|safetensors] [--force] [--verify-images N] [--debug]
@@ -7,7 +8,8 @@
 
 Bad input (missing, corrupt or unsafe file, a checkpoint that does not fit, a bad config key,
 conflicting flags) exits with code 2 and one line naming the file and the problem; ``--debug``
-shows the traceback.
+shows the traceback. ``gn-det train`` is ``tools/train_net.py`` (:func:`gn_det.engine.launch_from_args`):
+the same flags, single- or multi-GPU, multi-node.
 """
 
 from __future__ import annotations
@@ -34,18 +36,17 @@ class UsageError(Exception):
 
 
 def _load_cfg(name: str, overrides: List[str] = ()):
-    from .config import UnsafeConfigError, load_config, resolve_config_name
+    from .config import ConfigError, UnsafeConfigError, load_config, merge_overrides, resolve_config_name
 
     try:
         path = resolve_config_name(name)
     except FileNotFoundError:
         raise UsageError(f"{name}: no such config file (not a path, nor a name in configs/)") from None
     try:
-        cfg = load_config(path)
-        cfg.merge_from_list(list(overrides))
+        cfg = merge_overrides(load_config(path), overrides)
     except UnsafeConfigError as e:
         raise UsageError(str(e)) from e
-    except (KeyError, ValueError, AssertionError) as e:
+    except ConfigError as e:
         raise UsageError(f"{path}: {e}") from e
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
@@ -150,7 +151,7 @@ def _cmd_convert(args) -> int:
 
 def _images(cfg, dataset: str, count: int):
     from . import data  # noqa: F401  (registers the shapes datasets)
-    from .agreement import load_images
+    from .data import load_images
 
     if count < 1:
         raise UsageError(f"--calib-images must be >= 1, got {count}")
@@ -165,7 +166,7 @@ def _print_agreement(args, source_cfg, result) -> None:
 
     from tabulate import tabulate
 
-    from .agreement import backbone_cosines
+    from .report import backbone_cosines
     from .convert import convert_norm_by_spec
 
     inputs = _images(source_cfg, args.verify_dataset, args.verify_images)
@@ -199,6 +200,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gn-det", description="Group Normalization for detectron2 models.")
     parser.add_argument("--version", action="version", version=f"gn-det {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # Dispatched in main() before parsing: its flags are detectron2's (see `gn-det train --help`).
+    sub.add_parser(
+        "train",
+        add_help=False,
+        help="train or evaluate a detectron2 model (tools/train_net.py: --config gn_mask_rcnn.yaml "
+        "--num-gpus 8 ...; see gn-det train --help)",
+    )
 
     convert = sub.add_parser(
         "convert",
@@ -257,6 +266,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from .engine import launch_from_args
+
+        launch_from_args(argv[1:], prog="gn-det train")
+        return 0
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "convert" and args.verify_images < 0:

@@ -14,9 +14,11 @@ iteration and ``in`` are unchanged, no detectron2 function or file is replaced, 
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -27,11 +29,17 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .convert import NormSpec, convert_norm_by_spec
+from .groups import check_group_args
 from .recompute import enable_recompute
+from .registry import NORM_TARGETS
+from .transfer import check_transfer
 
 __all__ = [
+    "ConfigError",
     "add_gn_det_config",
+    "check_config",
     "get_cfg",
+    "merge_overrides",
     "norm_spec_from_config",
     "convert_model_by_config",
     "load_config",
@@ -42,8 +50,21 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The repository's ``configs/`` folder (``$GN_DET_CONFIGS`` overrides).
-CONFIGS_DIR = Path(os.environ.get("GN_DET_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
+
+def _configs_dir() -> Path:
+    """gn_det's configs: ``$GN_DET_CONFIGS`` if set; else the package's own ``configs/`` (an
+    installed wheel carries the repository's ``configs/`` there as package data); else the
+    checkout's top-level ``configs/`` (an editable install or a source tree on ``sys.path``)."""
+    override = os.environ.get("GN_DET_CONFIGS")
+    if override:
+        return Path(override)
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+#: The folder config names are resolved in (see :func:`_configs_dir`).
+CONFIGS_DIR = _configs_dir()
 
 
 def add_gn_det_config(cfg: CfgNode) -> CfgNode:
@@ -79,11 +100,90 @@ def get_cfg() -> CfgNode:
     return add_gn_det_config(_d2_get_cfg())
 
 
+class ConfigError(ValueError):
+    """A config gn_det cannot use (unknown key, bad value); the message names the key and what
+    is allowed, in one line."""
+
+
+def _positive_number(value) -> None:
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"must be a positive number (or 0.0: each source layer's eps), got {value!r}")
+
+
+#: ``MODEL.NORM_CONVERSION`` key -> check of its value (raises ``ValueError``).
+_CONVERSION_CHECKS = {
+    "TARGET": NORM_TARGETS.get,
+    "TRANSFER": check_transfer,
+    "NUM_GROUPS": lambda value: check_group_args(num_groups=value),
+    "DIM_PER_GROUP": lambda value: value == 0 or check_group_args(dim_per_group=value),
+    "EPS": lambda value: value == 0 or _positive_number(value),
+}
+
+
+def check_config(cfg: CfgNode) -> None:
+    """Check the values of gn_det's keys (whether or not conversion is enabled).
+
+    Raises:
+        ConfigError: naming the first bad key, its value and what is allowed.
+    """
+    node = cfg.MODEL.get("NORM_CONVERSION")
+    if node is None:
+        return
+    for key, check in _CONVERSION_CHECKS.items():
+        try:
+            check(node[key])
+        except ValueError as e:
+            raise ConfigError(f"MODEL.NORM_CONVERSION.{key} = {node[key]!r}: {e}") from e
+
+
+_UNKNOWN_KEY = re.compile(r"Non-existent (?:config )?key: ([\w.]+)")
+
+
+def _explain(cfg: CfgNode, error: Exception) -> str:
+    """One line for a yacs merge error; for an unknown key, the keys its parent node has."""
+    message = " ".join(str(error.args[0] if error.args else error).split())
+    match = _UNKNOWN_KEY.search(message)
+    if not match:
+        return message
+    key = match.group(1)
+    node, known = cfg, []
+    for part in key.split("."):
+        if not isinstance(node, CfgNode) or part not in node:
+            break
+        node, known = node[part], known + [part]
+    if not isinstance(node, CfgNode):
+        return f"unknown config key {key}"
+    where = ".".join(known)
+    close = difflib.get_close_matches(part, list(node), n=1)
+    hint = f"did you mean {where + '.' if where else ''}{close[0]}? " if close else ""
+    return f"unknown config key {key}; {hint}{where or 'the config'} has: {', '.join(sorted(node))}"
+
+
+def merge_overrides(cfg: CfgNode, opts) -> CfgNode:
+    """``cfg.merge_from_list(opts)`` (``KEY VALUE`` pairs), then :func:`check_config`.
+
+    Raises:
+        ConfigError: one line naming the key (an unknown key with the keys its node has, a value
+            of the wrong type, an odd-length list, a bad gn_det value).
+    """
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(_explain(cfg, e)) from e
+    check_config(cfg)
+    return cfg
+
+
 def norm_spec_from_config(cfg: CfgNode) -> Optional[NormSpec]:
-    """The :class:`NormSpec` that ``cfg.MODEL.NORM_CONVERSION`` asks for; ``None`` if disabled."""
+    """The :class:`NormSpec` that ``cfg.MODEL.NORM_CONVERSION`` asks for; ``None`` if disabled.
+
+    Raises:
+        ConfigError: a bad value, naming its key (:func:`check_config`).
+    """
     node = cfg.MODEL.get("NORM_CONVERSION")
     if node is None or not node.ENABLED:
         return None
+    check_config(cfg)
     return NormSpec(
         target=node.TARGET,
         num_groups=node.NUM_GROUPS,
@@ -162,8 +262,9 @@ def _check_safe_yaml(path: Path, seen=None) -> None:
 
 def resolve_config_name(name: Union[str, Path]) -> Path:
     """
-    The config file ``name`` means: an existing path as given, else a file in ``configs/``
-    (``gn_mask_rcnn.yaml``, ``shapes/gn.yaml``; the ``.yaml`` suffix may be left off).
+    The config file ``name`` means: an existing path as given, else a file of gn_det's configs
+    (:data:`CONFIGS_DIR`: ``gn_mask_rcnn.yaml``, ``shapes/gn.yaml``; the ``.yaml`` suffix may be
+    left off), in a checkout and in an installed wheel alike.
 
     Raises:
         FileNotFoundError: naming the places looked at and listing the available configs.
@@ -192,11 +293,16 @@ def load_config(path: Union[str, Path], *, allow_unsafe_yaml: bool = False) -> C
 
     detectron2 falls back to ``yaml.unsafe_load`` for files ``yaml.safe_load`` refuses (its
     ``Base-RetinaNet.yaml`` runs ``eval`` on load). This refuses them with
-    :class:`UnsafeConfigError` unless ``allow_unsafe_yaml``.
+    :class:`UnsafeConfigError` unless ``allow_unsafe_yaml``. A key the file sets that the config
+    does not have, or a bad value of gn_det's keys, is a :class:`ConfigError`.
     """
     path = Path(path)
     if not allow_unsafe_yaml:
         _check_safe_yaml(path.resolve())
     cfg = get_cfg()
-    cfg.merge_from_file(str(path), allow_unsafe=allow_unsafe_yaml)
+    try:
+        cfg.merge_from_file(str(path), allow_unsafe=allow_unsafe_yaml)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"{path}: {_explain(cfg, e)}") from e
+    check_config(cfg)
     return cfg

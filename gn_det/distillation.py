@@ -106,8 +106,8 @@ def distill(
         student: a model converted by ``gn_det.convert_norm`` from ``teacher`` (typically after
             ``stats`` transfer and :func:`gn_det.calibrate`, whose fit it starts from).
         teacher: the BN model, run in eval mode; never modified (modes restored).
-        inputs: as for :func:`gn_det.calibrate`: detectron2 input dicts (or lists of them) or
-            tensors (N, C, ...), concatenated.
+        inputs: as for :func:`gn_det.calibrate`: detectron2 input dicts or image tensors (or
+            lists of them), or batch tensors (N, C, ...) or lists of them, concatenated.
         steps: optimisation steps, each on ``batch_size`` images drawn without replacement
             (reshuffled every pass over the inputs) from a generator seeded by ``seed``.
         lr: Adam's initial learning rate.

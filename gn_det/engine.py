@@ -1,6 +1,6 @@
 """Training and evaluation, the detectron2 way: ``DefaultTrainer`` plus what gn_det needs.
 
-``tools/train_net.py`` is a thin shell over :func:`main` and :func:`launch_from_args`.
+``gn-det train`` and ``tools/train_net.py`` are thin shells over :func:`launch_from_args`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import Checkpointer
-from .config import UnsafeConfigError, load_config, resolve_config_name
+from .config import ConfigError, UnsafeConfigError, load_config, merge_overrides, resolve_config_name
 from .report import audit_norms
 
 __all__ = ["Trainer", "argument_parser", "setup", "main", "lazy_main", "launch_from_args"]
@@ -98,16 +98,18 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, output_dir=output_folder)
 
 
-def argument_parser() -> argparse.ArgumentParser:
-    """detectron2's training flags plus ``--config NAME`` and ``--allow-unsafe-yaml``."""
+def argument_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """detectron2's training flags plus ``--config NAME``, ``--allow-unsafe-yaml``, ``--debug``."""
     parser = default_argument_parser(
-        epilog="Example: tools/train_net.py --config gn_mask_rcnn.yaml --num-gpus 8"
+        epilog="Example: gn-det train --config gn_mask_rcnn.yaml --num-gpus 8"
     )
+    if prog:
+        parser.prog = prog
     parser.add_argument(
         "--config",
         metavar="NAME",
         default="",
-        help="a config by name, looked up in gn_det's configs/ from any directory "
+        help="a config by name, looked up in gn_det's configs from any directory "
         "(gn_mask_rcnn.yaml, shapes/gn.yaml); or a path. Alternative to --config-file.",
     )
     parser.add_argument(
@@ -115,13 +117,16 @@ def argument_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept configs that need yaml.unsafe_load (they can run code when loaded)",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of a bad config or input"
+    )
     return parser
 
 
 def setup(args: argparse.Namespace) -> CfgNode:
     """Config from ``args`` (file, overrides), frozen; detectron2's default_setup (logs, output)."""
     cfg = load_config(args.config_file, allow_unsafe_yaml=args.allow_unsafe_yaml)
-    cfg.merge_from_list(args.opts)
+    merge_overrides(cfg, args.opts)
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
@@ -233,30 +238,79 @@ def _torchrun_worker(main_func, args) -> None:
     main_func(args)
 
 
-def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    if args.config and args.config_file:
-        raise SystemExit("error: give --config or --config-file, not both")
+class _InputError(Exception):
+    """Bad user input found before training starts: one line on stderr, exit code 2."""
+
+
+def _check_weights(weights: str) -> None:
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise _InputError(f"MODEL.WEIGHTS: no such file {weights!r}")
+
+
+def _check_yaml_config(args: argparse.Namespace) -> None:
+    from .data import check_dataset_files
+
+    cfg = load_config(args.config_file, allow_unsafe_yaml=args.allow_unsafe_yaml)
+    merge_overrides(cfg, args.opts)
+    datasets = [] if args.eval_only else list(cfg.DATASETS.TRAIN)
+    for name in datasets + list(cfg.DATASETS.TEST):
+        check_dataset_files(name)
+    if not args.resume or args.eval_only:
+        _check_weights(cfg.MODEL.WEIGHTS)
+
+
+def _check_lazy_config(args: argparse.Namespace) -> None:
+    from detectron2.config import LazyConfig
+
     try:
-        args.config_file = str(resolve_config_name(args.config or args.config_file))
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
-    if not args.allow_unsafe_yaml and not args.config_file.endswith(".py"):
-        try:
-            load_config(args.config_file)  # refuse before any process is started
-        except UnsafeConfigError as e:
-            raise SystemExit(f"error: {e}") from None
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    except (KeyError, ValueError, AttributeError, SyntaxError) as e:
+        raise ConfigError(f"{args.config_file}: {type(e).__name__}: {e}") from e
+    _check_lazy_datasets(cfg)
+    if not args.resume or args.eval_only:
+        _check_weights(cfg.train.get("init_checkpoint", ""))
+
+
+def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Resolve ``--config`` and check the config, its overrides, its datasets' files and
+    ``MODEL.WEIGHTS`` — before any process starts or any model is built."""
+    if args.config and args.config_file:
+        raise _InputError("give --config or --config-file, not both")
+    if not (args.config or args.config_file):
+        raise _InputError("give a config: --config NAME (see gn_det's configs) or --config-file PATH")
+    args.config_file = str(resolve_config_name(args.config or args.config_file))
+    if args.config_file.endswith(".py"):
+        _check_lazy_config(args)
+    else:
+        _check_yaml_config(args)
     return args
 
 
-def launch_from_args(argv=None, main_func=main):
-    """Parse ``argv``, then run ``main_func`` on 1 or more processes / machines.
+#: What bad input raises before training: reported in one line (``--debug``: the traceback).
+_INPUT_ERRORS = (_InputError, ConfigError, UnsafeConfigError, FileNotFoundError, KeyError)
+
+
+def launch_from_args(argv=None, main_func=main, prog: str | None = None):
+    """Parse ``argv``, check the config, then run ``main_func`` on 1 or more processes / machines.
+
+    A bad config (unknown key, bad value, unknown config name, missing dataset files or weights)
+    is one line on stderr and exit code 2, before any model is built; ``--debug`` raises instead.
 
     Multi-process and multi-node runs use detectron2's ``launch`` (``--num-gpus``,
     ``--num-machines``, ``--machine-rank``, ``--dist-url``; NCCL on GPUs, gloo on CPU, where
     ``--num-gpus`` counts CPU processes). Under torchrun (``LOCAL_RANK`` set) the processes
     already exist and join through torchrun's rendezvous instead.
     """
-    args = _resolve_args(argument_parser().parse_args(argv))
+    parser = argument_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        args = _resolve_args(args)
+    except _INPUT_ERRORS as e:
+        if args.debug:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
     if args.config_file.endswith(".py") and main_func is main:
         main_func = lazy_main  # LazyConfig
     if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:

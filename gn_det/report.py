@@ -1,14 +1,16 @@
-"""What the norm layers of a model are: one row per layer, printable as a table."""
+"""What the norm layers of a model are (one row per layer, printable as a table), and how far a
+converted model's features are from its source's (per-stage cosine on real images)."""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
 import logging
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-from tabulate import tabulate
+import torch
 from detectron2.layers import NaiveSyncBatchNorm
+from tabulate import tabulate
 from torch import nn
 
 from .layers import ConvertedGroupNorm
@@ -16,7 +18,14 @@ from .registry import NORM_CONVERTERS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NormLayerInfo", "audit_norms", "count_norms", "describe_norms", "format_norm_table"]
+__all__ = [
+    "NormLayerInfo",
+    "audit_norms",
+    "backbone_cosines",
+    "count_norms",
+    "describe_norms",
+    "format_norm_table",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,3 +137,28 @@ def audit_norms(model: nn.Module, images_per_gpu: int, world_size: int = 1) -> L
             logger.warning(warning)
             lines.append("WARNING: " + warning)
     return lines
+
+
+@torch.no_grad()
+def backbone_cosines(reference: nn.Module, other: nn.Module, inputs: List[dict]) -> Dict[str, float]:
+    """Mean over images of the cosine between the two models' backbone outputs, per stage.
+
+    Both models are run in eval mode on one image at a time (BN uses its running statistics).
+    """
+    totals: Dict[str, float] = collections.defaultdict(float)
+    modes = reference.training, other.training
+    reference.eval(), other.eval()
+    try:
+        for item in inputs:
+            features = []
+            for model in (reference, other):
+                images = model.preprocess_image([item])
+                features.append(model.backbone(images.tensor))
+            for stage, a in features[0].items():
+                b = features[1][stage]
+                totals[stage] += torch.nn.functional.cosine_similarity(
+                    a.flatten().double(), b.flatten().double(), dim=0
+                ).item()
+    finally:
+        reference.train(modes[0]), other.train(modes[1])
+    return {stage: total / len(inputs) for stage, total in totals.items()}

@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import torch
@@ -164,3 +165,43 @@ def test_head_layers_are_fitted_on_the_backbone_features_of_the_paired_pass(monk
 def test_bad_batch_size_is_refused(teacher):
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         calibrate(convert_norm(copy.deepcopy(teacher)), teacher, [_images(4, seed=2)], batch_size=0)
+
+
+def test_one_batch_tensor_is_the_same_input_as_a_list_of_batches(teacher):
+    images = _images(8, seed=2)
+    from_tensor = convert_norm(copy.deepcopy(teacher), transfer="stats")
+    from_list = convert_norm(copy.deepcopy(teacher), transfer="stats")
+    fits_tensor = calibrate(from_tensor, teacher, images, progress=False, batch_size=4)
+    fits_list = calibrate(from_list, teacher, [images[:3], images[3:]], progress=False, batch_size=4)
+    assert [f.error_after for f in fits_tensor] == pytest.approx([f.error_after for f in fits_list])
+    for a, b in zip(from_tensor.state_dict().values(), from_list.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ([torch.rand(5)], "batch tensors (N, C, ...) or a list of them; got a tensor of shape (5,)"),
+        ([torch.rand(2, 3, 32, 32), torch.rand(2, 4, 32, 32)], "differ in their per-sample shape"),
+        (["image.png"], "got str"),
+    ],
+)
+def test_wrong_input_shapes_say_what_is_expected(teacher, inputs, message):
+    student = convert_norm(copy.deepcopy(teacher), transfer="stats")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        calibrate(student, teacher, inputs, progress=False)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        gn_det.distill(student, teacher, inputs, steps=1, progress=False)
+
+
+def test_detectron2_model_takes_a_batch_tensor_as_images():
+    teacher, images = shapes_bn_mask_rcnn()
+    batch = torch.stack([d["image"] for d in images[:2]])
+    from_batch = convert_norm(copy.deepcopy(teacher), transfer="stats")
+    from_dicts = convert_norm(copy.deepcopy(teacher), transfer="stats")
+    calibrate(from_batch, teacher, batch, progress=False, batch_size=2)
+    calibrate(from_dicts, teacher, images[:2], progress=False, batch_size=2)
+    for a, b in zip(from_batch.state_dict().values(), from_dicts.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"'image': a \(C, H, W\) tensor; got shape \(1, 3, 8, 8\)"):
+        calibrate(from_batch, teacher, [{"image": torch.rand(1, 3, 8, 8)}], progress=False)

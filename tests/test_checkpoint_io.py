@@ -461,3 +461,64 @@ def test_zip_check_matches_torch_layout(tmp_path):
     torch.save({"w": torch.ones(1)}, path)
     with zipfile.ZipFile(path) as archive:
         assert any(name.endswith("/data.pkl") for name in archive.namelist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Random damage: every file that cannot be read is a CheckpointError, never another exception
+
+
+def _write_sources(folder):
+    """One small file of each supported kind, written by the libraries themselves."""
+    state = _state_dict()
+    arrays = {k: v.numpy() for k, v in state.items()}
+    files = {
+        "detectron2.pth": lambda p: torch.save({"model": state, "iteration": 9}, p),
+        "model_zoo.pkl": lambda p: p.write_bytes(
+            pickle.dumps({"model": arrays, "__author__": "Detectron2 Model Zoo"}, protocol=2)
+        ),
+        "caffe2.pkl": lambda p: p.write_bytes(pickle.dumps({"blobs": arrays}, protocol=2)),
+        "model.safetensors": lambda p: safetensors.torch.save_file(dict(state), str(p)),
+    }
+    sources = {}
+    for name, write in files.items():
+        write(folder / name)
+        sources[name] = (folder / name).read_bytes()
+    return sources
+
+
+def _mutate(rng, data: bytes) -> bytes:
+    """Flip, cut or insert bytes at random places (1-4 edits)."""
+    data = bytearray(data)
+    for _ in range(rng.integers(1, 5)):
+        kind = rng.integers(3)
+        at = int(rng.integers(len(data) + 1))
+        if kind == 0 and at < len(data):
+            data[at] ^= int(rng.integers(1, 256))
+        elif kind == 1:
+            data = data[:at] + data[at + int(rng.integers(1, 64)) :]
+        else:
+            data = data[:at] + bytes(rng.integers(0, 256, int(rng.integers(1, 16)), dtype=np.uint8)) + data[at:]
+    return bytes(data)
+
+
+def test_randomly_damaged_checkpoints_load_or_raise_checkpoint_error(tmp_path):
+    from gn_det.checkpoint.weights import read_weights
+
+    rng = np.random.default_rng(12)
+    sources = _write_sources(tmp_path)
+    outcomes = {"loaded": 0, "refused": 0}
+    for case in range(400):
+        name = list(sources)[case % len(sources)]
+        path = tmp_path / f"case{case}_{name}"
+        path.write_bytes(_mutate(rng, sources[name]))
+        for read in (load_checkpoint_file, read_weights):
+            try:
+                read(path)
+            except CheckpointError as e:
+                assert "\n" not in str(e) and str(e).startswith(f"{path}: "), (name, str(e))
+                outcomes["refused"] += 1
+            else:
+                outcomes["loaded"] += 1
+        path.unlink()
+    # Both outcomes occur: the mutations reach past the format checks into the payloads.
+    assert outcomes["refused"] > 100 and outcomes["loaded"] > 0, outcomes

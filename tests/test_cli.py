@@ -28,7 +28,7 @@ def test_inspect_without_conversion_counts_the_source_types(capsys):
     "argv, message",
     [
         (["inspect", "--config-file", "missing.yaml"], "missing.yaml: no such config file"),
-        (["inspect", "--config-file", SYNCBN, "MODEL.NO_SUCH_KEY", "1"], "Non-existent key: MODEL.NO_SUCH_KEY"),
+        (["inspect", "--config-file", SYNCBN, "MODEL.NO_SUCH_KEY", "1"], "unknown config key MODEL.NO_SUCH_KEY; MODEL has: "),
         (["inspect", "--config-file", SYNCBN, "--to", "LayerNorm"], "valid targets: GN, FrozenBN"),
         (["inspect", "--config-file", SYNCBN, "--to", "GN", "--num-groups", "0"], "positive integer"),
     ],

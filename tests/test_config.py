@@ -8,7 +8,14 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_model
 from torch import nn
 
 import gn_det
-from gn_det.config import CONFIGS_DIR, UnsafeConfigError, load_config, resolve_config_name
+from gn_det.config import (
+    CONFIGS_DIR,
+    ConfigError,
+    UnsafeConfigError,
+    load_config,
+    merge_overrides,
+    resolve_config_name,
+)
 
 
 def _native_gn_model():
@@ -33,11 +40,42 @@ def test_keys_and_defaults():
 def test_a_wrong_key_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("MODEL:\n  NORM_CONVERSION:\n    GROUPS: 16\n")
-    with pytest.raises(KeyError, match="NORM_CONVERSION.GROUPS"):
+    with pytest.raises(ConfigError, match=f"{bad}: unknown config key MODEL.NORM_CONVERSION.GROUPS; "
+                       "did you mean MODEL.NORM_CONVERSION.NUM_GROUPS\\? MODEL.NORM_CONVERSION has: "
+                       "DIM_PER_GROUP, ENABLED, EPS"):
         load_config(bad)
     bad.write_text("MODEL:\n  NORM_CONVERSION:\n    ENABLED: True\n    TARGET: LN\n")
-    with pytest.raises(ValueError, match="valid targets"):
-        gn_det.norm_spec_from_config(load_config(bad))
+    with pytest.raises(ConfigError, match="MODEL.NORM_CONVERSION.TARGET = 'LN': .*valid targets"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["MODEL.NORM_CONVERSION.TARGTE", "GN"], "unknown config key MODEL.NORM_CONVERSION.TARGTE; "
+         "did you mean MODEL.NORM_CONVERSION.TARGET?"),
+        (["SOLVERR.BASE_LR", "0.1"], "unknown config key SOLVERR.BASE_LR; did you mean SOLVER? the config has: "),
+        (["MODEL.NORM_CONVERSION.TARGET", "LN"], "MODEL.NORM_CONVERSION.TARGET = 'LN': Unknown norm target"),
+        (["MODEL.NORM_CONVERSION.NUM_GROUPS", "0"], "MODEL.NORM_CONVERSION.NUM_GROUPS = 0: num_groups must be"),
+        (["MODEL.NORM_CONVERSION.DIM_PER_GROUP", "-16"], "MODEL.NORM_CONVERSION.DIM_PER_GROUP = -16"),
+        (["MODEL.NORM_CONVERSION.TRANSFER", "mean"], "valid transfers: copy, stats"),
+        (["MODEL.NORM_CONVERSION.EPS", "-1.0"], "MODEL.NORM_CONVERSION.EPS = -1.0: must be a positive number"),
+        (["MODEL.NORM_CONVERSION.NUM_GROUPS", "many"], "for config key: MODEL.NORM_CONVERSION.NUM_GROUPS"),
+        (["SOLVER.MAX_ITER"], "odd length"),
+    ],
+)
+def test_bad_overrides_are_one_line_config_errors_naming_the_key(opts, message):
+    cfg = load_config(resolve_config_name("gn_mask_rcnn.yaml"))
+    with pytest.raises(ConfigError) as error:
+        merge_overrides(cfg, opts)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_good_overrides_merge():
+    cfg = merge_overrides(load_config(resolve_config_name("gn_mask_rcnn.yaml")),
+                          ["MODEL.NORM_CONVERSION.DIM_PER_GROUP", "16", "SOLVER.BASE_LR", "0.01"])
+    assert cfg.MODEL.NORM_CONVERSION.DIM_PER_GROUP == 16 and cfg.SOLVER.BASE_LR == 0.01
+    assert gn_det.norm_spec_from_config(cfg).dim_per_group == 16
 
 
 def test_gn_mask_rcnn_yaml_builds_the_native_gn_model_key_for_key():

@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 
-from gn_det.memory import MEASURE_ENV, peak_rss_mib, reset_peak_rss, rss_mib
+from gn_det.studies.memory import MEASURE_ENV, peak_rss_mib, reset_peak_rss, rss_mib
 
 REFERENCE = "frozenbn_4conv1fc"
 _4CONV1FC = ["MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead", "MODEL.ROI_BOX_HEAD.NUM_CONV", "4",

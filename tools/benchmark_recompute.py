@@ -8,8 +8,8 @@ initialised, FREEZE_AT as configured) under a deterministic loss, in a fresh pro
 peak RSS belongs to that variant alone. Variants alternate (off, on, off, on, ...) and medians
 and on/off ratios are reported. "saved" is what autograd holds for backward when the forward
 ends (distinct storages, parameters excluded); "peak RSS" is the process's peak during the
-step over its RSS before it (``gn_det.memory``: the kernel's high-water mark, reset before the
-step; workers run with ``MALLOC_MMAP_THRESHOLD_`` so RSS follows live tensors).
+step over its RSS before it (``gn_det.studies.memory``: the kernel's high-water mark, reset
+before the step; workers run with ``MALLOC_MMAP_THRESHOLD_`` so RSS follows live tensors).
 """
 
 import argparse
@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from gn_det.memory import MEASURE_ENV, peak_rss_mib, reset_peak_rss, rss_mib
+from gn_det.studies.memory import MEASURE_ENV, peak_rss_mib, reset_peak_rss, rss_mib
 
 VARIANTS = ("off", "on")
 

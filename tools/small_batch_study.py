@@ -10,7 +10,7 @@ the last being "no norm": FrozenBN at the identity) at 1, 2, 4 and 8 images per 
 run sees the same number of images (``--images``); the learning rate is the config's rate per
 image times the batch (linear scaling), the warmup and the LR step are fixed in images too. Each
 cell is one ``tools/train_net.py`` process (its own OUTPUT_DIR, metrics.json and final COCO
-evaluation on ``shapes_val``; ``gn_det.study_runs``); a cell that already finished is read,
+evaluation on ``shapes_val``; ``gn_det.studies.runs``); a cell that already finished is read,
 not rerun, so an interrupted grid resumes. ``--jobs 2`` runs two cells at a time, one thread each.
 
 Prints a markdown table of box AP / mask AP per cell and writes the PNG (AP against images per
@@ -55,7 +55,7 @@ def _config_lr(norm: str) -> float:
 
 def run_cell(norm: str, batch: int, args, base_lr: float) -> dict:
     """Train and evaluate one cell in its own process (or read its finished results)."""
-    from gn_det.study_runs import SMOKE_OPTS, finished_run, threads_per_job, train_run
+    from gn_det.studies.runs import SMOKE_OPTS, finished_run, threads_per_job, train_run
 
     run_dir = Path(args.output_dir) / f"{norm}_b{batch}"
     if args.report_only:

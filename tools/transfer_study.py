@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Weight-transfer fidelity study: copy vs stats vs calibrate, at feature and detector level.
 
-Feature level (ResNet-18, synthetic images; ``gn_det.studies.transfer_fidelity``):
+Feature level (ResNet-18, synthetic images; ``gn_det.studies.transfer.transfer_fidelity``):
 
     tools/transfer_study.py --output docs/images/transfer_fidelity.png      # ~2 min on 2 cores
     tools/transfer_study.py --smoke                                           # seconds (tests)
@@ -19,11 +19,11 @@ Detector level (the shapes Mask R-CNN; a BN teacher trained at 8 images per batc
 1. converts the teacher to GN by ``copy``, ``stats`` and ``stats`` + ``calibrate`` on 8, 32
    and 128 training images, and ``calibrate`` 32 + ``distill`` 100 and 300 steps, and
    evaluates each without training (box/mask AP on shapes_val,
-   cosine of each FPN level to the teacher's; ``gn_det.studies.detector_zero_shot``);
+   cosine of each FPN level to the teacher's; ``gn_det.studies.transfer.detector_zero_shot``);
 2. fine-tunes at 2 images per batch for ``--finetune-iters`` iterations, evaluating every
    ``--eval-period``: the copy, stats, calibrated and distilled GN students, the teacher kept
    as BN (batch statistics of 2 images), and GN from scratch (its config's learning rate); one
-   ``tools/train_net.py`` process each (``gn_det.study_runs``; finished runs are reused);
+   ``tools/train_net.py`` process each (``gn_det.studies.runs``; finished runs are reused);
 3. prints both tables and plots AP against iteration.
 """
 
@@ -34,8 +34,8 @@ import os
 import sys
 from pathlib import Path
 
-from gn_det.studies import STAGES, transfer_fidelity
-from gn_det.study_runs import SMOKE_OPTS, threads_per_job, train_run
+from gn_det.studies.transfer import STAGES, transfer_fidelity
+from gn_det.studies.runs import SMOKE_OPTS, threads_per_job, train_run
 from gn_det.visualize import save_figure
 
 # Fine-tuning a trained model at 2 images per batch: the teacher's final per-image learning rate
@@ -130,7 +130,7 @@ def _plot_finetune(rows, runs, path, *, force: bool) -> None:
 
 
 def detector_main(args) -> int:
-    from gn_det.studies import detector_zero_shot
+    from gn_det.studies.transfer import detector_zero_shot
 
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     counts = (2,) if args.smoke else tuple(args.calibration_images)

@@ -33,11 +33,6 @@ import safetensors
 import safetensors.torch
 import torch
 
-try:  # numpy >= 2 (and 1.26, which has this alias to load numpy 2 pickles)
-    from numpy._core import multiarray as _multiarray
-except ImportError:  # pragma: no cover - numpy < 1.26
-    from numpy.core import multiarray as _multiarray
-
 __all__ = [
     "FORMATS",
     "SAVE_FORMATS",
@@ -124,7 +119,8 @@ def detect_format(path) -> str:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+        except Exception as e:  # BadZipFile, EOFError, OSError; UnicodeDecodeError (mangled
+            # member names), NotImplementedError (unknown zip version), ... from a damaged file
             raise _error(path, f"truncated or corrupt zip archive ({_describe(e)})") from None
         if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
             raise _error(path, "zip archive without data.pkl: not a torch.save checkpoint")
@@ -167,15 +163,103 @@ def _latin1_encode(text, encoding="utf-8", errors="strict"):
         raise _RefusedCall(f"_codecs.encode({type(text).__name__}, {encoding!r}, {errors!r})")
     return text.encode("latin1")
 
+# numpy's own unpickling (``ndarray.__setstate__``, ``dtype.__setstate__``, ``scalar``) trusts
+# its input: a damaged .pkl can crash the process inside it (seen: a segmentation fault from
+# three flipped bytes). So the globals a pickle may name build checked stand-ins instead, and
+# an array is made only from a plain dtype and a buffer of exactly the size its shape needs.
+
+_PLAIN_DTYPE = re.compile(r"[biufc]\d{1,2}")  # b1 i1..i8 u1..u8 f2..f8 c8 c16, no objects
+
+
+class _NumpyArrayType:
+    """What a pickle's ``numpy.ndarray`` stands for: only ``_reconstruct`` may use it."""
+
+
+class _DtypeStub:
+    """``numpy.dtype(spec, align, copy)`` of a plain numeric type; BUILD sets its byte order."""
+
+    def __init__(self, spec, align=False, copy=False):
+        if not (isinstance(spec, str) and _PLAIN_DTYPE.fullmatch(spec)):
+            raise _RefusedCall(f"numpy.dtype({spec!r}): only plain numeric dtypes are allowed")
+        self.dtype = np.dtype(spec)
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) >= 5 and state[1] in ("<", ">", "|", "=")
+                and state[2:5] == (None, None, None)):
+            raise ValueError(f"bad dtype state {state!r:.80}")
+        if state[1] in "<>":
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+
+def _raw_bytes(data, what: str) -> bytes:
+    if isinstance(data, str):  # Python 2 str, decoded as latin1 by the unpickler
+        data = data.encode("latin1")
+    if not isinstance(data, bytes):
+        raise ValueError(f"{what} data is a {type(data).__name__}, not bytes")
+    return data
+
+
+def _plain_dtype(value) -> np.dtype:
+    if not isinstance(value, _DtypeStub):
+        raise ValueError(f"array dtype is a {type(value).__name__}")
+    return value.dtype
+
+
+class _ArrayStub:
+    """``numpy.core.multiarray._reconstruct(ndarray, ...)``; BUILD gives it shape, dtype, data."""
+
+    array = None
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise ValueError("bad array state")
+        _, shape, dtype, fortran, data = state
+        dtype, data = _plain_dtype(dtype), _raw_bytes(data, "array")
+        if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
+            raise ValueError(f"bad array shape {shape!r:.80}")
+        if len(data) != int(np.prod(shape, dtype=np.float64)) * dtype.itemsize:
+            raise ValueError(f"array of shape {shape} and dtype {dtype} with {len(data)} bytes of data")
+        flat = np.frombuffer(data, dtype=dtype) if data else np.empty(0, dtype)
+        self.array = flat.reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _reconstruct(cls, shape, typecode):
+    if cls is not _NumpyArrayType:
+        raise _RefusedCall(f"numpy.core.multiarray._reconstruct({cls!r:.60}, ...)")
+    return _ArrayStub()
+
+
+def _scalar(dtype, data=None):
+    dtype, data = _plain_dtype(dtype), _raw_bytes(data, "scalar")
+    if len(data) != dtype.itemsize:
+        raise ValueError(f"scalar of dtype {dtype} with {len(data)} bytes of data")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+def _finish(obj):
+    """Replace the stand-ins in what the unpickler built by numpy arrays and dtypes."""
+    if isinstance(obj, _ArrayStub):
+        if obj.array is None:
+            raise ValueError("array without data")
+        return obj.array
+    if isinstance(obj, _DtypeStub):
+        return obj.dtype
+    if isinstance(obj, dict):
+        return type(obj)((key, _finish(value)) for key, value in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_finish(value) for value in obj)
+    return obj
+
+
 _PICKLE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "ndarray"): _NumpyArrayType,
+    ("numpy", "dtype"): _DtypeStub,
     ("collections", "OrderedDict"): OrderedDict,
     ("_codecs", "encode"): _latin1_encode,
     **{
-        (f"{core}.multiarray", name): getattr(_multiarray, name)
+        (f"{core}.multiarray", name): function
         for core in ("numpy.core", "numpy._core")  # numpy 1 and numpy 2 spellings
-        for name in ("_reconstruct", "scalar")
+        for name, function in (("_reconstruct", _reconstruct), ("scalar", _scalar))
     },
 }
 
@@ -203,7 +287,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def _load_pickle(path: str):
     try:
         with open(path, "rb") as f:
-            return _RestrictedUnpickler(f, path).load()
+            return _finish(_RestrictedUnpickler(f, path).load())
     except CheckpointError:
         raise
     except _RefusedCall as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 from .coco import check_dataset_files
+from .images import load_images
 from .shapes import (
     SHAPE_CLASSES,
     ShapesSpec,
@@ -33,6 +34,7 @@ __all__ = [
     "check_dataset_files",
     "default_cache_dir",
     "ensure_shapes_split",
+    "load_images",
     "mask_to_polygons",
     "register_all_shapes",
     "register_shapes",

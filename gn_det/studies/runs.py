@@ -1,4 +1,4 @@
-"""Training runs for the studies: one ``tools/train_net.py`` process per run, resumable.
+"""Training runs for the studies: one ``gn-det train`` process per run, resumable.
 
 A study (``tools/small_batch_study.py``, ``tools/transfer_study.py --detector``) is a grid of
 training runs. Each runs in its own process (its own OUTPUT_DIR, logs, ``metrics.json`` and COCO
@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["SMOKE_OPTS", "TRAIN_NET", "evaluations", "finished_run", "threads_per_job", "train_run"]
+__all__ = ["SMOKE_OPTS", "TRAIN_COMMAND", "evaluations", "finished_run", "threads_per_job", "train_run"]
 
-TRAIN_NET = Path(__file__).resolve().parent.parent / "tools" / "train_net.py"
+#: ``gn-det train`` in this interpreter (the installed package's, not a checkout's tools/).
+TRAIN_COMMAND = (sys.executable, "-m", "gn_det.cli", "train")
 _DONE = "run.json"
 #: Overrides that make a shapes run tiny, for the studies' smoke tests: 64-pixel images, few
 #: detections to evaluate, data loaded in the training process.
@@ -84,7 +85,7 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
     done = run_dir / _DONE
     if done.is_file():
         return finished_run(run_dir)
-    command = [sys.executable, str(TRAIN_NET), "--config", config, *opts, "OUTPUT_DIR", str(run_dir)]
+    command = [*TRAIN_COMMAND, "--config", config, *opts, "OUTPUT_DIR", str(run_dir)]
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from .calibration import calibrate
-from .convert import convert_norm
-from .distillation import distill
+from ..calibration import calibrate
+from ..convert import convert_norm
+from ..distillation import distill
 
 __all__ = ["DetectorRow", "FidelityRow", "bn_teacher", "detector_zero_shot", "smooth_images", "stage_cosines",
            "transfer_fidelity"]
@@ -169,11 +169,12 @@ def detector_zero_shot(
 
     from detectron2.modeling import build_model
 
-    from .agreement import backbone_cosines, load_images
-    from .checkpoint import Checkpointer
-    from .checkpoint.io import save_checkpoint_file
-    from .config import load_config, resolve_config_name
-    from .engine import Trainer
+    from ..checkpoint import Checkpointer
+    from ..checkpoint.io import save_checkpoint_file
+    from ..config import load_config, resolve_config_name
+    from ..data import load_images
+    from ..engine import Trainer
+    from ..report import backbone_cosines
 
     def config(name, method=None):
         cfg = load_config(resolve_config_name(name))
