@@ -91,7 +91,8 @@ def _cmd_inspect(args) -> int:
 
     spec = _spec(args, required=False)
     cfg = _load_cfg(args.config_file, args.opts)
-    cfg.MODEL.NORM_CONVERSION.ENABLED = False  # show the config's own norms, or --to's
+    if spec is not None:  # --to replaces the config's own conversion
+        cfg.MODEL.NORM_CONVERSION.ENABLED = False
     model = build_model(cfg)
     if spec is not None:
         model = convert_norm_by_spec(model, spec)

@@ -262,9 +262,25 @@ def _check_yaml_config(args: argparse.Namespace) -> None:
 def _check_lazy_config(args: argparse.Namespace) -> None:
     from detectron2.config import LazyConfig
 
+    from omegaconf import OmegaConf
+
     try:
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    except (KeyError, ValueError, AttributeError, SyntaxError) as e:
+        cfg = LazyConfig.load(args.config_file)
+    except (KeyError, ValueError, AttributeError, ImportError, SyntaxError) as e:
+        raise ConfigError(f"{args.config_file}: {type(e).__name__}: {e}") from e
+    missing = object()
+    for override in args.opts:
+        key, equals, _ = override.partition("=")
+        if not equals:
+            raise ConfigError(f"{args.config_file}: LazyConfig overrides are KEY=VALUE, got {override!r}")
+        if OmegaConf.select(cfg, key, default=missing) is missing:
+            parent = key.rpartition(".")[0]
+            node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+            known = f"; {parent or 'the config'} has: {', '.join(sorted(node))}" if hasattr(node, "keys") else ""
+            raise ConfigError(f"{args.config_file}: unknown config key {key}{known}")
+    try:
+        cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    except (KeyError, ValueError, AttributeError) as e:
         raise ConfigError(f"{args.config_file}: {type(e).__name__}: {e}") from e
     _check_lazy_datasets(cfg)
     if not args.resume or args.eval_only:

@@ -1,4 +1,4 @@
-"""Small models shared by the tests."""
+"""Small models and tiny training settings shared by the tests."""
 
 import torch
 from detectron2 import model_zoo
@@ -7,6 +7,12 @@ from detectron2.utils.events import EventStorage
 from torch import nn
 
 import gn_det
+
+#: Overrides for a 2-iteration run on the 6-image ``shapes_tiny`` set of the ``tiny_env`` fixture.
+TINY = ["DATASETS.TRAIN", "('shapes_tiny_train',)", "DATASETS.TEST", "('shapes_tiny_val',)",
+        "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1", "INPUT.MIN_SIZE_TRAIN", "(128,)",
+        "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
+        "DATALOADER.NUM_WORKERS", "0"]
 
 
 def resnet18_fpn_backbone(freeze_at: int, seed: int = 0):

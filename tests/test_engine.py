@@ -1,6 +1,8 @@
 """tools/train_net.py end to end on the embedded dataset (tiny runs), and its loaders."""
 
 import json
+import signal
+import time
 import os
 import subprocess
 import sys
@@ -13,32 +15,11 @@ import torchvision
 import gn_det
 from gn_det.checkpoint import Checkpointer
 from gn_det.config import load_config, resolve_config_name
-from gn_det.data import register_shapes
+from models import TINY
 from reference import stats_transfer_reference
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_NET = REPO / "tools" / "train_net.py"
-TINY = ["DATASETS.TRAIN", "('shapes_tiny_train',)", "DATASETS.TEST", "('shapes_tiny_val',)",
-        "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1", "INPUT.MIN_SIZE_TRAIN", "(128,)",
-        "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
-        "DATALOADER.NUM_WORKERS", "0"]
-
-
-@pytest.fixture(scope="module")
-def tiny_env(tmp_path_factory):
-    """Environment in which a fresh process registers a 6-image shapes set (via sitecustomize)."""
-    cache = tmp_path_factory.mktemp("cache")
-    hook = tmp_path_factory.mktemp("hook")
-    (hook / "sitecustomize.py").write_text(
-        "from gn_det.data import register_shapes\n"
-        f"register_shapes('shapes_tiny', cache_dir={str(cache)!r}, image_size=(128, 128), num_train=4, num_val=2)\n"
-    )
-    register_shapes("shapes_tiny", cache_dir=cache, image_size=(128, 128), num_train=4, num_val=2)
-    env = dict(os.environ, PYTHONPATH=f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env.pop("LOCAL_RANK", None)
-    return env
-
-
 def _train_net(args, env, cwd):
     return subprocess.run([sys.executable, str(TRAIN_NET), *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=600)
@@ -115,3 +96,92 @@ def test_torchvision_imagenet_weights_load_into_the_converted_torchvision_backbo
     )
     torch.testing.assert_close(gn.weight.detach().double(), expected_w, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gn.bias.detach().double(), expected_b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_final_iteration(tiny_env, tmp_path):
+    from gn_det.checkpoint.io import load_checkpoint_file
+
+    out = tmp_path / "out"
+    args = ["--config", "shapes/gn.yaml", *TINY, "SOLVER.MAX_ITER", "8", "SOLVER.STEPS", "(4,)",
+            "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(out)]
+    run = subprocess.Popen([sys.executable, str(TRAIN_NET), *args], env=tiny_env, cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "last_checkpoint").exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    assert not (out / "model_final.pth").exists(), "the run finished before it could be killed"
+    saved = sorted(out.glob("model_*.pth"))
+    assert saved, "no checkpoint before the kill"
+    for path in saved:  # complete, whenever the kill came
+        assert load_checkpoint_file(path)["iteration"] >= 1
+    last = out / (out / "last_checkpoint").read_text().strip()
+    resumed_from = load_checkpoint_file(last)["iteration"]
+
+    result = _train_net(["--resume", *args], tiny_env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert f"Loading {last} (detectron2" in log
+    assert f"Starting training from iteration {resumed_from + 1}" in log
+    final = load_checkpoint_file(out / "model_final.pth")
+    assert final["iteration"] == 7
+    trainer = final["trainer"]
+    # The LR schedule and the optimizer state continued rather than restarted.
+    assert trainer["hooks"]["LRScheduler"]["last_epoch"] == 8
+    assert trainer["_trainer"]["optimizer"]["state"], "SGD momentum buffers were saved"
+
+
+def test_an_interrupted_checkpoint_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    checkpointer = Checkpointer(model, str(tmp_path))
+    checkpointer.save("model_0000001", iteration=1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def fail_midway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", fail_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save("model_0000003", iteration=3)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert checkpointer.get_checkpoint_file().endswith("model_0000001.pth")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config", "gn_mask_rcnn.yaml", "MODEL.NORM_CONVERSION.TARGTE", "GN"],
+         "unknown config key MODEL.NORM_CONVERSION.TARGTE; did you mean MODEL.NORM_CONVERSION.TARGET?"),
+        (["--config", "gn_mask_rcnn.yaml", "MODEL.NORM_CONVERSION.TARGET", "LN"],
+         "MODEL.NORM_CONVERSION.TARGET = 'LN': Unknown norm target 'LN'; valid targets: GN, FrozenBN"),
+        (["--config", "gn_mask_rcnn.yaml", "MODEL.NORM_CONVERSION.NUM_GROUPS", "0"],
+         "MODEL.NORM_CONVERSION.NUM_GROUPS = 0: num_groups must be a positive integer"),
+        (["--config", "gn_mask_rcnn.yaml", "DATASETS.TRAIN", "('coco_2017_val',)"],
+         "Dataset 'coco_2017_val': annotation file not found at "),
+        (["--config", "shapes/gn.yaml", "DATASETS.TRAIN", "('shapes_trian',)"],
+         "Dataset 'shapes_trian' is not registered; registered datasets: "),
+        (["--config", "gn_mask_rnn.yaml"], "No config 'gn_mask_rnn.yaml'"),
+        (["--config", "shapes/gn.yaml", "MODEL.WEIGHTS", "missing.pth"], "MODEL.WEIGHTS: no such file 'missing.pth'"),
+        (["--config", "lazy/shapes_gn.py", "train.max_itr=3"],
+         "lazy/shapes_gn.py: unknown config key train.max_itr; train has: "),
+        (["--config", "lazy/shapes_gn.py", "train.max_iter"], "overrides are KEY=VALUE, got 'train.max_iter'"),
+        ([], "give a config"),
+    ],
+)
+def test_a_bad_config_is_one_line_and_exit_2_before_any_model_is_built(argv, message, capsys, monkeypatch, tmp_path):
+    from gn_det.engine import launch_from_args
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("gn_det.engine.launch", lambda *a, **k: pytest.fail("training was launched"))
+    with pytest.raises(SystemExit) as exit_:
+        launch_from_args(argv, prog="gn-det train")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("gn-det train: error: ") and message in err, err
+    with pytest.raises(Exception) as error:  # --debug: the exception itself, not SystemExit(2)
+        launch_from_args(["--debug", *argv], prog="gn-det train")
+    assert not isinstance(error.value, SystemExit)

@@ -6,14 +6,21 @@ carries. :class:`Checkpointer` reads every file through :mod:`gn_det.checkpoint.
 of :mod:`gn_det.checkpoint.weights` (torchvision ImageNet ResNets included), and keeps BN
 statistics on their way to converted GN layers. Training (``MODEL.WEIGHTS``, ``--resume``) and
 evaluation load through it.
+
+It also saves atomically: detectron2 writes ``model_*.pth`` and the ``last_checkpoint`` tag in
+place, so a run killed mid-save leaves a truncated file that ``--resume`` then fails on. Here
+both are written to a temporary file and renamed, so a checkpoint on disk is always complete.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from typing import Any
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .io import save_checkpoint_file, write_text_atomically
 from .weights import read_weights, state_for_model
 
 __all__ = ["Checkpointer"]
@@ -44,3 +51,22 @@ class Checkpointer(DetectionCheckpointer):
             checkpoint["model"] = state_for_model(weights, self.model)
             checkpoint["matching_heuristics"] = False  # done, with BN statistics kept
         return super()._load_model(checkpoint)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """detectron2's ``save`` (model, checkpointables, ``kwargs`` into ``<name>.pth``, then the
+        ``last_checkpoint`` tag), each file written atomically; a no-op off the main process."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", save_file)
+        save_checkpoint_file(data, save_file, file_format="pth", overwrite=True)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Point ``last_checkpoint`` (what ``--resume`` reads) at a saved file, atomically."""
+        write_text_atomically(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)

@@ -42,6 +42,7 @@ __all__ = [
     "load_checkpoint_file",
     "load_safetensors_metadata",
     "save_checkpoint_file",
+    "write_text_atomically",
 ]
 
 logger = logging.getLogger(__name__)
@@ -556,6 +557,37 @@ def _fsync_directory(folder: str) -> None:
         os.close(fd)
 
 
+def _replace_atomically(path: str, folder: str, write: Callable[[int, str], None]) -> None:
+    """Write a temporary file in ``folder`` with ``write(fd, temp_path)`` (which owns and closes
+    ``fd``), then rename it onto ``path``: readers see the old file or the complete new one. On
+    any exception (KeyboardInterrupt too) the temporary file is removed and ``path`` untouched.
+    """
+    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        write(fd, temp_path)
+        os.chmod(temp_path, 0o666 & ~_umask())  # mkstemp creates 0600
+        os.replace(temp_path, path)
+    except BaseException:
+        try:
+            os.unlink(temp_path)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(folder)
+
+
+def write_text_atomically(path, text: str) -> None:
+    """Replace the text file ``path`` atomically (e.g. detectron2's ``last_checkpoint`` tag).
+
+    Raises:
+        OSError: the folder is missing or not writable (``path`` is left as it was).
+    """
+    path = os.fspath(path)
+    data = text.encode("utf-8")
+    _replace_atomically(path, os.path.dirname(os.path.abspath(path)),
+                        lambda fd, _: _write_through(fd, lambda f: f.write(data)))
+
+
 def save_checkpoint_file(obj: dict, path, *, file_format: str, overwrite: bool = False) -> None:
     """Write ``obj`` to ``path`` atomically: the target is either untouched or complete.
 
@@ -602,24 +634,9 @@ def save_checkpoint_file(obj: dict, path, *, file_format: str, overwrite: bool =
         raise _error(path, "exists; pass --force to overwrite")
 
     try:
-        fd, temp_path = tempfile.mkstemp(
-            dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-        )
+        _replace_atomically(path, folder, lambda fd, temp_path: write(payload, fd, temp_path))
     except OSError as e:
-        raise _error(path, f"cannot create a file in {folder}: {e.strerror or e}") from None
-    try:
-        write(payload, fd, temp_path)
-        os.chmod(temp_path, 0o666 & ~_umask())  # mkstemp creates 0600
-        os.replace(temp_path, path)
-    except BaseException as e:
-        try:
-            os.unlink(temp_path)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):
-            raise _error(path, f"cannot write: {e.strerror or _describe(e)}") from e
-        if isinstance(e, Exception):
-            raise _error(path, f"cannot write as {file_format}: {_describe(e)}") from e
-        raise
-    _fsync_directory(folder)
+        raise _error(path, f"cannot write: {e.strerror or _describe(e)}") from e
+    except Exception as e:
+        raise _error(path, f"cannot write as {file_format}: {_describe(e)}") from e
     logger.info("Saved %s checkpoint to %s.", file_format, path)

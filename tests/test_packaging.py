@@ -1,0 +1,122 @@
+"""gn_det as a user installs it: a wheel in an environment that never sees this checkout, and the
+Docker image's layout (non-editable install, the repository as working directory)."""
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_package_list_names_every_package_folder():
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "gn_det").rglob("__init__.py")}
+    assert listed == folders | {"gn_det.configs"}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The wheel built from this checkout, installed with pip into a folder of its own."""
+    wheels = tmp_path_factory.mktemp("wheels")
+    site = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "-q", "-w", str(wheels), str(REPO)],
+                   check=True, capture_output=True, cwd=tmp_path_factory.mktemp("build"))
+    (wheel,) = wheels.glob("gn_det-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
+                    "-q", "--target", str(site), str(wheel)], check=True, capture_output=True)
+    return site
+
+
+def _env(site, tiny_env, **extra):
+    """``tiny_env`` (registers ``shapes_tiny``) with the installed wheel first on the path."""
+    return dict(tiny_env, PYTHONPATH=f"{site}{os.pathsep}{tiny_env['PYTHONPATH']}", **extra)
+
+
+def test_wheel_carries_the_configs_and_finds_them_outside_a_checkout(installed, tiny_env, tmp_path):
+    env = _env(installed, tiny_env)
+    where = subprocess.run([sys.executable, "-c", "import gn_det, gn_det.config as c; "
+                            "print(gn_det.__file__); print(c.CONFIGS_DIR)"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    module, configs = where.stdout.split()
+    assert Path(module).is_relative_to(installed) and Path(configs) == installed / "gn_det" / "configs"
+    for name in ("gn_mask_rcnn.yaml", "shapes/gn.yaml", "lazy/shapes_gn.py"):
+        assert (Path(configs) / name).read_bytes() == (REPO / "configs" / name).read_bytes()
+
+    gn_det_script = [str(installed / "bin" / "gn-det")]
+    result = subprocess.run([*gn_det_script, "inspect", "--config-file", "gn_mask_rcnn.yaml"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    # Every norm converted, the 11 frozen ones (stem, res2) included: nothing else is counted.
+    assert result.stdout.rstrip().endswith("-------\nConvertedGroupNorm       69")
+
+    result = subprocess.run([*gn_det_script, "train", "--help"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "usage: gn-det train" in result.stdout
+    assert "--num-machines" in result.stdout and "--config NAME" in result.stdout
+
+    from models import TINY
+
+    out = tmp_path / "out"
+    result = subprocess.run([*gn_det_script, "train", "--config", "shapes/gn.yaml", *TINY,
+                             "SOLVER.MAX_ITER", "1", "OUTPUT_DIR", str(out)],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ConvertedGroupNorm x" in (out / "log.txt").read_text()
+    assert (out / "model_final.pth").is_file()
+
+
+def _fake_coco(root: Path) -> None:
+    """A 2-image COCO in detectron2's builtin layout (``coco/annotations``, ``coco/train2017``)."""
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    for split in ("train2017", "val2017"):
+        (root / "coco" / split).mkdir(parents=True)
+        images, annotations = [], []
+        for i in (1, 2):
+            Image.new("RGB", (160, 128), (40 * i, 90, 160)).save(root / "coco" / split / f"{i:012d}.jpg")
+            images.append({"id": i, "file_name": f"{i:012d}.jpg", "height": 128, "width": 160})
+            annotations.append({"id": i, "image_id": i, "category_id": 1, "iscrowd": 0, "area": 1600.0,
+                                "bbox": [30.0, 20.0, 40.0, 40.0],
+                                "segmentation": [[30, 20, 70, 20, 70, 60, 30, 60]]})
+        (root / "coco" / "annotations").mkdir(exist_ok=True)
+        (root / "coco" / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+            {"images": images, "annotations": annotations,
+             "categories": [{"id": c["id"], "name": c["name"]} for c in COCO_CATEGORIES if c["isthing"]]}))
+
+
+def test_docker_layout_trains_gn_mask_rcnn_from_the_image_entrypoint(installed, tiny_env, tmp_path):
+    """As in the image: gn_det installed non-editable, the repository as working directory,
+    ``python tools/train_net.py --config gn_mask_rcnn.yaml``; with no COCO mounted it stops at
+    the missing files, with a (tiny, fake) COCO it trains and evaluates (without the ImageNet
+    weights, which it would download)."""
+    datasets = tmp_path / "datasets"
+    datasets.mkdir()
+    env = _env(installed, tiny_env, DETECTRON2_DATASETS=str(datasets))
+    entrypoint = [sys.executable, "tools/train_net.py", "--config", "gn_mask_rcnn.yaml"]
+    result = subprocess.run(entrypoint, env=env, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"train_net.py: error: Dataset 'coco_2017_train': annotation file not found at "
+        f"{datasets}/coco/annotations/instances_train2017.json. " + result.stderr.split(". ", 1)[1].strip()
+    ]
+
+    _fake_coco(datasets)
+    out = tmp_path / "out"
+    small = ["SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "1", "INPUT.MIN_SIZE_TRAIN", "(128,)",
+             "INPUT.MAX_SIZE_TRAIN", "160", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160",
+             "DATALOADER.NUM_WORKERS", "0", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+             "TEST.DETECTIONS_PER_IMAGE", "5", "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(out)]
+    result = subprocess.run([*entrypoint, *small], env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert f"args.config_file={installed / 'gn_det' / 'configs' / 'gn_mask_rcnn.yaml'}" in log
+    assert "ConvertedGroupNorm x" in log
+    assert any("bbox/AP" in json.loads(line) for line in (out / "metrics.json").read_text().splitlines())
