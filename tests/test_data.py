@@ -4,6 +4,7 @@ Polygons are checked against pycocotools' rasteriser (what detectron2 uses to bu
 targets), an implementation independent of the contour tracing that produced them.
 """
 
+import dataclasses
 import filecmp
 import logging
 import multiprocessing
@@ -238,7 +239,7 @@ def test_leftovers_of_an_interrupted_run_are_replaced(tmp_path):
 def test_register_shapes_is_lazy_and_idempotent(tmp_path):
     names = register_shapes("gn_det_test_shapes", cache_dir=tmp_path, image_size=(64, 80),
                             num_train=3, num_val=2)  # fmt: skip
-    assert names == ["gn_det_test_shapes_train", "gn_det_test_shapes_val"]
+    assert names == ["gn_det_test_shapes_train", "gn_det_test_shapes_val", "gn_det_test_shapes_test"]
     assert not any(tmp_path.iterdir())  # nothing generated yet
     assert register_shapes("gn_det_test_shapes", cache_dir=tmp_path, image_size=(64, 80),
                            num_train=3, num_val=2) == names  # fmt: skip
@@ -259,13 +260,13 @@ def test_register_shapes_is_lazy_and_idempotent(tmp_path):
 
 
 def test_builtin_shapes_registered():
-    for name in ["shapes_train", "shapes_val", "shapes_hr_train", "shapes_hr_val"]:
+    for name in ["shapes_train", "shapes_val", "shapes_test", "shapes_hr_train", "shapes_hr_val", "shapes_hr_test"]:
         assert name in DatasetCatalog.list()
         metadata = MetadataCatalog.get(name)
         assert metadata.thing_classes == list(SHAPE_CLASSES)
         assert metadata.evaluator_type == "coco"
     assert gdata.register_all_shapes() == [
-        "shapes_train", "shapes_val", "shapes_hr_train", "shapes_hr_val"
+        "shapes_train", "shapes_val", "shapes_test", "shapes_hr_train", "shapes_hr_val", "shapes_hr_test"
     ]  # fmt: skip
 
 
@@ -316,3 +317,14 @@ def test_builtin_coco_points_at_detectron2_datasets():
     with pytest.raises(FileNotFoundError, match="DETECTRON2_DATASETS") as info:
         check_dataset_files("coco_2017_val")
     assert expected in str(info.value)
+
+
+def test_the_test_split_has_images_of_its_own():
+    spec = ShapesSpec(image_size=(96, 128), num_train=3, num_val=3, num_test=3, seed=3)
+    images = {split: [render_shapes_image(spec, split, i).image for i in range(3)] for split in ("train", "val", "test")}
+    for i in range(3):
+        assert not any(np.array_equal(images["test"][i], other) for other in images["train"] + images["val"])
+        assert np.array_equal(images["test"][i], render_shapes_image(spec, "test", i).image)
+    assert spec.num_images("test") == 3
+    # Adding the split changed nothing that decides the other splits' files (their cache stays valid).
+    assert spec.render_key() == dataclasses.replace(spec, num_test=50).render_key()

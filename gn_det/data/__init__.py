@@ -3,9 +3,10 @@
 Importing this package registers the shapes datasets with detectron2 (cheap: nothing is
 generated until a dataset is first fetched):
 
-- ``shapes_train`` / ``shapes_val``: 256x256 images, 200 / 50 images, for CPU training.
-- ``shapes_hr_train`` / ``shapes_hr_val``: 1200x1600 images, 40 / 10 images, for
-  high-resolution configs at 1-2 images per GPU.
+- ``shapes_train`` / ``shapes_val`` / ``shapes_test``: 256x256 images, 200 / 50 / 50 images,
+  for CPU training; recipes are chosen on ``val``, results reported on ``test``.
+- ``shapes_hr_train`` / ``shapes_hr_val`` / ``shapes_hr_test``: 1200x1600 images, 40 / 10 /
+  10 images, for high-resolution configs at 1-2 images per GPU.
 
 Files go to ``$GN_DET_CACHE`` (default ``~/.cache/gn_det``), read when this package is imported.
 """
@@ -48,6 +49,7 @@ BUILTIN_SHAPES: dict[str, ShapesSpec] = {
         image_size=(1200, 1600),
         num_train=40,
         num_val=10,
+        num_test=10,
         min_instances=4,
         max_instances=14,
         min_scale=0.05,
@@ -58,7 +60,7 @@ BUILTIN_SHAPES: dict[str, ShapesSpec] = {
 
 
 def register_all_shapes(cache_dir: str | os.PathLike | None = None) -> list[str]:
-    """Register every dataset of :data:`BUILTIN_SHAPES` (``{prefix}_train``, ``{prefix}_val``).
+    """Register every dataset of :data:`BUILTIN_SHAPES` (``{prefix}_train``, ``_val``, ``_test``).
 
     Idempotent; generates nothing. Returns the registered names.
     """

@@ -56,12 +56,12 @@ logger = logging.getLogger(__name__)
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "triangle", "square", "star")
 """Every shape class the generator can draw; a spec may use any non-empty subset."""
 
-SPLITS: tuple[str, ...] = ("train", "val")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 # Bump when the rendering changes, so caches made by older code are not reused.
 GENERATOR_VERSION = 1
 
-_SPLIT_SEED = {"train": 0, "val": 1}
+_SPLIT_SEED = {"train": 0, "val": 1, "test": 2}
 _COMPLETE_MARKER = ".complete"
 _TMP_PREFIX = ".tmp-"
 # Fixed colours per class for detectron2's Visualizer (``thing_colors``).
@@ -80,7 +80,9 @@ class ShapesSpec:
     Args:
         image_size: ``(height, width)`` of every image, in pixels.
         num_train: number of images in the ``train`` split.
-        num_val: number of images in the ``val`` split.
+        num_val: number of images in the ``val`` split (choosing recipes).
+        num_test: number of images in the ``test`` split (reporting only: never used to
+            choose anything).
         seed: base random seed; image ``i`` of a split has its own generator seeded by
             ``(seed, split, i)``, so the first ``n`` images do not depend on the split's size.
         classes: shape classes to draw (a subset of :data:`SHAPE_CLASSES`); COCO category ids
@@ -100,6 +102,7 @@ class ShapesSpec:
     image_size: tuple[int, int] = (256, 256)
     num_train: int = 200
     num_val: int = 50
+    num_test: int = 50
     seed: int = 0
     classes: tuple[str, ...] = SHAPE_CLASSES
     min_instances: int = 2
@@ -114,8 +117,10 @@ class ShapesSpec:
         height, width = self.image_size
         if height < 16 or width < 16:
             raise ValueError(f"image_size must be at least 16x16 pixels, got {self.image_size}")
-        if self.num_train < 0 or self.num_val < 0:
-            raise ValueError(f"image counts must be >= 0, got {self.num_train}, {self.num_val}")
+        if min(self.num_train, self.num_val, self.num_test) < 0:
+            raise ValueError(
+                f"image counts must be >= 0, got {self.num_train}, {self.num_val}, {self.num_test}"
+            )
         unknown = [c for c in self.classes if c not in SHAPE_CLASSES]
         if not self.classes or unknown or len(set(self.classes)) != len(self.classes):
             raise ValueError(
@@ -135,14 +140,14 @@ class ShapesSpec:
         object.__setattr__(self, "classes", tuple(self.classes))
 
     def num_images(self, split: str) -> int:
-        """Number of images in ``split`` (``"train"`` or ``"val"``)."""
+        """Number of images in ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
         _check_split(split)
-        return self.num_train if split == "train" else self.num_val
+        return {"train": self.num_train, "val": self.num_val, "test": self.num_test}[split]
 
     def render_key(self) -> str:
         """Short hash of everything that decides an image's content (not the split sizes)."""
         fields = dataclasses.asdict(self)
-        del fields["num_train"], fields["num_val"]
+        del fields["num_train"], fields["num_val"], fields["num_test"]
         fields["generator_version"] = GENERATOR_VERSION
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
@@ -634,7 +639,7 @@ def register_shapes(
     cache_dir: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> list[str]:
-    """Register ``{prefix}_train`` and ``{prefix}_val`` with detectron2, lazily.
+    """Register ``{prefix}_train``, ``{prefix}_val`` and ``{prefix}_test`` with detectron2, lazily.
 
     The splits are generated when first fetched with ``DatasetCatalog.get``; the metadata
     (``json_file``, ``image_root``, ``thing_classes``, ``evaluator_type="coco"``) is set now, so
