@@ -17,7 +17,7 @@ def gn_det_logs(caplog):
     return caplog
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_env(tmp_path_factory):
     """Environment in which a fresh process registers a 6-image shapes set (via sitecustomize)."""
     cache = tmp_path_factory.mktemp("cache")

@@ -258,3 +258,19 @@ def test_dockerignore_keeps_the_context_small():
     # what `pip install .` needs must stay in the context
     for kept in ("pyproject.toml", "README.md", "gn_det", "tools", "configs"):
         assert kept not in entries, kept
+
+
+def test_the_image_torch_is_inside_the_range_gn_det_claims(text):
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    claimed = {
+        Requirement(r).name: Requirement(r).specifier
+        for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    docker = _pins(text)
+    for name in ("torch", "torchvision"):
+        version = Version(docker[name].split("+")[0])  # 2.3.1+cu121 -> 2.3.1
+        assert claimed[name].contains(version), (name, str(version), str(claimed[name]))

@@ -11,6 +11,7 @@ neither gn_det nor detectron2, and against the trace of detectron2's native
 """
 
 import collections
+import inspect
 import re
 import subprocess
 import sys
@@ -226,6 +227,13 @@ def test_converted_and_native_gn_models_trace_to_the_same_graph(converted):
     assert native_ops == _aten_ops(converted["traced"])
 
 
+# torch.onnx.export's `dynamo` argument exists from torch 2.5 on; before, export() is the
+# TorchScript-based exporter anyway.
+_TORCHSCRIPT_EXPORTER = (
+    {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+)
+
+
 def test_onnx_export_matches_eager(converted, tmp_path):
     # Not in requirements/base.txt: torch.onnx.export needs `onnx` (its default dynamo exporter
     # also `onnxscript`), and comparing outputs needs `onnxruntime`.
@@ -243,7 +251,8 @@ def test_onnx_export_matches_eager(converted, tmp_path):
         # Opset >= 16: ROIAlignV2 is aligned=True, which torchvision exports only from 16 on
         # (at detectron2's STABLE_ONNX_OPSET_VERSION 11 it exports, warns, and is wrong).
         torch.onnx.export(
-            adapter, (image,), str(path), dynamo=False, opset_version=17,
+            adapter, (image,), str(path), opset_version=17,
+            **_TORCHSCRIPT_EXPORTER,
             input_names=["image"], dynamic_axes={"image": {1: "height", 2: "width"}},
         )
     graph_ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)

@@ -302,9 +302,9 @@ def _load_pickle(path: str):
 
 
 # Messages of torch's weights-only unpickler that mean "refused", not "corrupt".
-_TORCH_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_TORCH_REFUSED_GLOBAL = re.compile(r"(?:GLOBAL|Unsupported class) ([\w.]+)")  # torch>=2.4 | 2.3
 _TORCH_REFUSED_OTHER = re.compile(
-    r"(Trying to call reduce for [^.]*|Can only (?:create new object|build) [^.]*)"
+    r"(Trying to (?:call reduce|instantiate) [^.]*|Can only (?:create new object|build) [^.]*)"
 )
 _TORCH_INNER_MESSAGE = re.compile(r"WeightsUnpickler error: ([^\n]*)")
 
