@@ -68,7 +68,12 @@ CONFIGS_DIR = _configs_dir()
 
 
 def add_gn_det_config(cfg: CfgNode) -> CfgNode:
-    """Add gn_det's keys (with their defaults) to a detectron2 config, in place; returns it."""
+    """Add gn_det's keys (with their defaults) to a detectron2 config, in place; returns it.
+
+    ``MODEL.NORM_CONVERSION`` (the switch), ``SOLVER.OPTIMIZER`` / ``SOLVER.BETAS`` (AdamW as
+    an alternative to SGD) and the torchvision-backbone keys. ``SOLVER.AMP.ENABLED`` is
+    detectron2's: on CUDA its AMPTrainer (float16), on CPU gn_det's bfloat16 autocast.
+    """
     from .modeling.torchvision_backbone import add_torchvision_backbone_config
 
     _C = cfg
@@ -91,6 +96,11 @@ def add_gn_det_config(cfg: CfgNode) -> CfgNode:
     _C.MODEL.NORM_CONVERSION.EXCLUDE = []
     # Recompute conv+GN in backward instead of storing the GN input (less memory, slower step).
     _C.MODEL.NORM_CONVERSION.RECOMPUTE = False
+    # Optimizer of DefaultTrainer.build_optimizer: "SGD" (detectron2's: MOMENTUM, NESTEROV) or
+    # "AdamW" (BETAS); both with BASE_LR, WEIGHT_DECAY(_NORM/_BIAS) and gradient clipping.
+    _C.SOLVER.OPTIMIZER = "SGD"
+    # AdamW's (beta1, beta2).
+    _C.SOLVER.BETAS = (0.9, 0.999)
     add_torchvision_backbone_config(cfg)
     return cfg
 
@@ -119,6 +129,8 @@ _CONVERSION_CHECKS = {
     "EPS": lambda value: value == 0 or _positive_number(value),
 }
 
+OPTIMIZERS = ("SGD", "AdamW")  # SOLVER.OPTIMIZER
+
 
 def check_config(cfg: CfgNode) -> None:
     """Check the values of gn_det's keys (whether or not conversion is enabled).
@@ -126,6 +138,9 @@ def check_config(cfg: CfgNode) -> None:
     Raises:
         ConfigError: naming the first bad key, its value and what is allowed.
     """
+    optimizer = cfg.SOLVER.get("OPTIMIZER", "SGD")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"SOLVER.OPTIMIZER = {optimizer!r}: valid optimizers: {', '.join(OPTIMIZERS)}")
     node = cfg.MODEL.get("NORM_CONVERSION")
     if node is None:
         return

@@ -25,7 +25,17 @@ from .checkpoint import Checkpointer
 from .config import ConfigError, UnsafeConfigError, load_config, merge_overrides, resolve_config_name
 from .report import audit_norms
 
-__all__ = ["Trainer", "argument_parser", "setup", "main", "lazy_main", "launch_from_args"]
+__all__ = [
+    "CPUAutocastTrainer",
+    "Trainer",
+    "argument_parser",
+    "build_optimizer",
+    "cpu_bfloat16_supported",
+    "launch_from_args",
+    "lazy_main",
+    "main",
+    "setup",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +56,73 @@ def create_ddp_model(
     return ddp
 
 
+def cpu_bfloat16_supported() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): where it does not,
+    bfloat16 autocast is emulated and slower than float32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+class CPUAutocastTrainer(SimpleTrainer):
+    """``SimpleTrainer`` whose forward pass runs under CPU autocast in bfloat16.
+
+    detectron2's ``AMPTrainer`` is CUDA-only (float16 with a gradient scaler). bfloat16 has
+    float32's exponent range, so no loss scaling is needed. Under autocast's CPU policy
+    convolutions and linear layers compute in bfloat16; GroupNorm takes and returns their
+    bfloat16 (its CPU kernel accumulates the statistics in float32); the losses (cross-entropy,
+    BCE, smooth L1) are float32; weights, gradients and the optimizer stay float32. Evaluation
+    is not affected.
+    """
+
+    def run_step(self):
+        model = self.model
+        own = model.__dict__.get("forward")
+        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+        try:
+            super().run_step()
+        finally:
+            if own is None:
+                del model.forward  # the class's forward again
+            else:
+                model.forward = own
+
+
+def _trainer_class(cfg: CfgNode):
+    """SimpleTrainer, or with SOLVER.AMP.ENABLED: AMPTrainer on CUDA, bfloat16 autocast on CPU
+    (float32 with a warning where the CPU lacks native bfloat16)."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return SimpleTrainer
+    if cfg.MODEL.DEVICE != "cpu":
+        return AMPTrainer
+    if cpu_bfloat16_supported():
+        return CPUAutocastTrainer
+    logger.warning("SOLVER.AMP.ENABLED: this CPU has no native bfloat16 (AVX512-BF16 or AMX); "
+                   "training in float32.")
+    return SimpleTrainer
+
+
+def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """detectron2's ``build_optimizer`` (SGD), or AdamW when ``SOLVER.OPTIMIZER`` says so: the
+    same parameter groups (``WEIGHT_DECAY_NORM``, ``BIAS_LR_FACTOR``, ``WEIGHT_DECAY_BIAS``)
+    and gradient clipping (``SOLVER.CLIP_GRADIENTS``)."""
+    from detectron2.solver import build_optimizer as build_sgd
+    from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+
+    if cfg.SOLVER.get("OPTIMIZER", "SGD") == "SGD":
+        return build_sgd(cfg, model)
+    params = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    adamw = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS),
+                              weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    return maybe_add_gradient_clipping(cfg, adamw)
+
+
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with COCO evaluation, a norm audit, and DDP that also runs on CPU."""
 
@@ -60,9 +137,9 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer
-        )
+        self._trainer = _trainer_class(cfg)(model, data_loader, optimizer)
+        logger.info("Training loop: %s; optimizer: %s", type(self._trainer).__name__,
+                    type(optimizer).__name__)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -76,6 +153,10 @@ class Trainer(DefaultTrainer):
         world_size = comm.get_world_size()
         audit_norms(model, max(cfg.SOLVER.IMS_PER_BATCH // world_size, 1), world_size)
         return model
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,24 +77,12 @@ def write_atomic(path: PathLike, write: Callable[[Any], None], *, overwrite: boo
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is false.
     """
+    from .checkpoint.io import replace_atomically
+
     path = os.fspath(path)
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass --force to overwrite")
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temp_path = tempfile.mkstemp(
-        dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(temp_path, 0o644)  # mkstemp creates 0600; an image is for everyone to read
-        os.replace(temp_path, path)
-    except BaseException:
-        try:
-            os.unlink(temp_path)
-        except FileNotFoundError:
-            pass
-        raise
+    replace_atomically(path, write)
 
 
 def save_figure(figure, path: PathLike, *, dpi: int = 100, overwrite: bool = False) -> None:

@@ -62,6 +62,7 @@ def test_a_wrong_key_is_a_clear_error(tmp_path):
         (["MODEL.NORM_CONVERSION.EPS", "-1.0"], "MODEL.NORM_CONVERSION.EPS = -1.0: must be a positive number"),
         (["MODEL.NORM_CONVERSION.NUM_GROUPS", "many"], "for config key: MODEL.NORM_CONVERSION.NUM_GROUPS"),
         (["SOLVER.MAX_ITER"], "odd length"),
+        (["SOLVER.OPTIMIZER", "Adam"], "SOLVER.OPTIMIZER = 'Adam': valid optimizers: SGD, AdamW"),
     ],
 )
 def test_bad_overrides_are_one_line_config_errors_naming_the_key(opts, message):

@@ -15,7 +15,7 @@ import torchvision
 import gn_det
 from gn_det.checkpoint import Checkpointer
 from gn_det.config import load_config, resolve_config_name
-from models import TINY
+from models import TINY, resnet18_fpn_backbone
 from reference import stats_transfer_reference
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,15 +30,20 @@ def _metrics(output_dir):
     return [json.loads(line) for line in lines]
 
 
-@pytest.mark.parametrize("variant", ["frozenbn", "bn", "gn"])
+@pytest.mark.parametrize("variant", ["frozenbn", "bn", "gn", "gn_demo"])
 def test_two_iterations_of_each_shapes_config(variant, tiny_env, tmp_path):
     out = tmp_path / "out"
-    result = _train_net(["--config", f"shapes/{variant}.yaml", *TINY, "OUTPUT_DIR", str(out)],
+    # The demo evaluates on the held-out test split: so does its tiny run.
+    test_split = ["DATASETS.TEST", "('shapes_tiny_test',)"] if variant == "gn_demo" else []
+    result = _train_net(["--config", f"shapes/{variant}.yaml", *TINY, *test_split, "OUTPUT_DIR", str(out)],
                         tiny_env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "Norm layers:" in log
-    if variant == "gn":
+    if variant == "gn_demo":
+        assert "Training loop: CPUAutocastTrainer; optimizer: AdamW" in log or "no native bfloat16" in log
+        assert "Evaluation results for shapes_tiny_test in csv format" in log
+    if variant in ("gn", "gn_demo"):
         assert "ConvertedGroupNorm x" in log and "BatchNorm" not in log.split("Norm layers:")[1].splitlines()[0]
     if variant == "bn":
         assert "BatchNorm layers train on batch statistics of 2 image(s)" in log
@@ -185,3 +190,80 @@ def test_a_bad_config_is_one_line_and_exit_2_before_any_model_is_built(argv, mes
     with pytest.raises(Exception) as error:  # --debug: the exception itself, not SystemExit(2)
         launch_from_args(["--debug", *argv], prog="gn-det train")
     assert not isinstance(error.value, SystemExit)
+
+
+class _Recorder(torch.nn.Module):
+    """A detectron2-style model (inputs: list of dicts; returns a loss dict) that records the
+    dtype its convolution computed in."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.norm = torch.nn.GroupNorm(2, 4)
+        self.dtypes = []
+
+    def forward(self, batch):
+        y = self.conv(torch.stack([d["image"] for d in batch]))
+        self.dtypes.append((y.dtype, self.norm(y).dtype))
+        return {"loss": self.norm(y).float().pow(2).mean()}
+
+
+def test_cpu_autocast_trainer_runs_the_forward_in_bfloat16_and_keeps_float32_weights():
+    from gn_det.engine import CPUAutocastTrainer, SimpleTrainer
+
+    data = [[{"image": torch.rand(3, 8, 8)}]] * 3
+    runs = {}
+    for trainer_class in (SimpleTrainer, CPUAutocastTrainer):
+        torch.manual_seed(0)
+        model = _Recorder()
+        trainer = trainer_class(model, data, torch.optim.SGD(model.parameters(), lr=0.1))
+        trainer.train(0, 3)
+        runs[trainer_class] = model
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert "forward" not in model.__dict__  # the wrapper is gone after each step
+    assert runs[SimpleTrainer].dtypes == [(torch.float32, torch.float32)] * 3
+    # Convolutions compute in bfloat16; GroupNorm takes and returns their bfloat16 (autocast's
+    # CPU policy leaves it alone; its kernel accumulates the statistics in float32).
+    assert runs[CPUAutocastTrainer].dtypes == [(torch.bfloat16, torch.bfloat16)] * 3
+    a, b = runs[SimpleTrainer].conv.weight, runs[CPUAutocastTrainer].conv.weight
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.05)  # trained, and alike
+
+
+def test_amp_on_cpu_picks_bfloat16_autocast_or_falls_back_with_a_warning(monkeypatch, caplog):
+    from gn_det import engine
+
+    cfg = load_config(resolve_config_name("shapes/gn.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    assert engine._trainer_class(cfg) is engine.SimpleTrainer
+    cfg.SOLVER.AMP.ENABLED = True
+    monkeypatch.setattr(engine, "cpu_bfloat16_supported", lambda: True)
+    assert engine._trainer_class(cfg) is engine.CPUAutocastTrainer
+    monkeypatch.setattr(engine, "cpu_bfloat16_supported", lambda: False)
+    with caplog.at_level("WARNING", logger="gn_det.engine"):
+        assert engine._trainer_class(cfg) is engine.SimpleTrainer
+    assert "no native bfloat16" in caplog.text
+    cfg.MODEL.DEVICE = "cuda"
+    assert engine._trainer_class(cfg) is engine.AMPTrainer
+
+
+def test_solver_optimizer_adamw_uses_detectron2s_parameter_groups():
+    from detectron2.solver import build_optimizer as detectron2_build_optimizer
+
+    from gn_det.engine import build_optimizer
+
+    cfg = load_config(resolve_config_name("shapes/gn.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    model = gn_det.convert_norm(resnet18_fpn_backbone(freeze_at=0))
+    sgd = build_optimizer(cfg, model)
+    reference = detectron2_build_optimizer(cfg, model)
+    assert type(sgd) is type(reference) and len(sgd.param_groups) == len(reference.param_groups)
+    cfg.merge_from_list(["SOLVER.OPTIMIZER", "AdamW", "SOLVER.BASE_LR", "0.001", "SOLVER.BETAS", "(0.9, 0.99)",
+                         "SOLVER.WEIGHT_DECAY", "0.05", "SOLVER.WEIGHT_DECAY_NORM", "0.0"])
+    adamw = build_optimizer(cfg, model)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.9, 0.99)
+    decays = {id(p): g["weight_decay"] for g in adamw.param_groups for p in g["params"]}
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(decays[id(m.weight)] == 0.0 for m in norms)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(decays[id(m.weight)] == 0.05 for m in convs)
+    assert all(g["lr"] == 0.001 for g in adamw.param_groups)

@@ -125,3 +125,13 @@ def test_benchmark_recompute_runs_and_recompute_keeps_less_for_backward():
     off, on, ratio = rows["saved_mib"]
     assert 0 < on < off and ratio < 1
     assert all(v >= 0 for v in rows["peak_rss_growth_mib"][:2])
+
+
+def test_profile_train_step_smoke(tiny_env, capsys):
+    from models import TINY
+
+    assert _tool("profile_train_step").main(["--config", "shapes/gn_demo.yaml", "--iters", "1", "--autocast", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "s per step" in out and "(bf16 autocast)" in out
+    for part in ("backward", "forward: backbone + FPN", "forward: RPN", "forward: mask head", "data"):
+        assert part in out

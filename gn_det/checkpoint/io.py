@@ -41,6 +41,7 @@ __all__ = [
     "detect_format",
     "load_checkpoint_file",
     "load_safetensors_metadata",
+    "replace_atomically",
     "save_checkpoint_file",
     "write_text_atomically",
 ]
@@ -576,16 +577,23 @@ def _replace_atomically(path: str, folder: str, write: Callable[[int, str], None
     _fsync_directory(folder)
 
 
-def write_text_atomically(path, text: str) -> None:
-    """Replace the text file ``path`` atomically (e.g. detectron2's ``last_checkpoint`` tag).
+def replace_atomically(path, write: Callable[[Any], None]) -> None:
+    """Call ``write(file)`` on a temporary binary file beside ``path``, fsync it, and rename it
+    onto ``path`` (permissions from the umask): ``path`` is the old file or the complete new one.
 
     Raises:
-        OSError: the folder is missing or not writable (``path`` is left as it was).
+        OSError: the folder is missing or not writable (``path`` is left as it was); whatever
+            ``write`` raises, after removing the temporary file.
     """
     path = os.fspath(path)
-    data = text.encode("utf-8")
     _replace_atomically(path, os.path.dirname(os.path.abspath(path)),
-                        lambda fd, _: _write_through(fd, lambda f: f.write(data)))
+                        lambda fd, _: _write_through(fd, write))
+
+
+def write_text_atomically(path, text: str) -> None:
+    """Replace the text file ``path`` atomically (e.g. detectron2's ``last_checkpoint`` tag)."""
+    data = text.encode("utf-8")
+    replace_atomically(path, lambda f: f.write(data))
 
 
 def save_checkpoint_file(obj: dict, path, *, file_format: str, overwrite: bool = False) -> None:
