@@ -233,6 +233,11 @@ def _sampled_regions(model: nn.Module, proposals: int, detections: int):
             setattr(obj, attribute, value)
 
 
+def _what(item) -> str:
+    """An input, as the error messages name it: a tensor's shape, else its type."""
+    return f"a tensor of shape {tuple(item.shape)}" if isinstance(item, torch.Tensor) else type(item).__name__
+
+
 def _detectron2_images(item) -> list:
     """One input item of a detectron2 model as a list of input dicts."""
     if isinstance(item, dict):
@@ -248,8 +253,7 @@ def _detectron2_images(item) -> list:
         return [d for element in item for d in _detectron2_images(element)]
     raise ValueError(
         "detectron2 models take input dicts {'image': (C, H, W) tensor}, (C, H, W) or "
-        "(N, C, H, W) tensors, or lists of them; got "
-        + (f"a tensor of shape {tuple(item.shape)}" if isinstance(item, torch.Tensor) else type(item).__name__)
+        f"(N, C, H, W) tensors, or lists of them; got {_what(item)}"
     )
 
 
@@ -263,9 +267,7 @@ def _input_items(model: nn.Module, inputs: Iterable):
     for tensor in tensors:
         if not (isinstance(tensor, torch.Tensor) and tensor.dim() >= 2):
             raise ValueError(
-                "inputs of a plain module are batch tensors (N, C, ...) or a list of them; got "
-                + (f"a tensor of shape {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor)
-                   else type(tensor).__name__)
+                f"inputs of a plain module are batch tensors (N, C, ...) or a list of them; got {_what(tensor)}"
             )
     if len({tensor.shape[1:] for tensor in tensors}) > 1:
         raise ValueError("input batches differ in their per-sample shape (C, ...): "

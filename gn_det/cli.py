@@ -151,8 +151,7 @@ def _cmd_convert(args) -> int:
 
 
 def _images(cfg, dataset: str, count: int):
-    from . import data  # noqa: F401  (registers the shapes datasets)
-    from .data import load_images
+    from .data import load_images  # importing gn_det.data registers the shapes datasets
 
     if count < 1:
         raise UsageError(f"--calib-images must be >= 1, got {count}")

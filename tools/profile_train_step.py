@@ -62,8 +62,7 @@ def main(argv=None) -> int:
     loader = iter(build_detection_train_loader(cfg))
     times = collections.defaultdict(float)
     for name, label in PARTS.items():
-        module = model.get_submodule(name) if name else model
-        _timed(module, label, times)
+        _timed(model.get_submodule(name), label, times)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast
                 else contextlib.nullcontext())
     with EventStorage():
