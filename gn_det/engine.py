@@ -118,8 +118,14 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
         bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
     )
-    adamw = torch.optim.AdamW(params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS),
-                              weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    kwargs = dict(lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS),
+                  weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    try:
+        # One fused kernel per step: 8 ms instead of 32 (foreach) or 57 (a loop over tensors)
+        # for the shapes model on 2 CPU cores. torch < 2.4 has no fused CPU AdamW.
+        adamw = torch.optim.AdamW(params, fused=True, **kwargs)
+    except RuntimeError:
+        adamw = torch.optim.AdamW(params, foreach=True, **kwargs)
     return maybe_add_gradient_clipping(cfg, adamw)
 
 

@@ -233,7 +233,7 @@ def test_amp_on_cpu_picks_bfloat16_autocast_or_falls_back_with_a_warning(monkeyp
     from gn_det import engine
 
     cfg = load_config(resolve_config_name("shapes/gn.yaml"))
-    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE, cfg.SOLVER.AMP.ENABLED = "cpu", False
     assert engine._trainer_class(cfg) is engine.SimpleTrainer
     cfg.SOLVER.AMP.ENABLED = True
     monkeypatch.setattr(engine, "cpu_bfloat16_supported", lambda: True)
@@ -252,7 +252,7 @@ def test_solver_optimizer_adamw_uses_detectron2s_parameter_groups():
     from gn_det.engine import build_optimizer
 
     cfg = load_config(resolve_config_name("shapes/gn.yaml"))
-    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE, cfg.SOLVER.OPTIMIZER = "cpu", "SGD"
     model = gn_det.convert_norm(resnet18_fpn_backbone(freeze_at=0))
     sgd = build_optimizer(cfg, model)
     reference = detectron2_build_optimizer(cfg, model)
@@ -267,3 +267,19 @@ def test_solver_optimizer_adamw_uses_detectron2s_parameter_groups():
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(decays[id(m.weight)] == 0.05 for m in convs)
     assert all(g["lr"] == 0.001 for g in adamw.param_groups)
+    # Fused where this torch has a fused CPU AdamW (>= 2.4): the same step as torch's loop.
+    assert adamw.defaults["fused"] if torch.__version__ >= (2, 4) else adamw.defaults["foreach"]
+    kernel = ("params", "fused", "foreach")
+    loop = torch.optim.AdamW([{**{k: v for k, v in g.items() if k not in kernel},
+                               "params": [p.detach().clone() for p in g["params"]]}
+                              for g in adamw.param_groups], foreach=False, fused=False)
+    for group, reference_group in zip(adamw.param_groups, loop.param_groups):
+        for p, q in zip(group["params"], reference_group["params"]):
+            p.grad = torch.linspace(-1, 1, p.numel()).reshape(p.shape)
+            q.grad = p.grad.clone()
+    for _ in range(3):
+        adamw.step()
+        loop.step()
+    for group, reference_group in zip(adamw.param_groups, loop.param_groups):
+        for p, q in zip(group["params"], reference_group["params"]):
+            torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)

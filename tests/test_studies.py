@@ -1,6 +1,7 @@
 """The study scripts run (smoke mode), so they cannot rot."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 from PIL import Image
@@ -33,30 +34,56 @@ def test_small_batch_study_smoke(tmp_path, capsys):
     assert study.main(argv) == 0
     table = capsys.readouterr().out
     # 4 images seen in every cell; LR scaled linearly from the config's rate at 2 images.
-    assert "| GN | 1 | 4 | 0.01 |" in table
-    assert "| GN | 2 | 2 | 0.02 |" in table
-    assert "| no norm (FrozenBN) | 2 | 2 | 0.002 |" in table
+    assert "| GN | 1 | 4 | 0.00025 | 1 |" in table
+    assert "| GN | 2 | 2 | 0.0005 | 1 |" in table
+    assert "| no norm (FrozenBN) | 2 | 2 | 0.0005 | 1 |" in table
     assert Image.open(out / "small_batch.png").size == (900, 360)
-    for cell in ("gn_b1", "gn_b2", "frozenbn_b1", "frozenbn_b2"):
-        assert (out / cell / "metrics.json").is_file()
+    cells = ("gn_b1_lr0.0005_s1", "gn_b2_lr0.0005_s1", "frozenbn_b1_lr0.0005_s1", "frozenbn_b2_lr0.0005_s1")
+    for cell in cells:
+        record = json.loads((out / cell / "run.json").read_text())
+        # Chosen on shapes_val, reported on the held-out shapes_test too: both evaluated.
+        assert set(record["final"]) == {"shapes_val", "shapes_test"}
+        assert record["box_ap"] == record["final"]["shapes_val"]["box_ap"]
     # Finished cells are read back, not retrained; the plot is not replaced without --force.
-    before = (out / "gn_b1" / "metrics.json").stat().st_mtime_ns
+    before = (out / cells[0] / "metrics.json").stat().st_mtime_ns
     assert study.main(argv + ["--force"]) == 0
-    assert (out / "gn_b1" / "metrics.json").stat().st_mtime_ns == before
+    assert (out / cells[0] / "metrics.json").stat().st_mtime_ns == before
     # --report-only trains nothing: a cell that never ran is named and left out.
     capsys.readouterr()
     assert study.main(argv + ["--force", "--report-only", "--batches", "1", "2", "4"]) == 0
     captured = capsys.readouterr()
-    assert "gn at 4: not run" in captured.err and "| GN | 4 |" not in captured.out
-    assert not (out / "gn_b4").exists()
+    assert "gn at 4, LR 0.0005, seed 1: not run" in captured.err and "| GN | 4 |" not in captured.out
+    assert not (out / "gn_b4_lr0.0005_s1").exists()
+    # An LR sweep with two seeds reports mean ± half the spread, grouped per LR.
+    assert study.main(argv + ["--force", "--report-only", "--batches", "2", "--seeds", "1", "2"]) == 0
+    assert "| GN | 2 | 2 | 0.0005 | 1 |" in capsys.readouterr().out  # seed 2 never ran
 
 
 def test_small_batch_schedule_is_fixed_in_images():
-    schedule = _tool("small_batch_study").schedule
-    assert schedule(0.02, 8, 640) == ["SOLVER.IMS_PER_BATCH", "8", "SOLVER.BASE_LR", "0.08",
-                                      "SOLVER.MAX_ITER", "80", "SOLVER.WARMUP_ITERS", "25",
-                                      "SOLVER.STEPS", "(62,)"]
-    assert schedule(0.02, 1, 640)[5::2] == ["640", "200", "(499,)"]
+    study = _tool("small_batch_study")
+    config = study.config_schedule("gn")
+    assert config == {"batch": 2, "base_lr": 0.0005, "images": 3600, "warmup_images": 200,
+                      "step_fractions": [1450 / 1800]}
+    assert study.schedule(config, 0.0005, 8, 3600) == [
+        "SOLVER.IMS_PER_BATCH", "8", "SOLVER.BASE_LR", "0.002", "SOLVER.MAX_ITER", "450",
+        "SOLVER.WARMUP_ITERS", "25", "SOLVER.STEPS", "(362,)"]
+    assert study.schedule(config, 0.001, 1, 3600)[3::2] == ["0.0005", "3600", "200", "(2900,)"]
+    # Two LR drops stay two; a drop that would land on step 0 is dropped.
+    two = {**config, "step_fractions": [0.5, 0.75]}
+    assert study.schedule(two, 0.0005, 2, 400)[-1] == "(100,150,)"
+    assert study.schedule(two, 0.0005, 2, 2)[-1] == "()"
+
+
+def test_small_batch_best_lr_is_chosen_on_val():
+    study = _tool("small_batch_study")
+    runs = [{"norm": "bn", "batch": 2, "base_lr": lr, "seed": 1, "seconds": 60.0, "box_ap": val,
+             "mask_ap": val, "final": {"shapes_val": {"box_ap": val, "mask_ap": val},
+                                       "shapes_test": {"box_ap": test, "mask_ap": test}}}
+            for lr, val, test in ((0.001, 40.0, 50.0), (0.0005, 45.0, 44.0), (0.002, float("nan"), float("nan")))]
+    rows = study.summarize(runs)
+    assert [r["base_lr"] for r in rows] == [0.0005, 0.001, 0.002]
+    best = study.best_rows(rows)
+    assert len(best) == 1 and best[0]["base_lr"] == 0.0005 and best[0]["shapes_test/box_ap"] == (44.0, 0.0)
 
 
 def test_benchmark_norms_smoke(tmp_path):

@@ -22,6 +22,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from gn_det.config import load_config, merge_overrides, resolve_config_name
+from gn_det.engine import build_optimizer
 
 PARTS = {
     "backbone.bottom_up": "forward: backbone bottom-up",
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     cfg.MODEL.DEVICE, cfg.DATALOADER.NUM_WORKERS = "cpu", 0
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    optimizer = build_optimizer(cfg, model)  # the training's own: SGD or AdamW as configured
     loader = iter(build_detection_train_loader(cfg))
     times = collections.defaultdict(float)
     for name, label in PARTS.items():

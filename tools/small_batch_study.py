@@ -2,19 +2,24 @@
 """The small-batch study: box and mask AP against images per batch for BN, GN and no norm.
 
     tools/small_batch_study.py --output-dir output/small_batch --plot docs/images/small_batch.png
+    tools/small_batch_study.py --batches 2 --base-lrs 0.00025 0.0005 0.001   # an LR sweep
     tools/small_batch_study.py --smoke --output-dir /tmp/sb     # seconds per cell (tests)
 
 The GN paper's Figure 1 on the shapes dataset: the shapes Mask R-CNN (R-18-FPN, from scratch)
 trained with each norm config (``shapes/bn.yaml``, ``shapes/gn.yaml``, ``shapes/frozenbn.yaml``,
 the last being "no norm": FrozenBN at the identity) at 1, 2, 4 and 8 images per batch. Every
-run sees the same number of images (``--images``); the learning rate is the config's rate per
-image times the batch (linear scaling), the warmup and the LR step are fixed in images too. Each
-cell is one ``tools/train_net.py`` process (its own OUTPUT_DIR, metrics.json and final COCO
-evaluation on ``shapes_val``; ``gn_det.studies.runs``); a cell that already finished is read,
-not rerun, so an interrupted grid resumes. ``--jobs 2`` runs two cells at a time, one thread each.
+run sees the same number of images (``--images``, by default the configs' own: 1,800 steps of 2
+images); the learning rate is the config's rate per image times the batch (linear scaling), or
+each of ``--base-lrs`` (rates at the configs' 2 images per batch, scaled the same way); warmup
+and LR drop are fixed in images, at the configs' fractions. Each cell is one ``gn-det train``
+process (its own OUTPUT_DIR, metrics.json and COCO evaluations, ``gn_det.studies.runs``),
+evaluated on ``shapes_val`` (every ``--eval-period`` images and at the end) and, at the end, on
+the held-out ``shapes_test``; a cell that already finished is read, not rerun, so an interrupted
+grid resumes. ``--jobs 2`` runs two cells at a time, one thread each.
 
-Prints a markdown table of box AP / mask AP per cell and writes the PNG (AP against images per
-batch, one line per norm) and ``results.json`` in ``--output-dir``.
+Prints a markdown table (per norm, batch and LR: box and mask AP on both splits, mean and
+spread over ``--seeds``) and writes the PNG (AP against images per batch, one line per norm at
+its best LR on ``shapes_val``) and ``results.json`` in ``--output-dir``.
 """
 
 from __future__ import annotations
@@ -22,72 +27,116 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
 NORMS = {"bn": "BN", "gn": "GN", "frozenbn": "no norm (FrozenBN)"}
-# The configs' own schedule (Base-shapes.yaml) at 2 images per batch, stated in images.
-CONFIG_BATCH = 2
-WARMUP_IMAGES = 200
-STEP_FRACTION = 0.78  # LR drop at 350 of 450 iterations in the configs
+SPLITS = ("shapes_val", "shapes_test")  # choose on the first, report the second too
 
 
-def schedule(base_lr: float, batch: int, images: int) -> list:
-    """detectron2 overrides for ``batch`` images per batch and ``images`` images seen."""
-    iterations = max(1, images // batch)
-    step = min(round(iterations * STEP_FRACTION), iterations - 1)
-    return ["SOLVER.IMS_PER_BATCH", str(batch),
-            "SOLVER.BASE_LR", repr(base_lr / CONFIG_BATCH * batch),
-            "SOLVER.MAX_ITER", str(iterations),
-            "SOLVER.WARMUP_ITERS", str(max(1, WARMUP_IMAGES // batch)),
-            "SOLVER.STEPS", f"({step},)" if step >= 1 else "()"]
-
-
-def _config_lr(norm: str) -> float:
+def config_schedule(norm: str) -> dict:
+    """The config's own schedule: batch, LR, and warmup, LR drop and length in images."""
     from gn_det.config import load_config, resolve_config_name
 
-    cfg = load_config(resolve_config_name(f"shapes/{norm}.yaml"))
-    if cfg.SOLVER.IMS_PER_BATCH != CONFIG_BATCH:
-        raise ValueError(f"shapes/{norm}.yaml: IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH}, "
-                         f"expected {CONFIG_BATCH}")
-    return cfg.SOLVER.BASE_LR
+    solver = load_config(resolve_config_name(f"shapes/{norm}.yaml")).SOLVER
+    batch = solver.IMS_PER_BATCH
+    return {"batch": batch, "base_lr": solver.BASE_LR, "images": solver.MAX_ITER * batch,
+            "warmup_images": solver.WARMUP_ITERS * batch,
+            "step_fractions": [step / solver.MAX_ITER for step in solver.STEPS]}
 
 
-def run_cell(norm: str, batch: int, args, base_lr: float) -> dict:
+def schedule(config: dict, base_lr: float, batch: int, images: int) -> list:
+    """detectron2 overrides for ``batch`` images per batch and ``images`` images seen, with
+    ``base_lr`` the rate at the config's batch (scaled linearly)."""
+    iterations = max(1, images // batch)
+    steps = [min(round(iterations * f), iterations - 1) for f in config["step_fractions"]]
+    steps = [s for s in steps if s >= 1]
+    return ["SOLVER.IMS_PER_BATCH", str(batch),
+            "SOLVER.BASE_LR", repr(base_lr / config["batch"] * batch),
+            "SOLVER.MAX_ITER", str(iterations),
+            "SOLVER.WARMUP_ITERS", str(max(1, config["warmup_images"] // batch)),
+            "SOLVER.STEPS", f"({''.join(f'{s},' for s in steps)})"]
+
+
+def run_cell(norm: str, batch: int, base_lr: float, seed: int, args, config: dict) -> dict:
     """Train and evaluate one cell in its own process (or read its finished results)."""
     from gn_det.studies.runs import SMOKE_OPTS, finished_run, threads_per_job, train_run
 
-    run_dir = Path(args.output_dir) / f"{norm}_b{batch}"
+    cell = {"norm": norm, "batch": batch, "base_lr": base_lr, "seed": seed}
+    run_dir = Path(args.output_dir) / f"{norm}_b{batch}_lr{base_lr:g}_s{seed}"
+    cell["run_dir"] = str(run_dir)
     if args.report_only:
         record = finished_run(run_dir)
-        return None if record is None else {"norm": norm, "batch": batch, "run_dir": str(run_dir), **record}
-    opts = [*schedule(base_lr, batch, args.images), "SEED", str(args.seed), *(SMOKE_OPTS if args.smoke else [])]
-    record = train_run(f"shapes/{norm}.yaml", opts, run_dir, threads=threads_per_job(args.jobs))
-    return {"norm": norm, "batch": batch, "run_dir": str(run_dir), **record}
+        return None if record is None else {**cell, **record}
+    images = args.images or config["images"]
+    opts = [*schedule(config, base_lr, batch, images), "SEED", str(seed),
+            "TEST.EVAL_PERIOD", str(max(1, args.eval_period // batch) if args.eval_period else 0),
+            *(SMOKE_OPTS if args.smoke else [])]
+    record = train_run(f"shapes/{norm}.yaml", opts, run_dir, threads=threads_per_job(args.jobs),
+                       datasets=SPLITS)
+    return {**cell, **record}
 
 
-def _plot(cells, path, *, images: int, overwrite: bool) -> None:
+def summarize(cells) -> list:
+    """One row per (norm, batch, LR): mean and spread (max - min) of each AP over the seeds."""
+    groups = {}
+    for c in cells:
+        groups.setdefault((c["norm"], c["batch"], c["base_lr"]), []).append(c)
+    rows = []
+    for (norm, batch, base_lr), runs in sorted(groups.items(), key=lambda kv: (list(NORMS).index(kv[0][0]), *kv[0][1:])):
+        row = {"norm": norm, "batch": batch, "base_lr": base_lr, "seeds": len(runs),
+               "minutes": statistics.mean(r["seconds"] for r in runs) / 60}
+        for split in SPLITS:
+            for key in ("box_ap", "mask_ap"):
+                values = [r.get("final", {}).get(split, {}).get(key, math.nan) for r in runs]
+                row[f"{split}/{key}"] = (statistics.mean(values), max(values) - min(values))
+        rows.append(row)
+    return rows
+
+
+def best_rows(rows) -> list:
+    """Per norm and batch, the row of the LR with the best mean box AP on ``shapes_val``."""
+    best = {}
+    for row in rows:
+        key = (row["norm"], row["batch"])
+        score = row[f"{SPLITS[0]}/box_ap"][0]
+        if key not in best or (not math.isnan(score) and not score <= best[key][f"{SPLITS[0]}/box_ap"][0]):
+            best[key] = row
+    return list(best.values())
+
+
+def _plot(rows, path, *, images: int, overwrite: bool) -> None:
     from matplotlib.figure import Figure
 
     from gn_det.visualize import save_figure
 
     figure = Figure(figsize=(9, 3.6), layout="constrained")
     axes = figure.subplots(1, 2)
+    split = SPLITS[1]
     for ax, key, title in zip(axes, ("box_ap", "mask_ap"), ("box AP", "mask AP")):
         for index, norm in enumerate(NORMS):
-            points = sorted((c["batch"], c[key]) for c in cells if c["norm"] == norm)
+            points = sorted((r["batch"], *r[f"{split}/{key}"]) for r in rows if r["norm"] == norm)
             if points:
-                ax.plot(*zip(*points), marker="o", color=f"C{index}", label=NORMS[norm])
+                batches, means, spreads = zip(*points)
+                ax.errorbar(batches, means, yerr=[s / 2 for s in spreads], marker="o", capsize=3,
+                            color=f"C{index}", label=NORMS[norm])
         ax.set_xscale("log", base=2)
-        batches = sorted({c["batch"] for c in cells})
+        batches = sorted({r["batch"] for r in rows})
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_xlabel("images per batch")
         ax.set_ylabel(title)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.set_title(f"{title}, shapes_val, {images} images seen", fontsize=10)
+        ax.set_title(f"{title}, {split}, {images} images seen", fontsize=10)
     axes[0].legend()
     save_figure(figure, path, overwrite=overwrite)
+
+
+def _cell(row, split, key) -> str:
+    mean, spread = row[f"{split}/{key}"]
+    return f"{mean:.1f}" + (f" ± {spread / 2:.1f}" if row["seeds"] > 1 else "")
 
 
 def main(argv=None) -> int:
@@ -96,43 +145,56 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", default=None, help="PNG to write (default: in --output-dir)")
     parser.add_argument("--norms", nargs="+", choices=list(NORMS), default=list(NORMS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
-    parser.add_argument("--images", type=int, default=640, help="images seen per run (default 640)")
+    parser.add_argument("--base-lrs", nargs="+", type=float, default=None,
+                        help="LRs at the configs' batch, each a cell (default: each config's own)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    parser.add_argument("--images", type=int, default=None,
+                        help="images seen per run (default: the configs' MAX_ITER x IMS_PER_BATCH)")
+    parser.add_argument("--eval-period", type=int, default=1200,
+                        help="evaluate shapes_val every this many images (0: only at the end)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at a time (default 1)")
-    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--force", action="store_true", help="overwrite --plot")
     parser.add_argument("--smoke", action="store_true", help="tiny images and 4 images seen (tests)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: report and plot the cells that finished")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.images = min(args.images, 4)
-    if min(args.batches) < 1 or args.jobs < 1 or args.images < 1:
+        args.images, args.eval_period = min(args.images or 4, 4), 0
+    if min(args.batches) < 1 or args.jobs < 1 or (args.images is not None and args.images < 1):
         parser.error("--batches, --jobs and --images must be positive")
+    if args.base_lrs is not None and min(args.base_lrs) <= 0:
+        parser.error("--base-lrs must be positive")
     plot = Path(args.plot or Path(args.output_dir) / "small_batch.png")
     if plot.exists() and not args.force:
         parser.error(f"{plot} exists; pass --force to overwrite")
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    lrs = {norm: _config_lr(norm) for norm in args.norms}
-    grid = [(norm, batch) for batch in sorted(args.batches) for norm in args.norms]
+    configs = {norm: config_schedule(norm) for norm in args.norms}
+    grid = [(norm, batch, lr, seed) for batch in sorted(args.batches) for norm in args.norms
+            for lr in (args.base_lrs or [configs[norm]["base_lr"]]) for seed in args.seeds]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        cells = list(pool.map(lambda nb: run_cell(*nb, args, lrs[nb[0]]), grid))
-    for (norm, batch), cell in zip(grid, cells):
+        cells = list(pool.map(lambda g: run_cell(*g, args, configs[g[0]]), grid))
+    for (norm, batch, lr, seed), cell in zip(grid, cells):
         if cell is None:
-            print(f"{norm} at {batch}: not run (--report-only)", file=sys.stderr)
+            print(f"{norm} at {batch}, LR {lr:g}, seed {seed}: not run (--report-only)", file=sys.stderr)
     cells = [c for c in cells if c is not None]
     (Path(args.output_dir) / "results.json").write_text(json.dumps(cells, indent=1))
-    print(f"| norm | images/batch | iterations | LR | box AP | mask AP | minutes |")
-    print("|---|---|---|---|---|---|---|")
-    for c in cells:
-        lr = lrs[c["norm"]] / CONFIG_BATCH * c["batch"]
-        minutes = f"{c['seconds'] / 60:.1f}"
-        print(f"| {NORMS[c['norm']]} | {c['batch']} | {args.images // c['batch']} | {lr:g} | "
-              f"{c['box_ap']:.1f} | {c['mask_ap']:.1f} | {minutes} |")
+    rows = summarize(cells)
+    val, test = SPLITS
+    print(f"| norm | images/batch | iterations | LR | seeds | box AP {val} | mask AP {val} | "
+          f"box AP {test} | mask AP {test} | minutes per run |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        config = configs[row["norm"]]
+        images = args.images or config["images"]
+        lr = row["base_lr"] / config["batch"] * row["batch"]
+        print(f"| {NORMS[row['norm']]} | {row['batch']} | {images // row['batch']} | {lr:g} | "
+              f"{row['seeds']} | {_cell(row, val, 'box_ap')} | {_cell(row, val, 'mask_ap')} | "
+              f"{_cell(row, test, 'box_ap')} | {_cell(row, test, 'mask_ap')} | {row['minutes']:.1f} |")
     for c in cells:
         if "failure" in c:
-            print(f"{c['norm']} at {c['batch']}: failed ({c['failure']}); see {c['run_dir']}/stdout.txt",
-                  file=sys.stderr)
-    _plot(cells, plot, images=args.images, overwrite=args.force)
+            print(f"{c['run_dir']}: failed ({c['failure']}); see {c['run_dir']}/stdout.txt", file=sys.stderr)
+    images = args.images or max(config["images"] for config in configs.values())
+    _plot(best_rows(rows), plot, images=images, overwrite=args.force)
     print(f"Wrote {plot}")
     return 0
 

@@ -34,15 +34,17 @@ def threads_per_job(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def evaluations(run_dir) -> List[Dict[str, float]]:
+def evaluations(run_dir, dataset: Optional[str] = None) -> List[Dict[str, float]]:
     """Every COCO evaluation in ``run_dir/metrics.json``: ``iteration`` (iterations trained
     when it ran), ``box_ap``, ``mask_ap``.
 
     detectron2 logs a periodic evaluation at the index of the iteration just done (period - 1)
     and the final one at MAX_ITER; both become the number of iterations trained. Its
     COCOEvaluator reports NaN when the model predicted nothing; that is AP 0. Lines that are not
-    JSON (a run killed mid-write) are skipped.
+    JSON (a run killed mid-write) are skipped. With several test datasets detectron2 prefixes
+    each result with its dataset's name: ``dataset`` picks one.
     """
+    prefix = f"{dataset}/" if dataset else ""
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         return []
@@ -58,11 +60,11 @@ def evaluations(run_dir) -> List[Dict[str, float]]:
     last = max(trained, default=None)
     found = {}
     for record in records:
-        if "bbox/AP" not in record:
+        if f"{prefix}bbox/AP" not in record:
             continue
         iteration = record["iteration"] if last is None else min(record["iteration"] + 1, last)
         ap = {key: float(record.get(name, math.nan))
-              for key, name in (("box_ap", "bbox/AP"), ("mask_ap", "segm/AP"))}
+              for key, name in (("box_ap", f"{prefix}bbox/AP"), ("mask_ap", f"{prefix}segm/AP"))}
         found[iteration] = {key: 0.0 if math.isnan(value) else value for key, value in ap.items()}
     return [{"iteration": i, **found[i]} for i in sorted(found)]
 
@@ -73,19 +75,24 @@ def finished_run(run_dir) -> Optional[dict]:
     return json.loads(done.read_text()) if done.is_file() else None
 
 
-def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[int] = None) -> dict:
+def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[int] = None,
+              datasets: Sequence[str] = ()) -> dict:
     """Train (and evaluate) ``config`` with ``opts`` into ``run_dir`` in a child process.
 
     Returns a record with ``returncode``, ``seconds``, ``evaluations`` and the final
     ``box_ap``/``mask_ap`` (NaN, with ``failure`` = the last line of its output, when the run
     stopped without evaluating: detectron2 stops on a non-finite loss, so divergence shows here).
     A run whose record says it finished is not run again. Output goes to ``run_dir/stdout.txt``.
+    ``datasets``, if given, replace the config's test datasets: ``evaluations``, ``box_ap`` and
+    ``mask_ap`` are then the first one's, and ``final`` holds each one's last evaluation.
     """
     run_dir = Path(run_dir)
     done = run_dir / _DONE
     if done.is_file():
         return finished_run(run_dir)
-    command = [*TRAIN_COMMAND, "--config", config, *opts, "OUTPUT_DIR", str(run_dir)]
+    datasets = list(datasets)
+    test_opts = ["DATASETS.TEST", repr(tuple(datasets))] if datasets else []
+    command = [*TRAIN_COMMAND, "--config", config, *opts, *test_opts, "OUTPUT_DIR", str(run_dir)]
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -94,7 +101,13 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
     with open(run_dir / "stdout.txt", "w") as log:
         returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     record = {"config": config, "opts": list(opts), "returncode": returncode,
-              "seconds": time.perf_counter() - start, "evaluations": evaluations(run_dir)}
+              "seconds": time.perf_counter() - start}
+    # One test dataset: detectron2 reports it unprefixed; several: each under its name.
+    names = datasets if len(datasets) > 1 else [None]
+    curves = {name: evaluations(run_dir, name) for name in names}
+    record["evaluations"] = curves[names[0]]
+    if len(datasets) > 1:
+        record["final"] = {name: curve[-1] for name, curve in curves.items() if curve}
     final = record["evaluations"][-1] if returncode == 0 and record["evaluations"] else None
     if final is None:
         tail = (run_dir / "stdout.txt").read_text(errors="replace").strip().splitlines()[-1:]
