@@ -157,8 +157,12 @@ def test_benchmark_recompute_runs_and_recompute_keeps_less_for_backward():
 def test_profile_train_step_smoke(tiny_env, capsys):
     from models import TINY
 
-    assert _tool("profile_train_step").main(["--config", "shapes/gn_demo.yaml", "--iters", "1", "--autocast", *TINY]) == 0
+    argv = ["--config", "shapes/gn_demo.yaml", "--iters", "1", "--autocast", "--ops", "5", *TINY]
+    assert _tool("profile_train_step").main(argv) == 0
     out = capsys.readouterr().out
     assert "s per step" in out and "(bf16 autocast)" in out
     for part in ("backward", "forward: backbone + FPN", "forward: RPN", "forward: mask head", "data"):
         assert part in out
+    # The op table: the 5 ops of most self time.
+    table = out.split("torch.profiler, 1 steps:")[1]
+    assert table.count("aten::") + table.count("torchvision::") >= 1 and "Self CPU" in table

@@ -137,6 +137,22 @@ def test_plot_metrics_panels_follow_the_keys_present(runs, tmp_path):
         assert image.size == (1200, 600)
 
 
+def test_plot_metrics_has_a_panel_per_test_dataset(tmp_path):
+    from gn_det.visualize import _panels, read_metrics
+
+    # Two test datasets: detectron2 prefixes each result with the dataset's name.
+    run = _write_run(tmp_path / "two_splits", [
+        json.dumps({"iteration": 9, "total_loss": 2.0}),
+        json.dumps({"iteration": 9, "shapes_val/bbox/AP": 30.0, "shapes_val/segm/AP": 29.0,
+                    "shapes_test/bbox/AP": 35.0, "shapes_test/segm/AP": 33.0})])
+    assert [key for key, _ in _panels([read_metrics(run)])] == [
+        "total_loss", "shapes_test/bbox/AP", "shapes_val/bbox/AP", "shapes_test/segm/AP", "shapes_val/segm/AP"]
+    output = tmp_path / "two_splits.png"
+    assert _tool("plot_metrics")([str(run), "--output", str(output)]) == 0
+    with Image.open(output) as image:
+        assert image.size == (1200, 600)  # 5 panels, 3 to a row
+
+
 def test_plot_metrics_bad_input(runs, tmp_path, capsys):
     main = _tool("plot_metrics")
     assert main([str(tmp_path / "no_run"), "--output", str(tmp_path / "x.png")]) == 2

@@ -7,6 +7,8 @@ Builds the config's model and training loader in this process (no data-loader wo
 ``--iters`` steps after 2 warm-up steps, and prints the mean milliseconds per step of each part
 (forward times nest: the backbone includes its bottom-up, the ROI heads their box and mask
 heads). ``--autocast`` runs the forward in bfloat16 as ``SOLVER.AMP.ENABLED`` does on a CPU.
+``--ops N`` also runs the measured steps under ``torch.profiler`` and prints its N ops of most
+self time (the profiler's overhead is in those steps' times).
 Numbers from docs/benchmarks.md ("The demo recipe") came from this script.
 """
 
@@ -52,6 +54,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="config name or path (shapes/gn.yaml)")
     parser.add_argument("--iters", type=int, default=8, help="measured steps (after 2 warm-up)")
     parser.add_argument("--autocast", action="store_true", help="bfloat16 autocast forward (CPU)")
+    parser.add_argument("--ops", type=int, default=0, help="print the N ops of most self time")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides")
     args = parser.parse_args(argv)
 
@@ -66,9 +69,12 @@ def main(argv=None) -> int:
         _timed(model.get_submodule(name), label, times)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast
                 else contextlib.nullcontext())
-    with EventStorage():
+    profiler = contextlib.ExitStack()
+    with EventStorage(), profiler:
         for step in range(args.iters + 2):
             if step == 2:
+                if args.ops:
+                    ops = profiler.enter_context(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]))
                 times.clear()
                 start = time.perf_counter()
             tick = time.perf_counter()
@@ -90,6 +96,9 @@ def main(argv=None) -> int:
           f"{total / args.iters:.3f} s per step ({torch.get_num_threads()} threads)")
     for label, seconds in sorted(times.items(), key=lambda item: -item[1]):
         print(f"  {label:28s} {seconds / args.iters * 1000:8.1f} ms")
+    if args.ops:
+        print(f"torch.profiler, {args.iters} steps:")
+        print(ops.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.ops))
     return 0
 
 
