@@ -34,9 +34,9 @@ def test_small_batch_study_smoke(tmp_path, capsys):
     assert study.main(argv) == 0
     table = capsys.readouterr().out
     # 4 images seen in every cell; LR scaled linearly from the config's rate at 2 images.
-    assert "| GN | 1 | 4 | 0.00025 | 1 |" in table
-    assert "| GN | 2 | 2 | 0.0005 | 1 |" in table
-    assert "| no norm (FrozenBN) | 2 | 2 | 0.0005 | 1 |" in table
+    assert "| GN | 1 | 1 | 4 | 0.00025 | 1 |" in table
+    assert "| GN | 2 | 1 | 2 | 0.0005 | 1 |" in table
+    assert "| no norm (FrozenBN) | 2 | 1 | 2 | 0.0005 | 1 |" in table
     assert Image.open(out / "small_batch.png").size == (900, 360)
     cells = ("gn_b1_lr0.0005_s1", "gn_b2_lr0.0005_s1", "frozenbn_b1_lr0.0005_s1", "frozenbn_b2_lr0.0005_s1")
     for cell in cells:
@@ -56,7 +56,19 @@ def test_small_batch_study_smoke(tmp_path, capsys):
     assert not (out / "gn_b4_lr0.0005_s1").exists()
     # An LR sweep with two seeds reports mean ± half the spread, grouped per LR.
     assert study.main(argv + ["--force", "--report-only", "--batches", "2", "--seeds", "1", "2"]) == 0
-    assert "| GN | 2 | 2 | 0.0005 | 1 |" in capsys.readouterr().out  # seed 2 never ran
+    assert "| GN | 2 | 1 | 2 | 0.0005 | 1 |" in capsys.readouterr().out  # seed 2 never ran
+
+
+def test_small_batch_study_syncbn_cell_runs_processes(tmp_path, capsys):
+    """A SyncBN cell: 2 gloo processes of 1 image, one BN batch of 2; LR for the 2 images."""
+    out = tmp_path / "study"
+    argv = ["--smoke", "--output-dir", str(out), "--norms", "syncbn", "--batches", "1", "--processes", "2"]
+    assert _tool("small_batch_study").main(argv) == 0
+    assert "| SyncBN | 1 | 2 | 2 | 0.0005 | 1 |" in capsys.readouterr().out
+    run = out / "syncbn2_b1_lr0.0005_s1"
+    assert json.loads((run / "run.json").read_text())["processes"] == 2
+    log = (run / "log.txt").read_text()
+    assert "World size: 2" in log and "NaiveSyncBatchNorm" in log
 
 
 def test_small_batch_schedule_is_fixed_in_images():

@@ -6,8 +6,9 @@
     tools/small_batch_study.py --smoke --output-dir /tmp/sb     # seconds per cell (tests)
 
 The GN paper's Figure 1 on the shapes dataset: the shapes Mask R-CNN (R-18-FPN, from scratch)
-trained with each norm config (``shapes/bn.yaml``, ``shapes/gn.yaml``, ``shapes/frozenbn.yaml``,
-the last being "no norm": FrozenBN at the identity) at 1, 2, 4 and 8 images per batch. Every
+trained with each norm config (``shapes/bn.yaml``; ``shapes/syncbn.yaml``, run as ``--processes``
+gloo processes whose BN statistics are all-reduced; ``shapes/gn.yaml``; ``shapes/frozenbn.yaml``,
+"no norm": FrozenBN at the identity) at 1, 2, 4 and 8 images per batch (per process). Every
 run sees the same number of images (``--images``, by default the configs' own: 1,800 steps of 2
 images); the learning rate is the config's rate per image times the batch (linear scaling), or
 each of ``--base-lrs`` (rates at the configs' 2 images per batch, scaled the same way); warmup
@@ -32,7 +33,7 @@ import statistics
 import sys
 from pathlib import Path
 
-NORMS = {"bn": "BN", "gn": "GN", "frozenbn": "no norm (FrozenBN)"}
+NORMS = {"bn": "BN", "syncbn": "SyncBN", "gn": "GN", "frozenbn": "no norm (FrozenBN)"}
 SPLITS = ("shapes_val", "shapes_test")  # choose on the first, report the second too
 
 
@@ -64,18 +65,22 @@ def run_cell(norm: str, batch: int, base_lr: float, seed: int, args, config: dic
     """Train and evaluate one cell in its own process (or read its finished results)."""
     from gn_det.studies.runs import SMOKE_OPTS, finished_run, threads_per_job, train_run
 
-    cell = {"norm": norm, "batch": batch, "base_lr": base_lr, "seed": seed}
-    run_dir = Path(args.output_dir) / f"{norm}_b{batch}_lr{base_lr:g}_s{seed}"
+    # SyncBN: --processes processes of ``batch`` images each, one BN batch of all their images.
+    processes = args.processes if norm == "syncbn" else 1
+    cell = {"norm": norm, "batch": batch, "processes": processes, "base_lr": base_lr, "seed": seed}
+    name = f"{norm}{processes if processes > 1 else ''}_b{batch}_lr{base_lr:g}_s{seed}"
+    run_dir = Path(args.output_dir) / name
     cell["run_dir"] = str(run_dir)
     if args.report_only:
         record = finished_run(run_dir)
         return None if record is None else {**cell, **record}
     images = args.images or config["images"]
-    opts = [*schedule(config, base_lr, batch, images), "SEED", str(seed),
-            "TEST.EVAL_PERIOD", str(max(1, args.eval_period // batch) if args.eval_period else 0),
+    step_images = batch * processes
+    opts = [*schedule(config, base_lr, step_images, images), "SEED", str(seed),
+            "TEST.EVAL_PERIOD", str(max(1, args.eval_period // step_images) if args.eval_period else 0),
             *(SMOKE_OPTS if args.smoke else [])]
-    record = train_run(f"shapes/{norm}.yaml", opts, run_dir, threads=threads_per_job(args.jobs),
-                       datasets=SPLITS)
+    record = train_run(f"shapes/{norm}.yaml", opts, run_dir, datasets=SPLITS, processes=processes,
+                       threads=max(1, threads_per_job(args.jobs) // processes))
     return {**cell, **record}
 
 
@@ -83,10 +88,11 @@ def summarize(cells) -> list:
     """One row per (norm, batch, LR): mean and spread (max - min) of each AP over the seeds."""
     groups = {}
     for c in cells:
-        groups.setdefault((c["norm"], c["batch"], c["base_lr"]), []).append(c)
+        groups.setdefault((c["norm"], c["batch"], c.get("processes", 1), c["base_lr"]), []).append(c)
     rows = []
-    for (norm, batch, base_lr), runs in sorted(groups.items(), key=lambda kv: (list(NORMS).index(kv[0][0]), *kv[0][1:])):
-        row = {"norm": norm, "batch": batch, "base_lr": base_lr, "seeds": len(runs),
+    for (norm, batch, processes, base_lr), runs in sorted(
+            groups.items(), key=lambda kv: (list(NORMS).index(kv[0][0]), *kv[0][1:])):
+        row = {"norm": norm, "batch": batch, "processes": processes, "base_lr": base_lr, "seeds": len(runs),
                "minutes": statistics.mean(r["seconds"] for r in runs) / 60}
         for split in SPLITS:
             for key in ("box_ap", "mask_ap"):
@@ -97,10 +103,10 @@ def summarize(cells) -> list:
 
 
 def best_rows(rows) -> list:
-    """Per norm and batch, the row of the LR with the best mean box AP on ``shapes_val``."""
+    """Per norm, batch and processes, the row of the LR with the best mean box AP on ``shapes_val``."""
     best = {}
     for row in rows:
-        key = (row["norm"], row["batch"])
+        key = (row["norm"], row["batch"], row["processes"])
         score = row[f"{SPLITS[0]}/box_ap"][0]
         if key not in best or (not math.isnan(score) and not score <= best[key][f"{SPLITS[0]}/box_ap"][0]):
             best[key] = row
@@ -117,15 +123,16 @@ def _plot(rows, path, *, images: int, overwrite: bool) -> None:
     split = SPLITS[1]
     for ax, key, title in zip(axes, ("box_ap", "mask_ap"), ("box AP", "mask AP")):
         for index, norm in enumerate(NORMS):
-            points = sorted((r["batch"], *r[f"{split}/{key}"]) for r in rows if r["norm"] == norm)
+            points = sorted((r["batch"], *r[f"{split}/{key}"], r["processes"]) for r in rows if r["norm"] == norm)
             if points:
-                batches, means, spreads = zip(*points)
+                batches, means, spreads, processes = zip(*points)
+                label = NORMS[norm] + (f" ({processes[0]} processes)" if processes[0] > 1 else "")
                 ax.errorbar(batches, means, yerr=[s / 2 for s in spreads], marker="o", capsize=3,
-                            color=f"C{index}", label=NORMS[norm])
+                            color=f"C{index}", label=label)
         ax.set_xscale("log", base=2)
         batches = sorted({r["batch"] for r in rows})
         ax.set_xticks(batches, [str(b) for b in batches])
-        ax.set_xlabel("images per batch")
+        ax.set_xlabel("images per batch (per process)")
         ax.set_ylabel(title)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
@@ -148,6 +155,8 @@ def main(argv=None) -> int:
     parser.add_argument("--base-lrs", nargs="+", type=float, default=None,
                         help="LRs at the configs' batch, each a cell (default: each config's own)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
+    parser.add_argument("--processes", type=int, default=2,
+                        help="SyncBN's processes, each of --batches images (default 2)")
     parser.add_argument("--images", type=int, default=None,
                         help="images seen per run (default: the configs' MAX_ITER x IMS_PER_BATCH)")
     parser.add_argument("--eval-period", type=int, default=1200,
@@ -160,8 +169,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.images, args.eval_period = min(args.images or 4, 4), 0
-    if min(args.batches) < 1 or args.jobs < 1 or (args.images is not None and args.images < 1):
-        parser.error("--batches, --jobs and --images must be positive")
+    if (min(args.batches) < 1 or args.jobs < 1 or args.processes < 1
+            or (args.images is not None and args.images < 1)):
+        parser.error("--batches, --jobs, --processes and --images must be positive")
     if args.base_lrs is not None and min(args.base_lrs) <= 0:
         parser.error("--base-lrs must be positive")
     plot = Path(args.plot or Path(args.output_dir) / "small_batch.png")
@@ -180,14 +190,15 @@ def main(argv=None) -> int:
     (Path(args.output_dir) / "results.json").write_text(json.dumps(cells, indent=1))
     rows = summarize(cells)
     val, test = SPLITS
-    print(f"| norm | images/batch | iterations | LR | seeds | box AP {val} | mask AP {val} | "
+    print(f"| norm | images/batch | processes | iterations | LR | seeds | box AP {val} | mask AP {val} | "
           f"box AP {test} | mask AP {test} | minutes per run |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         config = configs[row["norm"]]
         images = args.images or config["images"]
-        lr = row["base_lr"] / config["batch"] * row["batch"]
-        print(f"| {NORMS[row['norm']]} | {row['batch']} | {images // row['batch']} | {lr:g} | "
+        step_images = row["batch"] * row["processes"]
+        lr = row["base_lr"] / config["batch"] * step_images
+        print(f"| {NORMS[row['norm']]} | {row['batch']} | {row['processes']} | {images // step_images} | {lr:g} | "
               f"{row['seeds']} | {_cell(row, val, 'box_ap')} | {_cell(row, val, 'mask_ap')} | "
               f"{_cell(row, test, 'box_ap')} | {_cell(row, test, 'mask_ap')} | {row['minutes']:.1f} |")
     for c in cells:

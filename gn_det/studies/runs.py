@@ -76,7 +76,7 @@ def finished_run(run_dir) -> Optional[dict]:
 
 
 def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[int] = None,
-              datasets: Sequence[str] = ()) -> dict:
+              datasets: Sequence[str] = (), processes: int = 1) -> dict:
     """Train (and evaluate) ``config`` with ``opts`` into ``run_dir`` in a child process.
 
     Returns a record with ``returncode``, ``seconds``, ``evaluations`` and the final
@@ -85,6 +85,8 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
     A run whose record says it finished is not run again. Output goes to ``run_dir/stdout.txt``.
     ``datasets``, if given, replace the config's test datasets: ``evaluations``, ``box_ap`` and
     ``mask_ap`` are then the first one's, and ``final`` holds each one's last evaluation.
+    ``processes`` > 1 trains with ``--num-gpus processes`` (CPU processes on a CPU machine),
+    ``threads`` each.
     """
     run_dir = Path(run_dir)
     done = run_dir / _DONE
@@ -92,7 +94,8 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
         return finished_run(run_dir)
     datasets = list(datasets)
     test_opts = ["DATASETS.TEST", repr(tuple(datasets))] if datasets else []
-    command = [*TRAIN_COMMAND, "--config", config, *opts, *test_opts, "OUTPUT_DIR", str(run_dir)]
+    launch = ["--num-gpus", str(processes)] if processes > 1 else []
+    command = [*TRAIN_COMMAND, "--config", config, *launch, *opts, *test_opts, "OUTPUT_DIR", str(run_dir)]
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -100,7 +103,7 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
     start = time.perf_counter()
     with open(run_dir / "stdout.txt", "w") as log:
         returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    record = {"config": config, "opts": list(opts), "returncode": returncode,
+    record = {"config": config, "opts": list(opts), "processes": processes, "returncode": returncode,
               "seconds": time.perf_counter() - start}
     # One test dataset: detectron2 reports it unprefixed; several: each under its name.
     names = datasets if len(datasets) > 1 else [None]
