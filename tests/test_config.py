@@ -156,7 +156,7 @@ def test_every_config_loads_safely_and_states_its_norm(name):
         assert cfg.MODEL.NORM_CONVERSION.ENABLED and cfg.MODEL.NORM_CONVERSION.TARGET == "GN"
     else:
         assert not cfg.MODEL.NORM_CONVERSION.ENABLED
-    assert norms & {"FrozenBN", "BN", "SyncBN", ""}
+    assert norms & {"FrozenBN", "BN", "SyncBN", "naiveSyncBN", ""}
 
 
 def test_variant_files_state_only_what_differs():

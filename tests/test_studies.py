@@ -36,9 +36,9 @@ def test_small_batch_study_smoke(tmp_path, capsys):
     # 4 images seen in every cell; LR scaled linearly from the config's rate at 2 images.
     assert "| GN | 1 | 1 | 4 | 0.00025 | 1 |" in table
     assert "| GN | 2 | 1 | 2 | 0.0005 | 1 |" in table
-    assert "| no norm (FrozenBN) | 2 | 1 | 2 | 0.0005 | 1 |" in table
+    assert "| no norm (FrozenBN) | 2 | 1 | 2 | 0.001 | 1 |" in table  # its own config's LR
     assert Image.open(out / "small_batch.png").size == (900, 360)
-    cells = ("gn_b1_lr0.0005_s1", "gn_b2_lr0.0005_s1", "frozenbn_b1_lr0.0005_s1", "frozenbn_b2_lr0.0005_s1")
+    cells = ("gn_b1_lr0.0005_s1", "gn_b2_lr0.0005_s1", "frozenbn_b1_lr0.001_s1", "frozenbn_b2_lr0.001_s1")
     for cell in cells:
         record = json.loads((out / cell / "run.json").read_text())
         # Chosen on shapes_val, reported on the held-out shapes_test too: both evaluated.
