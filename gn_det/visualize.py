@@ -454,15 +454,15 @@ def _panels(runs: Sequence[RunMetrics]) -> List[Tuple[str, str]]:
     panels += [(k, f"{k} ({LOSS_KEYS[k]})" if k in LOSS_KEYS else k) for k in losses]
     if "lr" in present:
         panels.append(("lr", "learning rate"))
-    # With several test datasets detectron2 names each result "<dataset>/bbox/AP".
     for suffix, title in AP_KEYS.items():
-        panels += [(k, f"{k} ({title}), evaluation") for k in sorted(present)
-                   if k == suffix or k.endswith("/" + suffix)]
+        panels += [(k, f"{k} ({title}), evaluation") for k in sorted(present) if _ap_suffix(k) == suffix]
     return panels
 
 
-def _is_ap(key: str) -> bool:
-    return any(key == suffix or key.endswith("/" + suffix) for suffix in AP_KEYS)
+def _ap_suffix(key: str) -> Optional[str]:
+    """The ``AP_KEYS`` entry ``key`` reports: itself, or, with several test datasets, what
+    follows detectron2's "<dataset>/" prefix; None for other metrics."""
+    return next((suffix for suffix in AP_KEYS if key == suffix or key.endswith("/" + suffix)), None)
 
 
 def plot_metrics(runs: Sequence[RunMetrics], output: PathLike, *, dpi: int = 100,
@@ -502,7 +502,7 @@ def plot_metrics(runs: Sequence[RunMetrics], output: PathLike, *, dpi: int = 100
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     last_iteration = max(max(iterations) for run in runs for iterations, _ in run.series.values())
     for ax, (key, title) in zip(axes, panels):
-        is_ap = _is_ap(key)
+        is_ap = _ap_suffix(key) is not None
         for index, run in enumerate(runs):
             if key not in run.series:
                 continue

@@ -88,7 +88,7 @@ def test_small_batch_schedule_is_fixed_in_images():
 
 def test_small_batch_best_lr_is_chosen_on_val():
     study = _tool("small_batch_study")
-    runs = [{"norm": "bn", "batch": 2, "base_lr": lr, "seed": 1, "seconds": 60.0, "box_ap": val,
+    runs = [{"norm": "bn", "batch": 2, "processes": 1, "base_lr": lr, "seed": 1, "seconds": 60.0, "box_ap": val,
              "mask_ap": val, "final": {"shapes_val": {"box_ap": val, "mask_ap": val},
                                        "shapes_test": {"box_ap": test, "mask_ap": test}}}
             for lr, val, test in ((0.001, 40.0, 50.0), (0.0005, 45.0, 44.0), (0.002, float("nan"), float("nan")))]

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             tick = time.perf_counter()
             optimizer.step()
             times["optimizer step"] += time.perf_counter() - tick
-    total = time.perf_counter() - start
+        total = time.perf_counter() - start  # before the profiler's teardown
     print(f"{args.config} {' '.join(args.opts)}{' (bf16 autocast)' if args.autocast else ''}: "
           f"{total / args.iters:.3f} s per step ({torch.get_num_threads()} threads)")
     for label, seconds in sorted(times.items(), key=lambda item: -item[1]):

@@ -88,7 +88,7 @@ def summarize(cells) -> list:
     """One row per (norm, batch, LR): mean and spread (max - min) of each AP over the seeds."""
     groups = {}
     for c in cells:
-        groups.setdefault((c["norm"], c["batch"], c.get("processes", 1), c["base_lr"]), []).append(c)
+        groups.setdefault((c["norm"], c["batch"], c["processes"], c["base_lr"]), []).append(c)
     rows = []
     for (norm, batch, processes, base_lr), runs in sorted(
             groups.items(), key=lambda kv: (list(NORMS).index(kv[0][0]), *kv[0][1:])):
@@ -108,7 +108,9 @@ def best_rows(rows) -> list:
     for row in rows:
         key = (row["norm"], row["batch"], row["processes"])
         score = row[f"{SPLITS[0]}/box_ap"][0]
-        if key not in best or (not math.isnan(score) and not score <= best[key][f"{SPLITS[0]}/box_ap"][0]):
+        current = best[key][f"{SPLITS[0]}/box_ap"][0] if key in best else math.nan
+        # A run that diverged (NaN) never displaces one that finished.
+        if key not in best or (not math.isnan(score) and (math.isnan(current) or score > current)):
             best[key] = row
     return list(best.values())
 
