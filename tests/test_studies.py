@@ -178,3 +178,27 @@ def test_profile_train_step_smoke(tiny_env, capsys):
     # The op table: the 5 ops of most self time.
     table = out.split("torch.profiler, 1 steps:")[1]
     assert table.count("aten::") + table.count("torchvision::") >= 1 and "Self CPU" in table
+
+
+def test_train_run_resumes_a_stopped_run_from_its_last_checkpoint(tmp_path):
+    """A run stopped after a checkpoint goes on from there; once finished it keeps model_final only."""
+    import shutil
+
+    from gn_det.studies.runs import SMOKE_OPTS, finished_run, train_run
+
+    run = tmp_path / "run"
+    opts = [*SMOKE_OPTS, "SOLVER.IMS_PER_BATCH", "1", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
+            "TEST.EVAL_PERIOD", "0"]
+    first = train_run("shapes/gn.yaml", [*opts, "SOLVER.MAX_ITER", "2"], run, threads=1)
+    assert first["returncode"] == 0 and "resumed_from" not in first
+    # Make it a run of 4 iterations stopped after the checkpoint of iteration 2 (index 1).
+    shutil.copy(run / "model_final.pth", run / "model_0000001.pth")
+    (run / "last_checkpoint").write_text("model_0000001.pth")
+    (run / "run.json").unlink()
+    second = train_run("shapes/gn.yaml", [*opts, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100"],
+                       run, threads=1)
+    assert second["returncode"] == 0 and second["resumed_from"] == 2
+    assert "Starting training from iteration 2" in (run / "log.txt").read_text()
+    assert second["evaluations"][-1]["iteration"] == 4
+    assert finished_run(run) == second
+    assert not list(run.glob("model_0*.pth")) and (run / "model_final.pth").is_file()

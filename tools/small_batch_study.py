@@ -15,8 +15,9 @@ each of ``--base-lrs`` (rates at the configs' 2 images per batch, scaled the sam
 and LR drop are fixed in images, at the configs' fractions. Each cell is one ``gn-det train``
 process (its own OUTPUT_DIR, metrics.json and COCO evaluations, ``gn_det.studies.runs``),
 evaluated on ``shapes_val`` (every ``--eval-period`` images and at the end) and, at the end, on
-the held-out ``shapes_test``; a cell that already finished is read, not rerun, so an interrupted
-grid resumes. ``--jobs 2`` runs two cells at a time, one thread each.
+the held-out ``shapes_test``; a cell that already finished is read, not rerun, and one that was
+stopped resumes from its last checkpoint (one per evaluation), so a grid can run across sessions.
+``--jobs 2`` runs two cells at a time, one thread each.
 
 Prints a markdown table (per norm, batch and LR: box and mask AP on both splits, mean and
 spread over ``--seeds``) and writes the PNG (AP against images per batch, one line per norm at
@@ -76,8 +77,10 @@ def run_cell(norm: str, batch: int, base_lr: float, seed: int, args, config: dic
         return None if record is None else {**cell, **record}
     images = args.images or config["images"]
     step_images = batch * processes
+    # A checkpoint at every evaluation (every 1,200 images without): a stopped cell resumes.
+    period = max(1, (args.eval_period or 1200) // step_images)
     opts = [*schedule(config, base_lr, step_images, images), "SEED", str(seed),
-            "TEST.EVAL_PERIOD", str(max(1, args.eval_period // step_images) if args.eval_period else 0),
+            "TEST.EVAL_PERIOD", str(period if args.eval_period else 0), "SOLVER.CHECKPOINT_PERIOD", str(period),
             *(SMOKE_OPTS if args.smoke else [])]
     record = train_run(f"shapes/{norm}.yaml", opts, run_dir, datasets=SPLITS, processes=processes,
                        threads=max(1, threads_per_job(args.jobs) // processes))

@@ -3,7 +3,8 @@
 A study (``tools/small_batch_study.py``, ``tools/transfer_study.py --detector``) is a grid of
 training runs. Each runs in its own process (its own OUTPUT_DIR, logs, ``metrics.json`` and COCO
 evaluations), so runs are isolated and can go side by side; a run that finished is read back
-instead of retrained, so an interrupted study resumes where it stopped.
+instead of retrained, and one that was stopped resumes from its last checkpoint (detectron2's
+``--resume``), so an interrupted study goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
     ``datasets``, if given, replace the config's test datasets: ``evaluations``, ``box_ap`` and
     ``mask_ap`` are then the first one's, and ``final`` holds each one's last evaluation.
     ``processes`` > 1 trains with ``--num-gpus processes`` (CPU processes on a CPU machine),
-    ``threads`` each.
+    ``threads`` each. A run that was stopped resumes from its last checkpoint (give ``opts`` a
+    ``SOLVER.CHECKPOINT_PERIOD`` to have some); ``resumed_from`` is then the iterations it had,
+    and ``seconds`` counts this process only. A finished run keeps only its final weights.
     """
     run_dir = Path(run_dir)
     done = run_dir / _DONE
@@ -95,16 +98,20 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
     datasets = list(datasets)
     test_opts = ["DATASETS.TEST", repr(tuple(datasets))] if datasets else []
     launch = ["--num-gpus", str(processes)] if processes > 1 else []
-    command = [*TRAIN_COMMAND, "--config", config, *launch, *opts, *test_opts, "OUTPUT_DIR", str(run_dir)]
+    command = [*TRAIN_COMMAND, "--config", config, "--resume", *launch, *opts, *test_opts,
+               "OUTPUT_DIR", str(run_dir)]
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     run_dir.mkdir(parents=True, exist_ok=True)
+    resumed_from = _checkpoint_iterations(run_dir)
     start = time.perf_counter()
-    with open(run_dir / "stdout.txt", "w") as log:
+    with open(run_dir / "stdout.txt", "a") as log:
         returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     record = {"config": config, "opts": list(opts), "processes": processes, "returncode": returncode,
               "seconds": time.perf_counter() - start}
+    if resumed_from:
+        record["resumed_from"] = resumed_from
     # One test dataset: detectron2 reports it unprefixed; several: each under its name.
     names = datasets if len(datasets) > 1 else [None]
     curves = {name: evaluations(run_dir, name) for name in names}
@@ -117,5 +124,19 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
         record.update(box_ap=math.nan, mask_ap=math.nan, failure=tail[0] if tail else "no output")
     else:
         record.update(box_ap=final["box_ap"], mask_ap=final["mask_ap"])
+        for checkpoint in run_dir.glob("model_[0-9]*.pth"):
+            checkpoint.unlink()
         done.write_text(json.dumps(record))
     return record
+
+
+def _checkpoint_iterations(run_dir: Path) -> int:
+    """Iterations done by the checkpoint a ``--resume`` would load from ``run_dir`` (0: none).
+
+    detectron2 names its periodic checkpoints ``model_{iteration:07d}.pth`` (the index of the
+    iteration just done) and records the latest in ``last_checkpoint``.
+    """
+    last = run_dir / "last_checkpoint"
+    name = last.read_text().strip() if last.is_file() else ""
+    stem = name.removeprefix("model_").removesuffix(".pth")
+    return int(stem) + 1 if stem.isdigit() else 0
