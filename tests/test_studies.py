@@ -71,6 +71,18 @@ def test_small_batch_study_syncbn_cell_runs_processes(tmp_path, capsys):
     assert "World size: 2" in log and "NaiveSyncBatchNorm" in log
 
 
+def test_small_batch_study_high_resolution_cell(tmp_path, capsys):
+    """--data shapes_hr trains on shapes_hr_train and reports its val and test splits."""
+    out = tmp_path / "study"
+    argv = ["--smoke", "--output-dir", str(out), "--norms", "bn", "--batches", "1", "--data", "shapes_hr",
+            "--lr-scaling", "sqrt"]
+    assert _tool("small_batch_study").main(argv) == 0
+    assert "| BN | 1 | 1 | 4 | 0.000353553 | 1 |" in capsys.readouterr().out  # 5e-4 / sqrt(2)
+    record = json.loads((out / "hr600_bn_b1_lr0.0005_sqrt_s1" / "run.json").read_text())
+    assert set(record["final"]) == {"shapes_hr_val", "shapes_hr_test"}
+    assert "('shapes_hr_train',)" in record["opts"]
+
+
 def test_small_batch_schedule_is_fixed_in_images():
     study = _tool("small_batch_study")
     config = study.config_schedule("gn")
@@ -80,6 +92,8 @@ def test_small_batch_schedule_is_fixed_in_images():
         "SOLVER.IMS_PER_BATCH", "8", "SOLVER.BASE_LR", "0.002", "SOLVER.MAX_ITER", "450",
         "SOLVER.WARMUP_ITERS", "25", "SOLVER.STEPS", "(362,)"]
     assert study.schedule(config, 0.001, 1, 3600)[3::2] == ["0.0005", "3600", "200", "(2900,)"]
+    # Square-root scaling (Adam's rule): 4x the batch, 2x the LR.
+    assert study.schedule(config, 0.0005, 8, 3600, "sqrt")[3] == "0.001"
     # Two LR drops stay two; a drop that would land on step 0 is dropped.
     two = {**config, "step_fractions": [0.5, 0.75]}
     assert study.schedule(two, 0.0005, 2, 400)[-1] == "(100,150,)"

@@ -36,6 +36,9 @@ from pathlib import Path
 
 NORMS = {"bn": "BN", "syncbn": "SyncBN", "gn": "GN", "frozenbn": "no norm (FrozenBN)"}
 SPLITS = ("shapes_val", "shapes_test")  # choose on the first, report the second too
+#: ``--data shapes_hr``: the high-resolution split (1200x1600 images, 40 to train on), resized
+#: to ``--hr-size`` pixels on the short side; its cells are named ``hr{size}_...``.
+HR_SPLITS = ("shapes_hr_val", "shapes_hr_test")
 
 
 def config_schedule(norm: str) -> dict:
@@ -49,17 +52,23 @@ def config_schedule(norm: str) -> dict:
             "step_fractions": [step / solver.MAX_ITER for step in solver.STEPS]}
 
 
-def schedule(config: dict, base_lr: float, batch: int, images: int) -> list:
+def schedule(config: dict, base_lr: float, batch: int, images: int, scaling: str = "linear") -> list:
     """detectron2 overrides for ``batch`` images per batch and ``images`` images seen, with
-    ``base_lr`` the rate at the config's batch (scaled linearly)."""
+    ``base_lr`` the rate at the config's batch, scaled with the batch ``linear``-ly (Goyal et al.
+    2017, for SGD) or by its square root (``sqrt``: Malladi et al. 2022, for Adam)."""
     iterations = max(1, images // batch)
     steps = [min(round(iterations * f), iterations - 1) for f in config["step_fractions"]]
     steps = [s for s in steps if s >= 1]
     return ["SOLVER.IMS_PER_BATCH", str(batch),
-            "SOLVER.BASE_LR", repr(base_lr / config["batch"] * batch),
+            "SOLVER.BASE_LR", repr(scaled_lr(base_lr, batch / config["batch"], scaling)),
             "SOLVER.MAX_ITER", str(iterations),
             "SOLVER.WARMUP_ITERS", str(max(1, config["warmup_images"] // batch)),
             "SOLVER.STEPS", f"({''.join(f'{s},' for s in steps)})"]
+
+
+def scaled_lr(base_lr: float, ratio: float, scaling: str) -> float:
+    """``base_lr`` for a batch ``ratio`` times the config's."""
+    return base_lr * (ratio if scaling == "linear" else math.sqrt(ratio))
 
 
 def run_cell(norm: str, batch: int, base_lr: float, seed: int, args, config: dict) -> dict:
@@ -70,6 +79,10 @@ def run_cell(norm: str, batch: int, base_lr: float, seed: int, args, config: dic
     processes = args.processes if norm == "syncbn" else 1
     cell = {"norm": norm, "batch": batch, "processes": processes, "base_lr": base_lr, "seed": seed}
     name = f"{norm}{processes if processes > 1 else ''}_b{batch}_lr{base_lr:g}_s{seed}"
+    if args.lr_scaling != "linear":
+        name = name.replace("_s", f"_{args.lr_scaling}_s")
+    if args.data == "shapes_hr":
+        name = f"hr{args.hr_size}_{name}"
     run_dir = Path(args.output_dir) / name
     cell["run_dir"] = str(run_dir)
     if args.report_only:
@@ -79,15 +92,20 @@ def run_cell(norm: str, batch: int, base_lr: float, seed: int, args, config: dic
     step_images = batch * processes
     # A checkpoint at every evaluation (every 1,200 images without): a stopped cell resumes.
     period = max(1, (args.eval_period or 1200) // step_images)
-    opts = [*schedule(config, base_lr, step_images, images), "SEED", str(seed),
+    opts = [*schedule(config, base_lr, step_images, images, args.lr_scaling), "SEED", str(seed),
             "TEST.EVAL_PERIOD", str(period if args.eval_period else 0), "SOLVER.CHECKPOINT_PERIOD", str(period),
             *(SMOKE_OPTS if args.smoke else [])]
-    record = train_run(f"shapes/{norm}.yaml", opts, run_dir, datasets=SPLITS, processes=processes,
+    if args.data == "shapes_hr":
+        size = 64 if args.smoke else args.hr_size
+        opts += ["DATASETS.TRAIN", "('shapes_hr_train',)", "INPUT.MIN_SIZE_TRAIN", f"({size},)",
+                 "INPUT.MAX_SIZE_TRAIN", str(size * 4 // 3), "INPUT.MIN_SIZE_TEST", str(size),
+                 "INPUT.MAX_SIZE_TEST", str(size * 4 // 3)]
+    record = train_run(f"shapes/{norm}.yaml", opts, run_dir, datasets=args.splits, processes=processes,
                        threads=max(1, threads_per_job(args.jobs) // processes))
     return {**cell, **record}
 
 
-def summarize(cells) -> list:
+def summarize(cells, splits=SPLITS) -> list:
     """One row per (norm, batch, LR): mean and spread (max - min) of each AP over the seeds."""
     groups = {}
     for c in cells:
@@ -97,7 +115,7 @@ def summarize(cells) -> list:
             groups.items(), key=lambda kv: (list(NORMS).index(kv[0][0]), *kv[0][1:])):
         row = {"norm": norm, "batch": batch, "processes": processes, "base_lr": base_lr, "seeds": len(runs),
                "minutes": statistics.mean(r["seconds"] for r in runs) / 60}
-        for split in SPLITS:
+        for split in splits:
             for key in ("box_ap", "mask_ap"):
                 values = [r.get("final", {}).get(split, {}).get(key, math.nan) for r in runs]
                 row[f"{split}/{key}"] = (statistics.mean(values), max(values) - min(values))
@@ -105,27 +123,27 @@ def summarize(cells) -> list:
     return rows
 
 
-def best_rows(rows) -> list:
-    """Per norm, batch and processes, the row of the LR with the best mean box AP on ``shapes_val``."""
+def best_rows(rows, splits=SPLITS) -> list:
+    """Per norm, batch and processes, the row of the LR with the best mean box AP on the first
+    of ``splits`` (validation)."""
     best = {}
     for row in rows:
         key = (row["norm"], row["batch"], row["processes"])
-        score = row[f"{SPLITS[0]}/box_ap"][0]
-        current = best[key][f"{SPLITS[0]}/box_ap"][0] if key in best else math.nan
+        score = row[f"{splits[0]}/box_ap"][0]
+        current = best[key][f"{splits[0]}/box_ap"][0] if key in best else math.nan
         # A run that diverged (NaN) never displaces one that finished.
         if key not in best or (not math.isnan(score) and (math.isnan(current) or score > current)):
             best[key] = row
     return list(best.values())
 
 
-def _plot(rows, path, *, images: int, overwrite: bool) -> None:
+def _plot(rows, path, *, images: int, split: str, overwrite: bool) -> None:
     from matplotlib.figure import Figure
 
     from gn_det.visualize import save_figure
 
     figure = Figure(figsize=(9, 3.6), layout="constrained")
     axes = figure.subplots(1, 2)
-    split = SPLITS[1]
     for ax, key, title in zip(axes, ("box_ap", "mask_ap"), ("box AP", "mask AP")):
         for index, norm in enumerate(NORMS):
             points = sorted((r["batch"], *r[f"{split}/{key}"], r["processes"]) for r in rows if r["norm"] == norm)
@@ -159,6 +177,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--base-lrs", nargs="+", type=float, default=None,
                         help="LRs at the configs' batch, each a cell (default: each config's own)")
+    parser.add_argument("--lr-scaling", choices=("linear", "sqrt"), default="linear",
+                        help="how the LR follows the batch (default linear; sqrt: cells named *_sqrt_s*)")
+    parser.add_argument("--data", choices=("shapes", "shapes_hr"), default="shapes",
+                        help="train on shapes_train (256x256) or shapes_hr_train (1200x1600, resized)")
+    parser.add_argument("--hr-size", type=int, default=600, help="--data shapes_hr: short side (default 600)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--processes", type=int, default=2,
                         help="SyncBN's processes, each of --batches images (default 2)")
@@ -179,6 +202,7 @@ def main(argv=None) -> int:
         parser.error("--batches, --jobs, --processes and --images must be positive")
     if args.base_lrs is not None and min(args.base_lrs) <= 0:
         parser.error("--base-lrs must be positive")
+    args.splits = HR_SPLITS if args.data == "shapes_hr" else SPLITS
     plot = Path(args.plot or Path(args.output_dir) / "small_batch.png")
     if plot.exists() and not args.force:
         parser.error(f"{plot} exists; pass --force to overwrite")
@@ -193,8 +217,8 @@ def main(argv=None) -> int:
             print(f"{norm} at {batch}, LR {lr:g}, seed {seed}: not run (--report-only)", file=sys.stderr)
     cells = [c for c in cells if c is not None]
     (Path(args.output_dir) / "results.json").write_text(json.dumps(cells, indent=1))
-    rows = summarize(cells)
-    val, test = SPLITS
+    rows = summarize(cells, args.splits)
+    val, test = args.splits
     print(f"| norm | images/batch | processes | iterations | LR | seeds | box AP {val} | mask AP {val} | "
           f"box AP {test} | mask AP {test} | minutes per run |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -202,7 +226,7 @@ def main(argv=None) -> int:
         config = configs[row["norm"]]
         images = args.images or config["images"]
         step_images = row["batch"] * row["processes"]
-        lr = row["base_lr"] / config["batch"] * step_images
+        lr = scaled_lr(row["base_lr"], step_images / config["batch"], args.lr_scaling)
         print(f"| {NORMS[row['norm']]} | {row['batch']} | {row['processes']} | {images // step_images} | {lr:g} | "
               f"{row['seeds']} | {_cell(row, val, 'box_ap')} | {_cell(row, val, 'mask_ap')} | "
               f"{_cell(row, test, 'box_ap')} | {_cell(row, test, 'mask_ap')} | {row['minutes']:.1f} |")
@@ -210,7 +234,7 @@ def main(argv=None) -> int:
         if "failure" in c:
             print(f"{c['run_dir']}: failed ({c['failure']}); see {c['run_dir']}/stdout.txt", file=sys.stderr)
     images = args.images or max(config["images"] for config in configs.values())
-    _plot(best_rows(rows), plot, images=images, overwrite=args.force)
+    _plot(best_rows(rows, args.splits), plot, images=images, split=test, overwrite=args.force)
     print(f"Wrote {plot}")
     return 0
 
