@@ -11,6 +11,22 @@ where ĝ is the student's group-normalised input and t the teacher's BN output. 
 form per channel from five running sums (n, Σĝ, Σt, Σĝ², Σĝt), so no activation map is ever
 stored: memory is that of the forward passes themselves.
 
+**The activation objective** (default, ``objective="activation"``): what the next layer sees is
+not a norm's output but what survives the nonlinearity after it, so where the successor is known
+(:func:`_consumers`: detectron2's and torchvision's ResNet stems and blocks, detectron2
+``Conv2d`` layers with a ReLU, as in the ROI heads) the fit is made there:
+
+- a norm followed by a ReLU: ``relu(γ'ĝ + β') ≈ relu(t)``;
+- a residual block's last norm: ``relu(γ'ĝ + β' + shortcut_student) ≈ the teacher's block
+  output``, which also absorbs the drift of the student's shortcut.
+
+Both are nonlinear least squares; each pass makes one Gauss-Newton step from the current affine
+(the same five sums, over the pixels where the teacher's or the student's activation is
+positive, with target relu(t), or the teacher's block output minus the student's shortcut), so
+it stays closed-form, one forward, no backward. Other layers (FPN, shortcut norms) keep the
+output objective. Measured on the feature-level study (docs/benchmarks.md): layer4 cosine 0.703
+against 0.628 for the output objective and 0.595 for ``stats`` with per-image photometrics.
+
 **Sequential** (default): layers are fitted in forward order *on the student's own activations*,
 each after every layer before it has been calibrated, so drift accumulated through depth is
 corrected. For the convolutional body (a detectron2 model's ``backbone``, or a whole plain
@@ -74,12 +90,18 @@ class _Moments:
     def __init__(self, channels: int):
         self.sums = torch.zeros(6, channels, dtype=torch.float64)  # n, s, t, ss, st, tt
 
-    def add(self, s: torch.Tensor, t: torch.Tensor) -> None:
+    def add(self, s: torch.Tensor, t: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
+        """Add the pixels of ``s`` and ``t`` (N, C, ...), or only those where ``mask`` is true."""
         # Image by image in the activations' own dtype (no float64 copies of whole activation
         # maps); each image's sums are accumulated in float64.
-        for s_i, t_i in zip(s, t):
+        for i, (s_i, t_i) in enumerate(zip(s, t)):
             s_i, t_i = s_i.reshape(s_i.shape[0], -1), t_i.reshape(t_i.shape[0], -1)
-            self.sums[0] += s_i.shape[1]
+            if mask is None:
+                self.sums[0] += s_i.shape[1]
+            else:
+                m = mask[i].reshape(s_i.shape[0], -1).to(s_i.dtype)
+                self.sums[0] += m.sum(1).double()
+                s_i, t_i = s_i * m, t_i * m
             self.sums[1] += s_i.sum(1).double()
             self.sums[2] += t_i.sum(1).double()
             self.sums[3] += (s_i * s_i).sum(1).double()
@@ -89,11 +111,12 @@ class _Moments:
     def relative_error(self, a: torch.Tensor, b: torch.Tensor) -> float:
         n, s, t, ss, st, tt = self.sums
         sse = a * a * ss + 2 * a * b * s + n * b * b - 2 * a * st - 2 * b * t + tt
-        spread = (tt - t * t / n).clamp_min(1e-12)
+        spread = (tt - t * t / n.clamp_min(1)).clamp_min(1e-12)
         return (sse.clamp_min(0) / spread).mean().item()
 
     def solve(self, fallback_a: torch.Tensor, fallback_b: torch.Tensor):
         n, s, t, ss, st, _ = self.sums
+        n = n.clamp_min(1)  # a channel no pixel of the active set reached keeps its fallback
         var_s = ss / n - (s / n) ** 2
         cov = st / n - (s / n) * (t / n)
         ok = var_s > 1e-10
@@ -124,27 +147,116 @@ def _affine(gn: ConvertedGroupNorm) -> tuple:
     return gn.weight.detach().double().clone(), gn.bias.detach().double().clone()
 
 
+def _apply_affine(gn: nn.GroupNorm, s: torch.Tensor) -> torch.Tensor:
+    shape = (1, -1) + (1,) * (s.dim() - 2)
+    return s * gn.weight.view(shape) + gn.bias.view(shape)
+
+
+def _add_relu_fit(moments: _Moments, gn: nn.GroupNorm, s: torch.Tensor, t: torch.Tensor) -> None:
+    """Moments of the Gauss-Newton step for ``relu(γ'ĝ + β') ≈ relu(t)`` at ``gn``'s affine: the
+    pixels where the teacher or the student is active, with target relu(t)."""
+    moments.add(s, F.relu(t), (t > 0) | (_apply_affine(gn, s) > 0))
+
+
 class _PairedNorm(nn.Module):
     """Teacher norm on the first half of the batch, student GN on the second; refits the GN on
-    the spot from the moments of every batch seen so far (see module doc)."""
+    the spot from the moments of every batch seen so far (see module doc). ``consumer`` is what
+    follows the layer (:func:`_consumers`): None (fit the output), ``"relu"``, or
+    ``"residual"`` (fitted by the block's :class:`_ResidualFit` once the shortcut is known)."""
 
-    def __init__(self, name: str, teacher: nn.Module, student: ConvertedGroupNorm, order: List[str]):
+    def __init__(self, name: str, teacher: nn.Module, student: ConvertedGroupNorm, order: List[str],
+                 consumer: Optional[str] = None):
         super().__init__()
         self.name, self.teacher, self.student, self.order = name, teacher, student, order
+        self.consumer = consumer
         self.moments = _Moments(student.num_channels)
         self.initial = _affine(student)
         self.errors = None
+        self.pending = None  # "residual": this pass's ĝ, until the block's output is known
 
     def forward(self, x):
         half = x.shape[0] // 2
         t = self.teacher(x[:half])
         s = _normalised(self.student, x[half:])
-        self.moments.add(s, t)
-        if self.errors is None:
+        if self.name not in self.order:
             self.order.append(self.name)
+        if self.consumer == "residual":
+            self.pending = s
+        else:
+            if self.consumer == "relu":
+                _add_relu_fit(self.moments, self.student, s, t)
+            else:
+                self.moments.add(s, t)
+            self.errors = _refit(self.student, self.moments, self.initial)
+        return torch.cat([t, _apply_affine(self.student, s)])
+
+    def fit_residual(self, teacher_output: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """Fit ``relu(γ'ĝ + β' + shortcut) ≈ teacher_output`` (the teacher's block output, the
+        student's own shortcut) by a Gauss-Newton step; returns the student's block output."""
+        s, self.pending = self.pending, None
+        active = (teacher_output > 0) | (_apply_affine(self.student, s) + shortcut > 0)
+        self.moments.add(s, teacher_output - shortcut, active)
         self.errors = _refit(self.student, self.moments, self.initial)
-        shape = (1, -1) + (1,) * (s.dim() - 2)
-        return torch.cat([t, s * self.student.weight.view(shape) + self.student.bias.view(shape)])
+        return F.relu(_apply_affine(self.student, s) + shortcut)
+
+
+class _ResidualFit:
+    """Forward hooks on a residual block (and its shortcut module, if any) that fit the block's
+    last norm against the block's output: ``relu(norm(...) + shortcut)``."""
+
+    def __init__(self, block: nn.Module, norm: _PairedNorm, shortcut: Optional[nn.Module]):
+        self.norm, self.captured = norm, None
+        self.handles = [block.register_forward_hook(self._block)]
+        if shortcut is not None:
+            self.handles.append(shortcut.register_forward_hook(self._shortcut))
+
+    def _shortcut(self, module, args, output):
+        self.captured = output
+
+    def _block(self, module, args, output):
+        shortcut = args[0] if self.captured is None else self.captured
+        self.captured = None
+        if self.norm.pending is None:  # the norm did not run in this pass: nothing to fit
+            return output
+        half = output.shape[0] // 2
+        return torch.cat([output[:half], self.norm.fit_residual(output[:half], shortcut[half:])])
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _consumers(model: nn.Module) -> Dict[str, tuple]:
+    """What follows each norm layer whose successor is known, by the layer's name in ``model``:
+    ``("relu",)``, or ``("residual", block, shortcut)`` for a residual block's last norm (block
+    output ``relu(norm(...) + shortcut(x))``; ``shortcut`` is the shortcut module's name, None
+    for the identity). Known: detectron2's ResNet stem and blocks and its ``Conv2d`` with a ReLU
+    activation (heads), torchvision's ResNet and its blocks. Others are fitted at their output."""
+    from detectron2.layers import Conv2d
+    from detectron2.modeling.backbone import resnet as d2
+    from torchvision.models import resnet as tv
+
+    relu = ("relu",)
+    found = {}
+    for name, m in model.named_modules():
+        at = f"{name}." if name else ""
+        kind = type(m)
+        if kind is Conv2d and m.norm is not None and (
+                m.activation in (F.relu, F.relu_) or isinstance(m.activation, nn.ReLU)):
+            found[f"{at}norm"] = relu
+        elif kind is d2.BasicStem:
+            found[f"{at}conv1.norm"] = relu
+        elif kind in (d2.BasicBlock, d2.BottleneckBlock, d2.DeformBottleneckBlock):
+            last = "conv2" if kind is d2.BasicBlock else "conv3"
+            found.update({f"{at}conv1.norm": relu, f"{at}conv2.norm": relu})
+            found[f"{at}{last}.norm"] = ("residual", name, f"{at}shortcut" if m.shortcut is not None else None)
+        elif kind is tv.ResNet:
+            found[f"{at}bn1"] = relu
+        elif kind in (tv.BasicBlock, tv.Bottleneck):
+            last = "bn2" if kind is tv.BasicBlock else "bn3"
+            found.update({f"{at}bn1": relu, f"{at}bn2": relu})
+            found[f"{at}{last}"] = ("residual", name, f"{at}downsample" if m.downsample is not None else None)
+    return found
 
 
 def _converted_layers(student: nn.Module, teacher: nn.Module, prefix: str = "") -> Dict[str, tuple]:
@@ -192,14 +304,18 @@ def _swapped(root: nn.Module, replacements: Dict[str, nn.Module]):
 
 
 @contextlib.contextmanager
-def _local_moments(pairs):
+def _local_moments(pairs, relu_fits=()):
     """Collect, while the teacher runs, the moments of each pair's student GN on the teacher's
-    own inputs to that layer (hooks on the teacher's norms, removed after)."""
+    own inputs to that layer (hooks on the teacher's norms, removed after); the layers named in
+    ``relu_fits`` are fitted after their ReLU."""
     moments = {name: _Moments(gn.num_channels) for name, (_, gn) in pairs.items()}
     handles = []
     for name, (teacher_norm, student_norm) in pairs.items():
         def hook(module, args, output, name=name, gn=student_norm):
-            moments[name].add(_normalised(gn, args[0]), output)
+            if name in relu_fits:
+                _add_relu_fit(moments[name], gn, _normalised(gn, args[0]), output)
+            else:
+                moments[name].add(_normalised(gn, args[0]), output)
 
         handles.append(teacher_norm.register_forward_hook(hook))
     try:
@@ -304,6 +420,7 @@ def calibrate(
     batch_size: int = 4,
     head_proposals: int = 100,
     head_detections: int = 16,
+    objective: str = "activation",
 ) -> List[LayerFit]:
     """
     Fit every converted GN layer of ``student`` to the matching BN layer of ``teacher``.
@@ -323,6 +440,10 @@ def calibrate(
         head_proposals, head_detections: regions per image on which detectron2 ROI-head
             layers are fitted: the teacher's top RPN proposals (box head) and its top
             detections (mask head), see the module doc.
+        objective: ``"activation"`` fits each layer whose successor is known (:func:`_consumers`)
+            to what the teacher's activation becomes after it: after its ReLU, or, for a
+            residual block's last norm, the block's output; ``"output"`` fits every layer's
+            output (module doc).
 
     Returns:
         One :class:`LayerFit` per calibrated layer, in the order fitted, with its errors on all
@@ -331,6 +452,8 @@ def calibrate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if objective not in ("activation", "output"):
+        raise ValueError(f"objective must be 'activation' or 'output', got {objective!r}")
     pairs = _converted_layers(student, teacher)
     if not pairs:
         raise ValueError("student has no layers converted by gn_det to calibrate")
@@ -344,7 +467,12 @@ def calibrate(
     in_body = {n: p for n, p in pairs.items() if sequential and n.startswith(prefix)}
     local_pairs = {n: p for n, p in pairs.items() if n not in in_body}
     order: List[str] = []
-    paired = {n[len(prefix):]: _PairedNorm(n, t, s, order) for n, (t, s) in in_body.items()}
+    consumers = _consumers(student) if objective == "activation" else {}
+    paired = {n[len(prefix):]: _PairedNorm(n, t, s, order, consumers.get(n, (None,))[0])
+              for n, (t, s) in in_body.items()}
+    residual_fits = [(block, shortcut, paired[n[len(prefix):]]) for n, (kind, *where) in consumers.items()
+                     if kind == "residual" and n in in_body for block, shortcut in [where]]
+    relu_fits = {n for n, (kind, *_) in consumers.items() if kind == "relu"}
     reuse_features = detectron2 and paired and local_pairs and _heads_run_on_features(teacher)
 
     modes = student.training, teacher.training
@@ -353,7 +481,11 @@ def calibrate(
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(_swapped(body, paired))
-            moments = stack.enter_context(_local_moments(local_pairs))
+            for block, shortcut, norm in residual_fits:
+                fit = _ResidualFit(student.get_submodule(block), norm,
+                                   student.get_submodule(shortcut) if shortcut else None)
+                stack.callback(fit.remove)
+            moments = stack.enter_context(_local_moments(local_pairs, relu_fits))
             if detectron2:
                 stack.enter_context(_sampled_regions(teacher, head_proposals, head_detections))
             for chunk in chunks:
