@@ -20,7 +20,8 @@ def test_transfer_study_smoke(tmp_path, capsys):
     out = tmp_path / "fidelity.png"
     assert _tool("transfer_study").main(["--smoke", "--output", str(out)]) == 0
     table = capsys.readouterr().out
-    for method in ("copy", "stats", "calibrate 2", "calibrate 4 (local)", "calibrate 4 + distill 1"):
+    for method in ("copy", "stats", "calibrate 2", "calibrate 2 (output objective)", "calibrate 4 (local)",
+                   "calibrate 4 + distill 1"):
         assert f"| shared statistics | {method} |" in table
         assert f"| per-image photometrics | {method} |" in table
     assert Image.open(out).size == (800, 400)

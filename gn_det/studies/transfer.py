@@ -31,7 +31,8 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")
 @dataclasses.dataclass
 class FidelityRow:
     regime: str  # "shared statistics" or "per-image photometrics"
-    method: str  # "copy", "stats", "calibrate N", "calibrate N (local)", "calibrate N + distill K"
+    method: str  # "copy", "stats", "calibrate N", "calibrate N (output objective)", "calibrate N (local)",
+    #               "calibrate N + distill K"
     cosines: Dict[str, float]  # stage -> mean cosine to the teacher on held-out images
     seconds: float  # time the transfer took (calibration included)
 
@@ -108,17 +109,20 @@ def transfer_fidelity(
         data = smooth_images(population, size, per_image_photometrics=photometric, seed=seed)
         test = smooth_images(held_out, size, per_image_photometrics=photometric, seed=seed + 1)
         teacher = bn_teacher(data, seed=seed)
-        methods = [("copy", "copy", 0, True, 0), ("stats", "stats", 0, True, 0)]
-        methods += [(f"calibrate {n}", "stats", n, True, 0) for n in calibration_counts]
+        methods = [("copy", "copy", 0, True, 0, None), ("stats", "stats", 0, True, 0, None)]
+        methods += [(f"calibrate {n}", "stats", n, True, 0, "activation") for n in calibration_counts]
+        methods += [(f"calibrate {n} (output objective)", "stats", n, True, 0, "output") for n in calibration_counts]
         largest = max(calibration_counts)
-        methods += [(f"calibrate {largest} (local)", "stats", largest, False, 0)]
-        methods += [(f"calibrate {largest} + distill {k}", "stats", largest, True, k) for k in distill_steps]
-        for name, transfer, count, sequential, steps in methods:
+        methods += [(f"calibrate {largest} (local)", "stats", largest, False, 0, "activation")]
+        methods += [(f"calibrate {largest} + distill {k}", "stats", largest, True, k, "activation")
+                    for k in distill_steps]
+        for name, transfer, count, sequential, steps, objective in methods:
             start = time.perf_counter()
             student = convert_norm(copy.deepcopy(teacher), transfer=transfer)
             if count:
                 calibration = smooth_images(count, size, per_image_photometrics=photometric, seed=seed + 2)
-                calibrate(student, teacher, [calibration], sequential=sequential, progress=False)
+                calibrate(student, teacher, [calibration], sequential=sequential, objective=objective,
+                          progress=False)
                 if steps:
                     distill(student, teacher, [calibration], steps=steps, progress=False)
             seconds = time.perf_counter() - start
@@ -159,7 +163,8 @@ def detector_zero_shot(
     The teacher (``teacher_config`` + ``teacher_weights``, BN in eval mode) and one student per
     method (``student_config``, which converts to GN, loading the same weights with the
     ``copy`` or ``stats`` transfer, then ``calibrate`` on the first N images of
-    ``calibration_dataset``; and, for each of ``distill_steps``, ``calibrate`` on
+    ``calibration_dataset``; ``calibrate`` with the output objective on ``distill_images``
+    images; and, for each of ``distill_steps``, ``calibrate`` on
     ``distill_images`` images followed by that many steps of ``distill`` on them) are evaluated by COCO AP on the config's ``DATASETS.TEST`` and
     compared by the cosine of their FPN outputs on its first ``cosine_images`` images. Each
     student's weights are written to ``output_dir/<method>.pth`` (for fine-tuning).
@@ -197,17 +202,19 @@ def detector_zero_shot(
     held_out = load_images(teacher_cfg, teacher_cfg.DATASETS.TEST[0], cosine_images)
     rows = [DetectorRow("BN teacher", *evaluate(teacher_cfg, teacher),
                         backbone_cosines(teacher, teacher, held_out), 0.0, "")]
-    methods = [("copy", "copy", 0, 0), ("stats", "stats", 0, 0)]
-    methods += [(f"calibrate {n}", "stats", n, 0) for n in calibration_counts]
-    methods += [(f"calibrate {distill_images} + distill {k}", "stats", distill_images, k) for k in distill_steps]
-    for name, transfer, count, steps in methods:
+    methods = [("copy", "copy", 0, 0, None), ("stats", "stats", 0, 0, None)]
+    methods += [(f"calibrate {n}", "stats", n, 0, "activation") for n in calibration_counts]
+    methods += [(f"calibrate {distill_images} (output objective)", "stats", distill_images, 0, "output")]
+    methods += [(f"calibrate {distill_images} + distill {k}", "stats", distill_images, k, "activation")
+                for k in distill_steps]
+    for name, transfer, count, steps, objective in methods:
         cfg = config(student_config, transfer)
         start = time.perf_counter()
         student = build_model(cfg)
         Checkpointer(student).load_weights(teacher_weights)  # the transfer happens on load
         if count:
             images = load_images(teacher_cfg, calibration_dataset, count)
-            calibrate(student, teacher, images, progress=False)
+            calibrate(student, teacher, images, objective=objective, progress=False)
             if steps:
                 distill(student, teacher, images, steps=steps, progress=False)
         seconds = time.perf_counter() - start
