@@ -208,8 +208,9 @@ def main(argv=None) -> int:
         parser.error(f"{plot} exists; pass --force to overwrite")
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     configs = {norm: config_schedule(norm) for norm in args.norms}
-    grid = [(norm, batch, lr, seed) for batch in sorted(args.batches) for norm in args.norms
-            for lr in (args.base_lrs or [configs[norm]["base_lr"]]) for seed in args.seeds]
+    # Seed by seed, so that a grid stopped midway has whole seeds; within one, batch by batch.
+    grid = [(norm, batch, lr, seed) for seed in args.seeds for batch in sorted(args.batches)
+            for norm in args.norms for lr in (args.base_lrs or [configs[norm]["base_lr"]])]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         cells = list(pool.map(lambda g: run_cell(*g, args, configs[g[0]]), grid))
     for (norm, batch, lr, seed), cell in zip(grid, cells):
