@@ -183,10 +183,10 @@ def main(argv=None) -> int:
     detector.add_argument("--finetune-iters", type=int, default=200)
     detector.add_argument("--eval-period", type=int, default=50)
     detector.add_argument("--jobs", type=int, default=1, help="fine-tuning runs at a time")
-    detector.add_argument("--runs", nargs="+", default=list(FINETUNE_RUNS), choices=FINETUNE_RUNS,
-                          help="fine-tuning runs (default all): GN from copy, stats, calibrate, "
-                          "distill (the first --distill-steps row), scratch; BN teacher at 2 "
-                          "images (bn)")
+    detector.add_argument("--runs", nargs="*", default=list(FINETUNE_RUNS), choices=FINETUNE_RUNS,
+                          help="fine-tuning runs (default all; none: zero-shot only): GN from copy, "
+                          "stats, calibrate, distill (the first --distill-steps row), scratch; BN "
+                          "teacher at 2 images (bn)")
     args = parser.parse_args(argv)
     if args.output and os.path.exists(args.output) and not args.force:
         parser.error(f"{args.output} exists; pass --force to overwrite")
