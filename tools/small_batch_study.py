@@ -10,10 +10,16 @@ trained with each norm config (``shapes/bn.yaml``; ``shapes/syncbn.yaml``, run a
 gloo processes whose BN statistics are all-reduced; ``shapes/gn.yaml``; ``shapes/frozenbn.yaml``,
 "no norm": FrozenBN at the identity) at 1, 2, 4 and 8 images per batch (per process). Every
 run sees the same number of images (``--images``, by default the configs' own: 1,800 steps of 2
-images); the learning rate is the config's rate per image times the batch (linear scaling), or
-each of ``--base-lrs`` (rates at the configs' 2 images per batch, scaled the same way); warmup
-and LR drop are fixed in images, at the configs' fractions. Each cell is one ``gn-det train``
-process (its own OUTPUT_DIR, metrics.json and COCO evaluations, ``gn_det.studies.runs``),
+images); the learning rate is the config's rate at its 2 images per batch, or each of
+``--base-lrs``, scaled with the batch linearly (SGD's rule) or by its square root
+(``--lr-scaling sqrt``, Adam's rule: the configs train with AdamW); warmup and LR drop are fixed
+in images, at the configs' fractions. The study in docs/benchmarks.md (each cell to the plateau
+of BN at 8 images per batch: 14,400 images):
+
+    tools/small_batch_study.py --output-dir output/small_batch --images 14400 --eval-period 1800 \
+        --lr-scaling sqrt --norms bn gn --batches 1 8 2 4 --seeds 1 2 --jobs 2
+
+Each cell is one ``gn-det train`` process (its own OUTPUT_DIR, metrics.json and COCO evaluations, ``gn_det.studies.runs``),
 evaluated on ``shapes_val`` (every ``--eval-period`` images and at the end) and, at the end, on
 the held-out ``shapes_test``; a cell that already finished is read, not rerun, and one that was
 stopped resumes from its last checkpoint (one per evaluation), so a grid can run across sessions.
@@ -208,8 +214,9 @@ def main(argv=None) -> int:
         parser.error(f"{plot} exists; pass --force to overwrite")
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     configs = {norm: config_schedule(norm) for norm in args.norms}
-    # Seed by seed, so that a grid stopped midway has whole seeds; within one, batch by batch.
-    grid = [(norm, batch, lr, seed) for seed in args.seeds for batch in sorted(args.batches)
+    # Seed by seed, so that a grid stopped midway has whole seeds; within one, batch by batch in
+    # the order given (--batches 1 8 2 4: the ends first).
+    grid = [(norm, batch, lr, seed) for seed in args.seeds for batch in dict.fromkeys(args.batches)
             for norm in args.norms for lr in (args.base_lrs or [configs[norm]["base_lr"]])]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         cells = list(pool.map(lambda g: run_cell(*g, args, configs[g[0]]), grid))
