@@ -164,9 +164,9 @@ def detector_zero_shot(
     method (``student_config``, which converts to GN, loading the same weights with the
     ``copy`` or ``stats`` transfer, then ``calibrate`` on the first N images of
     ``calibration_dataset``; ``calibrate`` with the output objective on ``distill_images``
-    images; and, for each of ``distill_steps``, ``calibrate`` on
-    ``distill_images`` images followed by that many steps of ``distill`` on them) are evaluated by COCO AP on the config's ``DATASETS.TEST`` and
-    compared by the cosine of their FPN outputs on its first ``cosine_images`` images. Each
+    images; and, for each of ``distill_steps``, ``calibrate`` on ``distill_images`` images
+    followed by that many steps of ``distill`` on them, and the same steps straight from
+    ``stats``) are evaluated by COCO AP on the config's ``DATASETS.TEST`` and compared by the cosine of their FPN outputs on its first ``cosine_images`` images. Each
     student's weights are written to ``output_dir/<method>.pth`` (for fine-tuning).
     """
     import os
@@ -207,16 +207,17 @@ def detector_zero_shot(
     methods += [(f"calibrate {distill_images} (output objective)", "stats", distill_images, 0, "output")]
     methods += [(f"calibrate {distill_images} + distill {k}", "stats", distill_images, k, "activation")
                 for k in distill_steps]
+    methods += [(f"stats + distill {k}", "stats", 0, k, None) for k in distill_steps]
     for name, transfer, count, steps, objective in methods:
         cfg = config(student_config, transfer)
         start = time.perf_counter()
         student = build_model(cfg)
         Checkpointer(student).load_weights(teacher_weights)  # the transfer happens on load
+        images = load_images(teacher_cfg, calibration_dataset, count or distill_images) if count or steps else []
         if count:
-            images = load_images(teacher_cfg, calibration_dataset, count)
             calibrate(student, teacher, images, objective=objective, progress=False)
-            if steps:
-                distill(student, teacher, images, steps=steps, progress=False)
+        if steps:
+            distill(student, teacher, images, steps=steps, progress=False)
         seconds = time.perf_counter() - start
         student.eval()
         path = os.path.join(output_dir, name.replace(" ", "_") + ".pth")
