@@ -75,8 +75,9 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class LayerFit:
-    """One calibrated layer: relative squared error of its output against the teacher's
-    (``Σ(student − teacher)² / Σ(teacher − mean)²`` per channel, averaged), before and after."""
+    """One calibrated layer: relative squared error of its fit against the teacher's target
+    (``Σ(student − target)² / Σ(target − its channel's mean)²``, summed over pixels and channels;
+    with the activation objective, over the pixels its fit uses), before and after."""
 
     name: str
     mode: str  # "sequential" or "local"
@@ -109,10 +110,12 @@ class _Moments:
             self.sums[5] += (t_i * t_i).sum(1).double()
 
     def relative_error(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        # Pooled over channels: a channel whose target hardly varies (a dead one, or one that the
+        # activation objective's active set hardly reaches) cannot blow the ratio up.
         n, s, t, ss, st, tt = self.sums
         sse = a * a * ss + 2 * a * b * s + n * b * b - 2 * a * st - 2 * b * t + tt
-        spread = (tt - t * t / n.clamp_min(1)).clamp_min(1e-12)
-        return (sse.clamp_min(0) / spread).mean().item()
+        spread = (tt - t * t / n.clamp_min(1)).clamp_min(0)
+        return (sse.clamp_min(0).sum() / spread.sum().clamp_min(1e-12)).item()
 
     def solve(self, fallback_a: torch.Tensor, fallback_b: torch.Tensor):
         n, s, t, ss, st, _ = self.sums
