@@ -115,14 +115,19 @@ def _cmd_convert(args) -> int:
     if target_spec is not None and explicit:
         raise UsageError(f"{', '.join(explicit)} conflict with --target-config {args.target_config}, "
                          "whose MODEL.NORM_CONVERSION decides the conversion")
-    calibrating = args.transfer == "calibrate"
-    if calibrating:
-        args.transfer = "stats"  # calibration starts from the data-free transfer
-    elif args.calib_dataset is not None or args.calib_images is not None or args.calib_distill_steps:
+    method = args.transfer if args.transfer in ("calibrate", "distill") else None
+    if method:
+        args.transfer = "stats"  # both start from the data-free transfer
+    elif args.calib_dataset is not None or args.calib_images is not None or args.calib_distill_steps is not None:
         raise UsageError("--calib-dataset, --calib-images and --calib-distill-steps go with "
-                         "--transfer calibrate")
-    if args.calib_distill_steps < 0:
-        raise UsageError(f"--calib-distill-steps must be 0 or more, got {args.calib_distill_steps}")
+                         "--transfer calibrate or distill")
+    steps = args.calib_distill_steps
+    if steps is None:
+        steps = 100 if method == "distill" else 0
+    if steps < 0 or (method == "distill" and steps == 0):
+        raise UsageError(f"--calib-distill-steps must be {'1' if method == 'distill' else '0'} or more, "
+                         f"got {steps}")
+    calibrating = method is not None
     spec = target_spec or _spec(args, required=True)
     calibration_inputs = None
     if calibrating:
@@ -131,8 +136,8 @@ def _cmd_convert(args) -> int:
 
     result = convert_checkpoint(args.weights, args.output, source_cfg, spec, target_cfg=target_cfg,
                                 file_format=args.format, overwrite=args.force,
-                                calibration_inputs=calibration_inputs,
-                                distill_steps=args.calib_distill_steps)
+                                calibration_inputs=calibration_inputs, least_squares=method == "calibrate",
+                                distill_steps=steps)
     print(f"Wrote {result.output}: {result.scope} checkpoint from a {result.input_kind} checkpoint "
           f"({result.seconds:.1f} s, verified against the target model).")
     table = [[src, dst, n] for (src, dst), n in sorted(result.conversions.items())]
@@ -191,9 +196,11 @@ def _add_conversion_flags(parser) -> None:
     groups.add_argument("--num-groups", type=int, default=None, help="GN groups (default 32)")
     groups.add_argument("--dim-per-group", type=int, default=None,
                         help="GN channels per group, instead of --num-groups")
-    parser.add_argument("--transfer", default=None, choices=TRANSFERS + ("calibrate",),
+    parser.add_argument("--transfer", default=None, choices=TRANSFERS + ("calibrate", "distill"),
                         help="BN -> GN weight transfer (default stats: uses BN running statistics; "
-                        "calibrate: stats, then a least-squares fit on images, convert only)")
+                        "calibrate: stats, then a least-squares fit on images; distill: stats, then "
+                        "feature distillation on images, what keeps most of a detector's AP; "
+                        "these two for convert only)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -236,13 +243,13 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--verify-dataset", default="shapes_val", metavar="NAME",
                          help="registered dataset for --verify-images (default shapes_val)")
     convert.add_argument("--calib-dataset", default=None, metavar="NAME",
-                         help="registered dataset for --transfer calibrate (default shapes_train)")
+                         help="registered dataset for --transfer calibrate or distill (default shapes_train)")
     convert.add_argument("--calib-images", type=int, default=None, metavar="N",
-                         help="images for --transfer calibrate (default 32)")
-    convert.add_argument("--calib-distill-steps", type=int, default=0, metavar="K",
-                         help="after the least-squares fit, K steps of feature distillation of the "
-                         "GN affine on the calibration images (gn_det.distill; "
-                         "default 0: off)")
+                         help="images for --transfer calibrate or distill (default 32)")
+    convert.add_argument("--calib-distill-steps", type=int, default=None, metavar="K",
+                         help="steps of feature distillation of the GN affine on those images "
+                         "(gn_det.distill): after the least-squares fit with --transfer calibrate "
+                         "(default 0: none), from stats with --transfer distill (default 100)")
     convert.add_argument("--debug", action="store_true", help="show tracebacks")
     convert.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                          help="overrides of the source config")

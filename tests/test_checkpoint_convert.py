@@ -313,7 +313,7 @@ def test_convert_with_calibration(tmp_path, capsys):
     gn_model = _model("shapes/gn.yaml")
     gn_model.load_state_dict(torch.load(out, weights_only=True)["model"], strict=True)
     assert _convert("--weights", source, "--output", tmp_path / "x.pth", "--calib-images", "3") == 2
-    assert "go with --transfer calibrate" in _error(capsys)
+    assert "go with --transfer calibrate or distill" in _error(capsys)
 
     distilled = tmp_path / "gn_distilled.pth"
     calibrate = ["--config-file", "shapes/bn.yaml", "--transfer", "calibrate",
@@ -324,8 +324,32 @@ def test_convert_with_calibration(tmp_path, capsys):
     changed = {k for k in calibrated if not torch.equal(calibrated[k], distilled[k])}
     assert changed and all("norm" in k for k in changed)
     assert _convert("--weights", source, "--output", tmp_path / "x.pth", "--calib-distill-steps", "2") == 2
-    assert "go with --transfer calibrate" in _error(capsys)
+    assert "go with --transfer calibrate or distill" in _error(capsys)
     assert _convert("--weights", source, "--output", tmp_path / "x.pth", *calibrate,
                     "--calib-distill-steps", "-1") == 2
     assert "must be 0 or more" in _error(capsys)
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_convert_with_distillation_from_stats(tmp_path, capsys):
+    """--transfer distill: stats, then distillation only (no least squares); default 100 steps."""
+    from gn_det.data import register_shapes
+
+    register_shapes("shapes_distil", cache_dir=tmp_path / "cache", image_size=(96, 96), num_train=2, num_val=1)
+    bn_model = _model("shapes/bn.yaml")
+    source = tmp_path / "bn.pth"
+    torch.save({"model": bn_model.state_dict()}, source)
+    stats, distilled = tmp_path / "stats.pth", tmp_path / "distilled.pth"
+    assert _convert("--weights", source, "--output", stats, "--config-file", "shapes/bn.yaml") == 0
+    distill = ["--config-file", "shapes/bn.yaml", "--transfer", "distill", "--calib-dataset", "shapes_distil_train",
+               "--calib-images", "2"]
+    capsys.readouterr()
+    assert _convert("--weights", source, "--output", distilled, *distill, "--calib-distill-steps", "2") == 0
+    printed = capsys.readouterr().out
+    assert "transfer: stats + distill 2 steps" in printed and "calibration:" not in printed
+    stats, distilled = (torch.load(p, weights_only=True)["model"] for p in (stats, distilled))
+    changed = {k for k in stats if not torch.equal(stats[k], distilled[k])}
+    assert changed and all("norm" in k for k in changed)
+    assert _convert("--weights", source, "--output", tmp_path / "x.pth", *distill, "--calib-distill-steps", "0") == 2
+    assert "must be 1 or more" in _error(capsys)
     assert not (tmp_path / "x.pth").exists()

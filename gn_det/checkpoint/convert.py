@@ -159,6 +159,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     calibration_inputs: Optional[list] = None,
     distill_steps: int = 0,
+    least_squares: bool = True,
 ) -> ConversionResult:
     """
     Convert the checkpoint at ``weights_path`` (any supported format) and write ``output``.
@@ -177,6 +178,9 @@ def convert_checkpoint(
             (``gn_det.calibrate``).
         distill_steps: if positive (with ``calibration_inputs``), that many steps of
             ``gn_det.distill`` on the same inputs follow the calibration.
+        least_squares: with ``calibration_inputs``, run ``gn_det.calibrate``; False: only the
+            distillation (from the transfer), which keeps more of a detector's AP
+            (docs/benchmarks.md).
 
     Raises:
         CheckpointError: any problem with the input, the fit, or the output; nothing written.
@@ -198,7 +202,8 @@ def convert_checkpoint(
     converted = convert_norm_by_spec(copy.deepcopy(source), spec)
     fits = None
     if calibration_inputs is not None:
-        fits = calibrate(converted, source, calibration_inputs)
+        if least_squares:
+            fits = calibrate(converted, source, calibration_inputs)
         if distill_steps > 0:
             distill(converted, source, calibration_inputs, steps=distill_steps)
     rows = [r for r in describe_norms(converted) if r.source]
@@ -224,8 +229,9 @@ def convert_checkpoint(
         scope=scope,
         conversions=dict(conversions),
         groups=dict(groups),
-        transfer=(spec.transfer if fits is None else f"{spec.transfer} + calibrate"
-                  + (f" + distill {distill_steps} steps" if distill_steps > 0 else "")),
+        transfer=(spec.transfer + (" + calibrate" if fits is not None else "")
+                  + (f" + distill {distill_steps} steps" if calibration_inputs is not None and distill_steps > 0
+                     else "")),
         fits=fits,
         keys_matched=keys_matched,
         keys_expected=keys_expected,
