@@ -17,7 +17,7 @@ in images, at the configs' fractions. The study in docs/benchmarks.md (each cell
 of BN at 8 images per batch: 14,400 images):
 
     tools/small_batch_study.py --output-dir output/small_batch --images 14400 --eval-period 1800 \
-        --lr-scaling sqrt --norms bn gn --batches 1 8 2 4 --seeds 1 2 --jobs 2
+        --lr-scaling sqrt --norms bn gn --batches 8 1 2 4 --seeds 1 2 --jobs 2
 
 Each cell is one ``gn-det train`` process (its own OUTPUT_DIR, metrics.json and COCO evaluations, ``gn_det.studies.runs``),
 evaluated on ``shapes_val`` (every ``--eval-period`` images and at the end) and, at the end, on
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     configs = {norm: config_schedule(norm) for norm in args.norms}
     # Seed by seed, so that a grid stopped midway has whole seeds; within one, batch by batch in
-    # the order given (--batches 1 8 2 4: the ends first).
+    # the order given (--batches 8 1 2 4: the ends first).
     grid = [(norm, batch, lr, seed) for seed in args.seeds for batch in dict.fromkeys(args.batches)
             for norm in args.norms for lr in (args.base_lrs or [configs[norm]["base_lr"]])]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
