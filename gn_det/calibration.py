@@ -473,9 +473,9 @@ def calibrate(
     consumers = _consumers(student) if objective == "activation" else {}
     paired = {n[len(prefix):]: _PairedNorm(n, t, s, order, consumers.get(n, (None,))[0])
               for n, (t, s) in in_body.items()}
-    residual_fits = [(block, shortcut, paired[n[len(prefix):]]) for n, (kind, *where) in consumers.items()
-                     if kind == "residual" and n in in_body for block, shortcut in [where]]
-    relu_fits = {n for n, (kind, *_) in consumers.items() if kind == "relu"}
+    residual_fits = [(c[1], c[2], paired[n[len(prefix):]]) for n, c in consumers.items()
+                     if c[0] == "residual" and n in in_body]  # (block, shortcut, its last norm)
+    relu_fits = {n for n, c in consumers.items() if c[0] == "relu"}
     reuse_features = detectron2 and paired and local_pairs and _heads_run_on_features(teacher)
 
     modes = student.training, teacher.training

@@ -19,8 +19,8 @@ of BN at 8 images per batch: 14,400 images):
     tools/small_batch_study.py --output-dir output/small_batch --images 14400 --eval-period 1800 \
         --lr-scaling sqrt --norms bn gn --batches 8 1 2 4 --seeds 1 2 --jobs 2
 
-Each cell is one ``gn-det train`` process (its own OUTPUT_DIR, metrics.json and COCO evaluations, ``gn_det.studies.runs``),
-evaluated on ``shapes_val`` (every ``--eval-period`` images and at the end) and, at the end, on
+Each cell is one ``gn-det train`` process (its own OUTPUT_DIR, metrics.json and COCO
+evaluations, ``gn_det.studies.runs``), evaluated on ``shapes_val`` (every ``--eval-period`` images and at the end) and, at the end, on
 the held-out ``shapes_test``; a cell that already finished is read, not rerun, and one that was
 stopped resumes from its last checkpoint (one per evaluation), so a grid can run across sessions.
 ``--jobs 2`` runs two cells at a time, one thread each.
@@ -84,11 +84,9 @@ def run_cell(norm: str, batch: int, base_lr: float, seed: int, args, config: dic
     # SyncBN: --processes processes of ``batch`` images each, one BN batch of all their images.
     processes = args.processes if norm == "syncbn" else 1
     cell = {"norm": norm, "batch": batch, "processes": processes, "base_lr": base_lr, "seed": seed}
-    name = f"{norm}{processes if processes > 1 else ''}_b{batch}_lr{base_lr:g}_s{seed}"
-    if args.lr_scaling != "linear":
-        name = name.replace("_s", f"_{args.lr_scaling}_s")
-    if args.data == "shapes_hr":
-        name = f"hr{args.hr_size}_{name}"
+    hr = f"hr{args.hr_size}_" if args.data == "shapes_hr" else ""
+    scaling = "" if args.lr_scaling == "linear" else f"_{args.lr_scaling}"
+    name = f"{hr}{norm}{processes if processes > 1 else ''}_b{batch}_lr{base_lr:g}{scaling}_s{seed}"
     run_dir = Path(args.output_dir) / name
     cell["run_dir"] = str(run_dir)
     if args.report_only:

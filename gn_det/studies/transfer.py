@@ -166,8 +166,9 @@ def detector_zero_shot(
     ``calibration_dataset``; ``calibrate`` with the output objective on ``distill_images``
     images; and, for each of ``distill_steps``, ``calibrate`` on ``distill_images`` images
     followed by that many steps of ``distill`` on them, and the same steps straight from
-    ``stats``) are evaluated by COCO AP on the config's ``DATASETS.TEST`` and compared by the cosine of their FPN outputs on its first ``cosine_images`` images. Each
-    student's weights are written to ``output_dir/<method>.pth`` (for fine-tuning).
+    ``stats``) are evaluated by COCO AP on the config's ``DATASETS.TEST`` and compared by the
+    cosine of their FPN outputs on its first ``cosine_images`` images. Each student's weights
+    are written to ``output_dir/<method>.pth`` (for fine-tuning).
     """
     import os
     import time
