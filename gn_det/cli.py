@@ -22,6 +22,7 @@ import warnings
 from typing import List, Optional
 
 from . import __version__
+from .distillation import HEADS
 from .transfer import TRANSFERS
 
 __all__ = ["main"]
@@ -118,15 +119,19 @@ def _cmd_convert(args) -> int:
     method = args.transfer if args.transfer in ("calibrate", "distill") else None
     if method:
         args.transfer = "stats"  # both start from the data-free transfer
-    elif args.calib_dataset is not None or args.calib_images is not None or args.calib_distill_steps is not None:
-        raise UsageError("--calib-dataset, --calib-images and --calib-distill-steps go with "
-                         "--transfer calibrate or distill")
+    elif any(v is not None for v in (args.calib_dataset, args.calib_images, args.calib_distill_steps,
+                                      args.calib_distill_heads)):
+        raise UsageError("--calib-dataset, --calib-images, --calib-distill-steps and --calib-distill-heads go "
+                         "with --transfer calibrate or distill")
     steps = args.calib_distill_steps
     if steps is None:
         steps = 100 if method == "distill" else 0
     if steps < 0 or (method == "distill" and steps == 0):
         raise UsageError(f"--calib-distill-steps must be {'1' if method == 'distill' else '0'} or more, "
                          f"got {steps}")
+    if args.calib_distill_heads is not None and steps == 0:
+        raise UsageError("--calib-distill-heads goes with distillation: --transfer distill, or "
+                         "--calib-distill-steps K > 0")
     calibrating = method is not None
     spec = target_spec or _spec(args, required=True)
     calibration_inputs = None
@@ -137,7 +142,7 @@ def _cmd_convert(args) -> int:
     result = convert_checkpoint(args.weights, args.output, source_cfg, spec, target_cfg=target_cfg,
                                 file_format=args.format, overwrite=args.force,
                                 calibration_inputs=calibration_inputs, least_squares=method == "calibrate",
-                                distill_steps=steps)
+                                distill_steps=steps, distill_heads=args.calib_distill_heads or "weights")
     print(f"Wrote {result.output}: {result.scope} checkpoint from a {result.input_kind} checkpoint "
           f"({result.seconds:.1f} s, verified against the target model).")
     table = [[src, dst, n] for (src, dst), n in sorted(result.conversions.items())]
@@ -247,9 +252,13 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--calib-images", type=int, default=None, metavar="N",
                          help="images for --transfer calibrate or distill (default 32)")
     convert.add_argument("--calib-distill-steps", type=int, default=None, metavar="K",
-                         help="steps of feature distillation of the GN affine on those images "
+                         help="steps of feature distillation on those images "
                          "(gn_det.distill): after the least-squares fit with --transfer calibrate "
                          "(default 0: none), from stats with --transfer distill (default 100)")
+    convert.add_argument("--calib-distill-heads", default=None, choices=HEADS,
+                         help="what the distillation trains in a detector's ROI heads: weights (default): "
+                         "their GN affine and all their weights, what keeps most AP; norms: their GN "
+                         "affine only; none: the backbone alone. A backbone checkpoint: always none")
     convert.add_argument("--debug", action="store_true", help="show tracebacks")
     convert.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                          help="overrides of the source config")

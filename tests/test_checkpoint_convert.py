@@ -318,8 +318,9 @@ def test_convert_with_calibration(tmp_path, capsys):
     distilled = tmp_path / "gn_distilled.pth"
     calibrate = ["--config-file", "shapes/bn.yaml", "--transfer", "calibrate",
                  "--calib-dataset", "shapes_calib_train", "--calib-images", "3"]
-    assert _convert("--weights", source, "--output", distilled, *calibrate, "--calib-distill-steps", "2") == 0
-    assert "transfer: stats + calibrate + distill 2 steps" in capsys.readouterr().out
+    assert _convert("--weights", source, "--output", distilled, *calibrate, "--calib-distill-steps", "2",
+                    "--calib-distill-heads", "norms") == 0
+    assert "transfer: stats + calibrate + distill 2 steps (GN affine)" in capsys.readouterr().out
     calibrated, distilled = (torch.load(p, weights_only=True)["model"] for p in (out, distilled))
     changed = {k for k in calibrated if not torch.equal(calibrated[k], distilled[k])}
     assert changed and all("norm" in k for k in changed)
@@ -346,10 +347,34 @@ def test_convert_with_distillation_from_stats(tmp_path, capsys):
     capsys.readouterr()
     assert _convert("--weights", source, "--output", distilled, *distill, "--calib-distill-steps", "2") == 0
     printed = capsys.readouterr().out
-    assert "transfer: stats + distill 2 steps" in printed and "calibration:" not in printed
-    stats, distilled = (torch.load(p, weights_only=True)["model"] for p in (stats, distilled))
+    assert "transfer: stats + distill 2 steps (GN affine, ROI-head weights)" in printed
+    assert "calibration:" not in printed
+    norms_only = tmp_path / "norms_only.pth"
+    assert _convert("--weights", source, "--output", norms_only, *distill, "--calib-distill-steps", "2",
+                    "--calib-distill-heads", "norms") == 0
+    assert "transfer: stats + distill 2 steps (GN affine)" in capsys.readouterr().out
+    stats, distilled, norms_only = (torch.load(p, weights_only=True)["model"] for p in (stats, distilled, norms_only))
     changed = {k for k in stats if not torch.equal(stats[k], distilled[k])}
+    heads = ("roi_heads.box_head.", "roi_heads.mask_head.")
+    assert changed and all("norm" in k for k in changed if not k.startswith(heads))
+    assert any(k.startswith(heads) and "norm" not in k for k in changed)
+    changed = {k for k in stats if not torch.equal(stats[k], norms_only[k])}
     assert changed and all("norm" in k for k in changed)
+    assert _convert("--weights", source, "--output", tmp_path / "x.pth", "--config-file", "shapes/bn.yaml",
+                    "--calib-distill-heads", "norms") == 2
+    assert "go with --transfer calibrate or distill" in _error(capsys)
+    assert _convert("--weights", source, "--output", tmp_path / "x.pth", "--config-file", "shapes/bn.yaml",
+                    "--transfer", "calibrate", "--calib-distill-heads", "norms") == 2
+    assert "--calib-distill-heads goes with distillation" in _error(capsys)
+
+    # A backbone checkpoint's heads were never trained: only the backbone's outputs are distilled.
+    backbone = tmp_path / "backbone.pth"
+    torch.save({"model": {k: v for k, v in bn_model.state_dict().items() if k.startswith("backbone.bottom_up.")}},
+               backbone)
+    assert _convert("--weights", backbone, "--output", tmp_path / "backbone_gn.pth", *distill,
+                    "--calib-distill-steps", "1") == 0
+    assert "backbone checkpoint" in (printed := capsys.readouterr().out)
+    assert "transfer: stats + distill 1 steps (backbone GN affine)" in printed
     assert _convert("--weights", source, "--output", tmp_path / "x.pth", *distill, "--calib-distill-steps", "0") == 2
     assert "must be 1 or more" in _error(capsys)
     assert not (tmp_path / "x.pth").exists()

@@ -54,23 +54,46 @@ def test_only_unfrozen_gn_affine_changes_teacher_untouched_and_results_repeat(te
     assert not teacher.training
 
 
-def test_a_detectron2_mask_rcnn_distills_backbone_and_roi_heads():
-    teacher, images = shapes_bn_mask_rcnn()
-    student = convert_norm(copy.deepcopy(teacher))
+def _changed_modules(student, teacher, images, **kwargs):
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    result = distill(student, teacher, images, steps=2, batch_size=2, progress=False)
+    result = distill(student, teacher, images, steps=2, batch_size=2, progress=False, **kwargs)
     assert all(torch.isfinite(torch.tensor(result.losses)))
     after = student.state_dict()
-    changed = {k.rsplit(".", 1)[0] for k in before if not torch.equal(before[k], after[k])}
+    return {k.rsplit(".", 1)[0] for k in before if not torch.equal(before[k], after[k])}, result
+
+
+def test_a_detectron2_mask_rcnn_distills_backbone_gn_and_roi_heads():
+    teacher, images = shapes_bn_mask_rcnn()
+    student = convert_norm(copy.deepcopy(teacher))
     converted = {n for n, m in student.named_modules() if isinstance(m, ConvertedGroupNorm)}
-    assert changed == converted
     assert {n.split(".")[0] for n in converted} == {"backbone", "roi_heads"}
+    changed, result = _changed_modules(student, teacher, images, heads="norms")
+    assert changed == converted and result.parameters == sum(
+        p.numel() for n, m in student.named_modules() if n in converted for p in m.parameters())
+
+    changed, _ = _changed_modules(convert_norm(copy.deepcopy(teacher)), teacher, images, heads="none")
+    assert changed == {n for n in converted if n.startswith("backbone.")}
+
+    # By default every weight of the box and mask heads is trained too (frozen ones excepted);
+    # the backbone's convolutions, the RPN and the box predictor are not.
+    student = convert_norm(copy.deepcopy(teacher))
+    frozen = student.roi_heads.mask_head.mask_fcn1.weight  # a convolution without bias (its norm has one)
+    frozen.requires_grad_(False)
+    changed, result = _changed_modules(student, teacher, images)
+    heads = {n for n, m in student.named_modules() if n.startswith(("roi_heads.box_head.", "roi_heads.mask_head."))
+             and next(m.parameters(recurse=False), None) is not None}
+    assert changed == converted | heads - {"roi_heads.mask_head.mask_fcn1"}
+    assert not frozen.requires_grad and all(p.requires_grad for n, p in student.named_parameters() if p is not frozen)
+    assert result.parameters == sum(p.numel() for n, p in student.named_parameters()
+                                    if n.rsplit(".", 1)[0] in converted | heads and p is not frozen)
 
 
 def test_bad_arguments_are_refused(teacher):
     student = convert_norm(copy.deepcopy(teacher))
     with pytest.raises(ValueError, match="at least 1"):
         distill(student, teacher, [photometric_images(4, seed=2)], steps=0)
+    with pytest.raises(ValueError, match="heads must be one of weights, norms, none, got 'all'"):
+        distill(student, teacher, [photometric_images(4, seed=2)], heads="all")
     with pytest.raises(ValueError, match="at least one input"):
         distill(student, teacher, [])
     with pytest.raises(ValueError, match="no trainable layers converted"):

@@ -157,7 +157,7 @@ def test_transfer_study_detector_smoke(tmp_path, capsys):
     assert _tool("transfer_study").main(argv) == 0
     table = capsys.readouterr().out
     for model in ("BN teacher", "copy", "stats", "calibrate 2", "calibrate 2 (output objective)",
-                  "calibrate 2 + distill 1", "stats + distill 1"):
+                  "calibrate 2 + distill 1", "stats + distill 1 (GN affine only)", "stats + distill 1"):
         assert f"| {model} |" in table
     for run in ("GN from calibrate 2 + distill 1", "BN teacher at 2 images"):
         assert f"| {run} | 1 |" in table and f"| {run} | 2 |" in table  # evaluated every iteration

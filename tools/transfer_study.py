@@ -17,8 +17,9 @@ Detector level (the shapes Mask R-CNN; a BN teacher trained at 8 images per batc
         --output-dir output/transfer_study --output docs/images/transfer_finetune.png --jobs 2
 
 1. converts the teacher to GN by ``copy``, ``stats`` and ``stats`` + ``calibrate`` on 8, 32
-   and 128 training images, and ``calibrate`` 32 + ``distill`` 100 and 300 steps, and
-   evaluates each without training (box/mask AP on shapes_val,
+   and 128 training images, ``calibrate`` 32 + ``distill`` 100 and 300 steps, and ``stats`` +
+   ``distill`` (GN affine alone, and with the ROI heads' weights), and evaluates each without
+   training (box/mask AP on shapes_val,
    cosine of each FPN level to the teacher's; ``gn_det.studies.transfer.detector_zero_shot``);
 2. fine-tunes at 2 images per batch for ``--finetune-iters`` iterations, evaluating every
    ``--eval-period``: the copy, stats, calibrated and distilled GN students, the teacher kept

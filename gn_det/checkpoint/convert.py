@@ -148,6 +148,9 @@ def _verify(target: nn.Module, converted: nn.Module, file: Path, scope: str) -> 
     return matched, len(expected)
 
 
+_DISTILLED = {"weights": "GN affine, ROI-head weights", "norms": "GN affine", "none": "backbone GN affine"}
+
+
 def convert_checkpoint(
     weights_path: str,
     output: str,
@@ -160,6 +163,7 @@ def convert_checkpoint(
     calibration_inputs: Optional[list] = None,
     distill_steps: int = 0,
     least_squares: bool = True,
+    distill_heads: str = "weights",
 ) -> ConversionResult:
     """
     Convert the checkpoint at ``weights_path`` (any supported format) and write ``output``.
@@ -181,6 +185,9 @@ def convert_checkpoint(
         least_squares: with ``calibration_inputs``, run ``gn_det.calibrate``; False: only the
             distillation (from the transfer), which keeps more of a detector's AP
             (docs/benchmarks.md).
+        distill_heads: what the distillation trains in the ROI heads (``gn_det.distill``'s
+            ``heads``) of a detector checkpoint. A backbone checkpoint's heads are untrained,
+            so it is distilled on the backbone's outputs alone (``"none"``) whatever this says.
 
     Raises:
         CheckpointError: any problem with the input, the fit, or the output; nothing written.
@@ -205,7 +212,9 @@ def convert_checkpoint(
         if least_squares:
             fits = calibrate(converted, source, calibration_inputs)
         if distill_steps > 0:
-            distill(converted, source, calibration_inputs, steps=distill_steps)
+            if scope == "backbone":
+                distill_heads = "none"
+            distill(converted, source, calibration_inputs, steps=distill_steps, heads=distill_heads)
     rows = [r for r in describe_norms(converted) if r.source]
     conversions = collections.Counter((r.source, r.type) for r in rows)
     groups = collections.Counter(r.groups for r in rows if r.groups)
@@ -230,8 +239,8 @@ def convert_checkpoint(
         conversions=dict(conversions),
         groups=dict(groups),
         transfer=(spec.transfer + (" + calibrate" if fits is not None else "")
-                  + (f" + distill {distill_steps} steps" if calibration_inputs is not None and distill_steps > 0
-                     else "")),
+                  + (f" + distill {distill_steps} steps ({_DISTILLED[distill_heads]})"
+                     if calibration_inputs is not None and distill_steps > 0 else "")),
         fits=fits,
         keys_matched=keys_matched,
         keys_expected=keys_expected,

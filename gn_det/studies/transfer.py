@@ -137,7 +137,7 @@ def transfer_fidelity(
 
 @dataclasses.dataclass
 class DetectorRow:
-    method: str  # "BN teacher", "copy", "stats", "calibrate N", "calibrate N + distill K"
+    method: str  # "BN teacher", "copy", "stats", "calibrate N", "calibrate N + distill K", ...
     box_ap: float
     mask_ap: float
     cosines: Dict[str, float]  # FPN level -> mean cosine to the teacher's on held-out images
@@ -166,9 +166,10 @@ def detector_zero_shot(
     ``calibration_dataset``; ``calibrate`` with the output objective on ``distill_images``
     images; and, for each of ``distill_steps``, ``calibrate`` on ``distill_images`` images
     followed by that many steps of ``distill`` on them, and the same steps straight from
-    ``stats``) are evaluated by COCO AP on the config's ``DATASETS.TEST`` and compared by the
-    cosine of their FPN outputs on its first ``cosine_images`` images. Each student's weights
-    are written to ``output_dir/<method>.pth`` (for fine-tuning).
+    ``stats``, once training the GN affine alone and once the ROI heads' weights too) are
+    evaluated by COCO AP on the config's ``DATASETS.TEST`` and compared by the cosine of their
+    FPN outputs on its first ``cosine_images`` images. Each student's weights are written to
+    ``output_dir/<method>.pth`` (for fine-tuning).
     """
     import os
     import time
@@ -203,13 +204,14 @@ def detector_zero_shot(
     held_out = load_images(teacher_cfg, teacher_cfg.DATASETS.TEST[0], cosine_images)
     rows = [DetectorRow("BN teacher", *evaluate(teacher_cfg, teacher),
                         backbone_cosines(teacher, teacher, held_out), 0.0, "")]
-    methods = [("copy", "copy", 0, 0, None), ("stats", "stats", 0, 0, None)]
-    methods += [(f"calibrate {n}", "stats", n, 0, "activation") for n in calibration_counts]
-    methods += [(f"calibrate {distill_images} (output objective)", "stats", distill_images, 0, "output")]
-    methods += [(f"calibrate {distill_images} + distill {k}", "stats", distill_images, k, "activation")
+    methods = [("copy", "copy", 0, 0, None, None), ("stats", "stats", 0, 0, None, None)]
+    methods += [(f"calibrate {n}", "stats", n, 0, "activation", None) for n in calibration_counts]
+    methods += [(f"calibrate {distill_images} (output objective)", "stats", distill_images, 0, "output", None)]
+    methods += [(f"calibrate {distill_images} + distill {k}", "stats", distill_images, k, "activation", "weights")
                 for k in distill_steps]
-    methods += [(f"stats + distill {k}", "stats", 0, k, None) for k in distill_steps]
-    for name, transfer, count, steps, objective in methods:
+    methods += [(f"stats + distill {k} (GN affine only)", "stats", 0, k, None, "norms") for k in distill_steps]
+    methods += [(f"stats + distill {k}", "stats", 0, k, None, "weights") for k in distill_steps]
+    for name, transfer, count, steps, objective, heads in methods:
         cfg = config(student_config, transfer)
         start = time.perf_counter()
         student = build_model(cfg)
@@ -218,7 +220,7 @@ def detector_zero_shot(
         if count:
             calibrate(student, teacher, images, objective=objective, progress=False)
         if steps:
-            distill(student, teacher, images, steps=steps, progress=False)
+            distill(student, teacher, images, steps=steps, heads=heads, progress=False)
         seconds = time.perf_counter() - start
         student.eval()
         path = os.path.join(output_dir, name.replace(" ", "_") + ".pth")
