@@ -120,7 +120,7 @@ def distill(
             lists of them), or batch tensors (N, C, ...) or lists of them, concatenated.
         steps: optimisation steps, each on ``batch_size`` images drawn without replacement
             (reshuffled every pass over the inputs) from a generator seeded by ``seed``.
-        lr: Adam's initial learning rate.
+        lr: Adam's initial learning rate of the GN affine.
         head_proposals, head_detections: for detectron2 R-CNNs (StandardROIHeads), the box
             and mask heads are distilled too, on the teacher's top RPN proposals and top
             detections per image (as in :func:`gn_det.calibrate`).
