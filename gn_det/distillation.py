@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 class DistillationResult:
     losses: List[float]  # relative squared error of the outputs, per step (before the update)
     parameters: int  # number of scalars trained (the converted GN layers' affine, head weights)
+    heads: str  # what was trained in ROI heads, as ``distill``'s argument: "none" if it had none
 
 
 def _module_outputs(model: nn.Module, batch) -> List[torch.Tensor]:
@@ -205,4 +206,5 @@ def distill(
     logger.info("Distilled %d GN affine and %d head parameters in %d steps: loss %.4f -> %.4f.",
                 sum(p.numel() for p in trained), sum(p.numel() for p in head_parameters), steps, losses[0],
                 losses[-1])
-    return DistillationResult(losses, sum(p.numel() for p in trained + head_parameters))
+    trained_heads = "weights" if head_parameters else "norms" if roi else "none"
+    return DistillationResult(losses, sum(p.numel() for p in trained + head_parameters), trained_heads)

@@ -29,7 +29,7 @@ def test_distillation_after_calibration_lowers_the_held_out_output_error(teacher
     assert distilled < 0.95 * calibrated, (calibrated, distilled)
     assert len(result.losses) == 60 and sum(result.losses[-10:]) < sum(result.losses[:10])
     # The trained scalars: the affine of the three GN layers that are not frozen.
-    assert result.parameters == 2 * (32 + 64 + 64)
+    assert result.parameters == 2 * (32 + 64 + 64) and result.heads == "none"  # no ROI heads
 
 
 def test_only_unfrozen_gn_affine_changes_teacher_untouched_and_results_repeat(teacher):
@@ -68,6 +68,7 @@ def test_a_detectron2_mask_rcnn_distills_backbone_gn_and_roi_heads():
     converted = {n for n, m in student.named_modules() if isinstance(m, ConvertedGroupNorm)}
     assert {n.split(".")[0] for n in converted} == {"backbone", "roi_heads"}
     changed, result = _changed_modules(student, teacher, images, heads="norms")
+    assert result.heads == "norms"
     assert changed == converted and result.parameters == sum(
         p.numel() for n, m in student.named_modules() if n in converted for p in m.parameters())
 
@@ -82,7 +83,7 @@ def test_a_detectron2_mask_rcnn_distills_backbone_gn_and_roi_heads():
     changed, result = _changed_modules(student, teacher, images)
     heads = {n for n, m in student.named_modules() if n.startswith(("roi_heads.box_head.", "roi_heads.mask_head."))
              and next(m.parameters(recurse=False), None) is not None}
-    assert changed == converted | heads - {"roi_heads.mask_head.mask_fcn1"}
+    assert changed == converted | heads - {"roi_heads.mask_head.mask_fcn1"} and result.heads == "weights"
     assert not frozen.requires_grad and all(p.requires_grad for n, p in student.named_parameters() if p is not frozen)
     assert result.parameters == sum(p.numel() for n, p in student.named_parameters()
                                     if n.rsplit(".", 1)[0] in converted | heads and p is not frozen)

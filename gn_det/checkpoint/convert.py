@@ -29,7 +29,7 @@ from torch import nn
 
 from ..calibration import LayerFit, calibrate
 from ..convert import NormSpec, convert_norm_by_spec
-from ..distillation import _has_roi_heads, distill
+from ..distillation import distill
 from ..report import describe_norms
 from .checkpointer import Checkpointer
 from .io import CheckpointError, save_checkpoint_file
@@ -214,9 +214,8 @@ def convert_checkpoint(
         if distill_steps > 0:
             if scope == "backbone":
                 distill_heads = "none"
-            elif distill_heads == "weights" and not _has_roi_heads(converted):
-                distill_heads = "norms"  # no R-CNN heads (e.g. RetinaNet): nothing but GN affine to train
-            distill(converted, source, calibration_inputs, steps=distill_steps, heads=distill_heads)
+            distill_heads = distill(converted, source, calibration_inputs, steps=distill_steps,
+                                    heads=distill_heads).heads  # what it could train: the label
     rows = [r for r in describe_norms(converted) if r.source]
     conversions = collections.Counter((r.source, r.type) for r in rows)
     groups = collections.Counter(r.groups for r in rows if r.groups)
