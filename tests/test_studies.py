@@ -214,7 +214,28 @@ def test_train_run_resumes_a_stopped_run_from_its_last_checkpoint(tmp_path):
     second = train_run("shapes/gn.yaml", [*opts, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100"],
                        run, threads=1)
     assert second["returncode"] == 0 and second["resumed_from"] == 2
+    assert second["seconds"] >= second["process_seconds"]  # both processes' time, from log.txt
     assert "Starting training from iteration 2" in (run / "log.txt").read_text()
     assert second["evaluations"][-1]["iteration"] == 4
     assert finished_run(run) == second
     assert not list(run.glob("model_0*.pth")) and (run / "model_final.pth").is_file()
+
+
+def test_logged_seconds_counts_the_processes_that_trained_what_the_run_has(tmp_path):
+    """A run's time is summed over its processes from the last that started at iteration 0: an
+    attempt stopped before its first checkpoint is lost work, a resumed process adds its time."""
+    from gn_det.studies.runs import logged_seconds
+
+    assert logged_seconds(tmp_path) is None
+    (tmp_path / "log.txt").write_text(
+        "[12/31 22:00:00] detectron2 INFO: Rank of current process: 0. World size: 1\n"
+        "[12/31 22:00:05] d2.engine.train_loop INFO: Starting training from iteration 0\n"
+        "[12/31 22:10:00] d2.utils.events INFO:  iter: 19\n"  # stopped, no checkpoint: lost
+        "[12/31 23:00:00] detectron2 INFO: Rank of current process: 0. World size: 1\n"
+        "[12/31 23:00:02] d2.engine.train_loop INFO: Starting training from iteration 0\n"
+        "a line without a time stamp\n"
+        "[12/31 23:50:00] d2.utils.events INFO:  iter: 899\n"  # 50 minutes, then stopped
+        "[01/01 00:30:00] detectron2 INFO: Rank of current process: 0. World size: 1\n"
+        "[01/01 00:30:01] d2.engine.train_loop INFO: Starting training from iteration 900\n"
+        "[01/01 00:50:00] d2.evaluation.testing INFO: copypaste: 1.0\n")  # 20 minutes, over New Year
+    assert logged_seconds(tmp_path) == 70 * 60

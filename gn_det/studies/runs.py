@@ -9,16 +9,19 @@ instead of retrained, and one that was stopped resumes from its last checkpoint 
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["SMOKE_OPTS", "TRAIN_COMMAND", "evaluations", "finished_run", "threads_per_job", "train_run"]
+__all__ = ["SMOKE_OPTS", "TRAIN_COMMAND", "evaluations", "finished_run", "logged_seconds", "threads_per_job",
+           "train_run"]
 
 #: ``gn-det train`` in this interpreter (the installed package's, not a checkout's tools/).
 TRAIN_COMMAND = (sys.executable, "-m", "gn_det.cli", "train")
@@ -89,7 +92,8 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
     ``processes`` > 1 trains with ``--num-gpus processes`` (CPU processes on a CPU machine),
     ``threads`` each. A run that was stopped resumes from its last checkpoint (give ``opts`` a
     ``SOLVER.CHECKPOINT_PERIOD`` to have some); ``resumed_from`` is then the iterations it had,
-    and ``seconds`` counts this process only. A finished run keeps only its final weights.
+    ``seconds`` the run's time over all its processes (:func:`logged_seconds`) and
+    ``process_seconds`` this process's. A finished run keeps only its final weights.
     """
     run_dir = Path(run_dir)
     done = run_dir / _DONE
@@ -108,10 +112,12 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
     start = time.perf_counter()
     with open(run_dir / "stdout.txt", "a") as log:
         returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    seconds = time.perf_counter() - start
     record = {"config": config, "opts": list(opts), "processes": processes, "returncode": returncode,
-              "seconds": time.perf_counter() - start}
+              "seconds": seconds}
     if resumed_from:
-        record["resumed_from"] = resumed_from
+        record.update(resumed_from=resumed_from, process_seconds=seconds,
+                      seconds=max(seconds, logged_seconds(run_dir) or 0.0))
     # One test dataset: detectron2 reports it unprefixed; several: each under its name.
     names = datasets if len(datasets) > 1 else [None]
     curves = {name: evaluations(run_dir, name) for name in names}
@@ -128,6 +134,41 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
             checkpoint.unlink()
         done.write_text(json.dumps(record))
     return record
+
+
+_LOG_LINE = re.compile(r"^\[(\d\d/\d\d \d\d:\d\d:\d\d)\] ")
+_STARTED = re.compile(r"Starting training from iteration (\d+)")
+
+
+def logged_seconds(run_dir) -> Optional[float]:
+    """Seconds a run took over the processes that trained what it has, from the timestamps of
+    detectron2's ``run_dir/log.txt`` (rank 0's; lines ``[mm/dd HH:MM:SS] ...``, whole seconds).
+
+    Each process counts from its first line (``Rank of current process``) to its last; the sum
+    starts at the last process that trained from iteration 0, so an attempt stopped before its
+    first checkpoint, whose work was lost, is not counted. None without a log.
+    """
+    path = Path(run_dir) / "log.txt"
+    if not path.is_file():
+        return None
+    processes = []  # [first, last, trained from scratch]
+    for line in path.read_text(errors="replace").splitlines():
+        match = _LOG_LINE.match(line)
+        if match is None:
+            continue
+        # No year in the stamp: 2000 is a leap year, so 02/29 parses.
+        stamp = datetime.datetime.strptime(f"2000/{match.group(1)}", "%Y/%m/%d %H:%M:%S")
+        if "Rank of current process" in line or not processes:
+            processes.append([stamp, stamp, False])
+        processes[-1][1] = stamp
+        started = _STARTED.search(line)
+        if started:
+            processes[-1][2] = started.group(1) == "0"
+    fresh = [i for i, (_, _, scratch) in enumerate(processes) if scratch]
+    total = datetime.timedelta()
+    for first, last, _ in processes[fresh[-1] if fresh else 0:]:
+        total += (last - first) % datetime.timedelta(days=366)  # a run across New Year
+    return total.total_seconds()
 
 
 def _checkpoint_iterations(run_dir: Path) -> int:
