@@ -113,6 +113,21 @@ def test_small_batch_best_lr_is_chosen_on_val():
     assert len(best) == 1 and best[0]["base_lr"] == 0.0005 and best[0]["shapes_test/box_ap"] == (44.0, 0.0)
 
 
+def test_small_batch_bn_statistics_points_are_seed_means_of_the_evaluated_cells(tmp_path, monkeypatch):
+    """--bn-statistics: tools/bn_statistics_study.py's JSON, matched to the cells by run folder."""
+    study = _tool("small_batch_study")
+    monkeypatch.chdir(tmp_path)
+    cells = [{"norm": "bn", "batch": 1, "processes": 1, "seed": seed, "run_dir": str(tmp_path / f"bn_b1_s{seed}")}
+             for seed in (1, 2)] + [{"norm": "bn", "batch": 8, "processes": 1, "seed": 1, "run_dir": "bn_b8_s1"}]
+    found = {str(tmp_path / "bn_b1_s1"): {"modes": {"running": {"shapes_test": [60.0, 50.0]},
+                                                     "batch": {"shapes_test": [71.0, 60.0]},
+                                                     "precise": {"shapes_val": [1.0, 1.0]}}},
+             "bn_b1_s2": {"modes": {"batch": {"shapes_test": [73.0, 62.0]}}},  # relative, the same folder
+             "elsewhere": {"modes": {"batch": {"shapes_test": [0.0, 0.0]}}}}  # not a cell
+    # The running mode is the cell's own evaluation and precise has no shapes_test: left out.
+    assert study.statistics_points(cells, found, "shapes_test") == {("bn", 1, "batch"): [(1, 72.0, 61.0)]}
+
+
 def test_benchmark_norms_smoke(tmp_path):
     """All four parts run on 64-pixel images, one round: R-50 FrozenBN (4conv1fc head) and GN."""
     import json

@@ -141,12 +141,31 @@ def best_rows(rows, splits=SPLITS) -> list:
     return list(best.values())
 
 
-def _plot(rows, path, *, images: int, split: str, overwrite: bool) -> None:
+#: How ``--bn-statistics`` lines are drawn: (line style, label) per mode of tools/bn_statistics_study.py.
+BN_STATISTICS = {"precise": (":", "precise statistics at test"),
+                 "batch": ("--", "each test image's statistics")}
+
+
+def statistics_points(cells, found: dict, split: str) -> dict:
+    """``{(norm, processes, mode): [(batch, box AP, mask AP), ...]}`` on ``split``: the seed
+    mean of each cell whose run ``found`` (tools/bn_statistics_study.py's JSON) evaluated in
+    ``mode`` (its ``running`` mode is the cell's own evaluation, so it is left out)."""
+    groups, found = {}, {str(Path(run).resolve()): result for run, result in found.items()}
+    for cell in cells:
+        for mode, results in found.get(str(Path(cell["run_dir"]).resolve()), {}).get("modes", {}).items():
+            if mode in BN_STATISTICS and split in results:
+                key = (cell["norm"], cell["processes"], mode)
+                groups.setdefault(key, {}).setdefault(cell["batch"], []).append(results[split])
+    return {key: [(batch, *(sum(ap) / len(ap) for ap in zip(*aps))) for batch, aps in sorted(by_batch.items())]
+            for key, by_batch in groups.items()}
+
+
+def _plot(rows, path, *, images: int, split: str, overwrite: bool, statistics=None) -> None:
     from matplotlib.figure import Figure
 
     from gn_det.visualize import save_figure
 
-    figure = Figure(figsize=(9, 3.6), layout="constrained")
+    figure = Figure(figsize=(9, 3.6 if not statistics else 4.2), layout="constrained")
     axes = figure.subplots(1, 2)
     for ax, key, title in zip(axes, ("box_ap", "mask_ap"), ("box AP", "mask AP")):
         for index, norm in enumerate(NORMS):
@@ -156,15 +175,22 @@ def _plot(rows, path, *, images: int, split: str, overwrite: bool) -> None:
                 label = NORMS[norm] + (f" ({processes[0]} processes)" if processes[0] > 1 else "")
                 ax.errorbar(batches, means, yerr=[s / 2 for s in spreads], marker="o", capsize=3,
                             color=f"C{index}", label=label)
+        for (norm, processes, mode), points in (statistics or {}).items():
+            style, what = BN_STATISTICS[mode]
+            batches, box, mask = zip(*points)
+            ax.plot(batches, box if key == "box_ap" else mask, style, marker=".", color=f"C{list(NORMS).index(norm)}",
+                    label=f"{NORMS[norm]}{f' ({processes} processes)' if processes > 1 else ''}, {what}")
         ax.set_xscale("log", base=2)
         batches = sorted({r["batch"] for r in rows})
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_xlabel("images per batch (per process)")
         ax.set_ylabel(title)
-        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.set_title(f"{title}, {split}, {images} images seen", fontsize=10)
-    axes[0].legend()
+    if statistics:
+        figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
+    else:
+        axes[0].legend()
     save_figure(figure, path, overwrite=overwrite)
 
 
@@ -196,6 +222,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="cells run at a time (default 1)")
     parser.add_argument("--force", action="store_true", help="overwrite --plot")
     parser.add_argument("--smoke", action="store_true", help="tiny images and 4 images seen (tests)")
+    parser.add_argument("--bn-statistics", default=None, metavar="JSON",
+                        help="tools/bn_statistics_study.py --json output: plot its cells' precise and "
+                             "per-image statistics too")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: report and plot the cells that finished")
     args = parser.parse_args(argv)
@@ -207,6 +236,8 @@ def main(argv=None) -> int:
     if args.base_lrs is not None and min(args.base_lrs) <= 0:
         parser.error("--base-lrs must be positive")
     args.splits = HR_SPLITS if args.data == "shapes_hr" else SPLITS
+    if args.bn_statistics and not Path(args.bn_statistics).is_file():
+        parser.error(f"--bn-statistics {args.bn_statistics}: no such file")
     plot = Path(args.plot or Path(args.output_dir) / "small_batch.png")
     if plot.exists() and not args.force:
         parser.error(f"{plot} exists; pass --force to overwrite")
@@ -240,7 +271,11 @@ def main(argv=None) -> int:
         if "failure" in c:
             print(f"{c['run_dir']}: failed ({c['failure']}); see {c['run_dir']}/stdout.txt", file=sys.stderr)
     images = args.images or max(config["images"] for config in configs.values())
-    _plot(best_rows(rows, args.splits), plot, images=images, split=test, overwrite=args.force)
+    statistics = None
+    if args.bn_statistics:
+        statistics = statistics_points(cells, json.loads(Path(args.bn_statistics).read_text()), test)
+    _plot(best_rows(rows, args.splits), plot, images=images, split=test, overwrite=args.force,
+          statistics=statistics)
     print(f"Wrote {plot}")
     return 0
 
