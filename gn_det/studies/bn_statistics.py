@@ -2,17 +2,20 @@
 
 A BN layer trains on the statistics of its batch and is evaluated with running averages of
 them. At 1 image per batch the two differ in two ways (Wu & Johnson, "Rethinking 'Batch' in
-BatchNorm", 2021, sections 3 and 4): the exponential moving average (momentum 0.1) remembers
-about the last ten images, so it is a noisy estimate of the population's statistics; and the
-population's statistics are not what training normalised with, which was each image's own. Used
-by ``tools/bn_statistics_study.py``, which evaluates a finished run three ways:
+BatchNorm", 2021: its sections on the moving average and on train-test inconsistency): the
+exponential moving average (momentum 0.1) remembers about the last ten images, so it is a noisy
+estimate of the population's statistics; and the population's statistics are not what training
+normalised with, which was each image's own. Used by ``tools/bn_statistics_study.py``, which
+evaluates a finished run three ways:
 
 - ``running``: as trained, with the running averages (what the run's own evaluation did);
 - ``precise``: with population statistics recomputed over a number of training images at the
   run's batch size, weights fixed (detectron2's ``PreciseBN`` hook, fvcore's
   ``update_bn_stats``): the noise of the moving average removed;
-- ``batch``: with each test image's own statistics (BN in training mode at test, one image per
-  batch): the normalisation a 1-image-per-batch run trained with, for the backbone and FPN.
+- ``batch``: with each test image's own statistics (the running statistics dropped, so BN
+  normalises with its batch's even in eval mode; detectron2 tests one image per batch): the
+  normalisation a 1-image-per-batch run trained with, exactly so in the backbone and FPN (the
+  ROI heads' batch is the image's regions: sampled ones in training, proposals at test).
 """
 
 from __future__ import annotations
