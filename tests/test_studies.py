@@ -61,10 +61,24 @@ def test_small_batch_study_smoke(tmp_path, capsys):
 
 
 def test_small_batch_study_syncbn_cell_runs_processes(tmp_path, capsys):
-    """A SyncBN cell: 2 gloo processes of 1 image, one BN batch of 2; LR for the 2 images."""
+    """A SyncBN cell: 2 gloo processes of 1 image, one BN batch of 2; LR for the 2 images. It
+    runs while detectron2's default rendezvous port is taken (by another multi-process run)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from detectron2.engine import default_argument_parser
+
     out = tmp_path / "study"
     argv = ["--smoke", "--output-dir", str(out), "--norms", "syncbn", "--batches", "1", "--processes", "2"]
-    assert _tool("small_batch_study").main(argv) == 0
+    default_port = urlparse(default_argument_parser().parse_args([]).dist_url).port
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            taken.bind(("127.0.0.1", default_port))
+            taken.listen()
+        except OSError:
+            pass  # already taken, by a study running on this machine
+        assert _tool("small_batch_study").main(argv) == 0
     assert "| SyncBN | 1 | 2 | 2 | 0.0005 | 1 |" in capsys.readouterr().out
     run = out / "syncbn2_b1_lr0.0005_s1"
     assert json.loads((run / "run.json").read_text())["processes"] == 2

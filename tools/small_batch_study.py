@@ -167,13 +167,16 @@ def _plot(rows, path, *, images: int, split: str, overwrite: bool, statistics=No
 
     figure = Figure(figsize=(9, 3.6 if not statistics else 4.2), layout="constrained")
     axes = figure.subplots(1, 2)
+    every_batch = sorted({r["batch"] for r in rows})
     for ax, key, title in zip(axes, ("box_ap", "mask_ap"), ("box AP", "mask AP")):
         for index, norm in enumerate(NORMS):
-            points = sorted((r["batch"], *r[f"{split}/{key}"], r["processes"]) for r in rows if r["norm"] == norm)
-            if points:
-                batches, means, spreads, processes = zip(*points)
-                label = NORMS[norm] + (f" ({processes[0]} processes)" if processes[0] > 1 else "")
-                ax.errorbar(batches, means, yerr=[s / 2 for s in spreads], marker="o", capsize=3,
+            found = {r["batch"]: (*r[f"{split}/{key}"], r["processes"]) for r in rows if r["norm"] == norm}
+            if found:
+                # A batch size the norm has no cell at is a gap in its line, not a straight segment.
+                means, spreads, _ = zip(*(found.get(b, (math.nan, math.nan, 1)) for b in every_batch))
+                processes = next(iter(found.values()))[2]
+                label = NORMS[norm] + (f" ({processes} processes)" if processes > 1 else "")
+                ax.errorbar(every_batch, means, yerr=[s / 2 for s in spreads], marker="o", capsize=3,
                             color=f"C{index}", label=label)
         for (norm, processes, mode), points in (statistics or {}).items():
             style, what = BN_STATISTICS[mode]
@@ -181,8 +184,7 @@ def _plot(rows, path, *, images: int, split: str, overwrite: bool, statistics=No
             ax.plot(batches, box if key == "box_ap" else mask, style, marker=".", color=f"C{list(NORMS).index(norm)}",
                     label=f"{NORMS[norm]}{f' ({processes} processes)' if processes > 1 else ''}, {what}")
         ax.set_xscale("log", base=2)
-        batches = sorted({r["batch"] for r in rows})
-        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xticks(every_batch, [str(b) for b in every_batch])
         ax.set_xlabel("images per batch (per process)")
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)

@@ -101,7 +101,9 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
         return finished_run(run_dir)
     datasets = list(datasets)
     test_opts = ["DATASETS.TEST", repr(tuple(datasets))] if datasets else []
-    launch = ["--num-gpus", str(processes)] if processes > 1 else []
+    # A free port for the processes' rendezvous: detectron2's default is one per user, so two
+    # multi-process runs at once (a --jobs 2 grid, a test beside a study) would collide on it.
+    launch = ["--num-gpus", str(processes), "--dist-url", "auto"] if processes > 1 else []
     command = [*TRAIN_COMMAND, "--config", config, "--resume", *launch, *opts, *test_opts,
                "OUTPUT_DIR", str(run_dir)]
     env = dict(os.environ)
