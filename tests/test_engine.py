@@ -56,7 +56,8 @@ def test_two_iterations_of_each_shapes_config(variant, tiny_env, tmp_path):
 
 def test_two_cpu_processes_with_num_gpus_2(tiny_env, tmp_path):
     out = tmp_path / "out"
-    result = _train_net(["--config", "shapes/gn.yaml", "--num-gpus", "2", *TINY,
+    # A free rendezvous port, so that the test passes beside another multi-process run.
+    result = _train_net(["--config", "shapes/gn.yaml", "--num-gpus", "2", "--dist-url", "auto", *TINY,
                          "SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", str(out)], tiny_env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out / "log.txt").read_text()
