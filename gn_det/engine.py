@@ -88,12 +88,13 @@ class CPUAutocastTrainer(SimpleTrainer):
                 model.forward = own
 
 
-def _trainer_class(cfg: CfgNode):
-    """SimpleTrainer, or with SOLVER.AMP.ENABLED: AMPTrainer on CUDA, bfloat16 autocast on CPU
-    (float32 with a warning where the CPU lacks native bfloat16)."""
-    if not cfg.SOLVER.AMP.ENABLED:
+def _trainer_class(amp: bool, device: str):
+    """SimpleTrainer, or with ``amp`` (``SOLVER.AMP.ENABLED``, a LazyConfig's
+    ``train.amp.enabled``): AMPTrainer on CUDA, bfloat16 autocast on CPU (float32 with a
+    warning where the CPU lacks native bfloat16). detectron2's AMPTrainer fails on CPU."""
+    if not amp:
         return SimpleTrainer
-    if cfg.MODEL.DEVICE != "cpu":
+    if str(device) != "cpu":
         return AMPTrainer
     if cpu_bfloat16_supported():
         return CPUAutocastTrainer
@@ -143,7 +144,7 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
-        self._trainer = _trainer_class(cfg)(model, data_loader, optimizer)
+        self._trainer = _trainer_class(cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE)(model, data_loader, optimizer)
         logger.info("Training loop: %s; optimizer: %s", type(self._trainer).__name__,
                     type(optimizer).__name__)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -278,7 +279,8 @@ def lazy_main(args: argparse.Namespace):
     _check_lazy_datasets(cfg)
     train_loader = instantiate(cfg.dataloader.train)
     model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    # detectron2's new baselines enable AMP, which its AMPTrainer supports on CUDA only.
+    trainer = _trainer_class(cfg.train.amp.enabled, cfg.train.device)(model, train_loader, optimizer)
     checkpointer = Checkpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks(
         [

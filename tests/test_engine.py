@@ -233,18 +233,15 @@ def test_cpu_autocast_trainer_runs_the_forward_in_bfloat16_and_keeps_float32_wei
 def test_amp_on_cpu_picks_bfloat16_autocast_or_falls_back_with_a_warning(monkeypatch, caplog):
     from gn_det import engine
 
-    cfg = load_config(resolve_config_name("shapes/gn.yaml"))
-    cfg.MODEL.DEVICE, cfg.SOLVER.AMP.ENABLED = "cpu", False
-    assert engine._trainer_class(cfg) is engine.SimpleTrainer
-    cfg.SOLVER.AMP.ENABLED = True
+    assert engine._trainer_class(False, "cpu") is engine.SimpleTrainer
     monkeypatch.setattr(engine, "cpu_bfloat16_supported", lambda: True)
-    assert engine._trainer_class(cfg) is engine.CPUAutocastTrainer
+    assert engine._trainer_class(True, "cpu") is engine.CPUAutocastTrainer
     monkeypatch.setattr(engine, "cpu_bfloat16_supported", lambda: False)
     with caplog.at_level("WARNING", logger="gn_det.engine"):
-        assert engine._trainer_class(cfg) is engine.SimpleTrainer
+        assert engine._trainer_class(True, "cpu") is engine.SimpleTrainer
     assert "no native bfloat16" in caplog.text
-    cfg.MODEL.DEVICE = "cuda"
-    assert engine._trainer_class(cfg) is engine.AMPTrainer
+    assert engine._trainer_class(True, "cuda") is engine.AMPTrainer
+    assert engine._trainer_class(False, "cuda") is engine.SimpleTrainer
 
 
 def test_solver_optimizer_adamw_uses_detectron2s_parameter_groups():

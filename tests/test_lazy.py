@@ -96,7 +96,9 @@ def test_two_iterations_of_the_shapes_lazy_config(tmp_path):
         [sys.executable, str(REPO / "tools" / "train_net.py"), "--config", "lazy/shapes_gn.py",
          "train.max_iter=2", f"train.output_dir={out}", "dataloader.train.dataset.names=shapes_lazy_train",
          "dataloader.test.dataset.names=shapes_lazy_val", "dataloader.train.num_workers=0",
-         "dataloader.test.num_workers=0"],
+         "dataloader.test.num_workers=0",
+         # AMP as detectron2's new baselines set it: bfloat16 autocast (or float32) on CPU.
+         "train.amp.enabled=True"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
