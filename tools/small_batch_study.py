@@ -179,6 +179,8 @@ def _plot(rows, path, *, images: int, split: str, overwrite: bool, statistics=No
                 ax.errorbar(every_batch, means, yerr=[s / 2 for s in spreads], marker="o", capsize=3,
                             color=f"C{index}", label=label)
         for (norm, processes, mode), points in (statistics or {}).items():
+            if len(points) < 2:
+                continue  # one batch size: a table entry, not a line
             style, what = BN_STATISTICS[mode]
             batches, box, mask = zip(*points)
             ax.plot(batches, box if key == "box_ap" else mask, style, marker=".", color=f"C{list(NORMS).index(norm)}",
@@ -224,8 +226,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="cells run at a time (default 1)")
     parser.add_argument("--force", action="store_true", help="overwrite --plot")
     parser.add_argument("--smoke", action="store_true", help="tiny images and 4 images seen (tests)")
-    parser.add_argument("--bn-statistics", default=None, metavar="JSON",
-                        help="tools/bn_statistics_study.py --json output: plot its cells' precise and "
+    parser.add_argument("--bn-statistics", nargs="+", default=(), metavar="JSON",
+                        help="tools/bn_statistics_study.py --json outputs: plot their cells' precise and "
                              "per-image statistics too")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: report and plot the cells that finished")
@@ -238,8 +240,9 @@ def main(argv=None) -> int:
     if args.base_lrs is not None and min(args.base_lrs) <= 0:
         parser.error("--base-lrs must be positive")
     args.splits = HR_SPLITS if args.data == "shapes_hr" else SPLITS
-    if args.bn_statistics and not Path(args.bn_statistics).is_file():
-        parser.error(f"--bn-statistics {args.bn_statistics}: no such file")
+    for path in args.bn_statistics:
+        if not Path(path).is_file():
+            parser.error(f"--bn-statistics {path}: no such file")
     plot = Path(args.plot or Path(args.output_dir) / "small_batch.png")
     if plot.exists() and not args.force:
         parser.error(f"{plot} exists; pass --force to overwrite")
@@ -273,9 +276,8 @@ def main(argv=None) -> int:
         if "failure" in c:
             print(f"{c['run_dir']}: failed ({c['failure']}); see {c['run_dir']}/stdout.txt", file=sys.stderr)
     images = args.images or max(config["images"] for config in configs.values())
-    statistics = None
-    if args.bn_statistics:
-        statistics = statistics_points(cells, json.loads(Path(args.bn_statistics).read_text()), test)
+    found = {run: result for path in args.bn_statistics for run, result in json.loads(Path(path).read_text()).items()}
+    statistics = statistics_points(cells, found, test) if found else None
     _plot(best_rows(rows, args.splits), plot, images=images, split=test, overwrite=args.force,
           statistics=statistics)
     print(f"Wrote {plot}")
