@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gn_det.studies.bn_statistics import bn_layers, evaluate_bn_modes, with_statistics
+from gn_det.studies.bn_statistics import bn_layers, evaluate_bn_modes, load_run, with_statistics
 
 from models import TINY
 
@@ -46,15 +46,7 @@ def _layer_input(model, layer, image):
 
 
 def test_batch_mode_normalises_each_image_with_its_own_statistics(bn_run):
-    from detectron2.modeling import build_model
-
-    from gn_det.checkpoint import Checkpointer
-    from gn_det.config import load_config
-
-    run_dir, _ = bn_run
-    cfg = load_config(run_dir / "config.yaml")
-    trained = build_model(cfg)
-    Checkpointer(trained).load_weights(str(run_dir / "model_final.pth"))
+    _, trained = load_run(bn_run[0])
     model = with_statistics(trained, "batch")
     assert not model.training and len(bn_layers(model)) == len(bn_layers(trained)) > 10
     stem, trained_stem = bn_layers(model)[0], bn_layers(trained)[0]
@@ -66,15 +58,7 @@ def test_batch_mode_normalises_each_image_with_its_own_statistics(bn_run):
 
 
 def test_precise_mode_recomputes_the_statistics_from_training_images(bn_run):
-    from detectron2.modeling import build_model
-
-    from gn_det.checkpoint import Checkpointer
-    from gn_det.config import load_config
-
-    run_dir, _ = bn_run
-    cfg = load_config(run_dir / "config.yaml")
-    trained = build_model(cfg)
-    Checkpointer(trained).load_weights(str(run_dir / "model_final.pth"))
+    cfg, trained = load_run(bn_run[0])
     before = [layer.running_var.clone() for layer in bn_layers(trained)]
     model = with_statistics(trained, "precise", cfg, precise_images=4)
     assert not model.training

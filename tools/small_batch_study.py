@@ -160,6 +160,10 @@ def statistics_points(cells, found: dict, split: str) -> dict:
             for key, by_batch in groups.items()}
 
 
+def _label(norm: str, processes: int) -> str:
+    return NORMS[norm] + (f" ({processes} processes)" if processes > 1 else "")
+
+
 def _plot(rows, path, *, images: int, split: str, overwrite: bool, statistics=None) -> None:
     from matplotlib.figure import Figure
 
@@ -174,17 +178,15 @@ def _plot(rows, path, *, images: int, split: str, overwrite: bool, statistics=No
             if found:
                 # A batch size the norm has no cell at is a gap in its line, not a straight segment.
                 means, spreads, _ = zip(*(found.get(b, (math.nan, math.nan, 1)) for b in every_batch))
-                processes = next(iter(found.values()))[2]
-                label = NORMS[norm] + (f" ({processes} processes)" if processes > 1 else "")
                 ax.errorbar(every_batch, means, yerr=[s / 2 for s in spreads], marker="o", capsize=3,
-                            color=f"C{index}", label=label)
+                            color=f"C{index}", label=_label(norm, next(iter(found.values()))[2]))
         for (norm, processes, mode), points in (statistics or {}).items():
             if len(points) < 2:
                 continue  # one batch size: a table entry, not a line
             style, what = BN_STATISTICS[mode]
             batches, box, mask = zip(*points)
             ax.plot(batches, box if key == "box_ap" else mask, style, marker=".", color=f"C{list(NORMS).index(norm)}",
-                    label=f"{NORMS[norm]}{f' ({processes} processes)' if processes > 1 else ''}, {what}")
+                    label=f"{_label(norm, processes)}, {what}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(every_batch, [str(b) for b in every_batch])
         ax.set_xlabel("images per batch (per process)")

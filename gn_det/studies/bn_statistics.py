@@ -29,7 +29,7 @@ from typing import Dict, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["MODES", "bn_layers", "evaluate_bn_modes", "with_statistics"]
+__all__ = ["MODES", "bn_layers", "evaluate_bn_modes", "load_run", "with_statistics"]
 
 MODES = ("running", "precise", "batch")
 
@@ -48,10 +48,6 @@ def evaluate_bn_modes(run_dir, *, datasets: Sequence[str] = (), precise_images: 
     ``precise_images`` training images (rounded up to whole batches of the run's
     ``SOLVER.IMS_PER_BATCH``). A model without BN layers is refused: its modes are all one.
     """
-    from detectron2.modeling import build_model
-
-    from ..checkpoint import Checkpointer
-    from ..config import load_config
     from ..engine import Trainer
 
     unknown = sorted(set(modes) - set(MODES))
@@ -59,18 +55,9 @@ def evaluate_bn_modes(run_dir, *, datasets: Sequence[str] = (), precise_images: 
         raise ValueError(f"modes must be among {MODES}, got {list(modes)}")
     if precise_images < 1:
         raise ValueError(f"precise_images must be positive, got {precise_images}")
-    run_dir = Path(run_dir)
-    weights = run_dir / "model_final.pth"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: no finished run there (no model_final.pth)")
-    cfg = load_config(run_dir / "config.yaml")
-    cfg.defrost()
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
+    cfg, trained = load_run(run_dir)
     if datasets:
         cfg.DATASETS.TEST = tuple(datasets)
-    trained = build_model(cfg)
-    Checkpointer(trained).load_weights(str(weights))
     if not bn_layers(trained):
         raise ValueError(f"{run_dir}: the model has no BatchNorm layers, so every mode is the same")
 
@@ -86,6 +73,26 @@ def evaluate_bn_modes(run_dir, *, datasets: Sequence[str] = (), precise_images: 
                 for name, r in results.items()}
 
     return {mode: evaluate(with_statistics(trained, mode, cfg, precise_images=precise_images)) for mode in modes}
+
+
+def load_run(run_dir):
+    """The config (``run_dir/config.yaml``, on CPU) and the trained model
+    (``run_dir/model_final.pth``) of a finished run."""
+    from detectron2.modeling import build_model
+
+    from ..checkpoint import Checkpointer
+    from ..config import load_config
+
+    weights = Path(run_dir) / "model_final.pth"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no finished run there (no model_final.pth)")
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    model = build_model(cfg)
+    Checkpointer(model).load_weights(str(weights))
+    return cfg, model
 
 
 def with_statistics(model: nn.Module, mode: str, cfg=None, *, precise_images: int = 200) -> nn.Module:
