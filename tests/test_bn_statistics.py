@@ -36,6 +36,25 @@ def test_running_statistics_reproduce_the_runs_own_evaluation(bn_run):
     assert found["running"]["shapes_tiny_val"] == (record["box_ap"], record["mask_ap"])
 
 
+def _detections(model, image):
+    with torch.no_grad():
+        return model([{"image": image}])[0]["instances"]
+
+
+def test_running_mode_detects_what_the_trained_model_detects(bn_run):
+    # The AP equality above compares an untrained model's 0 with 0; this compares what it detects.
+    _, trained = load_run(bn_run[0])
+    image = torch.rand(3, 128, 128) * 255
+    expected = _detections(trained.eval(), image)
+    found = _detections(with_statistics(trained, "running"), image)
+    assert len(expected) > 0
+    torch.testing.assert_close(found.scores, expected.scores)
+    torch.testing.assert_close(found.pred_boxes.tensor, expected.pred_boxes.tensor)
+    torch.testing.assert_close(found.pred_masks, expected.pred_masks)
+    per_image = _detections(with_statistics(trained, "batch"), image)
+    assert len(per_image) != len(expected) or not torch.allclose(per_image.scores, expected.scores)
+
+
 def _layer_input(model, layer, image):
     seen = []
     handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
