@@ -89,25 +89,37 @@ class _Moments:
     """Per-channel running sums for the least-squares fit of t ≈ a·s + b."""
 
     def __init__(self, channels: int):
-        self.sums = torch.zeros(6, channels, dtype=torch.float64)  # n, s, t, ss, st, tt
+        self.channels = channels
+        self._sums: Optional[torch.Tensor] = None  # n, s, t, ss, st, tt
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """(6, C) float64 sums, on the device of the activations added (CPU before any)."""
+        if self._sums is None:
+            return torch.zeros(6, self.channels, dtype=torch.float64)
+        return self._sums
 
     def add(self, s: torch.Tensor, t: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
-        """Add the pixels of ``s`` and ``t`` (N, C, ...), or only those where ``mask`` is true."""
+        """Add the pixels of ``s`` and ``t`` (N, C, ...), or only those where ``mask`` is true.
+        The sums live on the activations' device: a model on a GPU is calibrated there."""
+        if self._sums is None:
+            self._sums = torch.zeros(6, self.channels, dtype=torch.float64, device=s.device)
         # Image by image in the activations' own dtype (no float64 copies of whole activation
         # maps); each image's sums are accumulated in float64.
         for i, (s_i, t_i) in enumerate(zip(s, t)):
             s_i, t_i = s_i.reshape(s_i.shape[0], -1), t_i.reshape(t_i.shape[0], -1)
+            sums = self._sums
             if mask is None:
-                self.sums[0] += s_i.shape[1]
+                sums[0] += s_i.shape[1]
             else:
                 m = mask[i].reshape(s_i.shape[0], -1).to(s_i.dtype)
-                self.sums[0] += m.sum(1).double()
+                sums[0] += m.sum(1).double()
                 s_i, t_i = s_i * m, t_i * m
-            self.sums[1] += s_i.sum(1).double()
-            self.sums[2] += t_i.sum(1).double()
-            self.sums[3] += (s_i * s_i).sum(1).double()
-            self.sums[4] += (s_i * t_i).sum(1).double()
-            self.sums[5] += (t_i * t_i).sum(1).double()
+            sums[1] += s_i.sum(1).double()
+            sums[2] += t_i.sum(1).double()
+            sums[3] += (s_i * s_i).sum(1).double()
+            sums[4] += (s_i * t_i).sum(1).double()
+            sums[5] += (t_i * t_i).sum(1).double()
 
     def relative_error(self, a: torch.Tensor, b: torch.Tensor) -> float:
         # Pooled over channels: a channel whose target hardly varies (a dead one, or one that the

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -14,8 +15,10 @@ import weakref
 import torch
 import torch.distributed as dist
 from detectron2.config import CfgNode
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import launch as detectron2_launch
+from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -27,12 +30,17 @@ from .report import audit_norms
 
 __all__ = [
     "CPUAutocastTrainer",
+    "CUDAAMPTrainer",
+    "TrainLoop",
     "Trainer",
     "argument_parser",
     "build_optimizer",
+    "check_device",
     "cpu_bfloat16_supported",
+    "launch",
     "launch_from_args",
     "lazy_main",
+    "load_optimizer_state",
     "main",
     "setup",
 ]
@@ -64,7 +72,44 @@ def cpu_bfloat16_supported() -> bool:
     return any(check() for check in checks if check is not None)
 
 
-class CPUAutocastTrainer(SimpleTrainer):
+#: Optimizer options that choose an implementation (kernel, graph capture), not the mathematics:
+#: a resumed optimizer keeps today's, whatever the checkpoint's run used.
+_IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping ``optimizer``'s own implementation flags
+    (``fused``, ``foreach``, ``capturable``, ``differentiable``).
+
+    ``torch.optim.Optimizer.load_state_dict`` takes every group option from the checkpoint, so
+    a run saved with a foreach optimizer (a torch without fused CPU AdamW, another trainer)
+    would resume with it, and its state (the ``step`` counters) would be placed for that
+    implementation rather than for today's: a fused CUDA AdamW needs them on the GPU.
+    """
+    saved_groups = state.get("param_groups", [])
+    if len(saved_groups) == len(optimizer.param_groups):  # else torch's own error says so
+        groups = [{**saved, **{k: current[k] for k in _IMPLEMENTATION_FLAGS if k in current}}
+                  for saved, current in zip(saved_groups, optimizer.param_groups)]
+        state = {**state, "param_groups": groups}
+    optimizer.load_state_dict(state)
+
+
+class _ResumesAnyTrainersState:
+    """Loads a training state saved by any of gn_det's trainers (mixin for detectron2's):
+    iteration and hooks as detectron2 does, the optimizer with its own implementation flags
+    (:func:`load_optimizer_state`)."""
+
+    def load_state_dict(self, state_dict):
+        TrainerBase.load_state_dict(self, state_dict)
+        load_optimizer_state(self.optimizer, state_dict["optimizer"])
+
+
+class TrainLoop(_ResumesAnyTrainersState, SimpleTrainer):
+    """detectron2's ``SimpleTrainer`` (float32), resuming from the state of any of gn_det's
+    trainers (a run begun with AMP on a GPU, or with bfloat16 autocast on a CPU)."""
+
+
+class CPUAutocastTrainer(TrainLoop):
     """``SimpleTrainer`` whose forward pass runs under CPU autocast in bfloat16.
 
     detectron2's ``AMPTrainer`` is CUDA-only (float16 with a gradient scaler). bfloat16 has
@@ -88,19 +133,52 @@ class CPUAutocastTrainer(SimpleTrainer):
                 model.forward = own
 
 
+class CUDAAMPTrainer(_ResumesAnyTrainersState, AMPTrainer):
+    """detectron2's ``AMPTrainer`` (float16 autocast, a gradient scaler) with two changes:
+
+    - **Gradients are unscaled before anything reads them**, as PyTorch's AMP recipe requires
+      for gradient clipping: right after backward, before the ``after_backward`` hooks and the
+      optimizer step. detectron2's ``SOLVER.CLIP_GRADIENTS`` clips inside ``optimizer.step``;
+      with an optimizer that unscales inside its own kernel (``AdamW(fused=True)``, which
+      ``SOLVER.OPTIMIZER AdamW`` builds) ``GradScaler.step`` does not unscale first, so the
+      clip would see gradients multiplied by the loss scale (65536 at the start) and cut every
+      step by that factor. For other optimizers this is the unscale ``GradScaler.step`` would
+      have done anyway.
+    - **Resuming a run saved by another trainer** (``TrainLoop``, CPU bfloat16) starts a fresh
+      gradient scaler, with a log line, instead of failing on the missing ``grad_scaler``.
+    """
+
+    def __init__(self, model, data_loader, optimizer, **kwargs):
+        if kwargs.get("grad_scaler") is None:
+            kwargs["grad_scaler"] = torch.amp.GradScaler("cuda")
+        super().__init__(model, data_loader, optimizer, **kwargs)
+
+    def after_backward(self):
+        self.grad_scaler.unscale_(self.optimizer)
+        super().after_backward()
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        else:
+            logger.info("Resuming a run saved without AMP's gradient scaler (another trainer): "
+                        "starting with a fresh scaler (scale %g).", self.grad_scaler.get_scale())
+
+
 def _trainer_class(amp: bool, device: str):
-    """SimpleTrainer, or with ``amp`` (``SOLVER.AMP.ENABLED``, a LazyConfig's
-    ``train.amp.enabled``): AMPTrainer on CUDA, bfloat16 autocast on CPU (float32 with a
+    """TrainLoop, or with ``amp`` (``SOLVER.AMP.ENABLED``, a LazyConfig's
+    ``train.amp.enabled``): CUDAAMPTrainer on CUDA, bfloat16 autocast on CPU (float32 with a
     warning where the CPU lacks native bfloat16). detectron2's AMPTrainer fails on CPU."""
     if not amp:
-        return SimpleTrainer
-    if str(device) != "cpu":
-        return AMPTrainer
+        return TrainLoop
+    if torch.device(device).type == "cuda":
+        return CUDAAMPTrainer
     if cpu_bfloat16_supported():
         return CPUAutocastTrainer
     logger.warning("SOLVER.AMP.ENABLED: this CPU has no native bfloat16 (AVX512-BF16 or AMX); "
                    "training in float32.")
-    return SimpleTrainer
+    return TrainLoop
 
 
 def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -215,8 +293,6 @@ def setup(args: argparse.Namespace) -> CfgNode:
     """Config from ``args`` (file, overrides), frozen; detectron2's default_setup (logs, output)."""
     cfg = load_config(args.config_file, allow_unsafe_yaml=args.allow_unsafe_yaml)
     merge_overrides(cfg, args.opts)
-    if not torch.cuda.is_available():
-        cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gn_det")
@@ -260,8 +336,6 @@ def lazy_main(args: argparse.Namespace):
 
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    if not torch.cuda.is_available():
-        cfg.train.device = "cpu"
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="gn_det")
 
@@ -314,26 +388,107 @@ def _check_lazy_datasets(cfg) -> None:
             check_dataset_files(name)
 
 
+class _InputError(Exception):
+    """Bad user input found before training starts: one line on stderr, exit code 2."""
+
+
+def _local_world_size(world_size: int, num_gpus: int) -> int:
+    """Processes per machine under an external launcher: ``LOCAL_WORLD_SIZE`` (torchrun sets
+    it), else ``--num-gpus`` (detectron2's meaning: processes per machine)."""
+    value = os.environ.get("LOCAL_WORLD_SIZE")
+    local = int(value) if value else num_gpus
+    if local < 1 or world_size % local:
+        raise _InputError(
+            f"WORLD_SIZE={world_size} is not a multiple of the processes per machine ({local}, from "
+            + ("LOCAL_WORLD_SIZE" if value else "--num-gpus, as LOCAL_WORLD_SIZE is not set")
+            + "): set LOCAL_WORLD_SIZE, or pass --num-gpus with the processes each machine runs"
+        )
+    return local
+
+
 def _torchrun_worker(main_func, args) -> None:
-    """Run under torchrun / torch.distributed.run (its env:// variables), as detectron2's
-    launch would set up each worker."""
+    """Run under torchrun / torch.distributed.run, or a launcher that sets the same env://
+    variables (``LOCAL_RANK``, ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), as
+    detectron2's launch would set up each worker: NCCL for a CUDA config, gloo for a CPU one,
+    detectron2's 30-minute collective timeout (rank 0 alone runs COCO evaluation while the
+    others wait; NCCL's default of 10 minutes can expire there)."""
     local_rank = int(os.environ["LOCAL_RANK"])
-    has_gpu = torch.cuda.is_available()
-    if has_gpu:
+    local_world_size = _processes_per_machine(args)
+    on_gpu = torch.device(args.device).type == "cuda"
+    if on_gpu:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="NCCL" if has_gpu else "GLOO", init_method="env://")
-    comm.create_local_process_group(int(os.environ["LOCAL_WORLD_SIZE"]))
+    dist.init_process_group(backend="nccl" if on_gpu else "gloo", init_method="env://",
+                            timeout=DEFAULT_TIMEOUT)
+    comm.create_local_process_group(local_world_size)
     comm.synchronize()
     main_func(args)
 
 
-class _InputError(Exception):
-    """Bad user input found before training starts: one line on stderr, exit code 2."""
+@contextlib.contextmanager
+def _cuda_hidden():
+    """``CUDA_VISIBLE_DEVICES`` empty for the processes started inside (restored after)."""
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
+def launch(main_func, num_processes: int, *, device: str, num_machines: int = 1,
+           machine_rank: int = 0, dist_url=None, args=(), timeout=DEFAULT_TIMEOUT):
+    """detectron2's ``launch`` (``num_processes`` per machine), with the backend chosen by
+    ``device`` rather than by the host.
+
+    detectron2 picks NCCL whenever the host has a GPU, whatever the config's device, so a CPU
+    run with several processes (``--num-gpus 2 MODEL.DEVICE cpu``) failed on a GPU machine.
+    Here the processes of a CPU run are started with ``CUDA_VISIBLE_DEVICES`` empty: they see no
+    GPU, detectron2 picks gloo, and nothing of theirs lands on a GPU.
+    """
+    hide = torch.device(device).type == "cpu" and num_processes * num_machines > 1
+    with _cuda_hidden() if hide else contextlib.nullcontext():
+        return detectron2_launch(main_func, num_processes, num_machines=num_machines,
+                                 machine_rank=machine_rank, dist_url=dist_url, args=args,
+                                 timeout=timeout)
 
 
 def _check_weights(weights: str) -> None:
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise _InputError(f"MODEL.WEIGHTS: no such file {weights!r}")
+
+
+def check_device(device: str, key: str = "MODEL.DEVICE", processes: int = 1) -> None:
+    """Fail early when the config asks for a GPU this host cannot give.
+
+    detectron2's ``MODEL.DEVICE`` defaults to ``"cuda"``: a container started without
+    ``--gpus all``, or a driver older than this torch's CUDA, would otherwise fail inside every
+    rank after launch (or, as gn_det once did, quietly train a COCO config on the CPU).
+
+    Raises:
+        ConfigError: one line saying what to check, and how to train on the CPU on purpose.
+    """
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        raise ConfigError(f"{key} = {device!r}: {e}") from e
+    if kind != "cuda":
+        return
+    if not torch.cuda.is_available():
+        build = (f"this torch is built for CUDA {torch.version.cuda}" if torch.version.cuda
+                 else "this torch is a CPU-only build")
+        raise ConfigError(
+            f"{key} is {device!r}, but no CUDA GPU is usable here ({build}): check that the GPUs "
+            "are visible (docker run --gpus all, CUDA_VISIBLE_DEVICES, nvidia-smi) and that the "
+            f"NVIDIA driver supports that CUDA; to train on the CPU on purpose, add {key} cpu"
+        )
+    if processes > torch.cuda.device_count():
+        raise ConfigError(
+            f"--num-gpus {processes}, but this machine shows {torch.cuda.device_count()} CUDA "
+            "GPU(s): start at most one process per GPU"
+        )
 
 
 def _check_yaml_config(args: argparse.Namespace) -> None:
@@ -346,6 +501,8 @@ def _check_yaml_config(args: argparse.Namespace) -> None:
         check_dataset_files(name)
     if not args.resume or args.eval_only:
         _check_weights(cfg.MODEL.WEIGHTS)
+    args.device = cfg.MODEL.DEVICE
+    check_device(args.device, "MODEL.DEVICE", _processes_per_machine(args))
 
 
 def _check_lazy_config(args: argparse.Namespace) -> None:
@@ -374,6 +531,21 @@ def _check_lazy_config(args: argparse.Namespace) -> None:
     _check_lazy_datasets(cfg)
     if not args.resume or args.eval_only:
         _check_weights(cfg.train.get("init_checkpoint", ""))
+    args.device = cfg.train.get("device", "cuda")
+    check_device(args.device, "train.device", _processes_per_machine(args))
+
+
+def _processes_per_machine(args: argparse.Namespace) -> int:
+    """Processes this machine runs: ``--num-gpus``, or under an external launcher
+    :func:`_local_world_size`."""
+    if _under_external_launcher():
+        return _local_world_size(int(os.environ["WORLD_SIZE"]), args.num_gpus)
+    return args.num_gpus
+
+
+def _under_external_launcher() -> bool:
+    """Started by torchrun (or a launcher setting its variables): the processes exist."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -402,9 +574,12 @@ def launch_from_args(argv=None, main_func=main, prog: str | None = None):
     is one line on stderr and exit code 2, before any model is built; ``--debug`` raises instead.
 
     Multi-process and multi-node runs use detectron2's ``launch`` (``--num-gpus``,
-    ``--num-machines``, ``--machine-rank``, ``--dist-url``; NCCL on GPUs, gloo on CPU, where
-    ``--num-gpus`` counts CPU processes). Under torchrun (``LOCAL_RANK`` set) the processes
-    already exist and join through torchrun's rendezvous instead.
+    ``--num-machines``, ``--machine-rank``, ``--dist-url``): NCCL for a CUDA config, gloo for
+    a CPU one (``--num-gpus`` then counts CPU processes, which see no GPU: :func:`launch`). A
+    CUDA config on a host without a usable GPU is refused (:func:`check_device`). Under
+    torchrun (``LOCAL_RANK`` and ``WORLD_SIZE`` set) the processes already exist and join
+    through its rendezvous instead; ``--num-machines``, ``--machine-rank`` and ``--dist-url``
+    are then torchrun's business and ignored here.
     """
     parser = argument_parser(prog)
     args = parser.parse_args(argv)
@@ -418,11 +593,12 @@ def launch_from_args(argv=None, main_func=main, prog: str | None = None):
         raise SystemExit(2) from None
     if args.config_file.endswith(".py") and main_func is main:
         main_func = lazy_main  # LazyConfig
-    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if _under_external_launcher():
         return _torchrun_worker(main_func, args)
     return launch(
         main_func,
         args.num_gpus,
+        device=args.device,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,

@@ -278,3 +278,17 @@ def test_the_activation_objective_beats_the_output_objective_where_images_differ
 def test_an_unknown_objective_is_refused(teacher):
     with pytest.raises(ValueError, match="objective must be 'activation' or 'output'"):
         calibrate(convert_norm(copy.deepcopy(teacher)), teacher, [_images(2, seed=0)], objective="relu")
+
+
+def test_the_least_squares_sums_live_on_the_activations_device():
+    """A model on a GPU is calibrated there: the running sums follow the activations' device
+    (they were made on the CPU, and CUDA sums were added into them in place). Checked on the
+    meta device, which no CPU tensor can be mixed with."""
+    moments = calibration._Moments(4)
+    s, t = torch.empty(2, 4, 3, 3, device="meta"), torch.empty(2, 4, 3, 3, device="meta")
+    moments.add(s, t)
+    moments.add(s, t, mask=torch.empty(2, 4, 3, 3, device="meta", dtype=torch.bool))
+    assert moments.sums.device.type == "meta" and moments.sums.shape == (6, 4)
+    a, b = moments.solve(torch.ones(4, device="meta", dtype=torch.float64),
+                         torch.zeros(4, device="meta", dtype=torch.float64))
+    assert a.device.type == b.device.type == "meta"

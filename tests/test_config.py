@@ -187,3 +187,57 @@ def test_unsafe_yaml_is_refused_unless_allowed(tmp_path):
         load_config(child)
     cfg = load_config(child, allow_unsafe_yaml=True)
     assert cfg.MODEL.ANCHOR_GENERATOR.SIZES == [[32], [64], [128], [256], [512]]
+
+
+#: The files detectron2's model zoo publishes under detectron2:// (https://dl.fbaipublicfiles.com/
+#: detectron2/...) for ImageNet backbones: MODEL_ZOO.md, "ImageNet Pretrained Models", at the
+#: detectron2 commit gn_det installs (a59f05630a8f205756064244bf5beb8661f96180). Trained COCO
+#: models are checked against detectron2.model_zoo's own table.
+MODEL_ZOO_IMAGENET = {
+    "ImageNetPretrained/MSRA/R-50.pkl",
+    "ImageNetPretrained/MSRA/R-101.pkl",
+    "ImageNetPretrained/FAIR/X-101-32x8d.pkl",
+    "ImageNetPretrained/torchvision/R-50.pkl",
+}
+
+
+def _config_weights():
+    """(config, weights) for every config gn_det ships: YAML MODEL.WEIGHTS, LazyConfig
+    train.init_checkpoint."""
+    from detectron2.config import LazyConfig
+
+    for path in sorted(CONFIGS_DIR.rglob("*")):
+        name = str(path.relative_to(CONFIGS_DIR))
+        if path.suffix == ".yaml":
+            yield name, load_config(path).MODEL.WEIGHTS
+        elif path.suffix == ".py" and not path.name.startswith("_"):
+            yield name, LazyConfig.load(str(path)).train.get("init_checkpoint") or ""
+
+
+def test_every_detectron2_url_in_the_configs_is_a_file_the_model_zoo_publishes():
+    from detectron2.checkpoint.catalog import ModelCatalog
+    from detectron2.model_zoo.model_zoo import _ModelZooUrls
+
+    trained = set(_ModelZooUrls.CONFIG_PATH_TO_URL_SUFFIX.values())
+    checked = {}
+    for name, weights in _config_weights():
+        if weights.startswith("detectron2://"):
+            path = weights[len("detectron2://"):]
+            assert path in MODEL_ZOO_IMAGENET or any(path.endswith(s) for s in trained), (name, weights)
+        elif weights.startswith("catalog://"):
+            assert weights[len("catalog://ImageNetPretrained/"):] in ModelCatalog.C2_IMAGENET_MODELS, (name, weights)
+        else:
+            assert "://" not in weights, (name, weights)  # a URL of another site: not expected here
+        checked[name] = weights
+    assert checked["gn_mask_rcnn_R_101.yaml"] == "detectron2://ImageNetPretrained/MSRA/R-101.pkl"
+    assert checked["mask_rcnn_R_50_FPN_bn.yaml"] == "detectron2://ImageNetPretrained/torchvision/R-50.pkl"
+
+
+def test_the_r101_config_has_the_input_settings_of_msra_weights():
+    """MSRA's ImageNet ResNets: BGR, 0-255 minus the mean (std 1), stride in the 1x1 conv;
+    torchvision's (the R-50 configs): RGB, divided by the std, stride in the 3x3."""
+    msra = load_config(resolve_config_name("gn_mask_rcnn_R_101.yaml"))
+    assert (msra.INPUT.FORMAT, msra.MODEL.RESNETS.STRIDE_IN_1X1, msra.MODEL.RESNETS.DEPTH) == ("BGR", True, 101)
+    assert msra.MODEL.PIXEL_STD == [1.0, 1.0, 1.0] and msra.MODEL.PIXEL_MEAN == [103.530, 116.280, 123.675]
+    torchvision = load_config(resolve_config_name("gn_mask_rcnn.yaml"))
+    assert (torchvision.INPUT.FORMAT, torchvision.MODEL.RESNETS.STRIDE_IN_1X1) == ("RGB", False)

@@ -1,17 +1,18 @@
 """The mission's claim, tested: under GN, 2 processes x 1 image train exactly like 1 process x 2
 images; under BN they do not. detectron2's launch, gloo on CPU, DDP without device_ids.
 
-The norm is isolated (DESIGN.md): a converted ResNet-18 + FPN backbone under a deterministic
-per-image loss, since Mask R-CNN's per-process anchor/proposal sampling would differ anyway.
+The norm is isolated: a converted ResNet-18 + FPN backbone under a deterministic per-image
+loss, since Mask R-CNN's per-process anchor/proposal sampling would differ anyway. The processes
+start on a pretend GPU host (``gpu_host``): a CPU run must pick gloo there too.
 """
 
 import pytest
 import torch
-from detectron2.engine import launch
+import torch.distributed as dist
 from detectron2.utils import comm
 
 import gn_det
-from gn_det.engine import create_ddp_model
+from gn_det.engine import create_ddp_model, launch
 from models import resnet18_fpn_backbone
 
 STEPS, LR = 3, 0.05
@@ -46,6 +47,7 @@ def _train(model, batches):
 
 
 def _worker(norm, out_path):
+    assert dist.get_backend() == "gloo" and not torch.cuda.is_available()
     model = create_ddp_model(_backbone(norm), broadcast_buffers=False)
     rank = comm.get_rank()
     _train(model, [step[rank : rank + 1] for step in _images()])  # 1 image per process
@@ -58,9 +60,9 @@ def _max_relative_difference(a, b):
 
 
 @pytest.mark.parametrize("norm, agree", [("GN", True), ("BN", False)])
-def test_two_processes_of_one_image_equal_one_process_of_two(norm, agree, tmp_path):
+def test_two_processes_of_one_image_equal_one_process_of_two(norm, agree, tmp_path, gpu_host):
     out = tmp_path / f"{norm}.pth"
-    launch(_worker, 2, num_machines=1, machine_rank=0, dist_url="auto", args=(norm, str(out)))
+    launch(_worker, 2, device="cpu", dist_url="auto", args=(norm, str(out)))
     distributed = torch.load(out, weights_only=True)
 
     single = _train(_backbone(norm), list(_images()))

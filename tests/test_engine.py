@@ -54,14 +54,17 @@ def test_two_iterations_of_each_shapes_config(variant, tiny_env, tmp_path):
     assert (out / "model_final.pth").is_file()
 
 
-def test_two_cpu_processes_with_num_gpus_2(tiny_env, tmp_path):
+def test_two_cpu_processes_with_num_gpus_2_on_a_gpu_host(gpu_host, tmp_path):
+    """A CPU config on a host with GPUs: gloo and no GPU in the processes (detectron2's launch
+    alone picks NCCL whenever the host has a GPU, whatever MODEL.DEVICE says)."""
     out = tmp_path / "out"
     # A free rendezvous port, so that the test passes beside another multi-process run.
     result = _train_net(["--config", "shapes/gn.yaml", "--num-gpus", "2", "--dist-url", "auto", *TINY,
-                         "SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", str(out)], tiny_env, cwd=tmp_path)
+                         "SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", str(out)], gpu_host, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "Rank of current process: 0. World size: 2" in log
+    assert "No: torch.cuda.is_available() == False" in log  # detectron2's environment info, rank 0
     assert (out / "log.txt.rank1").is_file()
     assert any("bbox/AP" in m for m in _metrics(out))
 
@@ -210,7 +213,7 @@ class _Recorder(torch.nn.Module):
 
 
 def test_cpu_autocast_trainer_runs_the_forward_in_bfloat16_and_keeps_float32_weights():
-    from gn_det.engine import CPUAutocastTrainer, SimpleTrainer
+    from gn_det.engine import CPUAutocastTrainer, TrainLoop as SimpleTrainer
 
     data = [[{"image": torch.rand(3, 8, 8)}]] * 3
     runs = {}
@@ -233,15 +236,16 @@ def test_cpu_autocast_trainer_runs_the_forward_in_bfloat16_and_keeps_float32_wei
 def test_amp_on_cpu_picks_bfloat16_autocast_or_falls_back_with_a_warning(monkeypatch, caplog):
     from gn_det import engine
 
-    assert engine._trainer_class(False, "cpu") is engine.SimpleTrainer
+    assert engine._trainer_class(False, "cpu") is engine.TrainLoop
     monkeypatch.setattr(engine, "cpu_bfloat16_supported", lambda: True)
     assert engine._trainer_class(True, "cpu") is engine.CPUAutocastTrainer
     monkeypatch.setattr(engine, "cpu_bfloat16_supported", lambda: False)
     with caplog.at_level("WARNING", logger="gn_det.engine"):
-        assert engine._trainer_class(True, "cpu") is engine.SimpleTrainer
+        assert engine._trainer_class(True, "cpu") is engine.TrainLoop
     assert "no native bfloat16" in caplog.text
-    assert engine._trainer_class(True, "cuda") is engine.AMPTrainer
-    assert engine._trainer_class(False, "cuda") is engine.SimpleTrainer
+    assert engine._trainer_class(True, "cuda") is engine.CUDAAMPTrainer
+    assert engine._trainer_class(True, "cuda:1") is engine.CUDAAMPTrainer
+    assert engine._trainer_class(False, "cuda") is engine.TrainLoop
 
 
 def test_solver_optimizer_adamw_uses_detectron2s_parameter_groups():
@@ -281,3 +285,175 @@ def test_solver_optimizer_adamw_uses_detectron2s_parameter_groups():
     for group, reference_group in zip(adamw.param_groups, loop.param_groups):
         for p, q in zip(group["params"], reference_group["params"]):
             torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
+
+
+# --- The GPU route, checked on the CPU -------------------------------------------------------
+
+
+def _pretend_cuda(monkeypatch):
+    """``torch.cuda.is_available()`` True, as detectron2's AMPTrainer asserts it; the
+    optimizers' CUDA-graph capture check, which would then ask a driver, is skipped."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.optim.Optimizer, "_accelerator_graph_capture_health_check", lambda self: None)
+
+
+def _clipping_adamw_cfg():
+    cfg = load_config(resolve_config_name("shapes/gn.yaml"))
+    cfg.merge_from_list(["SOLVER.OPTIMIZER", "AdamW", "SOLVER.BASE_LR", "0.01", "SOLVER.WEIGHT_DECAY", "0.0",
+                         "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
+                         "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.5"])
+    return cfg
+
+
+class _Regression(torch.nn.Module):
+    """A detectron2-style model (inputs: list of dicts; returns a loss dict)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, batch):
+        x = torch.stack([d["x"] for d in batch])
+        return {"loss": (self.linear(x) - torch.stack([d["y"] for d in batch])).pow(2).sum()}
+
+
+def _regression_data(steps=4):
+    g = torch.Generator().manual_seed(1)
+    # Gradient norms that differ from step to step, so that clipping changes Adam's steps.
+    return [[{"x": torch.randn(4, generator=g) * (1 + 3 * i), "y": torch.randn(3, generator=g)}]
+            for i in range(steps)]
+
+
+def test_amp_clips_the_unscaled_gradients_with_fused_adamw(monkeypatch):
+    """SOLVER.CLIP_GRADIENTS + AdamW (fused, which unscales inside its kernel) + AMP: the clip
+    must see true gradients, not gradients times the loss scale. One scaler-driven step on the
+    CPU (fused CPU AdamW, a CPU GradScaler) equals clipping the unscaled gradients by hand."""
+    from detectron2.engine import AMPTrainer
+
+    from gn_det.engine import CUDAAMPTrainer, build_optimizer
+
+    _pretend_cuda(monkeypatch)
+    cfg, data = _clipping_adamw_cfg(), _regression_data()
+    results = {}
+    for trainer_class in (CUDAAMPTrainer, AMPTrainer):
+        model = _Regression()
+        optimizer = build_optimizer(cfg, model)
+        assert optimizer.defaults["fused"] and type(optimizer).__name__ == "AdamWWithGradientClip"
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        trainer_class(model, data, optimizer, grad_scaler=scaler).train(0, len(data))
+        results[trainer_class] = model.linear.weight.detach()
+
+    model = _Regression()  # by hand: unscaled gradients, clipped per parameter, AdamW
+    reference = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0, foreach=False)
+    for batch in data:
+        reference.zero_grad()
+        model(batch)["loss"].backward()
+        for p in model.parameters():
+            torch.nn.utils.clip_grad_norm_(p, 0.5)
+        reference.step()
+    torch.testing.assert_close(results[CUDAAMPTrainer], model.linear.weight.detach(), rtol=1e-5, atol=1e-6)
+    # detectron2's AMPTrainer clips the scaled gradients: a different (wrong) trajectory.
+    assert (results[AMPTrainer] - model.linear.weight).abs().max() > 1e-3
+
+
+def test_a_cuda_config_on_a_host_without_a_usable_gpu_is_one_line_and_exit_2(capsys, monkeypatch, tmp_path):
+    from gn_det.engine import launch_from_args
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    launched = []
+    monkeypatch.setattr("gn_det.engine.launch", lambda *a, **k: launched.append(k["device"]))
+    for argv, key in [(["--config", "shapes/gn.yaml", "MODEL.DEVICE", "cuda"], "MODEL.DEVICE"),
+                      (["--config", "lazy/shapes_gn.py", "train.device=cuda"], "train.device")]:
+        with pytest.raises(SystemExit) as exit_:
+            launch_from_args(argv, prog="gn-det train")
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1, err
+        assert f"{key} is 'cuda', but no CUDA GPU is usable here" in err
+        assert "--gpus all" in err and "driver" in err and f"add {key} cpu" in err
+    # The shapes configs train on the CPU wherever they run.
+    launch_from_args(["--config", "shapes/gn.yaml"], prog="gn-det train")
+    launch_from_args(["--config", "lazy/shapes_gn.py"], prog="gn-det train")
+    assert launched == ["cpu", "cpu"]
+    # More processes than GPUs: refused before launch, not by an assert inside each rank.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit):
+        launch_from_args(["--config", "shapes/gn.yaml", "--num-gpus", "4", "MODEL.DEVICE", "cuda"])
+    assert "--num-gpus 4, but this machine shows 2 CUDA GPU(s)" in capsys.readouterr().err
+
+
+def test_torchrun_joins_with_the_configs_backend_detectron2s_timeout_and_any_launchers_variables(monkeypatch):
+    """Under torchrun (or a launcher that sets LOCAL_RANK and WORLD_SIZE but not
+    LOCAL_WORLD_SIZE): gloo for a CPU config even on a GPU host, NCCL for a CUDA one, and
+    detectron2's 30-minute timeout rather than NCCL's 10 minutes."""
+    from detectron2.engine.launch import DEFAULT_TIMEOUT
+
+    from gn_det import engine
+
+    calls = []
+    monkeypatch.setattr(engine.dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(engine.comm, "create_local_process_group", lambda n: calls.append({"local": n}))
+    monkeypatch.setattr(engine.comm, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU host
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda rank: calls.append({"set_device": rank}))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    ran = []
+    engine.launch_from_args(["--config", "shapes/gn.yaml", "--num-gpus", "2"], main_func=ran.append)
+    assert calls == [{"backend": "gloo", "init_method": "env://", "timeout": DEFAULT_TIMEOUT}, {"local": 2}]
+    assert len(ran) == 1 and ran[0].device == "cpu"
+
+    calls.clear()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    engine.launch_from_args(["--config", "shapes/gn.yaml", "MODEL.DEVICE", "cuda"], main_func=ran.append)
+    assert calls == [{"set_device": 1}, {"backend": "nccl", "init_method": "env://", "timeout": DEFAULT_TIMEOUT},
+                     {"local": 4}]
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # 4 processes cannot be 3 per machine
+    with pytest.raises(SystemExit) as exit_:
+        engine.launch_from_args(["--config", "shapes/gn.yaml"], main_func=ran.append)
+    assert exit_.value.code == 2
+
+
+def test_a_run_resumes_under_another_trainer_with_todays_optimizer_and_a_fresh_scaler(monkeypatch, gn_det_logs):
+    """Saved by TrainLoop with a foreach AdamW (a CPU run, an older torch), resumed under
+    CUDAAMPTrainer with a fused one: no KeyError for the missing scaler, the state loads, the
+    optimizer stays fused. And the other way round."""
+    from gn_det.engine import CUDAAMPTrainer, TrainLoop
+
+    _pretend_cuda(monkeypatch)
+    data = _regression_data()
+
+    def adamw(model, **kind):
+        return torch.optim.AdamW(model.parameters(), lr=0.01, **kind)
+
+    model = _Regression()
+    saved_by = TrainLoop(model, data, adamw(model, foreach=True))
+    saved_by.train(0, 2)
+    state = saved_by.state_dict()
+    assert "grad_scaler" not in state and state["optimizer"]["param_groups"][0]["foreach"]
+
+    model = _Regression()
+    resumed = CUDAAMPTrainer(model, data, adamw(model, fused=True), grad_scaler=torch.amp.GradScaler("cpu"))
+    resumed.load_state_dict(state)
+    assert resumed.iter == saved_by.iter
+    group = resumed.optimizer.param_groups[0]
+    assert group["fused"] and not group["foreach"]
+    step = resumed.optimizer.state[model.linear.weight]["step"]
+    assert float(step) == 2
+    torch.testing.assert_close(resumed.optimizer.state[model.linear.weight]["exp_avg"],
+                               saved_by.optimizer.state[saved_by.model.linear.weight]["exp_avg"])
+    assert "starting with a fresh scaler" in gn_det_logs.text
+    resumed.train(resumed.iter + 1, 4)  # and it trains on
+
+    state = resumed.state_dict()
+    assert "grad_scaler" in state
+    model = _Regression()
+    back = TrainLoop(model, data, adamw(model, foreach=False))
+    back.load_state_dict(state)
+    assert back.optimizer.param_groups[0]["fused"] is None and not back.optimizer.param_groups[0]["foreach"]

@@ -112,7 +112,8 @@ def test_docker_layout_trains_gn_mask_rcnn_from_the_image_entrypoint(installed, 
     small = ["SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "1", "INPUT.MIN_SIZE_TRAIN", "(128,)",
              "INPUT.MAX_SIZE_TRAIN", "160", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160",
              "DATALOADER.NUM_WORKERS", "0", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-             "TEST.DETECTIONS_PER_IMAGE", "5", "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(out)]
+             "TEST.DETECTIONS_PER_IMAGE", "5", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
+             "OUTPUT_DIR", str(out)]
     result = subprocess.run([*entrypoint, *small], env=env, cwd=REPO, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -142,8 +142,9 @@ def test_small_batch_bn_statistics_points_are_seed_means_of_the_evaluated_cells(
     assert study.statistics_points(cells, found, "shapes_test") == {("bn", 1, "batch"): [(1, 72.0, 61.0)]}
 
 
-def test_benchmark_norms_smoke(tmp_path):
-    """All four parts run on 64-pixel images, one round: R-50 FrozenBN (4conv1fc head) and GN."""
+def test_benchmark_norms_smoke(tmp_path, gpu_host):
+    """All four parts run on 64-pixel images, one round: R-50 FrozenBN (4conv1fc head) and GN;
+    on a pretend GPU host, where the 2-process part must still use gloo for --device cpu."""
     import json
     import subprocess
     import sys
@@ -151,7 +152,7 @@ def test_benchmark_norms_smoke(tmp_path):
     results, plot = tmp_path / "results.json", tmp_path / "norms.png"
     command = [sys.executable, str(TOOLS / "benchmark_norms.py"), "--smoke", "--variants", "gn",
                "--json", str(results), "--output", str(plot), "--profile", "gn"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=gpu_host)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "naiveSyncBN / GN step time:" in done.stdout
     assert "| gn: op | self time (s) | share |" in done.stdout and "aten::" in done.stdout
@@ -164,7 +165,7 @@ def test_benchmark_norms_smoke(tmp_path):
     assert set(data["layer"]) == {"res2", "res3", "res4", "res5"}
     assert Image.open(plot).size == (1280, 360)
     # Outputs are not replaced without --force.
-    refused = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=600, env=gpu_host)
     assert refused.returncode == 2 and "--force" in refused.stderr
 
 
@@ -268,3 +269,22 @@ def test_logged_seconds_counts_the_processes_that_trained_what_the_run_has(tmp_p
         "[01/01 00:30:01] d2.engine.train_loop INFO: Starting training from iteration 900\n"
         "[01/01 00:50:00] d2.evaluation.testing INFO: copypaste: 1.0\n")  # 20 minutes, over New Year
     assert logged_seconds(tmp_path) == 70 * 60
+
+
+def test_gpu_smoke_runs_every_check_on_the_cpu(tmp_path):
+    """tools/gpu_smoke.py, the script for the day a GPU is lent, at CPU size: every check
+    passes (the 2-process one on gloo), the table and JSON are written."""
+    import json
+    import subprocess
+    import sys
+
+    results = tmp_path / "smoke.json"
+    done = subprocess.run([sys.executable, str(TOOLS / "gpu_smoke.py"), "--device", "cpu", "--iterations", "2",
+                           "--json", str(results)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    rows = json.loads(results.read_text())["rows"]
+    assert [r["check"] for r in rows] == ["train_amp", "train_amp_adamw_clip", "train_amp_recompute",
+                                          "memory_1_image", "ddp_2_processes", "calibrate_distill", "resume",
+                                          "export"]
+    assert {r["status"] for r in rows} == {"PASS"}, rows
+    assert "| ddp_2_processes | PASS |" in done.stdout and "gloo" in done.stdout

@@ -38,6 +38,7 @@ import tempfile
 import time
 
 from gn_det.studies.memory import MEASURE_ENV, peak_rss_mib, reset_peak_rss, rss_mib
+from gn_det.studies.random_weights import normalize_norm_statistics
 
 REFERENCE = "frozenbn_4conv1fc"
 _4CONV1FC = ["MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead", "MODEL.ROI_BOX_HEAD.NUM_CONV", "4",
@@ -57,31 +58,6 @@ TIMED = [v for v in VARIANTS if v != "naive_syncbn"]  # naiveSyncBN is BN in one
 DISTRIBUTED = ("gn", "naive_syncbn")
 # R-50 stages: (channels, stride) of each stage's output, where GN normalises the most bytes.
 STAGES = {"res2": (256, 4), "res3": (512, 8), "res4": (1024, 16), "res5": (2048, 32)}
-
-
-def normalize_frozen_bn(model, batch) -> None:
-    """Set every FrozenBN's statistics to those of its input on ``batch`` (one forward pass).
-
-    From random weights, FrozenBN's identity statistics leave R-50 unnormalised and its
-    activations overflow, which changes what the detector computes (NaN boxes are dropped); a
-    trained FrozenBN backbone is normalised, and this makes the random one so too.
-    """
-    import torch
-    from detectron2.layers import FrozenBatchNorm2d
-
-    def set_statistics(module, inputs):
-        x = inputs[0]
-        module.running_mean.copy_(x.mean((0, 2, 3)))
-        module.running_var.copy_(x.var((0, 2, 3)))
-
-    frozen = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
-    hooks = [m.register_forward_pre_hook(set_statistics) for m in frozen]
-    try:
-        with torch.no_grad():
-            model.backbone(model.preprocess_image(batch).tensor)
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def _quiet() -> None:
@@ -122,7 +98,7 @@ def build(variant: str, args, batch):
     cfg = build_cfg(variant, args)
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    normalize_frozen_bn(model, batch)
+    normalize_norm_statistics(model, batch)  # FrozenBN from random weights: normalised
     return model, build_optimizer(cfg, model)
 
 
@@ -277,11 +253,11 @@ def _distributed_worker(args, out_path: str) -> None:
 
 
 def distributed(args) -> dict:
-    from detectron2.engine import launch
+    from gn_det.engine import launch  # gloo for --device cpu even on a GPU host
 
     with tempfile.TemporaryDirectory() as folder:
         out_path = os.path.join(folder, "distributed.json")
-        launch(_distributed_worker, 2, dist_url="auto", args=(args, out_path))
+        launch(_distributed_worker, 2, device=args.device, dist_url="auto", args=(args, out_path))
         with open(out_path) as f:
             return json.load(f)
 

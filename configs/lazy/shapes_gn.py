@@ -31,6 +31,7 @@ dataloader.train.total_batch_size = 2
 dataloader.train.num_workers = 1
 dataloader.test.num_workers = 1
 
+train.device = "cpu"  # wherever it runs (train.device=cuda moves it to a GPU)
 train.amp.enabled = False
 train.ddp.fp16_compression = False
 train.max_iter = 450

@@ -4,6 +4,7 @@
   (``tools/transfer_study.py``).
 - :mod:`gn_det.studies.runs`: resumable training runs in child processes (the study grids).
 - :mod:`gn_det.studies.memory`: process memory as the benchmarks measure it.
+- :mod:`gn_det.studies.random_weights`: random detectors normalised like trained ones.
 
 Nothing in the plugin (conversion, transfer, config, checkpoints, training) imports from here.
 """
