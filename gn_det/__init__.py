@@ -16,6 +16,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     from . import data, modeling  # noqa: F401  (register the shapes datasets and the backbone)
     from .convert import NormSpec, convert_norm, convert_norm_by_spec
+    from .data import load_images
     from .calibration import LayerFit, calibrate
     from .config import add_gn_det_config, convert_model_by_config, get_cfg, norm_spec_from_config
     from .distillation import DistillationResult, distill
@@ -53,6 +54,7 @@ __all__ = [
     "enable_recompute",
     "format_norm_table",
     "get_cfg",
+    "load_images",
     "norm_spec_from_config",
     "resolve_num_groups",
     "transfer_bn_to_gn",

@@ -19,6 +19,7 @@ import collections
 import logging
 import sys
 import warnings
+from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
@@ -41,12 +42,14 @@ def _load_cfg(name: str, overrides: List[str] = ()):
 
     try:
         path = resolve_config_name(name)
-    except FileNotFoundError:
-        raise UsageError(f"{name}: no such config file (not a path, nor a name in configs/)") from None
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
     try:
-        cfg = merge_overrides(load_config(path), overrides)
-    except UnsafeConfigError as e:
+        cfg = load_config(path)
+    except (UnsafeConfigError, ConfigError) as e:
         raise UsageError(str(e)) from e
+    try:
+        merge_overrides(cfg, overrides)
     except ConfigError as e:
         raise UsageError(f"{path}: {e}") from e
     cfg.MODEL.DEVICE = "cpu"
@@ -109,6 +112,10 @@ def _cmd_convert(args) -> int:
 
     source_cfg = _load_cfg(args.config_file or DEFAULT_SOURCE_CONFIG, args.opts)
     target_cfg = _load_cfg(args.target_config) if args.target_config else None
+    if target_cfg is not None:
+        from .checkpoint.convert import check_input_conventions
+
+        check_input_conventions(source_cfg, target_cfg)  # before minutes of calibration
     target_spec = norm_spec_from_config(target_cfg) if target_cfg is not None else None
     explicit = [f for f, v in (("--to", args.to), ("--transfer", args.transfer),
                                ("--num-groups", args.num_groups), ("--dim-per-group", args.dim_per_group))
@@ -119,10 +126,10 @@ def _cmd_convert(args) -> int:
     method = args.transfer if args.transfer in ("calibrate", "distill") else None
     if method:
         args.transfer = "stats"  # both start from the data-free transfer
-    elif any(v is not None for v in (args.calib_dataset, args.calib_images, args.calib_distill_steps,
-                                      args.calib_distill_heads)):
-        raise UsageError("--calib-dataset, --calib-images, --calib-distill-steps and --calib-distill-heads go "
-                         "with --transfer calibrate or distill")
+    elif any(v is not None for v in (args.calib_dataset, args.calib_images_dir, args.calib_images,
+                                      args.calib_distill_steps, args.calib_distill_heads)):
+        raise UsageError("--calib-dataset, --calib-images-dir, --calib-images, --calib-distill-steps and "
+                         "--calib-distill-heads go with --transfer calibrate or distill")
     steps = args.calib_distill_steps
     if steps is None:
         steps = 100 if method == "distill" else 0
@@ -136,8 +143,16 @@ def _cmd_convert(args) -> int:
     spec = target_spec or _spec(args, required=True)
     calibration_inputs = None
     if calibrating:
-        calibration_inputs = _images(source_cfg, args.calib_dataset or "shapes_train",
-                                     args.calib_images if args.calib_images is not None else 32)
+        source = _image_source(source_cfg, args.calib_dataset, args.calib_images_dir, "calib",
+                               f"--transfer {method}")
+        calibration_inputs = _images(source_cfg, source, args.calib_images if args.calib_images is not None else 32,
+                                     "--calib-images")
+    if not args.verify_images and (args.verify_dataset or args.verify_images_dir):
+        raise UsageError("--verify-dataset and --verify-images-dir go with --verify-images N")
+    verify_source = None
+    if args.verify_images:
+        verify_source = _image_source(source_cfg, args.verify_dataset, args.verify_images_dir, "verify",
+                                      "--verify-images")
 
     result = convert_checkpoint(args.weights, args.output, source_cfg, spec, target_cfg=target_cfg,
                                 file_format=args.format, overwrite=args.force,
@@ -156,22 +171,52 @@ def _cmd_convert(args) -> int:
         print(f"calibration: {len(result.fits)} layers on {len(calibration_inputs)} images, "
               f"mean relative error per layer {before:.4f} -> {after:.4f}")
     if args.verify_images:
-        _print_agreement(args, source_cfg, result)
+        _print_agreement(args, source_cfg, result, verify_source)
     return 0
 
 
-def _images(cfg, dataset: str, count: int):
+def _image_source(cfg, dataset: Optional[str], folder: Optional[str], flag: str, purpose: str):
+    """Where ``--{flag}-*`` images come from: ``--{flag}-images-dir``, ``--{flag}-dataset``, or
+    the source config's own training (calib) or test (verify) set if it is available here.
+    Never images of another domain by default: a COCO model is not calibrated on shapes."""
+    from .data import check_dataset_files
+
+    if dataset and folder:
+        raise UsageError(f"--{flag}-dataset and --{flag}-images-dir: give one of them")
+    if folder:
+        return Path(folder)
+    if dataset:
+        return dataset
+    split = "TRAIN" if flag == "calib" else "TEST"
+    names = list(cfg.DATASETS[split])
+    try:
+        if not names:
+            raise FileNotFoundError(f"DATASETS.{split} is empty")
+        check_dataset_files(names[0])
+    except (FileNotFoundError, KeyError) as e:
+        reason = str(e.args[0] if isinstance(e, KeyError) and e.args else e).split(". ")[0]
+        raise UsageError(
+            f"{purpose} needs images of the model's own domain (no labels): the source config's "
+            f"DATASETS.{split} is not available here ({reason}); pass --{flag}-images-dir DIR (a "
+            f"folder of your JPEG/PNG images) or --{flag}-dataset NAME"
+        ) from None
+    return names[0]
+
+
+def _images(cfg, source, count: int, flag: str):
     from .data import load_images  # importing gn_det.data registers the shapes datasets
 
     if count < 1:
-        raise UsageError(f"--calib-images must be >= 1, got {count}")
+        raise UsageError(f"{flag} must be >= 1, got {count}")
     try:
-        return load_images(cfg, dataset, count)
+        return load_images(cfg, source, count)
     except KeyError as e:
-        raise UsageError(f"dataset {dataset!r} is not registered ({e})") from e
+        raise UsageError(f"dataset {source!r} is not registered ({e})") from e
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
-def _print_agreement(args, source_cfg, result) -> None:
+def _print_agreement(args, source_cfg, result, source) -> None:
     import copy
 
     from tabulate import tabulate
@@ -179,7 +224,7 @@ def _print_agreement(args, source_cfg, result) -> None:
     from .report import backbone_cosines
     from .convert import convert_norm_by_spec
 
-    inputs = _images(source_cfg, args.verify_dataset, args.verify_images)
+    inputs = _images(source_cfg, source, args.verify_images, "--verify-images")
     cosines = backbone_cosines(result.source_model, result.target_model, inputs)
     columns = [cosines]
     headers = ["stage", f"cosine ({result.transfer})"]
@@ -189,7 +234,7 @@ def _print_agreement(args, source_cfg, result) -> None:
         baseline = convert_norm_by_spec(copy.deepcopy(result.source_model), NormSpec(transfer="copy"))
         columns.append(backbone_cosines(result.source_model, baseline, inputs))
         headers.append("cosine (copy)")
-    print(f"\nAgreement with the source model on {len(inputs)} images of {args.verify_dataset} "
+    print(f"\nAgreement with the source model on {len(inputs)} images of {source} "
           "(cosine of backbone outputs, 1 = identical):")
     print(tabulate([[s] + [f"{c[s]:.4f}" for c in columns] for s in cosines], headers=headers))
 
@@ -233,9 +278,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--weights", required=True, metavar="IN", help="the checkpoint to convert")
     convert.add_argument("--output", required=True, metavar="OUT", help="where to write the result")
-    convert.add_argument("--config-file", default=None, metavar="SRC",
-                         help=f"config the weights were trained with (path or name in configs/; "
-                         f"default {DEFAULT_SOURCE_CONFIG})")
+    convert.add_argument("--config-file", "--config", dest="config_file", default=None, metavar="SRC",
+                         help=f"config the weights were trained with: a path, one of gn_det's configs "
+                         f"or of detectron2's model zoo (default {DEFAULT_SOURCE_CONFIG})")
     convert.add_argument("--target-config", default=None, metavar="DST",
                          help="config that must load the output (default: the source config with "
                          "conversion on); its MODEL.NORM_CONVERSION, if enabled, decides the conversion")
@@ -245,10 +290,18 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     convert.add_argument("--verify-images", type=int, default=0, metavar="N",
                          help="also compare source and converted backbones on N images")
-    convert.add_argument("--verify-dataset", default="shapes_val", metavar="NAME",
-                         help="registered dataset for --verify-images (default shapes_val)")
+    convert.add_argument("--verify-dataset", default=None, metavar="NAME",
+                         help="registered dataset for --verify-images (default: the source config's "
+                         "DATASETS.TEST, if its files are here)")
+    convert.add_argument("--verify-images-dir", default=None, metavar="DIR",
+                         help="a folder of JPEG/PNG images for --verify-images instead")
+    convert.add_argument("--calib-images-dir", default=None, metavar="DIR",
+                         help="images for --transfer calibrate or distill: any folder of JPEG/PNG files "
+                         "of the model's domain (searched recursively, the first N in sorted order, "
+                         "resized as the source config tests); no labels needed")
     convert.add_argument("--calib-dataset", default=None, metavar="NAME",
-                         help="registered dataset for --transfer calibrate or distill (default shapes_train)")
+                         help="a registered dataset for --transfer calibrate or distill instead (default: "
+                         "the source config's DATASETS.TRAIN, if its files are here)")
     convert.add_argument("--calib-images", type=int, default=None, metavar="N",
                          help="images for --transfer calibrate or distill (default 32)")
     convert.add_argument("--calib-distill-steps", type=int, default=None, metavar="K",
@@ -271,7 +324,8 @@ def _parser() -> argparse.ArgumentParser:
         "groups; with --to, as conversion would leave them) or of a checkpoint file.",
     )
     what = inspect.add_mutually_exclusive_group(required=True)
-    what.add_argument("--config-file", metavar="FILE", help="a detectron2 config (path or name in configs/)")
+    what.add_argument("--config-file", "--config", dest="config_file", metavar="NAME",
+                      help="a config: a path, one of gn_det's configs or of detectron2's model zoo")
     what.add_argument("--weights", metavar="FILE", help="a checkpoint file (any supported format)")
     _add_conversion_flags(inspect)
     inspect.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -256,33 +257,98 @@ class UnsafeConfigError(ValueError):
     """A config needs ``yaml.unsafe_load`` (Python tags: code that runs on load)."""
 
 
-def _check_safe_yaml(path: Path, seen=None) -> None:
+_URL_PREFIXES = ("http://", "https://", "detectron2://")
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML parser error in one line, with the line and column it gives (1-based)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
+def _check_structure(data: dict, node: CfgNode, path: Path, prefix: str = "") -> None:
+    """A section of the config (``MODEL``, ``MODEL.RESNETS``) must be a mapping in the file."""
+    for key, value in data.items():
+        default = node.get(key) if isinstance(node, CfgNode) else None
+        if isinstance(default, CfgNode):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {prefix}{key} is a section of keys, but the file gives it "
+                                  f"{value!r}; write it as '{key}:' followed by indented 'KEY: value' lines")
+            _check_structure(value, default, path, f"{prefix}{key}.")
+
+
+def _check_yaml_files(path: Path, allow_unsafe: bool, seen=None) -> None:
+    """Read ``path`` and its ``_BASE_`` chain as YAML before yacs merges them, so that a file
+    that is not a config is one line naming it: a syntax error (line, column), an empty file,
+    a top level that is not a mapping, a missing ``_BASE_``, a section given a value; and,
+    unless ``allow_unsafe``, a file that needs ``yaml.unsafe_load``."""
     seen = set() if seen is None else seen
     if path in seen:
         return
     seen.add(path)
     try:
         with open(path, "r") as f:
-            data = yaml.safe_load(f)
+            data = (yaml.unsafe_load if allow_unsafe else yaml.safe_load)(f)
     except yaml.constructor.ConstructorError as e:
         raise UnsafeConfigError(
             f"{path} needs unsafe YAML (it constructs Python objects, which runs code on load: "
             f"{e.problem}). Rewrite the value as plain YAML, or pass --allow-unsafe-yaml if "
             "you trust the file."
         ) from e
-    base = (data or {}).get("_BASE_") if isinstance(data, dict) else None
-    if isinstance(base, str) and not base.startswith(("http://", "https://", "detectron2://")):
-        _check_safe_yaml((path.parent / os.path.expanduser(base)).resolve(), seen)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e.reason} at byte {e.start})") from e
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config is a mapping of KEY: value lines at its top level; "
+                          f"this file holds a {type(data).__name__}")
+    _check_structure(data, get_cfg(), path)
+    base = data.get("_BASE_")
+    if base is None:
+        return
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: _BASE_ must be a file name, got {base!r}")
+    if base.startswith(_URL_PREFIXES):
+        return
+    base_path = (path.parent / os.path.expanduser(base)).resolve()
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: its _BASE_ {base!r} does not exist (looked for {base_path})")
+    _check_yaml_files(base_path, allow_unsafe, seen)
+
+
+def _model_zoo_config(name: str) -> Optional[Path]:
+    """detectron2's model-zoo config ``name`` (``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml``,
+    ``new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py``), if the installed detectron2 has it."""
+    with warnings.catch_warnings():  # detectron2's model_zoo imports pkg_resources
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+        from detectron2 import model_zoo
+
+    for candidate in (name, f"{name}.yaml"):
+        try:
+            return Path(model_zoo.get_config_file(candidate))
+        except RuntimeError:  # "... not available in Model Zoo!"
+            continue
+    return None
 
 
 def resolve_config_name(name: Union[str, Path]) -> Path:
     """
-    The config file ``name`` means: an existing path as given, else a file of gn_det's configs
-    (:data:`CONFIGS_DIR`: ``gn_mask_rcnn.yaml``, ``shapes/gn.yaml``; the ``.yaml`` suffix may be
-    left off), in a checkout and in an installed wheel alike.
+    The config file ``name`` means, looked up in this order:
+
+    1. an existing path, as given;
+    2. one of gn_det's configs (:data:`CONFIGS_DIR`: ``gn_mask_rcnn.yaml``, ``shapes/gn.yaml``;
+       the ``.yaml`` suffix may be left off), in a checkout and in an installed wheel alike;
+    3. a config of detectron2's model zoo (``Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml``,
+       ``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml``), as
+       ``detectron2.model_zoo.get_config_file`` finds it.
 
     Raises:
-        FileNotFoundError: naming the places looked at and listing the available configs.
+        FileNotFoundError: naming the places looked at and listing gn_det's configs.
     """
     path = Path(name)
     if path.is_file():
@@ -291,14 +357,18 @@ def resolve_config_name(name: Union[str, Path]) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
+    zoo = _model_zoo_config(str(name))
+    if zoo is not None:
+        return zoo
     available = sorted(
         str(p.relative_to(CONFIGS_DIR))
         for p in CONFIGS_DIR.rglob("*")
         if p.suffix in (".yaml", ".py") and not p.name.startswith(("Base-", "_"))
     )
     raise FileNotFoundError(
-        f"No config {str(name)!r}: not a file, and not in {CONFIGS_DIR}. "
-        f"Available: {', '.join(available) or '(none)'}"
+        f"No config {str(name)!r}: not a file, not in {CONFIGS_DIR}, nor in detectron2's model zoo "
+        f"(e.g. COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml). "
+        f"gn_det's: {', '.join(available) or '(none)'}"
     )
 
 
@@ -308,16 +378,19 @@ def load_config(path: Union[str, Path], *, allow_unsafe_yaml: bool = False) -> C
 
     detectron2 falls back to ``yaml.unsafe_load`` for files ``yaml.safe_load`` refuses (its
     ``Base-RetinaNet.yaml`` runs ``eval`` on load). This refuses them with
-    :class:`UnsafeConfigError` unless ``allow_unsafe_yaml``. A key the file sets that the config
-    does not have, or a bad value of gn_det's keys, is a :class:`ConfigError`.
+    :class:`UnsafeConfigError` unless ``allow_unsafe_yaml``. A file that is not a config
+    (syntax error, empty, not a mapping, missing ``_BASE_``), a key the file sets that the
+    config does not have, a value of the wrong type, or a bad value of gn_det's keys is a
+    :class:`ConfigError`: one line naming the file.
     """
     path = Path(path)
-    if not allow_unsafe_yaml:
-        _check_safe_yaml(path.resolve())
+    if path.suffix == ".py":
+        raise ConfigError(f"{path}: a LazyConfig (Python) file; this command takes a YAML config")
+    _check_yaml_files(path.resolve(), allow_unsafe_yaml)
     cfg = get_cfg()
     try:
         cfg.merge_from_file(str(path), allow_unsafe=allow_unsafe_yaml)
-    except (KeyError, ValueError, AssertionError) as e:
+    except (KeyError, ValueError, AssertionError, TypeError, AttributeError) as e:
         raise ConfigError(f"{path}: {_explain(cfg, e)}") from e
     check_config(cfg)
     return cfg

@@ -455,9 +455,22 @@ def launch(main_func, num_processes: int, *, device: str, num_machines: int = 1,
                                  timeout=timeout)
 
 
-def _check_weights(weights: str) -> None:
-    if weights and "://" not in weights and not os.path.isfile(weights):
-        raise _InputError(f"MODEL.WEIGHTS: no such file {weights!r}")
+def _check_weights(weights: str, key: str = "MODEL.WEIGHTS") -> None:
+    """A local file must exist; a URL is fetched into detectron2's download cache now, once,
+    before the processes start (each would otherwise fail on its own when offline)."""
+    from .checkpoint.io import CheckpointError
+    from .checkpoint.remote import is_url, local_weights_path
+
+    if not weights:
+        return
+    if not is_url(weights):
+        if not os.path.isfile(weights):
+            raise _InputError(f"{key}: no such file {weights!r}")
+        return
+    try:
+        local_weights_path(weights)
+    except CheckpointError as e:
+        raise _InputError(f"{key}: {e}") from e
 
 
 def check_device(device: str, key: str = "MODEL.DEVICE", processes: int = 1) -> None:
@@ -530,7 +543,7 @@ def _check_lazy_config(args: argparse.Namespace) -> None:
         raise ConfigError(f"{args.config_file}: {type(e).__name__}: {e}") from e
     _check_lazy_datasets(cfg)
     if not args.resume or args.eval_only:
-        _check_weights(cfg.train.get("init_checkpoint", ""))
+        _check_weights(cfg.train.get("init_checkpoint", "") or "", "train.init_checkpoint")
     args.device = cfg.train.get("device", "cuda")
     check_device(args.device, "train.device", _processes_per_machine(args))
 

@@ -378,3 +378,55 @@ def test_convert_with_distillation_from_stats(tmp_path, capsys):
     assert _convert("--weights", source, "--output", tmp_path / "x.pth", *distill, "--calib-distill-steps", "0") == 2
     assert "must be 1 or more" in _error(capsys)
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_calibration_on_a_folder_of_the_users_images_and_no_silent_default(tmp_path, capsys):
+    """--calib-images-dir: any folder of JPEG/PNG, no labels. Without a source, a config whose
+    training set is not here (COCO) is a one-line error, never synthetic images."""
+    from PIL import Image
+
+    folder = tmp_path / "my images"
+    (folder / "day2").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i, name in enumerate(["day1.jpg", "day2/a.png", "day2/b.JPEG"]):
+        pixels = (torch.rand(72, 96, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / name)
+    bn_model = _model("shapes/bn.yaml")
+    source = tmp_path / "bn.pth"
+    torch.save({"model": bn_model.state_dict()}, source)
+    out = tmp_path / "gn.pth"
+    assert _convert("--weights", source, "--output", out, "--config", "shapes/bn.yaml", "--transfer", "distill",
+                    "--calib-images-dir", folder, "--calib-images", "2", "--calib-distill-steps", "1") == 0
+    printed = capsys.readouterr().out
+    assert "transfer: stats + distill 1 steps" in printed and out.is_file()
+
+    bn_source = tmp_path / "r50_bn.pth"
+    torch.save({"model": _model(BN_CONFIG).state_dict()}, bn_source)
+    for method in ("calibrate", "distill"):
+        assert _convert("--weights", bn_source, "--output", tmp_path / "x.pth", "--config", BN_CONFIG,
+                        "--transfer", method) == 2
+        err = _error(capsys)
+        assert f"--transfer {method} needs images of the model's own domain" in err
+        assert "coco_2017_train" in err and "--calib-images-dir DIR" in err
+    assert _convert("--weights", bn_source, "--output", tmp_path / "x.pth", "--config", BN_CONFIG,
+                    "--verify-images", "2") == 2
+    err = _error(capsys)
+    assert "--verify-images needs images" in err and "DATASETS.TEST" in err and "--verify-images-dir DIR" in err
+    assert _convert("--weights", source, "--output", tmp_path / "x.pth", "--config", "shapes/bn.yaml",
+                    "--transfer", "distill", "--calib-images-dir", folder, "--calib-dataset", "shapes_train") == 2
+    assert "give one of them" in _error(capsys)
+    assert _convert("--weights", source, "--output", tmp_path / "x.pth", "--config", "shapes/bn.yaml",
+                    "--transfer", "distill", "--calib-images-dir", tmp_path / "nowhere") == 2
+    assert "not a folder of images" in _error(capsys)
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_a_target_config_that_reads_images_differently_is_refused(tmp_path, capsys):
+    """MSRA-convention weights (the model zoo's SyncBN Mask R-CNN: BGR, std 1, stride in the
+    1x1) into gn_mask_rcnn.yaml (torchvision's: RGB, std, stride in the 3x3): every tensor fits,
+    the model would be wrong. Refused before anything is read."""
+    assert _convert("--weights", tmp_path / "unread.pkl", "--output", tmp_path / "o.pth", "--config",
+                    "Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml", "--target-config", GN_CONFIG) == 2
+    err = _error(capsys)
+    assert "reads images differently" in err and "INPUT.FORMAT BGR -> RGB" in err
+    assert "MODEL.RESNETS.STRIDE_IN_1X1 True -> False" in err and "MODEL.NORM_CONVERSION.ENABLED True" in err

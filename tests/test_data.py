@@ -328,3 +328,65 @@ def test_the_test_split_has_images_of_its_own():
     assert spec.num_images("test") == 3
     # Adding the split changed nothing that decides the other splits' files (their cache stays valid).
     assert spec.render_key() == dataclasses.replace(spec, num_test=50).render_key()
+
+
+def _write_image_folder(root: Path) -> dict:
+    """A folder of images as a user has them: nested, JPEG and PNG, upper-case suffixes, and
+    files that are not images. Returns {relative path: RGB array}."""
+    rng = np.random.default_rng(0)
+    written = {}
+    for relative, size in [("b/02.JPG", (40, 60)), ("a.png", (60, 30)), ("b/01.jpeg", (20, 20)),
+                           ("c/d/z.png", (30, 50))]:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        Image.fromarray(array).save(path, quality=100) if path.suffix.lower() != ".png" else Image.fromarray(array).save(path)
+        written[relative] = array
+    (root / "notes.txt").write_text("not an image")
+    (root / "c" / "labels.json").write_text("{}")
+    return written
+
+
+def test_load_images_from_a_folder_recursive_sorted_resized_in_the_configs_channel_order(tmp_path):
+    import torch
+    from gn_det import get_cfg, load_images
+
+    written = _write_image_folder(tmp_path / "images")
+    cfg = get_cfg()
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 40, 100
+    inputs = load_images(cfg, tmp_path / "images", 10)
+    # Sorted by path relative to the folder, recursively; only JPEG / PNG.
+    assert [Path(d["file_name"]).relative_to(tmp_path / "images").as_posix() for d in inputs] == \
+        ["a.png", "b/01.jpeg", "b/02.JPG", "c/d/z.png"]
+    a = inputs[0]
+    assert (a["height"], a["width"]) == (60, 30) and tuple(a["image"].shape) == (3, 80, 40)  # short side 40
+    assert tuple(inputs[1]["image"].shape) == (3, 40, 40)
+    assert [d["file_name"] for d in load_images(cfg, str(tmp_path / "images"), 2)] == \
+        [d["file_name"] for d in inputs[:2]]  # a str path is a folder too
+    # BGR (detectron2's default FORMAT) is the PNG's RGB reversed; RGB keeps it.
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 60, 60  # the PNG's own size: no resize
+    rgb = written["a.png"].transpose(2, 0, 1).astype("float32")
+    bgr_input = load_images(cfg, tmp_path / "images", 1)[0]["image"]
+    assert cfg.INPUT.FORMAT == "BGR" and torch.equal(bgr_input, torch.from_numpy(rgb[::-1].copy()))
+    cfg.INPUT.FORMAT = "RGB"
+    assert torch.equal(load_images(cfg, tmp_path / "images", 1)[0]["image"], torch.from_numpy(rgb))
+
+
+def test_load_images_refuses_what_is_not_a_folder_of_images(tmp_path):
+    from gn_det import get_cfg, load_images
+
+    cfg = get_cfg()
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "readme.md").write_text("no images")
+    with pytest.raises(ValueError, match="no JPEG or PNG images"):
+        load_images(cfg, tmp_path / "empty", 4)
+    with pytest.raises(ValueError, match="not a folder of images"):
+        load_images(cfg, tmp_path / "missing", 4)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg: cannot be read as an image"):
+        load_images(cfg, tmp_path / "bad", 4)
+    with pytest.raises(ValueError, match="at least 1"):
+        load_images(cfg, tmp_path / "bad", 0)
+    with pytest.raises(KeyError):
+        load_images(cfg, "no_such_dataset", 1)

@@ -121,3 +121,33 @@ def test_docker_layout_trains_gn_mask_rcnn_from_the_image_entrypoint(installed, 
     assert f"args.config_file={installed / 'gn_det' / 'configs' / 'gn_mask_rcnn.yaml'}" in log
     assert "ConvertedGroupNorm x" in log
     assert any("bbox/AP" in json.loads(line) for line in (out / "metrics.json").read_text().splitlines())
+
+
+def test_detectron2_names_work_from_the_installed_wheel_outside_the_checkout(installed, tiny_env, tmp_path):
+    """A detectron2 user's first commands, with the wheel installed, from an unrelated folder:
+    model-zoo config names for inspect and train, a model-zoo URL for convert (offline, or a
+    file the server does not have: one line saying where the file can be put)."""
+    env = _env(installed, tiny_env, DETECTRON2_DATASETS=str(tmp_path / "datasets"),
+               FVCORE_CACHE=str(tmp_path / "cache"))
+    gn_det_script = str(installed / "bin" / "gn-det")
+
+    def run(*args):
+        return subprocess.run([gn_det_script, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600)
+
+    result = run("inspect", "--config-file", "Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml",
+                 "MODEL.NORM_CONVERSION.ENABLED", "True")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("ConvertedGroupNorm       69")
+
+    result = run("train", "--config", "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Dataset 'coco_2017_train': annotation file not found" in result.stderr
+
+    url = "detectron2://gn_det-tests/no-such-checkpoint.pkl"
+    result = run("convert", "--config", "Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml", "--weights", url,
+                 "--output", "out.pth")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"{url}: could not download it" in result.stderr
+    assert str(tmp_path / "cache" / "detectron2" / "gn_det-tests" / "no-such-checkpoint.pkl") in result.stderr
+    assert not (tmp_path / "out.pth").exists()

@@ -41,7 +41,14 @@ from .weights import (
     state_for_model,
 )
 
-__all__ = ["ConversionResult", "convert_checkpoint", "FILE_FORMATS", "format_for_output"]
+__all__ = [
+    "ConversionResult",
+    "FILE_FORMATS",
+    "INPUT_CONVENTION_KEYS",
+    "check_input_conventions",
+    "convert_checkpoint",
+    "format_for_output",
+]
 
 FILE_FORMATS = {".pth": "pth", ".pkl": "pkl", ".safetensors": "safetensors"}
 _IGNORED_MODEL_KEYS = ("pixel_mean", "pixel_std")
@@ -99,6 +106,36 @@ def _target_config(source_cfg: CfgNode, target_cfg: Optional[CfgNode], spec: Nor
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     return cfg
+
+
+#: Config keys that say how a model reads its input: weights trained under one setting are wrong
+#: under another (MSRA's ImageNet ResNets: BGR, std 1, stride in the 1x1 conv; torchvision's:
+#: RGB, std-normalised, stride in the 3x3), though every tensor still fits.
+INPUT_CONVENTION_KEYS = ("INPUT.FORMAT", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "MODEL.RESNETS.STRIDE_IN_1X1")
+
+
+def _value(cfg: CfgNode, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return list(node) if isinstance(node, (list, tuple)) else node
+
+
+def check_input_conventions(source_cfg: CfgNode, target_cfg: CfgNode) -> None:
+    """Refuse a target config that would feed the weights inputs they were not trained on.
+
+    Raises:
+        CheckpointError: naming each key of :data:`INPUT_CONVENTION_KEYS` that differs.
+    """
+    differ = [f"{key} {_value(source_cfg, key)} -> {_value(target_cfg, key)}" for key in INPUT_CONVENTION_KEYS
+              if _value(source_cfg, key) != _value(target_cfg, key)]
+    if differ:
+        raise CheckpointError(
+            "the target config reads images differently from the source config the weights were "
+            f"trained with ({'; '.join(differ)}), so the converted model would see inputs it was "
+            "not trained on; train with the source config and MODEL.NORM_CONVERSION.ENABLED True, "
+            "or give the target config the source's values"
+        )
 
 
 def _load_into_source(weights: Weights, model: nn.Module, path: str) -> List[str]:
@@ -174,7 +211,8 @@ def convert_checkpoint(
         spec: the conversion (target GN, groups, transfer). When ``target_cfg`` enables
             ``MODEL.NORM_CONVERSION`` the caller should pass its spec.
         target_cfg: config whose model must load the output; default: ``source_cfg`` with
-            ``spec`` switched on.
+            ``spec`` switched on. It must read images as ``source_cfg`` does
+            (:func:`check_input_conventions`).
         file_format: ``"pth"``, ``"pkl"`` or ``"safetensors"``; default from the extension.
         overwrite: replace an existing ``output``.
         calibration_inputs: if given, detectron2 model inputs (dicts with ``"image"``) on which
@@ -199,6 +237,8 @@ def convert_checkpoint(
         raise CheckpointError(f"{output_path}: exists; pass --force to overwrite")
     if not output_path.parent.is_dir():
         raise CheckpointError(f"{output_path}: folder {output_path.parent} does not exist")
+    if target_cfg is not None:
+        check_input_conventions(source_cfg, target_cfg)
     weights = read_weights(weights_path)
 
     source = build_model(_without_conversion(source_cfg)).eval()

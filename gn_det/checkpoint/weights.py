@@ -32,6 +32,7 @@ from torch import nn
 from ..layers import ConvertedGroupNorm
 from ..modeling import torchvision_resnet_to_detectron2_state_dict
 from .io import CheckpointError, detect_format, load_checkpoint_file, load_safetensors_metadata
+from .remote import local_weights_path
 
 __all__ = [
     "BOTTOM_UP_PREFIX",
@@ -96,7 +97,10 @@ def _is_torchvision_resnet(state: Dict[str, Any]) -> bool:
 
 
 def read_weights(path: str) -> Weights:
-    """Load ``path`` safely (see module doc) and tell its format. Raises ``CheckpointError``."""
+    """Load ``path`` safely (see module doc) and tell its format. ``path`` may be a URL
+    (``detectron2://``, ``https://``): the file in detectron2's download cache, fetched if it is
+    not there. Raises ``CheckpointError``."""
+    path = local_weights_path(path)
     file_format = detect_format(path)
     raw = load_checkpoint_file(path)
     if file_format == "pickle":

@@ -1,8 +1,11 @@
-"""Images of a registered dataset as detectron2 model inputs (calibration, verification)."""
+"""Images as detectron2 model inputs (calibration, distillation, verification): the first N of
+a registered dataset, or of any folder of JPEG / PNG files (no annotations needed)."""
 
 from __future__ import annotations
 
-from typing import Dict, List
+import os
+from pathlib import Path
+from typing import Dict, List, Union
 
 import torch
 from detectron2.config import CfgNode
@@ -10,22 +13,61 @@ from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 
-__all__ = ["load_images"]
+__all__ = ["IMAGE_SUFFIXES", "image_files", "load_images"]
+
+#: What a folder of images may hold (case-insensitive).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def load_images(cfg: CfgNode, dataset_name: str, num_images: int) -> List[Dict]:
-    """The first ``num_images`` of a registered dataset as detectron2 model inputs (test-time
-    resize and channel order of ``cfg``)."""
-    records = DatasetCatalog.get(dataset_name)[:num_images]
-    if not records:
-        raise ValueError(f"dataset {dataset_name!r} has no images")
-    resize = T.ResizeShortestEdge(
-        [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
-    )
-    inputs = []
-    for record in records:
-        image = detection_utils.read_image(record["file_name"], format=cfg.INPUT.FORMAT)
-        image = resize.get_transform(image).apply_image(image)
-        tensor = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
-        inputs.append({"image": tensor, "height": record["height"], "width": record["width"]})
-    return inputs
+def image_files(folder: Union[str, os.PathLike], num_images: int) -> List[Path]:
+    """The first ``num_images`` JPEG / PNG files below ``folder`` (recursively), in a stable
+    order: sorted by their path relative to ``folder``.
+
+    Raises:
+        ValueError: ``folder`` is not a folder, or holds no such image.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder of images")
+    files = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                   key=lambda p: p.relative_to(folder).as_posix())
+    if not files:
+        raise ValueError(f"{folder}: no JPEG or PNG images in it or its subfolders")
+    return files[:num_images]
+
+
+def _model_input(file_name: str, cfg: CfgNode, resize: T.Augmentation) -> Dict:
+    try:
+        image = detection_utils.read_image(file_name, format=cfg.INPUT.FORMAT)
+    except Exception as e:  # PIL's UnidentifiedImageError, truncated files, permissions
+        raise ValueError(f"{file_name}: cannot be read as an image ({type(e).__name__}: {e})") from e
+    height, width = image.shape[:2]
+    image = resize.get_transform(image).apply_image(image)
+    tensor = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
+    return {"image": tensor, "height": height, "width": width, "file_name": str(file_name)}
+
+
+def load_images(cfg: CfgNode, source: Union[str, os.PathLike], num_images: int) -> List[Dict]:
+    """The first ``num_images`` images of ``source`` as detectron2 model inputs, with ``cfg``'s
+    test-time resize (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``) and channel order
+    (``INPUT.FORMAT``).
+
+    Args:
+        source: a folder of JPEG / PNG files (a path; searched recursively, in sorted order:
+            :func:`image_files`), or the name of a registered detectron2 dataset.
+
+    Raises:
+        ValueError: no images, a file that is not an image, a number below 1.
+        KeyError: ``source`` is neither a folder nor a registered dataset.
+    """
+    if num_images < 1:
+        raise ValueError(f"the number of images must be at least 1, got {num_images}")
+    if isinstance(source, os.PathLike) or os.path.isdir(str(source)):
+        files = [str(p) for p in image_files(source, num_images)]
+    else:
+        records = DatasetCatalog.get(source)[:num_images]
+        if not records:
+            raise ValueError(f"dataset {source!r} has no images")
+        files = [record["file_name"] for record in records]
+    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+    return [_model_input(f, cfg, resize) for f in files]
