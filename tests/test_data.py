@@ -266,8 +266,14 @@ def test_builtin_shapes_registered():
         assert metadata.thing_classes == list(SHAPE_CLASSES)
         assert metadata.evaluator_type == "coco"
     assert gdata.register_all_shapes() == [
-        "shapes_train", "shapes_val", "shapes_test", "shapes_hr_train", "shapes_hr_val", "shapes_hr_test"
+        "shapes_train", "shapes_val", "shapes_test", "shapes_hr_train", "shapes_hr_val", "shapes_hr_test",
+        "shapes_large_train", "shapes_large_val", "shapes_large_test",
+        "shapes_hr_large_train", "shapes_hr_large_val", "shapes_hr_large_test",
     ]  # fmt: skip
+    # The larger test splits: their own seed, so no image of them is one of shapes_test's.
+    large, test = gdata.BUILTIN_SHAPES["shapes_large"], gdata.BUILTIN_SHAPES["shapes"]
+    assert (large.num_test, large.seed, large.image_size) == (500, 1, test.image_size) and large.seed != test.seed
+    assert gdata.BUILTIN_SHAPES["shapes_hr_large"].num_test == 50
 
 
 def test_fetch_builtin_shapes_val_in_fresh_process(tmp_path):

@@ -288,3 +288,29 @@ def test_gpu_smoke_runs_every_check_on_the_cpu(tmp_path):
                                           "export"]
     assert {r["status"] for r in rows} == {"PASS"}, rows
     assert "| ddp_2_processes | PASS |" in done.stdout and "gloo" in done.stdout
+
+
+def test_backbone_study_smoke(tmp_path, capsys):
+    """tools/backbone_study.py end to end, tiny: pretrain BN and GN on the proxy, distill the BN
+    backbone, fine-tune from three starts, intervals on each checkpoint, the report."""
+    study = _tool("backbone_study")
+    out = tmp_path / "study"
+    assert study.main(["pretrain", "--smoke", "--output-dir", str(out), "--jobs", "2"]) == 0
+    for norm in ("bn", "gn"):
+        result = json.loads((out / f"pretrain_{norm}" / "result.json").read_text())
+        assert result["norm"] == norm.upper() and 0 <= result["val_miou"] <= 1
+        assert (out / f"pretrain_{norm}" / "backbone.pkl").is_file()
+    assert study.main(["finetune", "--smoke", "--output-dir", str(out), "--starts", "distill", "gn_pretrained",
+                       "frozenbn", "--jobs", "2"]) == 0
+    assert (out / "distilled_bn_to_gn.pkl").is_file() and len(list((out / "proxy_images").glob("*.png"))) == 32
+    capsys.readouterr()
+    plot, results = tmp_path / "route.png", tmp_path / "route.json"
+    assert study.main(["report", "--output-dir", str(out), "--plot", str(plot), "--json", str(results)]) == 0
+    table = capsys.readouterr().out
+    for start in ("BN-pretrained, FrozenBN (detectron2's classic)", "BN-pretrained, converted to GN: stats + distill",
+                  "GN-pretrained"):
+        assert f"| shapes | {start} | 1 | 1 |" in table
+    rows = json.loads(results.read_text())["rows"]
+    assert all(r["box"]["low"] <= r["box"]["ap"] <= r["box"]["high"] for r in rows)
+    assert Image.open(plot).size[0] > 0
+    assert study.main(["report", "--output-dir", str(out), "--plot", str(plot)]) == 2  # no --force

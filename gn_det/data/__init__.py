@@ -7,12 +7,17 @@ generated until a dataset is first fetched):
   for CPU training; recipes are chosen on ``val``, results reported on ``test``.
 - ``shapes_hr_train`` / ``shapes_hr_val`` / ``shapes_hr_test``: 1200x1600 images, 40 / 10 /
   10 images, for high-resolution configs at 1-2 images per GPU.
+- ``shapes_large_test`` (500 images at 256x256) and ``shapes_hr_large_test`` (50 at
+  1200x1600): larger held-out test splits with their own seed, where a 50-image (10-image)
+  split resolves AP too coarsely for a study's conclusions. Their ``_train`` / ``_val`` are
+  empty.
 
 Files go to ``$GN_DET_CACHE`` (default ``~/.cache/gn_det``), read when this package is imported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from .coco import check_dataset_files
@@ -56,6 +61,10 @@ BUILTIN_SHAPES: dict[str, ShapesSpec] = {
         max_scale=0.35,
     ),
 }
+BUILTIN_SHAPES["shapes_large"] = dataclasses.replace(BUILTIN_SHAPES["shapes"], num_train=0, num_val=0,
+                                                     num_test=500, seed=1)
+BUILTIN_SHAPES["shapes_hr_large"] = dataclasses.replace(BUILTIN_SHAPES["shapes_hr"], num_train=0, num_val=0,
+                                                        num_test=50, seed=1)
 """Name prefix -> generation parameters of the datasets :func:`register_all_shapes` registers."""
 
 

@@ -75,17 +75,17 @@ def evaluate_bn_modes(run_dir, *, datasets: Sequence[str] = (), precise_images: 
     return {mode: evaluate(with_statistics(trained, mode, cfg, precise_images=precise_images)) for mode in modes}
 
 
-def load_run(run_dir):
-    """The config (``run_dir/config.yaml``, on CPU) and the trained model
-    (``run_dir/model_final.pth``) of a finished run."""
+def load_run(run_dir, checkpoint: str = "model_final.pth"):
+    """The config (``run_dir/config.yaml``, on CPU) and the trained model (``run_dir``'s
+    ``checkpoint``, by default the final one) of a run."""
     from detectron2.modeling import build_model
 
     from ..checkpoint import Checkpointer
     from ..config import load_config
 
-    weights = Path(run_dir) / "model_final.pth"
+    weights = Path(run_dir) / checkpoint
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: no finished run there (no model_final.pth)")
+        raise FileNotFoundError(f"{weights}: no such checkpoint (for model_final.pth: no finished run)")
     cfg = load_config(Path(run_dir) / "config.yaml")
     cfg.defrost()
     cfg.MODEL.DEVICE = "cpu"

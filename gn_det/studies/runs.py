@@ -80,7 +80,7 @@ def finished_run(run_dir) -> Optional[dict]:
 
 
 def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[int] = None,
-              datasets: Sequence[str] = (), processes: int = 1) -> dict:
+              datasets: Sequence[str] = (), processes: int = 1, keep_checkpoints: bool = False) -> dict:
     """Train (and evaluate) ``config`` with ``opts`` into ``run_dir`` in a child process.
 
     Returns a record with ``returncode``, ``seconds``, ``evaluations`` and the final
@@ -93,7 +93,8 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
     ``threads`` each. A run that was stopped resumes from its last checkpoint (give ``opts`` a
     ``SOLVER.CHECKPOINT_PERIOD`` to have some); ``resumed_from`` is then the iterations it had,
     ``seconds`` the run's time over all its processes (:func:`logged_seconds`) and
-    ``process_seconds`` this process's. A finished run keeps only its final weights.
+    ``process_seconds`` this process's. A finished run keeps only its final weights, unless
+    ``keep_checkpoints`` (to evaluate them afterwards).
     """
     run_dir = Path(run_dir)
     done = run_dir / _DONE
@@ -132,7 +133,7 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
         record.update(box_ap=math.nan, mask_ap=math.nan, failure=tail[0] if tail else "no output")
     else:
         record.update(box_ap=final["box_ap"], mask_ap=final["mask_ap"])
-        for checkpoint in run_dir.glob("model_[0-9]*.pth"):
+        for checkpoint in [] if keep_checkpoints else run_dir.glob("model_[0-9]*.pth"):
             checkpoint.unlink()
         done.write_text(json.dumps(record))
     return record
