@@ -5,10 +5,9 @@ that FrozenBN (an affine, whose backward needs only its weight) never keeps. At 
 high-resolution images per GPU these tensors are what limits training. :func:`enable_recompute`
 makes every detectron2 ``Conv2d`` whose ``norm`` is a GroupNorm run conv → norm → its activation
 under activation checkpointing, so backward keeps only the conv's input and recomputes the rest.
-On the R-50 GN backbone + FPN at 2×800×800 (CPU, ``tools/benchmark_recompute.py``): 0.47× the
-bytes saved for backward, 0.61× the peak memory growth of a step, 1.3–1.4× the step time of
-that backbone alone; on the whole R-50-FPN Mask R-CNN (``tools/benchmark_norms.py``, 800 px, 2
-images) 1.04× FrozenBN's peak memory at about 1.15× plain GN's step.
+What it saves and costs is measured in docs/benchmarks.md ("Recomputing conv+GN in backward",
+and the norm variants' memory and time: ``tools/benchmark_recompute.py``,
+``tools/benchmark_norms.py``).
 
 Why ``torch.utils.checkpoint`` (non-reentrant) and not a hand-written ``autograd.Function``:
 measured on a converted ResNet-18 + FPN (2×3×256×256), both keep exactly the same tensors

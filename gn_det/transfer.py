@@ -1,4 +1,4 @@
-"""Weight transfer from BatchNorm statistics to a GroupNorm affine (see shared/DESIGN.md).
+"""Weight transfer from BatchNorm statistics to a GroupNorm affine (docs/design.md).
 
 A BN layer in eval mode computes, per channel c, ``γ_c (x_c − μ_c) / σ_c + β_c`` with
 ``σ_c = sqrt(running_var_c + eps_BN)``. GN computes, per image and group g,
@@ -8,7 +8,7 @@ A BN layer in eval mode computes, per channel c, ``γ_c (x_c − μ_c) / σ_c + 
 - ``stats``: expect the population group statistics ``M_g = mean_{c∈g} μ_c`` and
   ``V_g = mean_{c∈g} (running_var_c + (μ_c − M_g)²)`` and match BN exactly whenever an image's
   group statistics equal them: ``γ'_c = γ_c S_g / σ_c``, ``β'_c = β_c − γ_c (μ_c − M_g) / σ_c``
-  with ``S_g = sqrt(V_g + eps_GN)``. When ``eps_GN == eps_BN`` this is DESIGN.md's
+  with ``S_g = sqrt(V_g + eps_GN)``. When ``eps_GN == eps_BN`` this is docs/design.md's
   ``S_g² = mean(σ_c² + (μ_c − M_g)²)``. For affine-only checkpoints (μ = 0, σ = 1) it reduces to
   ``copy``.
 """

@@ -445,18 +445,27 @@ def read_metrics(run: PathLike, label: Optional[str] = None) -> RunMetrics:
     return result
 
 
-def _panels(runs: Sequence[RunMetrics]) -> List[Tuple[str, str]]:
-    """``(metric key, title)`` of every panel that at least one run has data for."""
+#: What ``plot_metrics(panels=...)`` draws: AP and losses, AP alone, losses alone.
+PANEL_SETS = ("all", "ap", "losses")
+
+
+def _panels(runs: Sequence[RunMetrics], which: str = "all") -> List[Tuple[str, str]]:
+    """``(metric key, title)`` of every panel that at least one run has data for: the AP
+    panels first (what a reader looks for), then the total loss, each loss term and the
+    learning rate; ``which`` (:data:`PANEL_SETS`) keeps the AP or the loss panels alone."""
+    if which not in PANEL_SETS:
+        raise ValueError(f"panels must be one of {', '.join(PANEL_SETS)}, got {which!r}")
     present = set().union(*(run.series for run in runs))
+    ap_panels = []
+    for suffix, title in AP_KEYS.items():
+        ap_panels += [(k, f"{k} ({title}), evaluation") for k in sorted(present) if _ap_suffix(k) == suffix]
     losses = [k for k in LOSS_KEYS if k in present]
     losses += sorted(k for k in present if k.startswith("loss_") and k not in LOSS_KEYS)
-    panels = [("total_loss", "total_loss")] if "total_loss" in present else []
-    panels += [(k, f"{k} ({LOSS_KEYS[k]})" if k in LOSS_KEYS else k) for k in losses]
+    loss_panels = [("total_loss", "total_loss")] if "total_loss" in present else []
+    loss_panels += [(k, f"{k} ({LOSS_KEYS[k]})" if k in LOSS_KEYS else k) for k in losses]
     if "lr" in present:
-        panels.append(("lr", "learning rate"))
-    for suffix, title in AP_KEYS.items():
-        panels += [(k, f"{k} ({title}), evaluation") for k in sorted(present) if _ap_suffix(k) == suffix]
-    return panels
+        loss_panels.append(("lr", "learning rate"))
+    return {"all": ap_panels + loss_panels, "ap": ap_panels, "losses": loss_panels}[which]
 
 
 def _ap_suffix(key: str) -> Optional[str]:
@@ -466,12 +475,13 @@ def _ap_suffix(key: str) -> Optional[str]:
 
 
 def plot_metrics(runs: Sequence[RunMetrics], output: PathLike, *, dpi: int = 100,
-                 overwrite: bool = False) -> Tuple[int, int]:
+                 overwrite: bool = False, panels: str = "all") -> Tuple[int, int]:
     """Draw the runs' curves overlaid, one panel per metric, into one PNG.
 
-    Panels, for the metrics at least one run has: ``total_loss``, each ``loss_*`` term, the
-    learning rate, and ``bbox/AP`` / ``segm/AP`` at each evaluation (the last value labelled).
-    Each run has one colour throughout; the legend is in the first panel.
+    Panels, for the metrics at least one run has (:func:`_panels`): ``bbox/AP`` / ``segm/AP`` at
+    each evaluation first, each with a legend of every run's last value, then ``total_loss``,
+    each ``loss_*`` term and the learning rate, with the runs' legend in the first of them.
+    Each run has one colour throughout. ``panels="ap"`` (or ``"losses"``) draws only those.
 
     Args:
         runs: from :func:`read_metrics`.
@@ -490,9 +500,9 @@ def plot_metrics(runs: Sequence[RunMetrics], output: PathLike, *, dpi: int = 100
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    panels = _panels(runs)
+    which, panels = panels, _panels(runs, panels)
     if not panels:
-        raise ValueError("no run has training or evaluation values to plot")
+        raise ValueError(f"no run has {'training or evaluation' if which == 'all' else which} values to plot")
     if os.path.lexists(output) and not overwrite:
         raise FileExistsError(f"{output} exists; pass --force to overwrite")
     columns = min(_PANEL_COLUMNS, len(panels))
@@ -507,14 +517,14 @@ def plot_metrics(runs: Sequence[RunMetrics], output: PathLike, *, dpi: int = 100
             if key not in run.series:
                 continue
             iterations, values = run.series[key]
-            ax.plot(iterations, values, color=f"C{index}", label=run.label, linewidth=1.2,
+            # AP panels: the last value in the legend, where labels cannot overlap.
+            label = f"{run.label}: {values[-1]:.1f}" if is_ap else run.label
+            ax.plot(iterations, values, color=f"C{index}", label=label, linewidth=1.2,
                     marker="o" if is_ap else None, markersize=4)
-            if is_ap:
-                ax.annotate(f"{values[-1]:.1f}", (iterations[-1], values[-1]), color=f"C{index}",
-                            textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
         if is_ap:
             # From 0: the size of AP shows, not only its changes.
-            ax.set_ylim(0, max(1.0, ax.get_ylim()[1] * 1.15))
+            ax.set_ylim(0, max(1.0, ax.get_ylim()[1] * 1.05))
+            ax.legend(fontsize=7, loc="lower right", title="last value", title_fontsize=7)
         # One iteration scale for every panel, so that panels line up for the eye.
         ax.set_xlim(0, last_iteration * 1.04)
         ax.set_title(title, fontsize=10)
@@ -526,7 +536,9 @@ def plot_metrics(runs: Sequence[RunMetrics], output: PathLike, *, dpi: int = 100
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     handles = [Line2D([], [], color=f"C{i}", label=run.label) for i, run in enumerate(runs)]
-    axes[0].legend(handles=handles, fontsize=8)
+    first_loss = next((i for i, (key, _) in enumerate(panels) if _ap_suffix(key) is None), None)
+    if first_loss is not None:
+        axes[first_loss].legend(handles=handles, fontsize=8)
     # Not bbox_inches="tight": the image keeps the size the figure states.
     save_figure(figure, output, dpi=dpi, overwrite=overwrite)
     return int(round(figure.get_figwidth() * dpi)), int(round(figure.get_figheight() * dpi))
@@ -547,6 +559,8 @@ def _plot_metrics_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, metavar="PNG", help="the image to write")
     parser.add_argument("--dpi", type=int, default=100,
                         help="pixels per inch (default 100; a panel is 4x3 in)")
+    parser.add_argument("--panels", choices=PANEL_SETS, default="all",
+                        help="all (AP first, then losses and the learning rate), ap, or losses")
     parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -567,7 +581,7 @@ def plot_metrics_main(argv: Optional[List[str]] = None) -> int:
         for run, path in zip(runs, args.runs):
             if not run.series:
                 logger.warning("%s: no values to plot (did the run log anything?).", path)
-        width, height = plot_metrics(runs, args.output, dpi=args.dpi, overwrite=args.force)
+        width, height = plot_metrics(runs, args.output, dpi=args.dpi, overwrite=args.force, panels=args.panels)
     except (OSError, ValueError) as e:
         if args.debug:
             raise

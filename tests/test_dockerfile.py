@@ -160,7 +160,7 @@ def test_base_images_are_cuda_ubuntu2204_pinned_by_tag(instructions):
     for image in images:
         name, _, tag = image.partition(":")
         assert name == "nvidia/cuda" and tag, image
-        assert tag.endswith("-ubuntu22.04"), image  # Python 3.10 (see shared/DESIGN.md)
+        assert tag.endswith("-ubuntu22.04"), image  # Python 3.10 (docs/design.md, "Dependencies as they are")
         assert re.match(r"\d+\.\d+\.\d+-", tag), image
     assert any("-devel-" in image for image in images), "detectron2's CUDA ops need nvcc"
     # one CUDA version across the stages, and it matches the torch build

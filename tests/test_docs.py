@@ -24,3 +24,79 @@ def test_every_pip_install_of_detectron2_from_source_disables_build_isolation():
                 found.append((path.name, line))
                 assert "--no-build-isolation" in words, (path.name, line)
     assert found, "the docs show no source install of detectron2"
+
+
+def _repository_files():
+    """Every file of the repository (tracked, or new and not ignored) that is text."""
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in listed:
+        path = ROOT / name
+        if path.is_file() and path.suffix not in (".png", ".pkl", ".pth", ".whl"):
+            try:
+                yield path, path.read_text()
+            except UnicodeDecodeError:
+                continue
+
+
+def test_no_file_of_the_repository_names_a_path_outside_it():
+    """A user who clones the repository finds everything a file refers to inside it: no team
+    notes outside the repository, no machine's paths, no link that leaves the checkout."""
+    team_notes = re.compile("|".join([r"\bshared/" + "DESIGN", "DESIGN" + r"\.md", r"\.\./" + "shared"]))
+    machine_paths = re.compile(r"(?<![\w.])/(?:" + "work|root" + r")/")
+    found = []
+    for path, text in _repository_files():
+        for pattern in (team_notes, machine_paths):
+            found += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in pattern.finditer(text)]
+        if path.suffix == ".md":
+            for target in re.findall(r"\]\(([^)\s]+)\)", text):
+                if "://" in target or target.startswith(("#", "mailto:")):
+                    continue
+                resolved = (path.parent / target.split("#")[0]).resolve()
+                if not resolved.is_relative_to(ROOT) or not resolved.exists():
+                    found.append(f"{path.relative_to(ROOT)}: link {target}")
+    assert not found, found
+
+
+def test_the_results_tables_are_what_their_results_files_render():
+    """README and docs/ tables between <!-- results: NAME --> markers equal the rendering of
+    docs/results/NAME.json (tools/render_results.py): a stale number fails here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "tools" / "render_results.py")
+    render_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_results)
+    assert render_results.stale() == []
+    names = {m.group(2) for path in render_results.documents() for m in render_results.BLOCK.finditer(path.read_text())}
+    assert {"small_batch_grid", "zero_shot_transfer", "norm_variants_memory"} <= names
+    files = {p.stem for p in (ROOT / "docs" / "results").glob("*.json")}
+    assert names <= files and not files - names, f"results files no table shows: {sorted(files - names)}"
+    for name in files:  # each says how it was measured
+        result = render_results.load(name)
+        assert result["title"] and "columns" in result and "machine" in result and "command" in result, name
+
+
+def test_a_stale_number_is_caught(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "tools" / "render_results.py")
+    render_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render_results)
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "t.json").write_text(json.dumps({"title": "t", "columns": ["a", "b"], "rows": [["x", "1.0"]]}))
+    (results / "s.json").write_text(json.dumps({"title": "s", "columns": ["quoted"],
+                                                "rows": [[{"from": "t", "where": {"a": "x"}, "column": "b"}]]}))
+    doc = tmp_path / "README.md"
+    doc.write_text("<!-- results: s -->\n| quoted |\n|---|\n| 1.0 |\n<!-- /results -->\n")
+    monkeypatch.setattr(render_results, "RESULTS", results)
+    monkeypatch.setattr(render_results, "documents", lambda: [doc])
+    monkeypatch.setattr(render_results, "ROOT", tmp_path)
+    assert render_results.stale() == []
+    (results / "t.json").write_text(json.dumps({"title": "t", "columns": ["a", "b"], "rows": [["x", "1.1"]]}))
+    assert render_results.stale() == ["README.md: s"]
+    render_results.rewrite()
+    assert "| 1.1 |" in doc.read_text() and render_results.stale() == []

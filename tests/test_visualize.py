@@ -145,8 +145,12 @@ def test_plot_metrics_has_a_panel_per_test_dataset(tmp_path):
         json.dumps({"iteration": 9, "total_loss": 2.0}),
         json.dumps({"iteration": 9, "shapes_val/bbox/AP": 30.0, "shapes_val/segm/AP": 29.0,
                     "shapes_test/bbox/AP": 35.0, "shapes_test/segm/AP": 33.0})])
+    # The AP panels first: what a reader looks for.
     assert [key for key, _ in _panels([read_metrics(run)])] == [
-        "total_loss", "shapes_test/bbox/AP", "shapes_val/bbox/AP", "shapes_test/segm/AP", "shapes_val/segm/AP"]
+        "shapes_test/bbox/AP", "shapes_val/bbox/AP", "shapes_test/segm/AP", "shapes_val/segm/AP", "total_loss"]
+    assert [key for key, _ in _panels([read_metrics(run)], "ap")] == [
+        "shapes_test/bbox/AP", "shapes_val/bbox/AP", "shapes_test/segm/AP", "shapes_val/segm/AP"]
+    assert [key for key, _ in _panels([read_metrics(run)], "losses")] == ["total_loss"]
     output = tmp_path / "two_splits.png"
     assert _tool("plot_metrics")([str(run), "--output", str(output)]) == 0
     with Image.open(output) as image:
@@ -256,3 +260,13 @@ def test_visualize_usage_errors(tmp_path, capsys):
     # No config given and none beside the weights.
     assert main(["--weights", str(tmp_path / "model_final.pth")]) == 2
     assert "config.yaml" in capsys.readouterr().err
+
+
+def test_plot_metrics_ap_alone(tmp_path):
+    run = _write_run(tmp_path / "run", [
+        json.dumps({"iteration": 9, "total_loss": 2.0, "lr": 0.1}),
+        json.dumps({"iteration": 9, "bbox/AP": 30.0, "segm/AP": 29.0})])
+    output = tmp_path / "ap.png"
+    assert _tool("plot_metrics")([str(run), "--output", str(output), "--panels", "ap"]) == 0
+    with Image.open(output) as image:
+        assert image.size == (800, 300)  # 2 panels

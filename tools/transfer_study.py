@@ -14,7 +14,7 @@ Detector level (the shapes Mask R-CNN; a BN teacher trained at 8 images per batc
 
     tools/train_net.py --config shapes/bn_teacher.yaml
     tools/transfer_study.py --detector output/shapes_bn_teacher/model_final.pth \
-        --output-dir output/transfer_study --output docs/images/transfer_finetune.png --jobs 2
+        --output-dir output/transfer_study --output transfer_finetune.png --jobs 2
 
 1. converts the teacher to GN by ``copy``, ``stats`` and ``stats`` + ``calibrate`` on 8, 32
    and 128 training images, ``calibrate`` 32 + ``distill`` 100 and 300 steps, and ``stats`` +

@@ -1,6 +1,6 @@
 """Feature-level weight-transfer study: how close does each BN -> GN transfer keep a network?
 
-Used by ``tools/transfer_study.py``. The scenario follows shared/DESIGN.md: a torchvision
+Used by ``tools/transfer_study.py`` (docs/benchmarks.md, "Weight-transfer fidelity"): a torchvision
 ResNet-18 whose BN population statistics are computed on its own smooth random images; each
 transfer's student is compared with the BN teacher by the cosine of their stage outputs on
 held-out images, in two regimes: images that share their statistics, and images that each have
