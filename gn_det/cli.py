@@ -31,6 +31,7 @@ __all__ = ["main"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_SOURCE_CONFIG = "mask_rcnn_R_50_FPN_bn.yaml"
+DEFAULT_FOLD_CONFIG = "gn_mask_rcnn.yaml"
 
 
 class UsageError(Exception):
@@ -104,8 +105,51 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_fold(args) -> int:
+    """``gn-det convert --to folded``: a GN checkpoint in its inference form (gn_det.folding)."""
+    from tabulate import tabulate
+
+    from .checkpoint.convert import fold_checkpoint
+
+    conflicting = [f for f, v in (("--target-config", args.target_config), ("--transfer", args.transfer),
+                                  ("--num-groups", args.num_groups), ("--dim-per-group", args.dim_per_group),
+                                  ("--calib-distill-heads", args.calib_distill_heads),
+                                  ("--verify-images", args.verify_images or None)) if v is not None]
+    if conflicting:
+        raise UsageError(f"{', '.join(conflicting)} do not apply to --to folded")
+    steps = 100 if args.calib_distill_steps is None else args.calib_distill_steps
+    if steps < 0:
+        raise UsageError(f"--calib-distill-steps must be 0 or more, got {steps}")
+    cfg = _load_cfg(args.config_file or DEFAULT_FOLD_CONFIG, args.opts)
+    images = None
+    try:
+        source = _image_source(cfg, args.calib_dataset, args.calib_images_dir, "calib", "--to folded")
+    except UsageError:
+        print("warning: no calibration images (the source config's training set is not here, and neither "
+              "--calib-images-dir nor --calib-dataset was given): folding with data-free statistics "
+              "(mean 0, variance 1), which are right only for standardised inputs", file=sys.stderr)
+    else:
+        images = _images(cfg, source, args.calib_images if args.calib_images is not None else 32, "--calib-images")
+    result = fold_checkpoint(args.weights, args.output, cfg, images=images, exclude=args.fold_exclude,
+                             distill_steps=steps, file_format=args.format, overwrite=args.force)
+    report = result.report
+    print(f"Wrote {result.output}: the GN model folded for inference, from a {result.input_kind} checkpoint "
+          f"({result.seconds:.1f} s, verified against MODEL.NORM_CONVERSION.FOLDED True"
+          + (f" FOLDED_EXCLUDE {list(args.fold_exclude)}" if args.fold_exclude else "") + ").")
+    print(tabulate(sorted(report.counts().items()), headers=["GroupNorm layers", "count"]))
+    distilled = (f"; distilled {len(report.distillation.losses)} steps, loss {report.distillation.losses[0]:.4f} -> "
+                 f"{report.distillation.losses[-1]:.4f}" if report.distillation else "")
+    print(f"statistics: {report.statistics}{distilled}    keys matched: {result.keys_matched}/{result.keys_expected}")
+    return 0
+
+
 def _cmd_convert(args) -> int:
     from tabulate import tabulate
+
+    if args.to == "folded":
+        return _cmd_fold(args)
+    if args.fold_exclude:
+        raise UsageError("--fold-exclude goes with --to folded")
 
     from .checkpoint.convert import convert_checkpoint
     from .config import norm_spec_from_config
@@ -239,9 +283,11 @@ def _print_agreement(args, source_cfg, result, source) -> None:
     print(tabulate([[s] + [f"{c[s]:.4f}" for c in columns] for s in cosines], headers=headers))
 
 
-def _add_conversion_flags(parser) -> None:
+def _add_conversion_flags(parser, folded: bool = False) -> None:
     parser.add_argument("--to", default=None, metavar="TARGET",
-                        help="norm to convert to: GN (default), FrozenBN, BN, SyncBN or naiveSyncBN")
+                        help="norm to convert to: GN (default), FrozenBN, BN, SyncBN or naiveSyncBN"
+                        + ("; or folded: a GN model in its inference form, GroupNorm folded into the "
+                           "convolutions (gn_det.folding)" if folded else ""))
     groups = parser.add_mutually_exclusive_group()
     groups.add_argument("--num-groups", type=int, default=None, help="GN groups (default 32)")
     groups.add_argument("--dim-per-group", type=int, default=None,
@@ -284,7 +330,10 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--target-config", default=None, metavar="DST",
                          help="config that must load the output (default: the source config with "
                          "conversion on); its MODEL.NORM_CONVERSION, if enabled, decides the conversion")
-    _add_conversion_flags(convert)
+    _add_conversion_flags(convert, folded=True)
+    convert.add_argument("--fold-exclude", nargs="+", default=[], metavar="PREFIX",
+                         help="with --to folded: module-name prefixes whose GroupNorm stays "
+                         "(e.g. roi_heads); the config loads the result with FOLDED_EXCLUDE set so")
     convert.add_argument("--format", default=None, choices=("pth", "pkl", "safetensors"),
                          help="output format (default: from OUT's extension, else pth)")
     convert.add_argument("--force", action="store_true", help="overwrite OUT if it exists")

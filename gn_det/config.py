@@ -97,6 +97,10 @@ def add_gn_det_config(cfg: CfgNode) -> CfgNode:
     _C.MODEL.NORM_CONVERSION.EXCLUDE = []
     # Recompute conv+GN in backward instead of storing the GN input (less memory, slower step).
     _C.MODEL.NORM_CONVERSION.RECOMPUTE = False
+    # Build the inference form gn-det convert --to folded writes: GroupNorm folded into its conv.
+    _C.MODEL.NORM_CONVERSION.FOLDED = False
+    # Module-name prefixes whose GroupNorm stays GroupNorm in the folded form.
+    _C.MODEL.NORM_CONVERSION.FOLDED_EXCLUDE = []
     # Optimizer of DefaultTrainer.build_optimizer: "SGD" (detectron2's: MOMENTUM, NESTEROV) or
     # "AdamW" (BETAS); both with BASE_LR, WEIGHT_DECAY(_NORM/_BIAS) and gradient clipping.
     _C.SOLVER.OPTIMIZER = "SGD"
@@ -215,13 +219,20 @@ def convert_model_by_config(model: nn.Module, cfg: CfgNode) -> nn.Module:
     """
     Convert ``model`` as ``cfg.MODEL.NORM_CONVERSION`` says (unchanged when disabled).
 
-    ``RECOMPUTE`` then applies :func:`gn_det.enable_recompute` — also to GroupNorm layers the
-    model was built with (detectron2's native GN configs), whether or not ``ENABLED`` is set.
+    ``FOLDED`` then gives the model the structure of ``gn-det convert --to folded``'s output
+    (:func:`gn_det.folding.folded_architecture`, GroupNorm layers under ``FOLDED_EXCLUDE``
+    kept), and ``RECOMPUTE`` applies :func:`gn_det.enable_recompute` to the GroupNorm layers
+    left — also those the model was built with (detectron2's native GN configs), whether or
+    not ``ENABLED`` is set.
     """
     spec = norm_spec_from_config(cfg)
     if spec is not None:
         model = convert_norm_by_spec(model, spec)
     node = cfg.MODEL.get("NORM_CONVERSION")
+    if node is not None and node.get("FOLDED", False):
+        from .folding import folded_architecture
+
+        folded_architecture(model, exclude=tuple(node.get("FOLDED_EXCLUDE", ())))
     if node is not None and node.get("RECOMPUTE", False):
         enable_recompute(model)
     return model

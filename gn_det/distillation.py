@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from .calibration import (_heads_run_on_features, _input_items, _is_detectron2_model, _sampled_regions,
                           _teacher_regions)
+from .folding import ChannelAffine
 from .layers import ConvertedGroupNorm
 
 __all__ = ["DistillationResult", "HEADS", "distill"]
@@ -112,6 +113,8 @@ def distill(
     """
     Train the affine of ``student``'s converted GN layers (and an R-CNN's ROI-head weights) so
     that its outputs match ``teacher``'s (module doc). Adam, cosine-decayed learning rates.
+    The fixed affines of ``gn_det.fold_for_inference`` (:class:`gn_det.folding.ChannelAffine`)
+    train the same way, against the GN model they came from.
 
     Args:
         student: a model converted by ``gn_det.convert_norm`` from ``teacher`` (typically after
@@ -152,7 +155,8 @@ def distill(
         parts = [student]
     if len(items) == 0:
         raise ValueError("distill needs at least one input image")
-    trained = [p for part in parts for m in part.modules() if isinstance(m, ConvertedGroupNorm) and m.affine
+    trained = [p for part in parts for m in part.modules()
+               if isinstance(m, (ConvertedGroupNorm, ChannelAffine)) and getattr(m, "affine", True)
                for p in (m.weight, m.bias) if p.requires_grad]
     if not trained:
         raise ValueError("student has no trainable layers converted by gn_det to distill")

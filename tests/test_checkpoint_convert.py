@@ -430,3 +430,63 @@ def test_a_target_config_that_reads_images_differently_is_refused(tmp_path, caps
     err = _error(capsys)
     assert "reads images differently" in err and "INPUT.FORMAT BGR -> RGB" in err
     assert "MODEL.RESNETS.STRIDE_IN_1X1 True -> False" in err and "MODEL.NORM_CONVERSION.ENABLED True" in err
+
+
+def test_convert_to_folded_writes_a_verified_inference_checkpoint(tmp_path, capsys, tiny_env):
+    """gn-det convert --to folded: the GN model folded for inference, loaded strictly by the
+    config with MODEL.NORM_CONVERSION.FOLDED; the same safety as any conversion."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    gn = _model("shapes/gn.yaml")
+    source = tmp_path / "gn.pth"
+    torch.save({"model": gn.state_dict()}, source)
+    out = tmp_path / "folded.pth"
+    small = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
+    from gn_det.data import register_shapes
+
+    register_shapes("shapes_fold", cache_dir=tmp_path / "cache", image_size=(64, 64), num_train=3, num_val=1)
+    assert _convert("--config", "shapes/gn.yaml", "--weights", source, "--output", out, "--to", "folded",
+                    "--calib-dataset", "shapes_fold_train", "--calib-images", "3", "--calib-distill-steps", "2",
+                    "--fold-exclude", "roi_heads", *small) == 0
+    printed = capsys.readouterr().out
+    assert "folded for inference" in printed and "statistics: 3 images; distilled 2 steps" in printed
+    assert "folded into the conv" in printed and "kept as GN" in printed
+    folded = _model("shapes/gn.yaml", **{"MODEL.NORM_CONVERSION.FOLDED": "True",
+                                         "MODEL.NORM_CONVERSION.FOLDED_EXCLUDE": "['roi_heads']"})
+    folded.load_state_dict(torch.load(out, weights_only=True)["model"], strict=True)
+    assert not [n for n, m in folded.named_modules() if isinstance(m, torch.nn.GroupNorm)
+                and not n.startswith("roi_heads")]
+
+    # Not overwritten without --force; flags that do not apply; no GroupNorm to fold.
+    assert _convert("--config", "shapes/gn.yaml", "--weights", source, "--output", out, "--to", "folded",
+                    *small) == 2
+    assert "--force" in _error(capsys)
+    assert _convert("--config", "shapes/gn.yaml", "--weights", source, "--output", tmp_path / "x.pth",
+                    "--to", "folded", "--transfer", "distill") == 2
+    assert "--transfer do not apply to --to folded" in _error(capsys)
+    assert _convert("--config", "shapes/gn.yaml", "--weights", source, "--output", tmp_path / "x.pth",
+                    "--fold-exclude", "roi_heads") == 2
+    assert "--fold-exclude goes with --to folded" in _error(capsys)
+    bn = tmp_path / "bn.pth"
+    torch.save({"model": _model("shapes/bn.yaml").state_dict()}, bn)
+    assert _convert("--config", "shapes/bn.yaml", "--weights", bn, "--output", tmp_path / "x.pth", "--to", "folded",
+                    "--calib-dataset", "shapes_fold_train", "--calib-images", "1", *small) == 2
+    assert "no GroupNorm layer" in _error(capsys)
+    assert not (tmp_path / "x.pth").exists()
+
+    # Without images (the config's training set is not here): data-free, and it says so.
+    assert _convert("--config", "shapes/gn.yaml", "--weights", source, "--output", tmp_path / "free.pth",
+                    "--to", "folded", "DATASETS.TRAIN", "('coco_2017_train',)", *small) == 0
+    captured = capsys.readouterr()
+    assert "data-free statistics" in captured.err and "statistics: data-free (mean 0, variance 1)" in captured.out
+
+    # gn-det train evaluates it (--eval-only) as any detectron2 model.
+    result = subprocess.run([sys.executable, "-m", "gn_det.cli", "train", "--config", "shapes/gn.yaml", "--eval-only",
+                             "MODEL.NORM_CONVERSION.FOLDED", "True", "MODEL.NORM_CONVERSION.FOLDED_EXCLUDE",
+                             "['roi_heads']", "MODEL.WEIGHTS", str(out), "DATASETS.TEST", "('shapes_tiny_val',)",
+                             *small, "OUTPUT_DIR", str(tmp_path / "eval")],
+                            env=tiny_env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Evaluation results for bbox" in Path(tmp_path / "eval" / "log.txt").read_text()

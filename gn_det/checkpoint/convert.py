@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode
@@ -46,7 +46,9 @@ __all__ = [
     "FILE_FORMATS",
     "INPUT_CONVENTION_KEYS",
     "check_input_conventions",
+    "FoldResult",
     "convert_checkpoint",
+    "fold_checkpoint",
     "format_for_output",
 ]
 
@@ -185,6 +187,92 @@ def _verify(target: nn.Module, converted: nn.Module, file: Path, scope: str) -> 
     return matched, len(expected)
 
 
+def _write_verified(model: nn.Module, target: nn.Module, output_path: Path, scope: str, file_format: str,
+                    overwrite: bool) -> Tuple[int, int]:
+    """Write ``model``'s state to a temporary file beside ``output_path``, load it into
+    ``target`` through the training loader and check it fits, then rename it into place.
+    Returns (keys matched, keys expected); any failure leaves no output."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".verify", dir=output_path.parent)
+    os.close(fd)
+    os.unlink(temporary)
+    try:
+        save_checkpoint_file(_output_object(model, scope, file_format), temporary, file_format=file_format)
+        matched = _verify(target, model, Path(temporary), scope)
+        if output_path.exists() and not overwrite:
+            raise CheckpointError(f"{output_path}: appeared during conversion; pass --force to overwrite")
+        os.replace(temporary, output_path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return matched
+
+
+def _check_output(output: str, file_format: Optional[str], overwrite: bool) -> Tuple[Path, str]:
+    output_path = Path(output)
+    file_format = format_for_output(output_path, file_format)
+    if output_path.exists() and not overwrite:
+        raise CheckpointError(f"{output_path}: exists; pass --force to overwrite")
+    if not output_path.parent.is_dir():
+        raise CheckpointError(f"{output_path}: folder {output_path.parent} does not exist")
+    return output_path, file_format
+
+
+@dataclasses.dataclass
+class FoldResult:
+    """What :func:`fold_checkpoint` did."""
+
+    output: Path
+    input_kind: str
+    report: object  # gn_det.folding.FoldReport
+    keys_matched: int
+    keys_expected: int
+    seconds: float
+    source_model: nn.Module  # the GN model with the input weights
+    target_model: nn.Module  # the folded model loaded from the output file
+
+
+def fold_checkpoint(weights_path: str, output: str, cfg: CfgNode, *, images=None, exclude: Sequence[str] = (),
+                    distill_steps: int = 100, file_format: Optional[str] = None,
+                    overwrite: bool = False) -> FoldResult:
+    """
+    Fold the GN model of ``cfg`` with the weights at ``weights_path`` for inference
+    (:func:`gn_det.folding.fold_for_inference`: statistics from ``images``, or data-free
+    without; ``distill_steps`` of distillation; GroupNorm kept under ``exclude``) and write it
+    to ``output``, verified: the model ``cfg`` builds with ``MODEL.NORM_CONVERSION.FOLDED``
+    (and ``FOLDED_EXCLUDE``) must load it with nothing missing. Atomic, as
+    :func:`convert_checkpoint`.
+
+    Raises:
+        CheckpointError: a bad input or output, weights that do not fit, a model with no
+            GroupNorm to fold; nothing is written.
+    """
+    from ..folding import fold_for_inference
+
+    start = time.perf_counter()
+    output_path, file_format = _check_output(output, file_format, overwrite)
+    weights = read_weights(weights_path)
+    source_cfg = cfg.clone()
+    source_cfg.defrost()
+    source_cfg.MODEL.DEVICE, source_cfg.MODEL.WEIGHTS = "cpu", ""
+    source_cfg.MODEL.NORM_CONVERSION.FOLDED = False
+    source = build_model(source_cfg).eval()
+    matched = _load_into_source(weights, source, weights_path)
+    scope = "detector" if any(not k.startswith(BOTTOM_UP_PREFIX) and k not in _IGNORED_MODEL_KEYS
+                              for k in matched) else "backbone"
+    try:
+        folded, report = fold_for_inference(source, images, exclude=exclude,
+                                             distill_steps=distill_steps if images is not None else 0)
+    except ValueError as e:
+        raise CheckpointError(f"{weights_path}: {e}") from e
+    target_cfg = source_cfg.clone()
+    target_cfg.MODEL.NORM_CONVERSION.FOLDED = True
+    target_cfg.MODEL.NORM_CONVERSION.FOLDED_EXCLUDE = list(exclude)
+    target = build_model(target_cfg)
+    keys_matched, keys_expected = _write_verified(folded, target, output_path, scope, file_format, overwrite)
+    return FoldResult(output_path, weights.kind, report, keys_matched, keys_expected, time.perf_counter() - start,
+                      source, target)
+
+
 _DISTILLED = {"weights": "GN affine, ROI-head weights", "norms": "GN affine", "none": "backbone GN affine"}
 
 
@@ -231,12 +319,7 @@ def convert_checkpoint(
         CheckpointError: any problem with the input, the fit, or the output; nothing written.
     """
     start = time.perf_counter()
-    output_path = Path(output)
-    file_format = format_for_output(output_path, file_format)
-    if output_path.exists() and not overwrite:
-        raise CheckpointError(f"{output_path}: exists; pass --force to overwrite")
-    if not output_path.parent.is_dir():
-        raise CheckpointError(f"{output_path}: folder {output_path.parent} does not exist")
+    output_path, file_format = _check_output(output, file_format, overwrite)
     if target_cfg is not None:
         check_input_conventions(source_cfg, target_cfg)
     weights = read_weights(weights_path)
@@ -260,19 +343,7 @@ def convert_checkpoint(
     conversions = collections.Counter((r.source, r.type) for r in rows)
     groups = collections.Counter(r.groups for r in rows if r.groups)
     target = build_model(_target_config(source_cfg, target_cfg, spec))
-
-    fd, temporary = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".verify", dir=output_path.parent)
-    os.close(fd)
-    os.unlink(temporary)
-    try:
-        save_checkpoint_file(_output_object(converted, scope, file_format), temporary, file_format=file_format)
-        keys_matched, keys_expected = _verify(target, converted, Path(temporary), scope)
-        if output_path.exists() and not overwrite:
-            raise CheckpointError(f"{output_path}: appeared during conversion; pass --force to overwrite")
-        os.replace(temporary, output_path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    keys_matched, keys_expected = _write_verified(converted, target, output_path, scope, file_format, overwrite)
     return ConversionResult(
         output=output_path,
         input_kind=weights.kind,

@@ -1,0 +1,276 @@
+"""Train with GN, deploy without its cost: GroupNorm folded into the convolutions for inference.
+
+BatchNorm and FrozenBN fold into the preceding convolution and cost nothing at inference;
+GroupNorm normalises each image (and, in ROI heads, each region) at run time and cannot be
+folded as it is. :func:`fold_for_inference` turns a GN model into one without normalisation:
+
+1. **Statistics.** Each GroupNorm becomes a per-channel affine
+   (:class:`ChannelAffine`) that normalises with fixed statistics: the group mean and variance
+   of the layer's input pooled over the pixels of calibration images (for ROI-head layers, over
+   the regions the model looks at). Without images a data-free stand-in is used, stated as such:
+   mean 0 and variance 1, i.e. GN's affine alone, which is right only for inputs that are
+   already standardised.
+2. **Distillation** (optional, with images): the affine layers, and in an R-CNN's box and mask
+   heads the heads' weights, are trained so that the affine model's outputs match the GN
+   model's (``gn_det.distill``, teacher the GN model).
+3. **Folding.** An affine in a detectron2 ``Conv2d`` (conv → norm → activation) goes into the
+   convolution's weight and bias: ``W' = a W``, ``b' = a b + c``; the layer then has no norm at
+   all. An affine with no convolution before it (a torchvision-style ``conv; bn`` pair kept as
+   separate modules) stays an affine, which the report says.
+
+``include`` / ``exclude`` (module-name prefixes) choose what is folded; the rest keeps its
+GroupNorm (for example the ROI heads, whose per-region normalisation no fixed affine can
+replace). :func:`fold_frozen_batchnorm` folds FrozenBN the same way (the reference: what a
+FrozenBN detector costs at inference once folded).
+
+A folded model is an ordinary detectron2 model: it evaluates, traces and exports unchanged. A
+config builds its architecture with ``MODEL.NORM_CONVERSION.FOLDED`` (``gn_det.config``), so a
+folded checkpoint loads with nothing missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .convert import _as_prefixes, _matches
+
+__all__ = ["ChannelAffine", "FoldReport", "fold_for_inference", "fold_frozen_batchnorm", "folded_architecture",
+           "group_statistics"]
+
+logger = logging.getLogger(__name__)
+
+
+class ChannelAffine(nn.Module):
+    """``y = x * weight[c] + bias[c]`` over the channel dimension (dim 1): a norm layer with
+    fixed statistics, as it is at inference. Its parameters train (for distillation); it saves
+    ``weight`` and ``bias`` like the GN layer it replaced."""
+
+    def __init__(self, num_channels: int, weight: Optional[torch.Tensor] = None,
+                 bias: Optional[torch.Tensor] = None, *, source: Optional[str] = None):
+        super().__init__()
+        self.num_channels = num_channels
+        self.source = source
+        self.weight = nn.Parameter(torch.ones(num_channels) if weight is None else weight.detach().clone())
+        self.bias = nn.Parameter(torch.zeros(num_channels) if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}" + (f", from {self.source}" if self.source else "")
+
+
+@dataclasses.dataclass
+class FoldReport:
+    """What :func:`fold_for_inference` did, layer by layer (``rows``: name, what it was, what it
+    became: ``"folded into the conv"``, ``"affine (no conv before it)"``, ``"kept as GN"``)."""
+
+    rows: List[Tuple[str, str, str]]
+    statistics: str  # "N images" or "data-free (mean 0, variance 1)"
+    distillation: Optional[object] = None  # gn_det.DistillationResult
+
+    def counts(self) -> Dict[str, int]:
+        found: Dict[str, int] = {}
+        for _, _, what in self.rows:
+            found[what] = found.get(what, 0) + 1
+        return found
+
+
+def _group_norms(model: nn.Module, include: Tuple[str, ...], exclude: Tuple[str, ...]) -> Dict[str, nn.GroupNorm]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.GroupNorm) and m.affine
+            and (not include or _matches(name, include)) and not _matches(name, exclude)}
+
+
+def _forward_images(model: nn.Module, images) -> None:
+    """Run ``model`` in inference on ``images`` (detectron2 input dicts or image tensors, or a
+    batch tensor for a plain module), one at a time."""
+    from .calibration import _input_items, _is_detectron2_model
+
+    items = _input_items(model, images)
+    with torch.no_grad():
+        for i in range(len(items)):
+            model([items[i]] if _is_detectron2_model(model) else items[i : i + 1])
+
+
+def group_statistics(model: nn.Module, images, layers: Dict[str, nn.GroupNorm]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the mean and variance of each group of its input, pooled over every pixel
+    (and region) of every image: ``{name: (mean (G,), variance (G,))}`` in float64."""
+    sums = {name: torch.zeros(3, gn.num_groups, dtype=torch.float64) for name, gn in layers.items()}
+
+    def hook(module, inputs, name):
+        x = inputs[0].detach()
+        if x.numel() == 0:
+            return
+        grouped = x.reshape(x.shape[0], module.num_groups, -1).double()
+        s = sums[name].to(x.device)
+        s[0] += grouped.shape[0] * grouped.shape[2]
+        s[1] += grouped.sum((0, 2))
+        s[2] += grouped.pow(2).sum((0, 2))
+        sums[name] = s
+
+    handles = [gn.register_forward_pre_hook(lambda m, i, name=name: hook(m, i, name)) for name, gn in layers.items()]
+    training = model.training
+    model.eval()
+    try:
+        _forward_images(model, images)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    stats = {}
+    for name, (n, s, ss) in sums.items():
+        if n[0] == 0:  # the layer never ran on these images (a head with no detections)
+            continue
+        mean = s / n
+        stats[name] = (mean, (ss / n - mean * mean).clamp_min(0))
+    return stats
+
+
+def _affine_from(gn: nn.GroupNorm, mean: torch.Tensor, variance: torch.Tensor) -> ChannelAffine:
+    per_group = gn.num_channels // gn.num_groups
+    mean_c = mean.repeat_interleave(per_group).to(gn.weight)
+    scale = gn.weight.detach() / (variance.repeat_interleave(per_group) + gn.eps).sqrt().to(gn.weight)
+    return ChannelAffine(gn.num_channels, scale, gn.bias.detach() - scale * mean_c, source=type(gn).__name__)
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def _fold_into_convs(model: nn.Module, names: Iterable[str]) -> Dict[str, str]:
+    """Fold each :class:`ChannelAffine` named in ``names`` that is a detectron2 ``Conv2d``'s
+    norm into that convolution; returns ``{name: what it became}``."""
+    from detectron2.layers import Conv2d
+
+    holders = {f"{n}.norm": m for n, m in model.named_modules() if isinstance(m, Conv2d)}
+    result = {}
+    for name in names:
+        conv = holders.get(name)
+        affine = model.get_submodule(name)
+        if conv is None or not isinstance(affine, ChannelAffine):
+            result[name] = "affine (no conv before it)"
+            continue
+        with torch.no_grad():
+            a, c = affine.weight.detach(), affine.bias.detach()
+            conv.weight.mul_(a.view(-1, *([1] * (conv.weight.dim() - 1))))
+            bias = c if conv.bias is None else conv.bias.detach() * a + c
+            conv.bias = nn.Parameter(bias.clone(), requires_grad=conv.weight.requires_grad)
+        conv.norm = None
+        result[name] = "folded into the conv"
+    return result
+
+
+def fold_for_inference(
+    model: nn.Module,
+    images=None,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    distill_steps: int = 100,
+    distill_heads: str = "weights",
+    batch_size: int = 4,
+    progress: bool = True,
+    fold: bool = True,
+) -> Tuple[nn.Module, FoldReport]:
+    """
+    A copy of ``model`` whose GroupNorm layers are fixed per-channel affines, distilled against
+    ``model`` and folded into their convolutions (module doc). ``model`` is not modified.
+
+    Args:
+        model: a model with ``nn.GroupNorm`` layers (converted or native), in any mode.
+        images: calibration images as ``gn_det.calibrate`` takes them (detectron2 input dicts,
+            image tensors, or batch tensors for a plain module); None: data-free statistics and
+            no distillation.
+        include, exclude: module-name prefixes of the GN layers to fold (default all); the others
+            stay GroupNorm.
+        distill_steps: ``gn_det.distill`` steps after the statistics (0: none).
+        distill_heads: ``gn_det.distill``'s ``heads`` for an R-CNN.
+        batch_size: images per distillation step.
+        fold: False stops after the affine (and distillation): the stage before folding, for
+            studies.
+
+    Returns:
+        The folded model (eval mode) and a :class:`FoldReport`.
+
+    Raises:
+        ValueError: ``model`` has no GroupNorm layer the prefixes select, or bad arguments.
+    """
+    from .distillation import distill
+
+    if distill_steps < 0 or batch_size < 1:
+        raise ValueError(f"distill_steps must be >= 0 and batch_size >= 1, got {distill_steps}, {batch_size}")
+    include, exclude = _as_prefixes(include, "include"), _as_prefixes(exclude, "exclude")
+    student = copy.deepcopy(model).eval()
+    layers = _group_norms(student, include, exclude)
+    if not layers:
+        raise ValueError("the model has no GroupNorm layer with an affine to fold"
+                         + (" among the included prefixes" if include or exclude else ""))
+    if images is not None:
+        stats = group_statistics(student, images, layers)
+        count = len(images) if hasattr(images, "__len__") else "the"
+        statistics = f"{count} images"
+    else:
+        stats, statistics = {}, "data-free (mean 0, variance 1)"
+        logger.warning("Folding GroupNorm without images: each layer's statistics are taken as mean 0 and "
+                       "variance 1 (its affine alone), right only where inputs are standardised.")
+    for name, gn in layers.items():
+        mean, variance = stats.get(name, (torch.zeros(gn.num_groups, dtype=torch.float64),
+                                          torch.ones(gn.num_groups, dtype=torch.float64)))
+        _replace(student, name, _affine_from(gn, mean.cpu(), variance.cpu()))
+    result = None
+    if images is not None and distill_steps > 0:
+        result = distill(student, model, images, steps=distill_steps, batch_size=batch_size, heads=distill_heads,
+                         progress=progress)
+    outcome = _fold_into_convs(student, layers) if fold else {name: "affine (not folded)" for name in layers}
+    rows = [(name, type(layers[name]).__name__, outcome[name]) for name in layers]
+    rows += [(n, type(m).__name__, "kept as GN") for n, m in student.named_modules()
+             if isinstance(m, nn.GroupNorm)]
+    report = FoldReport(rows, statistics, result)
+    logger.info("Folded for inference: %s (statistics: %s).",
+                ", ".join(f"{v} {k}" for k, v in report.counts().items()), statistics)
+    return student.eval(), report
+
+
+def fold_frozen_batchnorm(model: nn.Module) -> int:
+    """Fold every detectron2 ``FrozenBatchNorm2d`` that is a ``Conv2d``'s norm into the
+    convolution, in place (the inference form of a FrozenBN detector); returns how many."""
+    from detectron2.layers import Conv2d, FrozenBatchNorm2d
+
+    names = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv2d) and isinstance(module.norm, FrozenBatchNorm2d):
+            frozen = module.norm
+            scale = frozen.weight * (frozen.running_var + frozen.eps).rsqrt()
+            module.norm = ChannelAffine(frozen.num_features, scale, frozen.bias - frozen.running_mean * scale,
+                                        source="FrozenBatchNorm2d")
+            names.append(f"{name}.norm")
+    return sum(1 for v in _fold_into_convs(model, names).values() if v == "folded into the conv")
+
+
+def folded_architecture(model: nn.Module, *, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> nn.Module:
+    """Give ``model`` the structure :func:`fold_for_inference` leaves, in place, with no weights
+    computed: each selected GroupNorm that is a detectron2 ``Conv2d``'s norm is removed and the
+    convolution gets a bias; any other selected GroupNorm becomes a :class:`ChannelAffine`. A
+    folded checkpoint then loads into it with nothing missing. Returns ``model``."""
+    from detectron2.layers import Conv2d
+
+    include, exclude = _as_prefixes(include, "include"), _as_prefixes(exclude, "exclude")
+    holders = {f"{n}.norm": m for n, m in model.named_modules() if isinstance(m, Conv2d)}
+    for name, gn in _group_norms(model, include, exclude).items():
+        conv = holders.get(name)
+        if conv is None:
+            _replace(model, name, ChannelAffine(gn.num_channels, gn.weight, gn.bias, source=type(gn).__name__))
+            continue
+        conv.norm = None
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device,
+                                                 dtype=conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+    return model
