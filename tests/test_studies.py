@@ -314,3 +314,37 @@ def test_backbone_study_smoke(tmp_path, capsys):
     assert all(r["box"]["low"] <= r["box"]["ap"] <= r["box"]["high"] for r in rows)
     assert Image.open(plot).size[0] > 0
     assert study.main(["report", "--output-dir", str(out), "--plot", str(plot)]) == 2  # no --force
+
+
+def test_fold_study_smoke(tiny_env, tmp_path, capsys):
+    """tools/fold_study.py: accuracy stage by stage on a 2-iteration GN run, timing of the
+    variants, the report."""
+    import subprocess
+    import sys
+
+    from models import TINY
+
+    run = tmp_path / "run"
+    trained = subprocess.run([sys.executable, str(TOOLS / "train_net.py"), "--config", "shapes/gn.yaml", *TINY,
+                              "OUTPUT_DIR", str(run)], env=tiny_env, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    accuracy, timing, plot = tmp_path / "accuracy.json", tmp_path / "timing.json", tmp_path / "fold.png"
+    tool = [sys.executable, str(TOOLS / "fold_study.py")]
+    for argv in (["accuracy", "--smoke", "--run", str(run), "--dataset", "shapes_tiny_val", "--plans", "all folded",
+                  "ROI heads keep GN", "--json", str(accuracy)], ["timing", "--smoke", "--json", str(timing)]):
+        done = subprocess.run([*tool, *argv], env=tiny_env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(accuracy.read_text())["rows"]
+    assert [(r["plan"], r["stage"]) for r in rows] == [
+        ("GN (as trained)", "GN"), ("all folded", "affine from statistics"), ("all folded", "+ distill 1"),
+        ("all folded", "+ fold (deployed)"), ("ROI heads keep GN", "affine from statistics"),
+        ("ROI heads keep GN", "+ distill 1"), ("ROI heads keep GN", "+ fold (deployed)")]
+    assert rows[3]["layers"] == {"folded into the conv": rows[3]["layers"]["folded into the conv"]}
+    assert "kept as GN" in rows[6]["layers"]
+    variants = {(r["model"], r["variant"]) for r in json.loads(timing.read_text())["rows"]}
+    assert ("R-50-FPN 1333x800", "GN, all folded") in variants and ("shapes R-18-FPN 256x256", "FrozenBN folded") in variants
+    done = subprocess.run([*tool, "report", str(accuracy), "--timing", str(timing), "--plot", str(plot)],
+                          env=tiny_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| all folded | + fold (deployed) |" in done.stdout and "/ FrozenBN folded" in done.stdout
+    assert Image.open(plot).size[0] > 0

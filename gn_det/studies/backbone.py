@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List
 
-__all__ = ["STARTS", "checkpoint_intervals", "start_config"]
+__all__ = ["STARTS", "checkpoint_intervals", "evaluate_intervals", "start_config"]
 
 #: start -> (config, what MODEL.WEIGHTS is, description). Weights: "bn" the BN-pretrained
 #: backbone, "gn" the GN-pretrained one, "distilled" the BN one converted with ``gn-det convert
@@ -38,24 +38,35 @@ def start_config(start: str, weights: Dict[str, str]) -> tuple:
     return config, opts
 
 
-def _evaluate(run_dir: Path, checkpoint: str, dataset: str, resamples: int) -> dict:
+def evaluate_intervals(cfg, model, dataset: str, resamples: int = 200) -> dict:
+    """Box and mask AP of ``model`` on ``dataset`` with bootstrap intervals over its images:
+    ``{"box": {"ap", "low", "high"}, "mask": {...}}`` (detectron2's COCO evaluation, then
+    :func:`gn_det.studies.bootstrap.bootstrap_coco_results` on its detections)."""
     from detectron2.data import MetadataCatalog
     from detectron2.evaluation import COCOEvaluator
 
     from ..engine import Trainer
-    from .bn_statistics import load_run
     from .bootstrap import bootstrap_coco_results
 
-    cfg, model = load_run(run_dir, checkpoint)
+    cfg = cfg.clone()
+    cfg.defrost()
     with tempfile.TemporaryDirectory() as out:
         cfg.OUTPUT_DIR = out
-        evaluator = COCOEvaluator(dataset, output_dir=out)
-        Trainer.test(cfg, model, evaluators=[evaluator])
+        Trainer.test(cfg, model, evaluators=[COCOEvaluator(dataset, output_dir=out)])
         results = Path(out) / "coco_instances_results.json"
-        gt = MetadataCatalog.get(dataset).json_file
-        intervals = bootstrap_coco_results(gt, str(results), resamples=resamples)
+        if not results.is_file():  # detectron2 writes none when the model detects nothing
+            results.write_text("[]")
+        intervals = bootstrap_coco_results(MetadataCatalog.get(dataset).json_file, str(results),
+                                           resamples=resamples)
     return {kind: {"ap": i.ap, "low": i.low, "high": i.high} for kind, i in
             (("box", intervals["bbox"]), ("mask", intervals["segm"]))}
+
+
+def _evaluate(run_dir: Path, checkpoint: str, dataset: str, resamples: int) -> dict:
+    from .bn_statistics import load_run
+
+    cfg, model = load_run(run_dir, checkpoint)
+    return evaluate_intervals(cfg, model, dataset, resamples)
 
 
 def checkpoint_intervals(run_dir, dataset: str, *, resamples: int = 200) -> List[dict]:
