@@ -379,7 +379,7 @@ def resolve_config_name(name: Union[str, Path]) -> Path:
     raise FileNotFoundError(
         f"No config {str(name)!r}: not a file, not in {CONFIGS_DIR}, nor in detectron2's model zoo "
         f"(e.g. COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml). "
-        f"gn_det's: {', '.join(available) or '(none)'}"
+        f"Available in gn_det: {', '.join(available) or '(none)'}"
     )
 
 

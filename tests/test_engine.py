@@ -80,7 +80,7 @@ def test_unsafe_yaml_is_refused_with_a_clear_message(tiny_env, tmp_path):
 
 def test_an_unknown_config_name_lists_the_available_ones(tiny_env, tmp_path):
     result = _train_net(["--config", "gn_mask_rnn.yaml"], tiny_env, cwd=tmp_path)
-    assert result.returncode != 0 and "Available:" in result.stderr and "gn_mask_rcnn.yaml" in result.stderr
+    assert result.returncode != 0 and "Available in gn_det:" in result.stderr and "gn_mask_rcnn.yaml" in result.stderr
 
 
 def test_torchvision_imagenet_weights_load_into_the_converted_torchvision_backbone(tmp_path):

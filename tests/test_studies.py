@@ -310,8 +310,9 @@ def test_backbone_study_smoke(tmp_path, capsys):
     for start in ("BN-pretrained, FrozenBN (detectron2's classic)", "BN-pretrained, converted to GN: stats + distill",
                   "GN-pretrained"):
         assert f"| shapes | {start} | 1 | 1 |" in table
-    rows = json.loads(results.read_text())["rows"]
-    assert all(r["box"]["low"] <= r["box"]["ap"] <= r["box"]["high"] for r in rows)
+    written = json.loads(results.read_text())
+    assert written["columns"][1] == "start" and len(written["rows"]) == 3  # tools/render_results.py's format
+    assert all(r["box"]["low"] <= r["box"]["ap"] <= r["box"]["high"] for r in written["data"])
     assert Image.open(plot).size[0] > 0
     assert study.main(["report", "--output-dir", str(out), "--plot", str(plot)]) == 2  # no --force
 

@@ -126,7 +126,7 @@ def finetune_one(start: str, factor: float, seed: int, args) -> dict:
     elif args.data != "shapes":
         opts += ["INPUT.MIN_SIZE_TRAIN", f"({short},)", "INPUT.MAX_SIZE_TRAIN", str(long),
                  "INPUT.MIN_SIZE_TEST", str(short), "INPUT.MAX_SIZE_TEST", str(long)]
-    threads = threads_per_job(args.jobs)
+    threads = args.threads or threads_per_job(args.jobs)
     record = train_run(config, opts, run_dir, datasets=[val], threads=threads, keep_checkpoints=True)
     cell = {"start": start, "batch": args.batch, "lr_factor": factor, "seed": seed, "data": args.data,
             "run_dir": str(run_dir), **record}
@@ -193,15 +193,24 @@ def summarize(cells: list) -> list:
     return sorted(rows, key=lambda r: (r["data"], r["batch"], order.index(r["start"])))
 
 
-def table(rows: list) -> str:
-    lines = ["| data | start | LR × | seeds | box AP [95 % interval] | mask AP [95 % interval] | box / mask AP, val | minutes |",
-             "|---|---|---|---|---|---|---|---|"]
+COLUMNS = ["data", "start", "LR ×", "seeds", "box AP [95 % interval]", "mask AP [95 % interval]",
+           "box / mask AP, val", "minutes"]
+
+
+def table_rows(rows: list) -> list:
+    """The table's cells, as the markdown table prints them."""
+    out = []
     for r in rows:
         seeds = ", ".join(map(str, r["seeds"]))
         cells = [f"{r[k]['ap']:.1f} [{r[k]['low']:.1f}, {r[k]['high']:.1f}]" for k in ("box", "mask")]
-        lines.append(f"| {r['data']} | {r['description']} | {r['lr_factor']:g} | {seeds} | {cells[0]} | {cells[1]} | "
-                     f"{r['val_box_ap']:.1f} / {r['val_mask_ap']:.1f} | {r['minutes']:.0f} |")
-    return "\n".join(lines)
+        out.append([r["data"], r["description"], f"{r['lr_factor']:g}", seeds, *cells,
+                    f"{r['val_box_ap']:.1f} / {r['val_mask_ap']:.1f}", f"{r['minutes']:.0f}"])
+    return out
+
+
+def table(rows: list) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)])
 
 
 def plot(rows: list, path: str, *, overwrite: bool) -> None:
@@ -247,7 +256,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lr-factors", nargs="+", type=float, default=[1.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--resamples", type=int, default=200)
-    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per run (default: the cores shared out over --jobs)")
     parser.add_argument("--smoke", action="store_true", help="tiny everything (tests)")
     parser.add_argument("--plot", help="report: the PNG to write")
     parser.add_argument("--json", help="report: the JSON to write")
@@ -303,7 +314,12 @@ def main(argv=None) -> int:
     if args.json:
         from gn_det.checkpoint.io import write_text_atomically
 
-        write_text_atomically(args.json, json.dumps({"rows": rows}, indent=1))
+        # tools/render_results.py's format (title, command, machine, columns, rows) plus the data.
+        result = {"title": "The backbone route: fine-tuning at 1 image per batch from each start",
+                  "command": "tools/backbone_study.py " + " ".join(argv or sys.argv[1:]),
+                  "machine": f"{os.cpu_count()} CPU cores; one thread per run",
+                  "columns": COLUMNS, "rows": table_rows(rows), "data": rows}
+        write_text_atomically(args.json, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return 0
 
 

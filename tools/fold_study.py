@@ -172,7 +172,7 @@ def report(args) -> int:
                   "|---|---|---|---|---|---|"]
         for row in run["rows"]:
             cells = [f"{row[k]['ap']:.1f} [{row[k]['low']:.1f}, {row[k]['high']:.1f}]" for k in ("box", "mask")]
-            kept = f"{row['box']['ap'] / gn['box']['ap']:.1%} / {row['mask']['ap'] / gn['mask']['ap']:.1%}"
+            kept = " / ".join(f"{row[k]['ap'] / gn[k]['ap']:.1%}" if gn[k]["ap"] > 0 else "—" for k in ("box", "mask"))
             lines.append(f"| {row['plan']} | {row['stage']} | {cells[0]} | {cells[1]} | {kept} | {row['seconds']:.0f} |")
         lines.append("")
     if timing_data:
