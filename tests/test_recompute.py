@@ -104,6 +104,29 @@ def test_same_loss_and_gradients(models):
         torch.testing.assert_close(grads_r[name], grads[name], msg=name)
 
 
+def test_same_loss_and_gradients_under_autocast(models):
+    """Under autocast the recomputation in backward must run in the same precision as the
+    forward did (torch.utils.checkpoint replays the autocast state): the gradients then equal
+    the plain model's, and the saved activations are the low-precision ones. bfloat16 on the
+    CPU stands in for float16 on CUDA, the same code path of the checkpoint."""
+    plain, recomputing, _ = models
+    images = _images(64)
+    results = []
+    for model in (plain, recomputing):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = model(images)
+        assert all(f.dtype == torch.bfloat16 for f in features.values())
+        loss = _loss({k: v.float() for k, v in features.items()})
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (loss_r, grads_r) = results
+    torch.testing.assert_close(loss_r, loss)
+    assert grads.keys() == grads_r.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(grads_r[name], grads[name], msg=name)
+
+
 def test_gradient_reaches_trainable_layer_through_frozen_recomputed_layer():
     torch.manual_seed(0)
     norm, relu = nn.GroupNorm(2, 8), nn.ReLU()
