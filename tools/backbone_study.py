@@ -103,9 +103,9 @@ def _schedule(config: str, batch: int, factor: float, iterations: int) -> list:
             "SOLVER.STEPS", f"({max(1, min(iterations - 1, round(iterations * 0.8)))},)"]
 
 
-def cell_name(start: str, batch: int, factor: float, seed: int, data: str) -> str:
+def cell_name(start: str, batch: int, iterations: int, factor: float, seed: int, data: str) -> str:
     prefix = "hr_" if data == "shapes_hr" else ""
-    return f"{prefix}{start}_b{batch}_lr{factor:g}x_s{seed}"
+    return f"{prefix}{start}_b{batch}_i{iterations}_lr{factor:g}x_s{seed}"
 
 
 def finetune_one(start: str, factor: float, seed: int, args) -> dict:
@@ -114,9 +114,9 @@ def finetune_one(start: str, factor: float, seed: int, args) -> dict:
     from gn_det.studies.runs import SMOKE_OPTS, threads_per_job, train_run
 
     train, val, large, short, long = DATA[args.data]
-    run_dir = Path(args.output_dir) / cell_name(start, args.batch, factor, seed, args.data)
-    config, opts = start_config(start, _weights(args))
     iterations = 2 if args.smoke else args.iterations
+    run_dir = Path(args.output_dir) / cell_name(start, args.batch, iterations, factor, seed, args.data)
+    config, opts = start_config(start, _weights(args))
     period = iterations if args.smoke else args.eval_period
     opts += [*_schedule(config, args.batch, factor, iterations), "SEED", str(seed),
              "TEST.EVAL_PERIOD", str(period), "SOLVER.CHECKPOINT_PERIOD", str(period),
@@ -128,8 +128,8 @@ def finetune_one(start: str, factor: float, seed: int, args) -> dict:
                  "INPUT.MIN_SIZE_TEST", str(short), "INPUT.MAX_SIZE_TEST", str(long)]
     threads = args.threads or threads_per_job(args.jobs)
     record = train_run(config, opts, run_dir, datasets=[val], threads=threads, keep_checkpoints=True)
-    cell = {"start": start, "batch": args.batch, "lr_factor": factor, "seed": seed, "data": args.data,
-            "run_dir": str(run_dir), **record}
+    cell = {"start": start, "batch": args.batch, "iterations": iterations, "lr_factor": factor, "seed": seed,
+            "data": args.data, "run_dir": str(run_dir), **record}
     if record.get("returncode") == 0 and not math.isnan(record.get("box_ap", math.nan)):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         subprocess.run([sys.executable, __file__, "intervals", "--run-dir", str(run_dir), "--dataset",
@@ -153,9 +153,11 @@ def read_cells(args) -> list:
         parts = parts[1:] if data == "shapes_hr" else parts
         seed = int(parts[-1][1:])
         factor = float(parts[-2][2:-1])
-        batch = int(parts[-3][1:])
-        start = "_".join(parts[:-3])
-        cells.append({"start": start, "batch": batch, "lr_factor": factor, "seed": seed, "data": data,
+        iterations = int(parts[-3][1:])
+        batch = int(parts[-4][1:])
+        start = "_".join(parts[:-4])
+        cells.append({"start": start, "batch": batch, "iterations": iterations, "lr_factor": factor, "seed": seed,
+                      "data": data,
                       "run_dir": str(run_dir), "record": record, "split": intervals[0].stem[len("intervals_"):],
                       "curve": json.loads(intervals[0].read_text()),
                       "val": record["evaluations"]})
@@ -170,18 +172,19 @@ def summarize(cells: list) -> list:
 
     groups = {}
     for c in cells:
-        groups.setdefault((c["data"], c["start"], c["batch"]), {}).setdefault(c["lr_factor"], []).append(c)
+        groups.setdefault((c["data"], c["start"], c["batch"], c["iterations"]), {}).setdefault(c["lr_factor"], []).append(c)
     rows = []
-    for (data, start, batch), by_factor in groups.items():
+    for (data, start, batch, iterations), by_factor in groups.items():
         def val_box(runs):
             return statistics.mean(r["record"]["box_ap"] for r in runs)
 
         factor, runs = max(by_factor.items(), key=lambda kv: val_box(kv[1]))
         runs = sorted(runs, key=lambda r: r["seed"])
         final = [r["curve"][-1] for r in runs]
-        row = {"data": data, "start": start, "description": STARTS[start][2], "batch": batch, "lr_factor": factor,
+        row = {"data": data, "start": start, "description": STARTS[start][2], "batch": batch,
+               "iterations": iterations, "lr_factor": factor,
                "lr_factors_tried": sorted(by_factor), "seeds": [r["seed"] for r in runs],
-               "split": runs[0]["split"], "iterations": runs[0]["curve"][-1]["iteration"],
+               "split": runs[0]["split"],
                "val_box_ap": val_box(runs), "val_mask_ap": statistics.mean(r["record"]["mask_ap"] for r in runs),
                "minutes": statistics.mean(r["record"]["seconds"] for r in runs) / 60,
                "curve": runs[0]["curve"]}
@@ -190,10 +193,10 @@ def summarize(cells: list) -> list:
                          "high": final[0][kind]["high"], "per_seed": [f[kind]["ap"] for f in final]}
         rows.append(row)
     order = list(STARTS)
-    return sorted(rows, key=lambda r: (r["data"], r["batch"], order.index(r["start"])))
+    return sorted(rows, key=lambda r: (r["data"], r["batch"], r["iterations"], order.index(r["start"])))
 
 
-COLUMNS = ["data", "start", "LR ×", "seeds", "box AP [95 % interval]", "mask AP [95 % interval]",
+COLUMNS = ["data", "start", "iterations", "LR ×", "seeds", "box AP [95 % interval]", "mask AP [95 % interval]",
            "box / mask AP, val", "minutes"]
 
 
@@ -203,7 +206,7 @@ def table_rows(rows: list) -> list:
     for r in rows:
         seeds = ", ".join(map(str, r["seeds"]))
         cells = [f"{r[k]['ap']:.1f} [{r[k]['low']:.1f}, {r[k]['high']:.1f}]" for k in ("box", "mask")]
-        out.append([r["data"], r["description"], f"{r['lr_factor']:g}", seeds, *cells,
+        out.append([r["data"], r["description"], f"{r['iterations']:,}", f"{r['lr_factor']:g}", seeds, *cells,
                     f"{r['val_box_ap']:.1f} / {r['val_mask_ap']:.1f}", f"{r['minutes']:.0f}"])
     return out
 
@@ -251,8 +254,8 @@ def main(argv=None) -> int:
     parser.add_argument("--starts", nargs="+", default=["frozenbn", "copy", "stats", "distill", "gn_pretrained", "scratch"])
     parser.add_argument("--data", default="shapes", choices=sorted(DATA))
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=1800)
-    parser.add_argument("--eval-period", type=int, default=450)
+    parser.add_argument("--iterations", type=int, default=3600)
+    parser.add_argument("--eval-period", type=int, default=600)
     parser.add_argument("--lr-factors", nargs="+", type=float, default=[1.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--resamples", type=int, default=200)
@@ -296,7 +299,7 @@ def main(argv=None) -> int:
         jobs = [(s, f, seed) for seed in args.seeds for f in args.lr_factors for s in args.starts]
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             for cell in pool.map(lambda job: finetune_one(*job, args), jobs):
-                print(f"{cell_name(cell['start'], cell['batch'], cell['lr_factor'], cell['seed'], cell['data'])}: "
+                print(f"{cell_name(cell['start'], cell['batch'], cell['iterations'], cell['lr_factor'], cell['seed'], cell['data'])}: "
                       f"box / mask AP on the validation split {cell.get('box_ap', math.nan):.1f} / "
                       f"{cell.get('mask_ap', math.nan):.1f}", flush=True)
         return 0
