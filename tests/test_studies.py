@@ -285,7 +285,7 @@ def test_gpu_smoke_runs_every_check_on_the_cpu(tmp_path):
     rows = json.loads(results.read_text())["rows"]
     assert [r["check"] for r in rows] == ["train_amp", "train_amp_adamw_clip", "train_amp_recompute",
                                           "memory_1_image", "ddp_2_processes", "calibrate_distill", "resume",
-                                          "export"]
+                                          "export", "fold"]
     assert {r["status"] for r in rows} == {"PASS"}, rows
     assert "| ddp_2_processes | PASS |" in done.stdout and "gloo" in done.stdout
 

@@ -124,6 +124,7 @@ def timing(args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    torch.set_flush_denormal(True)  # as benchmark_norms: no variant pays for denormal floats
     variants = _variants(args)
     samples = {key: [] for key in variants}
     keys = list(variants)

@@ -23,7 +23,9 @@ a few random instances each:
 - ``resume``: a checkpoint of an AMP run, and of a float32 run, resumed under the AMP trainer
   (iteration, optimizer state on the device, gradient scaler);
 - ``export``: TorchScript tracing and ONNX export of the GN model on this device, the traced
-  module's output compared with the eager model's.
+  module's output compared with the eager model's;
+- ``fold``: ``gn_det.folding.fold_for_inference`` on this device (statistics, 2 distillation
+  steps, folding), the folded model's inference time against the GN model's.
 
 Exit code 0 when nothing failed (skipped checks say why), 1 otherwise.
 """
@@ -47,7 +49,7 @@ import torch
 from gn_det.engine import CUDAAMPTrainer, TrainLoop, _trainer_class, build_optimizer, launch
 
 CHECKS = ("train_amp", "train_amp_adamw_clip", "train_amp_recompute", "memory_1_image",
-          "ddp_2_processes", "calibrate_distill", "resume", "export")
+          "ddp_2_processes", "calibrate_distill", "resume", "export", "fold")
 
 
 class Skip(Exception):
@@ -345,6 +347,32 @@ def check_export(args) -> str:
             f"of eager; ONNX {onnx_file.getbuffer().nbytes / 2**20:.0f} MiB")
 
 
+def check_fold(args) -> str:
+    from gn_det.folding import fold_for_inference
+
+    cfg = _cfg("gn_mask_rcnn.yaml", args, "SOLVER.AMP.ENABLED", "False")
+    images = [{"image": d["image"].to(args.device)} for d in _inputs(args, 2)]
+    model = _model(cfg, _inputs(args, 1)).eval()
+    folded, report = fold_for_inference(model, images, distill_steps=2, batch_size=1, progress=False)
+    counts = report.counts()
+    if counts.get("folded into the conv", 0) == 0 or any(isinstance(m, torch.nn.GroupNorm) for m in folded.modules()):
+        raise AssertionError(f"nothing folded, or GroupNorm left: {counts}")
+
+    def seconds(m):
+        with torch.no_grad():
+            m(images[:1])
+            _sync(args)
+            start = time.perf_counter()
+            for _ in range(3):
+                m(images[:1])
+            _sync(args)
+        return (time.perf_counter() - start) / 3
+
+    gn_time, folded_time = seconds(model), seconds(folded)
+    return (f"{counts['folded into the conv']} layers folded on {args.device}; inference {folded_time:.3f} s "
+            f"against GN's {gn_time:.3f} s ({folded_time / gn_time:.2f}x)")
+
+
 def run(args) -> list:
     functions = {
         "train_amp": check_train_amp,
@@ -355,6 +383,7 @@ def run(args) -> list:
         "calibrate_distill": check_calibrate_distill,
         "resume": check_resume,
         "export": check_export,
+        "fold": check_fold,
     }
     rows = []
     for name in args.checks:
