@@ -312,7 +312,11 @@ def test_backbone_study_smoke(tmp_path, capsys):
         assert f"| shapes | {start} | 2 | 1 | 1 |" in table
     written = json.loads(results.read_text())
     assert written["columns"][1] == "start" and len(written["rows"]) == 3  # tools/render_results.py's format
+    assert written["command"].startswith("tools/backbone_study.py pretrain --smoke")  # every stage, in order
+    assert "; tools/backbone_study.py finetune --smoke" in written["command"] and written["command"].endswith(str(results))
     assert all(r["box"]["low"] <= r["box"]["ap"] <= r["box"]["high"] for r in written["data"])
+    pretraining = json.loads((tmp_path / "route_pretrain.json").read_text())
+    assert [row[0] for row in pretraining["rows"]] == ["R-18, BN", "R-18, GN"] and "| R-18, GN | 4 | 8 |" in table
     assert Image.open(plot).size[0] > 0
     assert study.main(["report", "--output-dir", str(out), "--plot", str(plot)]) == 2  # no --force
 
@@ -344,8 +348,15 @@ def test_fold_study_smoke(tiny_env, tmp_path, capsys):
     assert "kept as GN" in rows[6]["layers"]
     variants = {(r["model"], r["variant"]) for r in json.loads(timing.read_text())["rows"]}
     assert ("R-50-FPN 1333x800", "GN, all folded") in variants and ("shapes R-18-FPN 256x256", "FrozenBN folded") in variants
-    done = subprocess.run([*tool, "report", str(accuracy), "--timing", str(timing), "--plot", str(plot)],
-                          env=tiny_env, capture_output=True, text=True, timeout=600)
+    report = [*tool, "report", str(accuracy), "--timing", str(timing), "--plot", str(plot),
+              "--results", str(tmp_path / "folding"), "--commands", "the commands"]
+    done = subprocess.run(report, env=tiny_env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| all folded | + fold (deployed) |" in done.stdout and "/ FrozenBN folded" in done.stdout
     assert Image.open(plot).size[0] > 0
+    for kind, count in (("accuracy", 7), ("timing", len(variants))):  # tools/render_results.py's format
+        result = json.loads((tmp_path / f"folding_{kind}.json").read_text())
+        assert result["command"] == "the commands" and len(result["rows"]) == count
+        assert all(len(row) == len(result["columns"]) for row in result["rows"])
+    done = subprocess.run(report, env=tiny_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "pass --force" in done.stderr

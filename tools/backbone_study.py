@@ -103,6 +103,17 @@ def _schedule(config: str, batch: int, factor: float, iterations: int) -> list:
             "SOLVER.STEPS", f"({max(1, min(iterations - 1, round(iterations * 0.8)))},)"]
 
 
+CHILD = "GN_DET_BACKBONE_STUDY_CHILD"  # set for the processes the tool starts itself
+COMMANDS = "commands.txt"  # in --output-dir: every pretrain / finetune command run there, in order
+
+
+def record_command(output_dir, argv) -> None:
+    """Append this command line to ``output_dir/commands.txt`` (the report quotes them)."""
+    line = " ".join(["tools/backbone_study.py", *(argv if argv is not None else sys.argv[1:])])
+    with open(Path(output_dir) / COMMANDS, "a") as f:
+        f.write(line + "\n")
+
+
 def cell_name(start: str, batch: int, iterations: int, factor: float, seed: int, data: str) -> str:
     prefix = "hr_" if data == "shapes_hr" else ""
     return f"{prefix}{start}_b{batch}_i{iterations}_lr{factor:g}x_s{seed}"
@@ -164,6 +175,32 @@ def read_cells(args) -> list:
     return cells
 
 
+PRETRAIN_COLUMNS = ["backbone", "steps", "batch", "val pixel accuracy", "val shape accuracy", "val mIoU",
+                    "mIoU, last 1,000 steps", "minutes"]
+
+
+def read_pretraining(output_dir) -> dict:
+    """norm -> (result.json, the validation points of metrics.jsonl) of each finished pretraining."""
+    found = {}
+    for norm in ("bn", "gn"):
+        run = Path(output_dir) / f"pretrain_{norm}"
+        if (run / "result.json").is_file():
+            points = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            found[norm] = (json.loads((run / "result.json").read_text()), [p for p in points if "val_miou" in p])
+    return found
+
+
+def pretrain_rows(pretraining: dict) -> list:
+    rows = []
+    for norm, (result, points) in pretraining.items():
+        before = [p for p in points if p["step"] <= result["steps"] - 1000]
+        rise = f"{before[-1]['val_miou']:.3f} → {result['val_miou']:.3f}" if before else "—"
+        rows.append([f"R-18, {result['norm']}", f"{result['steps']:,}", str(result["batch_size"]),
+                     f"{result['val_pixel_accuracy']:.3f}", f"{result['val_shape_accuracy']:.3f}",
+                     f"{result['val_miou']:.3f}", rise, f"{result['seconds'] / 60:.0f}"])
+    return rows
+
+
 def summarize(cells: list) -> list:
     """Per (data, start, batch): the LR factor with the best mean final box AP on the
     validation split, and at it the mean over seeds of the final AP on the large split with
@@ -216,14 +253,27 @@ def table(rows: list) -> str:
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)])
 
 
-def plot(rows: list, path: str, *, overwrite: bool) -> None:
+def plot(rows: list, path: str, *, overwrite: bool, pretraining: dict = None) -> None:
+    """Fine-tuning curves (AP on the large split, intervals as bars), one row of panels per
+    dataset; below them the pretraining curves where given."""
     from matplotlib.figure import Figure
 
     from gn_det.visualize import save_figure
 
     datas = sorted({r["data"] for r in rows})
-    figure = Figure(figsize=(10, 3.8 * len(datas)), layout="constrained")
-    axes = figure.subplots(len(datas), 2, squeeze=False)
+    panels = len(datas) + bool(pretraining)
+    figure = Figure(figsize=(10, 3.8 * panels), layout="constrained")
+    axes = figure.subplots(panels, 2, squeeze=False)
+    if pretraining:
+        for ax, key, label in zip(axes[-1], ("val_miou", "val_shape_accuracy"), ("mIoU", "shape accuracy")):
+            for norm, (result, points) in pretraining.items():
+                ax.plot([p["step"] for p in points], [p[key] for p in points], marker="o", markersize=3,
+                        label=f"{result['norm']}-pretrained: {result[key]:.3f}")
+            ax.set_title(f"pretraining on the proxy task: validation {label}", fontsize=10)
+            ax.set_xlabel("pretraining steps (32 images each)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
     for ax_row, data in zip(axes, datas):
         for ax, kind in zip(ax_row, ("box", "mask")):
             for index, row in enumerate(r for r in rows if r["data"] == data):
@@ -278,6 +328,8 @@ def main(argv=None) -> int:
             print(json.dumps(row))
         return 0
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if args.stage in ("pretrain", "finetune") and not os.environ.get(CHILD):
+        record_command(args.output_dir, argv)
     if args.stage == "pretrain":
         if len(args.norms) == 1:
             print(json.dumps(pretrain_one(args.norms[0], args)))
@@ -286,7 +338,7 @@ def main(argv=None) -> int:
         def one(norm):  # each norm in its own process, its share of the cores
             threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
             command = [sys.executable, __file__, *(a for a in (argv or sys.argv[1:])), "--norms", norm]
-            env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+            env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **{CHILD: "1"})
             return subprocess.run(command, check=True, env=env, capture_output=True, text=True).stdout
 
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
@@ -312,17 +364,30 @@ def main(argv=None) -> int:
         if Path(path).exists() and not args.force:
             print(f"{path} exists: pass --force to replace it", file=sys.stderr)
             return 2
+    pretraining = read_pretraining(args.output_dir)
+    if pretraining:
+        print("\n| " + " | ".join(PRETRAIN_COLUMNS) + " |\n|" + "---|" * len(PRETRAIN_COLUMNS))
+        print("\n".join("| " + " | ".join(r) + " |" for r in pretrain_rows(pretraining)))
     if args.plot:
-        plot(rows, args.plot, overwrite=True)
+        plot(rows, args.plot, overwrite=True, pretraining=pretraining)
     if args.json:
         from gn_det.checkpoint.io import write_text_atomically
 
         # tools/render_results.py's format (title, command, machine, columns, rows) plus the data.
+        commands = Path(args.output_dir) / COMMANDS
+        ran = commands.read_text().splitlines() if commands.is_file() else []
+        report_line = " ".join(["tools/backbone_study.py", *(argv if argv is not None else sys.argv[1:])])
         result = {"title": "The backbone route: fine-tuning at 1 image per batch from each start",
-                  "command": "tools/backbone_study.py " + " ".join(argv or sys.argv[1:]),
+                  "command": "; ".join(dict.fromkeys([*ran, report_line])),
                   "machine": f"{os.cpu_count()} CPU cores; one thread per run",
                   "columns": COLUMNS, "rows": table_rows(rows), "data": rows}
         write_text_atomically(args.json, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        if pretraining:  # beside it: <json>_pretrain.json
+            result = {**result, "title": "The backbone route: pretraining on the proxy task",
+                      "columns": PRETRAIN_COLUMNS, "rows": pretrain_rows(pretraining),
+                      "data": {norm: {"result": r, "curve": points} for norm, (r, points) in pretraining.items()}}
+            write_text_atomically(str(Path(args.json).with_suffix("")) + "_pretrain.json",
+                                  json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return 0
 
 

@@ -4,7 +4,7 @@
     tools/fold_study.py accuracy --run output/demo --json output/fold/demo.json
     tools/fold_study.py timing --json output/fold/timing.json --repeats 5
     tools/fold_study.py report output/fold/demo.json --timing output/fold/timing.json \\
-        --plot docs/images/folding.png --results docs/results/folding.json
+        --plot docs/images/folding.png --results docs/results/folding
     tools/fold_study.py accuracy --smoke ...; timing --smoke      # seconds (tests)
 
 **accuracy**: a trained GN run (its ``config.yaml`` and ``model_final.pth``), folded for each
@@ -159,33 +159,67 @@ def timing(args) -> dict:
     return {"threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows, "group_norm_share": shares}
 
 
+ACCURACY_COLUMNS = ["model", "plan", "stage", "box AP [95 % interval]", "mask AP [95 % interval]",
+                    "of GN's box / mask", "seconds"]
+TIMING_COLUMNS = ["model", "variant", "inference per image (s)", "/ FrozenBN folded"]
+
+
+def accuracy_rows(run: dict) -> list:
+    """The accuracy table's cells for one run, as the Markdown table prints them."""
+    gn = run["rows"][0]
+    name = f"{Path(run['run']).name} ({run['dataset']})"
+    out = []
+    for row in run["rows"]:
+        cells = [f"{row[k]['ap']:.1f} [{row[k]['low']:.1f}, {row[k]['high']:.1f}]" for k in ("box", "mask")]
+        kept = " / ".join(f"{row[k]['ap'] / gn[k]['ap']:.1%}" if gn[k]["ap"] > 0 else "—" for k in ("box", "mask"))
+        out.append([name, row["plan"], row["stage"], *cells, kept, f"{row['seconds']:.0f}"])
+    return out
+
+
+def timing_rows(timing_data: dict) -> list:
+    return [[r["model"], r["variant"], f"{r['seconds']:.3f}", f"{r['ratio']:.3f}"] for r in timing_data["rows"]]
+
+
+def _markdown(columns: list, rows: list) -> list:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def report(args) -> int:
+    """Tables (printed), the plot, and tools/render_results.py's files ``<results>_accuracy.json``
+    and ``<results>_timing.json`` (title, command, machine, columns, rows, and the data)."""
+    import os
+
     from gn_det.checkpoint.io import write_text_atomically
 
     runs = [json.loads(Path(p).read_text()) for p in args.inputs]
     timing_data = json.loads(Path(args.timing).read_text()) if args.timing else None
-    lines = []
-    for run in runs:
-        gn = run["rows"][0]
-        lines += [f"{run['run']} on {run['dataset']} ({run['images']} calibration images, {run['distill_steps']} "
-                  "distillation steps):", "",
-                  "| plan | stage | box AP [95 % interval] | mask AP [95 % interval] | of GN's box / mask | seconds |",
-                  "|---|---|---|---|---|---|"]
-        for row in run["rows"]:
-            cells = [f"{row[k]['ap']:.1f} [{row[k]['low']:.1f}, {row[k]['high']:.1f}]" for k in ("box", "mask")]
-            kept = " / ".join(f"{row[k]['ap'] / gn[k]['ap']:.1%}" if gn[k]["ap"] > 0 else "—" for k in ("box", "mask"))
-            lines.append(f"| {row['plan']} | {row['stage']} | {cells[0]} | {cells[1]} | {kept} | {row['seconds']:.0f} |")
-        lines.append("")
+    accuracy_table = [row for run in runs for row in accuracy_rows(run)]
+    lines = _markdown(ACCURACY_COLUMNS, accuracy_table) + [""] if runs else []
     if timing_data:
-        lines += ["| model | variant | inference per image (s) | / FrozenBN folded |", "|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['variant']} | {r['seconds']:.3f} | {r['ratio']:.3f} |" for r in timing_data["rows"]]
+        lines += _markdown(TIMING_COLUMNS, timing_rows(timing_data))
         lines += ["", "GroupNorm's share of a GN inference (torch.profiler, self CPU time): "
                   + ", ".join(f"{k} {v:.1%}" for k, v in timing_data["group_norm_share"].items())]
     print("\n".join(lines))
+    outputs = [args.plot] if args.plot else []
+    if args.results:
+        outputs += [f"{args.results}_accuracy.json", f"{args.results}_timing.json"]
+    for path in outputs:
+        if Path(path).exists() and not args.force:
+            print(f"{path} exists: pass --force to replace it", file=sys.stderr)
+            return 2
     if args.plot and runs and timing_data:
         _plot(runs[0], timing_data, args.plot)
     if args.results:
-        write_text_atomically(args.results, json.dumps({"accuracy": runs, "timing": timing_data}, indent=1))
+        machine = f"{os.cpu_count()} CPU cores, torch {__import__('torch').__version__}"
+        commands = args.commands or "tools/fold_study.py " + " ".join(sys.argv[1:])
+        files = {"accuracy": {"title": "Folding GN for inference: AP stage by stage and plan by plan",
+                              "columns": ACCURACY_COLUMNS, "rows": accuracy_table, "data": runs},
+                 "timing": {"title": "Folding GN for inference: inference time per image, / FrozenBN folded",
+                            "columns": TIMING_COLUMNS, "rows": timing_rows(timing_data) if timing_data else [],
+                            "data": timing_data}}
+        for kind, result in files.items():
+            result = {"title": result.pop("title"), "command": commands, "machine": machine, **result}
+            write_text_atomically(f"{args.results}_{kind}.json", json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return 0
 
 
@@ -232,7 +266,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="accuracy / timing: where to write the results")
     parser.add_argument("--timing", help="report: the timing JSON")
     parser.add_argument("--plot", help="report: the PNG (AP against inference time)")
-    parser.add_argument("--results", help="report: one JSON of everything")
+    parser.add_argument("--results", help="report: PREFIX of the results files PREFIX_accuracy.json and "
+                        "PREFIX_timing.json (tools/render_results.py's format)")
+    parser.add_argument("--commands", help="report: the commands that made the inputs, recorded in --results")
+    parser.add_argument("--force", action="store_true", help="report: replace --plot / --results")
     parser.add_argument("--smoke", action="store_true", help="tiny everything (tests)")
     args = parser.parse_args(argv)
     _quiet()
