@@ -50,6 +50,7 @@ def evaluate_intervals(cfg, model, dataset: str, resamples: int = 200) -> dict:
 
     cfg = cfg.clone()
     cfg.defrost()
+    cfg.DATASETS.TEST = (dataset,)  # Trainer.test runs the model on these, one evaluator each
     with tempfile.TemporaryDirectory() as out:
         cfg.OUTPUT_DIR = out
         Trainer.test(cfg, model, evaluators=[COCOEvaluator(dataset, output_dir=out)])
