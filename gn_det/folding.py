@@ -40,7 +40,7 @@ from torch import nn
 
 from .convert import _as_prefixes, _matches
 
-__all__ = ["ChannelAffine", "FoldReport", "fold_for_inference", "fold_frozen_batchnorm", "folded_architecture",
+__all__ = ["ChannelAffine", "FoldReport", "fold_affines", "fold_for_inference", "fold_frozen_batchnorm", "folded_architecture",
            "group_statistics"]
 
 logger = logging.getLogger(__name__)
@@ -237,6 +237,13 @@ def fold_for_inference(
     logger.info("Folded for inference: %s (statistics: %s).",
                 ", ".join(f"{v} {k}" for k, v in report.counts().items()), statistics)
     return student.eval(), report
+
+
+def fold_affines(model: nn.Module) -> Dict[str, str]:
+    """Fold, in place, every :class:`ChannelAffine` of ``model`` that is a detectron2 ``Conv2d``'s
+    norm into that convolution (the last step of :func:`fold_for_inference`, for a model whose
+    affines were made with ``fold=False``); returns ``{name: what it became}``."""
+    return _fold_into_convs(model, [n for n, m in model.named_modules() if isinstance(m, ChannelAffine)])
 
 
 def fold_frozen_batchnorm(model: nn.Module) -> int:

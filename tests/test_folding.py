@@ -10,7 +10,7 @@ from torch import nn
 
 import gn_det
 from gn_det.config import load_config, resolve_config_name
-from gn_det.folding import ChannelAffine, fold_for_inference, fold_frozen_batchnorm, group_statistics
+from gn_det.folding import ChannelAffine, fold_affines, fold_for_inference, fold_frozen_batchnorm, group_statistics
 
 
 def _net():
@@ -52,6 +52,12 @@ def test_folding_into_the_conv_equals_the_unfused_affine_and_the_statistics_are_
     fused, _ = fold_for_inference(net, images, distill_steps=0)
     with torch.no_grad():
         torch.testing.assert_close(fused(images), unfused(images), rtol=1e-4, atol=1e-5)
+    refolded = copy.deepcopy(unfused)  # folding the unfused affines afterwards is the same model
+    assert fold_affines(refolded) == {"0.norm": "folded into the conv", "1.norm": "folded into the conv",
+                                      "3": "affine (no conv before it)"}
+    with torch.no_grad():
+        torch.testing.assert_close(refolded(images), fused(images))
+    assert refolded[0].norm is None and isinstance(unfused[0].norm, ChannelAffine)
     # The statistics are those of the layer's input over every pixel of every image.
     layers = {"0.norm": net[0].norm}
     (mean, variance), = group_statistics(net, images, layers).values()
