@@ -159,8 +159,9 @@ def read_cells(args) -> list:
     for run_dir in sorted(Path(args.output_dir).iterdir()):
         record = finished_run(run_dir) if run_dir.is_dir() else None
         intervals = sorted(run_dir.glob("intervals_*.json")) if record else []
-        if not record or not intervals:
-            continue
+        curve = json.loads(intervals[0].read_text()) if intervals else []
+        if not record or not curve or curve[-1]["checkpoint"] != "model_final.pth":
+            continue  # not finished, or its intervals are still being computed
         parts = run_dir.name.split("_")
         data = "shapes_hr" if parts[0] == "hr" else "shapes"
         parts = parts[1:] if data == "shapes_hr" else parts
@@ -172,7 +173,7 @@ def read_cells(args) -> list:
         cells.append({"start": start, "batch": batch, "iterations": iterations, "lr_factor": factor, "seed": seed,
                       "data": data,
                       "run_dir": str(run_dir), "record": record, "split": intervals[0].stem[len("intervals_"):],
-                      "curve": json.loads(intervals[0].read_text()),
+                      "curve": curve,
                       "val": record["evaluations"]})
     return cells
 
