@@ -309,7 +309,7 @@ def test_backbone_study_smoke(tmp_path, capsys):
     table = capsys.readouterr().out
     for start in ("BN-pretrained, FrozenBN (detectron2's classic)", "BN-pretrained, converted to GN: stats + distill",
                   "GN-pretrained"):
-        assert f"| shapes | {start} | 2 | 1 | 1 |" in table
+        assert f"| shapes | {start} | 2 | 1 |" in table
     written = json.loads(results.read_text())
     assert written["columns"][1] == "start" and len(written["rows"]) == 3  # tools/render_results.py's format
     assert written["command"].startswith("tools/backbone_study.py pretrain --smoke")  # every stage, in order

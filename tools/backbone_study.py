@@ -24,9 +24,9 @@ batch, against a GN-pretrained backbone, FrozenBN and GN from scratch.
    ``shapes_hr_large_test``: 50) with 200-resample bootstrap intervals over images
    (``gn_det.studies.bootstrap``), about 1.5 minutes of one thread per checkpoint at 256².
 3. **report**: per start the LR with the best final box AP on the validation split; a markdown
-   table (final AP on the large split with its 95 % interval, mean over seeds where there are
-   several), the plot (AP on the large split against fine-tuning iterations, one line per
-   start, intervals as bars) and a JSON of it all.
+   table (seed 1's final AP on the large split with its 95 % interval, the other seeds' final
+   AP, their mean), the plot (AP on the large split against fine-tuning iterations, one line
+   per start, intervals as bars, other seeds' final AP as crosses) and a JSON of it all.
 
 Every run is its own ``gn-det train`` process (``gn_det.studies.runs``): finished runs are read
 back, stopped ones resume.
@@ -206,8 +206,8 @@ def pretrain_rows(pretraining: dict) -> list:
 
 def summarize(cells: list) -> list:
     """Per (data, start, batch): the LR factor with the best mean final box AP on the
-    validation split, and at it the mean over seeds of the final AP on the large split with
-    the intervals (of seed 1's, or the only seed's run), and the curve."""
+    validation split, and at it the first seed's final AP on the large split with its
+    intervals and its curve, the other seeds' final AP, and the mean over seeds."""
     from gn_det.studies.backbone import STARTS
 
     groups = {}
@@ -225,28 +225,32 @@ def summarize(cells: list) -> list:
                "iterations": iterations, "lr_factor": factor,
                "lr_factors_tried": sorted(by_factor), "seeds": [r["seed"] for r in runs],
                "split": runs[0]["split"],
-               "val_box_ap": val_box(runs), "val_mask_ap": statistics.mean(r["record"]["mask_ap"] for r in runs),
+               "val_box_ap": runs[0]["record"]["box_ap"], "val_mask_ap": runs[0]["record"]["mask_ap"],
                "minutes": statistics.mean(r["record"]["seconds"] for r in runs) / 60,
-               "curve": runs[0]["curve"]}
+               "curve": runs[0]["curve"],
+               "other_seeds": [{"seed": r["seed"], "box": f["box"]["ap"], "mask": f["mask"]["ap"]}
+                               for r, f in zip(runs[1:], final[1:])],
+               "mean": {kind: statistics.mean(f[kind]["ap"] for f in final) for kind in ("box", "mask")}}
         for kind in ("box", "mask"):
-            row[kind] = {"ap": statistics.mean(f[kind]["ap"] for f in final), "low": final[0][kind]["low"],
-                         "high": final[0][kind]["high"], "per_seed": [f[kind]["ap"] for f in final]}
+            row[kind] = dict(final[0][kind])
         rows.append(row)
     order = list(STARTS)
     return sorted(rows, key=lambda r: (r["data"], r["batch"], r["iterations"], order.index(r["start"])))
 
 
-COLUMNS = ["data", "start", "iterations", "LR ×", "seeds", "box AP [95 % interval]", "mask AP [95 % interval]",
-           "box / mask AP, val", "minutes"]
+COLUMNS = ["data", "start", "iterations", "LR ×", "box AP [95 % interval], seed 1",
+           "mask AP [95 % interval], seed 1", "other seeds: box / mask AP", "mean over seeds: box / mask AP",
+           "box / mask AP, val, seed 1", "minutes per run"]
 
 
 def table_rows(rows: list) -> list:
     """The table's cells, as the markdown table prints them."""
     out = []
     for r in rows:
-        seeds = ", ".join(map(str, r["seeds"]))
         cells = [f"{r[k]['ap']:.1f} [{r[k]['low']:.1f}, {r[k]['high']:.1f}]" for k in ("box", "mask")]
-        out.append([r["data"], r["description"], f"{r['iterations']:,}", f"{r['lr_factor']:g}", seeds, *cells,
+        others = "; ".join(f"seed {o['seed']}: {o['box']:.1f} / {o['mask']:.1f}" for o in r["other_seeds"]) or "—"
+        mean = f"{r['mean']['box']:.1f} / {r['mean']['mask']:.1f}" if r["other_seeds"] else "—"
+        out.append([r["data"], r["description"], f"{r['iterations']:,}", f"{r['lr_factor']:g}", *cells, others, mean,
                     f"{r['val_box_ap']:.1f} / {r['val_mask_ap']:.1f}", f"{r['minutes']:.0f}"])
     return out
 
@@ -286,8 +290,10 @@ def plot(rows: list, path: str, *, overwrite: bool, pretraining: dict = None) ->
                 high = [p[kind]["high"] - p[kind]["ap"] for p in row["curve"]]
                 ax.errorbar(x, y, yerr=[low, high], marker="o", markersize=3, capsize=2,
                             color=f"C{index}", label=row["description"])
+                for other in row["other_seeds"]:  # the other seeds' final AP
+                    ax.plot([x[-1] + 60], [other[kind]], marker="x", markersize=6, color=f"C{index}")
             split = next(r["split"] for r in rows if r["data"] == data)
-            ax.set_title(f"{kind} AP on {split} (95 % bootstrap intervals)", fontsize=10)
+            ax.set_title(f"{kind} AP on {split} (95 % bootstrap intervals; x: seed 2's final)", fontsize=10)
             ax.set_xlabel("fine-tuning iterations (1 image each)")
             ax.set_ylabel(f"{kind} AP")
             ax.grid(alpha=0.3)
