@@ -313,7 +313,8 @@ def test_backbone_study_smoke(tmp_path, capsys):
     written = json.loads(results.read_text())
     assert written["columns"][1] == "start" and len(written["rows"]) == 3  # tools/render_results.py's format
     assert written["command"].startswith("tools/backbone_study.py pretrain --smoke")  # every stage, in order
-    assert "; tools/backbone_study.py finetune --smoke" in written["command"] and written["command"].endswith(str(results))
+    assert "; tools/backbone_study.py finetune --smoke" in written["command"]
+    assert written["command"].endswith(str(results))
     assert all(r["box"]["low"] <= r["box"]["ap"] <= r["box"]["high"] for r in written["data"])
     pretraining = json.loads((tmp_path / "route_pretrain.json").read_text())
     assert [row[0] for row in pretraining["rows"]] == ["R-18, BN", "R-18, GN"] and "| R-18, GN | 4 | 8 |" in table

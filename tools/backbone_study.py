@@ -273,8 +273,9 @@ def plot(rows: list, path: str, *, overwrite: bool, pretraining: dict = None) ->
     axes = figure.subplots(panels, 2, squeeze=False)
     if pretraining:
         for ax, key, label in zip(axes[-1], ("val_miou", "val_shape_accuracy"), ("mIoU", "shape accuracy")):
-            for norm, (result, points) in pretraining.items():
-                ax.plot([p["step"] for p in points], [p[key] for p in points], marker="o", markersize=3,
+            for norm, (result, points) in pretraining.items():  # colours apart from the starts'
+                ax.plot([p["step"] for p in points], [p[key] for p in points], marker="s", markersize=3,
+                        color="black" if norm == "bn" else "gray", linestyle="-" if norm == "bn" else "--",
                         label=f"{result['norm']}-pretrained: {result[key]:.3f}")
             ax.set_title(f"pretraining on the proxy task: validation {label}", fontsize=10)
             ax.set_xlabel("pretraining steps (32 images each)")
@@ -288,17 +289,18 @@ def plot(rows: list, path: str, *, overwrite: bool, pretraining: dict = None) ->
                 y = [p[kind]["ap"] for p in row["curve"]]
                 low = [p[kind]["ap"] - p[kind]["low"] for p in row["curve"]]
                 high = [p[kind]["high"] - p[kind]["ap"] for p in row["curve"]]
-                ax.errorbar(x, y, yerr=[low, high], marker="o", markersize=3, capsize=2,
-                            color=f"C{index}", label=row["description"])
+                label = f"{row['description']}: {y[-1]:.1f} box / {row['mask']['ap']:.1f} mask"
+                ax.errorbar(x, y, yerr=[low, high], marker="o", markersize=3, capsize=2, color=f"C{index}",
+                            label=label if kind == "box" else None)
                 for other in row["other_seeds"]:  # the other seeds' final AP
                     ax.plot([x[-1] + 60], [other[kind]], marker="x", markersize=6, color=f"C{index}")
             split = next(r["split"] for r in rows if r["data"] == data)
-            ax.set_title(f"{kind} AP on {split} (95 % bootstrap intervals; x: seed 2's final)", fontsize=10)
+            ax.set_title(f"{kind} AP, {split} (95 % intervals; ×: seed 2)", fontsize=10)
             ax.set_xlabel("fine-tuning iterations (1 image each)")
             ax.set_ylabel(f"{kind} AP")
             ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
+    figure.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
     save_figure(figure, path, overwrite=overwrite)
 
 
