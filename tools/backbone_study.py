@@ -108,11 +108,15 @@ CHILD = "GN_DET_BACKBONE_STUDY_CHILD"  # set for the processes the tool starts i
 COMMANDS = "commands.txt"  # in --output-dir: every pretrain / finetune command run there, in order
 
 
+def command_line(argv) -> str:
+    """This tool's command line as a user types it."""
+    return " ".join(["tools/backbone_study.py", *(argv if argv is not None else sys.argv[1:])])
+
+
 def record_command(output_dir, argv) -> None:
     """Append this command line to ``output_dir/commands.txt`` (the report quotes them)."""
-    line = " ".join(["tools/backbone_study.py", *(argv if argv is not None else sys.argv[1:])])
     with open(Path(output_dir) / COMMANDS, "a") as f:
-        f.write(line + "\n")
+        f.write(command_line(argv) + "\n")
 
 
 def cell_name(start: str, batch: int, iterations: int, factor: float, seed: int, data: str) -> str:
@@ -255,11 +259,6 @@ def table_rows(rows: list) -> list:
     return out
 
 
-def table(rows: list) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)])
-
-
 def plot(rows: list, path: str, *, overwrite: bool, pretraining: dict = None) -> None:
     """Fine-tuning curves (AP on the large split, intervals as bars), one row of panels per
     dataset; below them the pretraining curves where given."""
@@ -370,35 +369,30 @@ def main(argv=None) -> int:
     if not rows:
         print(f"no finished cells in {args.output_dir}", file=sys.stderr)
         return 2
-    print(table(rows))
+    from gn_det.studies.results import markdown_table, write_results
+
+    print(markdown_table(COLUMNS, table_rows(rows)))
     for path in filter(None, (args.plot, args.json)):
         if Path(path).exists() and not args.force:
             print(f"{path} exists: pass --force to replace it", file=sys.stderr)
             return 2
     pretraining = read_pretraining(args.output_dir)
     if pretraining:
-        print("\n| " + " | ".join(PRETRAIN_COLUMNS) + " |\n|" + "---|" * len(PRETRAIN_COLUMNS))
-        print("\n".join("| " + " | ".join(r) + " |" for r in pretrain_rows(pretraining)))
+        print("\n" + markdown_table(PRETRAIN_COLUMNS, pretrain_rows(pretraining)))
     if args.plot:
         plot(rows, args.plot, overwrite=True, pretraining=pretraining)
     if args.json:
-        from gn_det.checkpoint.io import write_text_atomically
-
-        # tools/render_results.py's format (title, command, machine, columns, rows) plus the data.
         commands = Path(args.output_dir) / COMMANDS
         ran = commands.read_text().splitlines() if commands.is_file() else []
-        report_line = " ".join(["tools/backbone_study.py", *(argv if argv is not None else sys.argv[1:])])
-        result = {"title": "The backbone route: fine-tuning at 1 image per batch from each start",
-                  "command": "; ".join(dict.fromkeys([*ran, report_line])),
-                  "machine": f"{os.cpu_count()} CPU cores; one thread per run",
-                  "columns": COLUMNS, "rows": table_rows(rows), "data": rows}
-        write_text_atomically(args.json, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        made = {"command": "; ".join(dict.fromkeys([*ran, command_line(argv)])),
+                "machine": f"{os.cpu_count()} CPU cores; one thread per run"}
+        write_results(args.json, title="The backbone route: fine-tuning at 1 image per batch from each start",
+                      columns=COLUMNS, rows=table_rows(rows), data=rows, **made)
         if pretraining:  # beside it: <json>_pretrain.json
-            result = {**result, "title": "The backbone route: pretraining on the proxy task",
-                      "columns": PRETRAIN_COLUMNS, "rows": pretrain_rows(pretraining),
-                      "data": {norm: {"result": r, "curve": points} for norm, (r, points) in pretraining.items()}}
-            write_text_atomically(str(Path(args.json).with_suffix("")) + "_pretrain.json",
-                                  json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+            write_results(str(Path(args.json).with_suffix("")) + "_pretrain.json",
+                          title="The backbone route: pretraining on the proxy task", columns=PRETRAIN_COLUMNS,
+                          rows=pretrain_rows(pretraining), **made,
+                          data={norm: {"result": r, "curve": points} for norm, (r, points) in pretraining.items()})
     return 0
 
 

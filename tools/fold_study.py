@@ -189,24 +189,19 @@ def timing_rows(timing_data: dict) -> list:
     return [[r["model"], r["variant"], f"{r['seconds']:.3f}", f"{r['ratio']:.3f}"] for r in timing_data["rows"]]
 
 
-def _markdown(columns: list, rows: list) -> list:
-    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
-            *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def report(args) -> int:
     """Tables (printed), the plot, and tools/render_results.py's files ``<results>_accuracy.json``
     and ``<results>_timing.json`` (title, command, machine, columns, rows, and the data)."""
     import os
 
-    from gn_det.checkpoint.io import write_text_atomically
+    from gn_det.studies.results import markdown_table, write_results
 
     runs = [json.loads(Path(p).read_text()) for p in args.inputs]
     timing_data = json.loads(Path(args.timing).read_text()) if args.timing else None
     accuracy_table = [row for run in runs for row in accuracy_rows(run)]
-    lines = _markdown(ACCURACY_COLUMNS, accuracy_table) + [""] if runs else []
+    lines = [markdown_table(ACCURACY_COLUMNS, accuracy_table), ""] if runs else []
     if timing_data:
-        lines += _markdown(TIMING_COLUMNS, timing_rows(timing_data))
+        lines.append(markdown_table(TIMING_COLUMNS, timing_rows(timing_data)))
         lines += ["", "GroupNorm's share of a GN inference (torch.profiler, self CPU time): "
                   + ", ".join(f"{k} {v:.1%}" for k, v in timing_data["group_norm_share"].items())]
     print("\n".join(lines))
@@ -222,15 +217,12 @@ def report(args) -> int:
     if args.results:
         machine = f"{os.cpu_count()} CPU cores, torch {__import__('torch').__version__}"
         commands = args.commands or "tools/fold_study.py " + " ".join(sys.argv[1:])
-        files = {"accuracy": {"title": "Folding GN for inference: AP stage by stage and plan by plan",
-                              "columns": ACCURACY_COLUMNS, "rows": accuracy_table, "data": runs},
-                 "timing": {"title": "Folding GN for inference: inference time per image, / FrozenBN folded",
-                            "columns": TIMING_COLUMNS, "rows": timing_rows(timing_data) if timing_data else [],
-                            "data": timing_data}}
-        for kind, result in files.items():
-            result = {"title": result.pop("title"), "command": commands, "machine": machine, **result}
-            write_text_atomically(f"{args.results}_{kind}.json",
-                                  json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        write_results(f"{args.results}_accuracy.json", title="Folding GN for inference: AP stage by stage and plan "
+                      "by plan", command=commands, machine=machine, columns=ACCURACY_COLUMNS, rows=accuracy_table,
+                      data=runs)
+        write_results(f"{args.results}_timing.json", title="Folding GN for inference: inference time per image, "
+                      "/ FrozenBN folded", command=commands, machine=machine, columns=TIMING_COLUMNS,
+                      rows=timing_rows(timing_data) if timing_data else [], data=timing_data)
     return 0
 
 
