@@ -1,7 +1,8 @@
 """gn_det's config keys, detectron2's stock build_model honouring them, and configs/."""
 
-import pytest
 from pathlib import Path
+
+import pytest
 import torch
 from detectron2 import model_zoo
 from detectron2.config import get_cfg as d2_get_cfg
@@ -175,8 +176,6 @@ def test_config_names_resolve_from_anywhere(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="nor in detectron2's model zoo .* Available in gn_det: .*gn_mask_rcnn.yaml"):
         resolve_config_name("gn_mask_rcnn_typo.yaml")
     # A name that is neither a file nor one of gn_det's: detectron2's model zoo, .yaml optional.
-    from detectron2 import model_zoo
-
     zoo = Path(model_zoo.get_config_file("Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml"))
     assert resolve_config_name("Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml") == zoo
     assert resolve_config_name("Misc/mask_rcnn_R_50_FPN_3x_syncbn") == zoo
