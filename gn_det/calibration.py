@@ -65,8 +65,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .inputs import heads_run_on_features, input_items, is_detectron2_model, sampled_regions, teacher_regions
 from .layers import ConvertedGroupNorm
-from .registry import NORM_CONVERTERS
+from .registry import NORM_SOURCES
 
 __all__ = ["LayerFit", "calibrate"]
 
@@ -281,7 +282,7 @@ def _converted_layers(student: nn.Module, teacher: nn.Module, prefix: str = "") 
         if not isinstance(module, ConvertedGroupNorm) or not module.affine:
             continue
         source = teacher_modules.get(name)
-        if source is None or NORM_CONVERTERS.lookup(source) is None:
+        if source is None or NORM_SOURCES.lookup(source) is None:
             raise ValueError(
                 f"student layer '{prefix}{name}' has no BatchNorm-family counterpart in the "
                 "teacher; the teacher must be the model the student was converted from"
@@ -340,90 +341,6 @@ def _local_moments(pairs, relu_fits=()):
             handle.remove()
 
 
-def _is_detectron2_model(model: nn.Module) -> bool:
-    return hasattr(model, "backbone") and hasattr(model, "preprocess_image")
-
-
-@contextlib.contextmanager
-def _sampled_regions(model: nn.Module, proposals: int, detections: int):
-    """Cap a detectron2 model's test-time proposals and detections per image (restored after)."""
-    changes = []  # (object, attribute, original value)
-    rpn = getattr(model, "proposal_generator", None)
-    if rpn is not None and isinstance(getattr(rpn, "post_nms_topk", None), dict):
-        changes.append((rpn, "post_nms_topk", rpn.post_nms_topk))
-        rpn.post_nms_topk = {**rpn.post_nms_topk, False: min(rpn.post_nms_topk[False], proposals)}
-    predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
-    for p in predictor if isinstance(predictor, nn.ModuleList) else [predictor]:  # cascade: a list
-        if p is not None and hasattr(p, "test_topk_per_image"):
-            changes.append((p, "test_topk_per_image", p.test_topk_per_image))
-            p.test_topk_per_image = min(p.test_topk_per_image, detections)
-    try:
-        yield
-    finally:
-        for obj, attribute, value in changes:
-            setattr(obj, attribute, value)
-
-
-def _what(item) -> str:
-    """An input, as the error messages name it: a tensor's shape, else its type."""
-    return f"a tensor of shape {tuple(item.shape)}" if isinstance(item, torch.Tensor) else type(item).__name__
-
-
-def _detectron2_images(item) -> list:
-    """One input item of a detectron2 model as a list of input dicts."""
-    if isinstance(item, dict):
-        image = item.get("image")
-        if not (isinstance(image, torch.Tensor) and image.dim() == 3):
-            raise ValueError("a detectron2 input dict needs 'image': a (C, H, W) tensor; got "
-                             + (f"shape {tuple(image.shape)}" if isinstance(image, torch.Tensor)
-                                else type(image).__name__))
-        return [item]
-    if isinstance(item, torch.Tensor) and item.dim() in (3, 4):  # (C, H, W) or (N, C, H, W)
-        return [{"image": image} for image in (item if item.dim() == 4 else [item])]
-    if isinstance(item, (list, tuple)):
-        return [d for element in item for d in _detectron2_images(element)]
-    raise ValueError(
-        "detectron2 models take input dicts {'image': (C, H, W) tensor}, (C, H, W) or "
-        f"(N, C, H, W) tensors, or lists of them; got {_what(item)}"
-    )
-
-
-def _input_items(model: nn.Module, inputs: Iterable):
-    """The inputs as one sliceable sequence of images: detectron2 input dicts for a detectron2
-    model, else the tensors concatenated along the batch (empty if none). ``inputs`` may be one
-    batch tensor (N, C, ...) or an iterable of them (of dicts, for detectron2 models)."""
-    if _is_detectron2_model(model):
-        return _detectron2_images(inputs if isinstance(inputs, (torch.Tensor, dict)) else list(inputs))
-    tensors = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
-    for tensor in tensors:
-        if not (isinstance(tensor, torch.Tensor) and tensor.dim() >= 2):
-            raise ValueError(
-                f"inputs of a plain module are batch tensors (N, C, ...) or a list of them; got {_what(tensor)}"
-            )
-    if len({tensor.shape[1:] for tensor in tensors}) > 1:
-        raise ValueError("input batches differ in their per-sample shape (C, ...): "
-                         + ", ".join(str(tuple(tensor.shape)) for tensor in tensors))
-    return torch.cat(tensors) if tensors else []
-
-
-def _heads_run_on_features(model: nn.Module) -> bool:
-    """Whether ``model``'s RPN and ROI heads can run on given backbone features
-    (:func:`_teacher_regions`): a detectron2 GeneralizedRCNN with a proposal generator."""
-    from detectron2.modeling import GeneralizedRCNN
-
-    return isinstance(model, GeneralizedRCNN) and model.proposal_generator is not None
-
-
-@torch.no_grad()
-def _teacher_regions(teacher: nn.Module, images, features) -> tuple:
-    """Run the teacher's RPN and ROI heads (inference, as capped by :func:`_sampled_regions`)
-    on its backbone ``features``; returns the regions its heads saw: the proposal boxes and
-    the detection boxes per image."""
-    proposals, _ = teacher.proposal_generator(images, features, None)
-    detections, _ = teacher.roi_heads(images, features, proposals, None)
-    return [p.proposal_boxes for p in proposals], [d.pred_boxes for d in detections]
-
-
 @torch.no_grad()
 def calibrate(
     student: nn.Module,
@@ -444,26 +361,20 @@ def calibrate(
         student: a model converted by ``gn_det.convert_norm`` from ``teacher`` (same weights
             but the norms; checked).
         teacher: the BN model, used in eval mode; never modified (modes restored).
-        inputs: what ``model(x)`` takes: for detectron2 models, dicts with ``"image"`` (a CHW
-            tensor in the model's input format), image tensors (C, H, W) or batches
-            (N, C, H, W), or lists of them; for plain modules, one batch tensor (N, C, ...) or
-            a list of them — all of them are used, concatenated.
+        inputs: what ``model(x)`` takes (:mod:`gn_det.inputs`), all of them used.
         sequential: fit the backbone in forward order on the student's own activations
             (module doc); ``False`` fits every layer locally on the teacher's activations.
         progress: show a tqdm progress bar over images.
         batch_size: images per pass (the paired pass runs twice as many); bounds the memory.
         head_proposals, head_detections: regions per image on which detectron2 ROI-head
-            layers are fitted: the teacher's top RPN proposals (box head) and its top
-            detections (mask head), see the module doc.
-        objective: ``"activation"`` fits each layer whose successor is known (:func:`_consumers`)
-            to what the teacher's activation becomes after it: after its ReLU, or, for a
-            residual block's last norm, the block's output; ``"output"`` fits every layer's
-            output (module doc).
+            layers are fitted (module doc).
+        objective: ``"activation"`` fits a layer whose successor is known to what the
+            teacher's activation becomes after it; ``"output"`` fits every layer's output.
 
     Returns:
         One :class:`LayerFit` per calibrated layer, in the order fitted, with its errors on all
-        the inputs. ``requires_grad`` flags (frozen layers) are left as they are. Deterministic
-        for fixed inputs and ``batch_size``.
+        the inputs. ``requires_grad`` flags are left as they are. Deterministic for fixed
+        inputs and ``batch_size``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -473,22 +384,16 @@ def calibrate(
     if not pairs:
         raise ValueError("student has no layers converted by gn_det to calibrate")
     _check_same_weights(student, teacher, pairs)
-    detectron2 = _is_detectron2_model(student)
-    items = _input_items(student, inputs)
+    detectron2 = is_detectron2_model(student)
+    items = input_items(student, inputs)
     if len(items) == 0:
         raise ValueError("calibrate needs at least one input image")
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     body, prefix = (student.backbone, "backbone.") if detectron2 else (student, "")
-    in_body = {n: p for n, p in pairs.items() if sequential and n.startswith(prefix)}
-    local_pairs = {n: p for n, p in pairs.items() if n not in in_body}
     order: List[str] = []
-    consumers = _consumers(student) if objective == "activation" else {}
-    paired = {n[len(prefix):]: _PairedNorm(n, t, s, order, consumers.get(n, (None,))[0])
-              for n, (t, s) in in_body.items()}
-    residual_fits = [(c[1], c[2], paired[n[len(prefix):]]) for n, c in consumers.items()
-                     if c[0] == "residual" and n in in_body]  # (block, shortcut, its last norm)
-    relu_fits = {n for n, c in consumers.items() if c[0] == "relu"}
-    reuse_features = detectron2 and paired and local_pairs and _heads_run_on_features(teacher)
+    paired, local_pairs, residual_fits, relu_fits = _plan(student, pairs, prefix if sequential else None,
+                                                          objective, order)
+    reuse_features = detectron2 and paired and local_pairs and heads_run_on_features(teacher)
 
     modes = student.training, teacher.training
     student.eval(), teacher.eval()
@@ -502,34 +407,58 @@ def calibrate(
                 stack.callback(fit.remove)
             moments = stack.enter_context(_local_moments(local_pairs, relu_fits))
             if detectron2:
-                stack.enter_context(_sampled_regions(teacher, head_proposals, head_detections))
+                stack.enter_context(sampled_regions(teacher, head_proposals, head_detections))
             for chunk in chunks:
-                if detectron2 and paired:
-                    images = student.preprocess_image(chunk)
-                    features = body(torch.cat([images.tensor, images.tensor]))
-                    if reuse_features:  # the teacher half of the paired pass is its backbone's
-                        half = len(images)
-                        _teacher_regions(teacher, images, {k: v[:half] for k, v in features.items()})
-                    elif local_pairs:
-                        teacher(chunk)
-                elif paired:
-                    body(torch.cat([chunk, chunk]))
-                else:
-                    teacher(chunk)
+                _paired_pass(student, teacher, body, chunk, paired, local_pairs, reuse_features)
                 bar.update(len(chunk))
     finally:
         bar.close()
         student.train(modes[0]), teacher.train(modes[1])
 
     fits = [LayerFit(name, "sequential", *paired[name[len(prefix):]].errors) for name in order]
+    fits += _local_fits(local_pairs, moments)
+    if fits:
+        logger.info("Calibrated %d GN layers: mean relative error %.4f -> %.4f.", len(fits),
+                    sum(f.error_before for f in fits) / len(fits), sum(f.error_after for f in fits) / len(fits))
+    return fits
+
+
+def _paired_pass(student, teacher, body, chunk, paired, local_pairs, reuse_features: bool) -> None:
+    """One chunk of images through the paired body (teacher half, student half) and, for the
+    locally fitted layers, through the teacher's heads (module doc)."""
+    if is_detectron2_model(student) and paired:
+        images = student.preprocess_image(chunk)
+        features = body(torch.cat([images.tensor, images.tensor]))
+        if reuse_features:  # the teacher half of the paired pass is its backbone's
+            half = len(images)
+            teacher_regions(teacher, images, {k: v[:half] for k, v in features.items()})
+        elif local_pairs:
+            teacher(chunk)
+    elif paired:
+        body(torch.cat([chunk, chunk]))
+    else:
+        teacher(chunk)
+
+
+def _local_fits(local_pairs: dict, moments: dict) -> List[LayerFit]:
+    """Fit the layers outside the sequential body from their accumulated moments."""
+    fits = []
     for name, (_, gn) in local_pairs.items():
         if moments[name].sums[0, 0] > 0:  # else the teacher never ran this layer on these inputs
             fits.append(LayerFit(name, "local", *_refit(gn, moments[name], _affine(gn))))
-    if fits:
-        logger.info(
-            "Calibrated %d GN layers: mean relative error %.4f -> %.4f.",
-            len(fits),
-            sum(f.error_before for f in fits) / len(fits),
-            sum(f.error_after for f in fits) / len(fits),
-        )
     return fits
+
+
+def _plan(student: nn.Module, pairs: dict, prefix: Optional[str], objective: str, order: List[str]):
+    """Which layers are fitted in the paired pass of the body under ``prefix`` (None: none),
+    which locally, and which against a ReLU's or a residual block's output."""
+    in_body = {n: p for n, p in pairs.items() if prefix is not None and n.startswith(prefix)}
+    local_pairs = {n: p for n, p in pairs.items() if n not in in_body}
+    consumers = _consumers(student) if objective == "activation" else {}
+    cut = len(prefix or "")
+    paired = {n[cut:]: _PairedNorm(n, t, s, order, consumers.get(n, (None,))[0])
+              for n, (t, s) in in_body.items()}
+    residual_fits = [(c[1], c[2], paired[n[cut:]]) for n, c in consumers.items()
+                     if c[0] == "residual" and n in in_body]  # (block, shortcut, its last norm)
+    relu_fits = {n for n, c in consumers.items() if c[0] == "relu"}
+    return paired, local_pairs, residual_fits, relu_fits

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from .groups import check_group_args
-from .registry import NORM_CONVERTERS, NORM_TARGETS, TargetOptions
+from .registry import NORM_SOURCES, NORM_TARGETS
 from .transfer import check_transfer
 
 __all__ = ["NormSpec", "convert_norm"]
@@ -71,12 +71,8 @@ class NormSpec:
         object.__setattr__(self, "include", _as_prefixes(self.include, "include"))
         object.__setattr__(self, "exclude", _as_prefixes(self.exclude, "exclude"))
         sources = _as_prefixes(self.sources, "sources")
-        NORM_CONVERTERS.types_named(sources)
+        NORM_SOURCES.types_named(sources)
         object.__setattr__(self, "sources", sources)
-
-    @property
-    def options(self) -> TargetOptions:
-        return TargetOptions(self.num_groups, self.dim_per_group, self.eps, self.transfer)
 
     def selects(self, name: str, module: nn.Module) -> bool:
         """Whether the layer ``name`` is one this spec converts (by name and by source type)."""
@@ -85,7 +81,7 @@ class NormSpec:
         if _matches(name, self.exclude):
             return False
         if self.sources:
-            return isinstance(module, NORM_CONVERTERS.types_named(self.sources))
+            return isinstance(module, NORM_SOURCES.types_named(self.sources))
         return True
 
 
@@ -109,7 +105,7 @@ def convert_norm(
     (possibly new) root is returned, so call it as ``model = convert_norm(model)``. Each new layer
     takes its source's device, dtype, training mode and trainability (a FrozenBN, or a BN whose
     affine has ``requires_grad=False``, becomes a GN with ``requires_grad=False``). Layers that
-    already are the target, and norm types not in ``gn_det.NORM_CONVERTERS``, are left alone,
+    already are the target, and norm types not in ``gn_det.NORM_SOURCES``, are left alone,
     so converting twice changes nothing.
 
     Args:
@@ -123,7 +119,7 @@ def convert_norm(
         include: module-name prefixes (``"backbone"``, ``"roi_heads.mask_head"``) to convert;
             default everything.
         exclude: module-name prefixes to leave alone.
-        sources: source names (``gn_det.NORM_CONVERTERS.names()``) to convert; default all.
+        sources: source names (``gn_det.NORM_SOURCES.names()``) to convert; default all.
 
     Returns:
         The converted module. A summary of the changes is logged; ``gn_det.describe_norms``
@@ -159,13 +155,13 @@ def convert_norm_by_spec(module: nn.Module, spec: NormSpec) -> nn.Module:
 
 def _convert(module: nn.Module, name: str, spec: NormSpec, counts) -> nn.Module:
     builder, produces = NORM_TARGETS.get(spec.target)
-    reader = NORM_CONVERTERS.lookup(module)
+    reader = NORM_SOURCES.lookup(module)
     if reader is not None and type(module) not in produces and spec.selects(name, module):
         layer_name = name or type(module).__name__
         if any(is_lazy(t) for t in itertools.chain(module.parameters(), module.buffers())):
             raise ValueError(f"'{layer_name}' is a lazy module; run one forward before converting")
         state = dataclasses.replace(reader(module), source=type(module).__name__)
-        new = builder(state, spec.options, layer_name)
+        new = builder(state, spec, layer_name)
         new.train(module.training)
         counts[type(module).__name__] += 1
         return new

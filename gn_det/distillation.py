@@ -37,10 +37,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .calibration import (_heads_run_on_features, _input_items, _is_detectron2_model, _sampled_regions,
-                          _teacher_regions)
-from .folding import ChannelAffine
-from .layers import ConvertedGroupNorm
+from .inputs import heads_run_on_features, input_items, is_detectron2_model, sampled_regions, teacher_regions
+from .layers import ChannelAffine, ConvertedGroupNorm
 
 __all__ = ["DistillationResult", "HEADS", "distill"]
 
@@ -67,7 +65,7 @@ def _module_outputs(model: nn.Module, batch) -> List[torch.Tensor]:
 def _has_roi_heads(model: nn.Module) -> bool:
     from detectron2.modeling import StandardROIHeads
 
-    return _heads_run_on_features(model) and isinstance(model.roi_heads, StandardROIHeads)
+    return heads_run_on_features(model) and isinstance(model.roi_heads, StandardROIHeads)
 
 
 def _detector_outputs(model: nn.Module, features: dict, regions) -> List[torch.Tensor]:
@@ -120,19 +118,16 @@ def distill(
         student: a model converted by ``gn_det.convert_norm`` from ``teacher`` (typically after
             ``stats`` transfer and :func:`gn_det.calibrate`, whose fit it starts from).
         teacher: the BN model, run in eval mode; never modified (modes restored).
-        inputs: as for :func:`gn_det.calibrate`: detectron2 input dicts or image tensors (or
-            lists of them), or batch tensors (N, C, ...) or lists of them, concatenated.
+        inputs: as for :func:`gn_det.calibrate` (:mod:`gn_det.inputs`).
         steps: optimisation steps, each on ``batch_size`` images drawn without replacement
             (reshuffled every pass over the inputs) from a generator seeded by ``seed``.
         lr: Adam's initial learning rate of the GN affine.
         head_proposals, head_detections: for detectron2 R-CNNs (StandardROIHeads), the box
             and mask heads are distilled too, on the teacher's top RPN proposals and top
             detections per image (as in :func:`gn_det.calibrate`).
-        heads: for such an R-CNN, what of the box and mask heads is distilled: ``"weights"``
-            (default) their GN affine and every weight (module doc), the weights at Adam
-            learning rate ``head_lr``; ``"norms"`` their GN affine only; ``"none"`` nothing: the
-            backbone alone, on its outputs (for a backbone whose heads were never trained).
-            No effect on other models.
+        heads: for such an R-CNN: ``"weights"`` (default) trains the heads' GN affine and
+            every weight (at ``head_lr``); ``"norms"`` their GN affine only; ``"none"`` the
+            backbone alone, on its outputs (for untrained heads). No effect on other models.
 
     Returns:
         The loss before each step. Frozen parameters (``requires_grad`` False) are not trained.
@@ -142,28 +137,10 @@ def distill(
         raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
     if heads not in HEADS:
         raise ValueError(f"heads must be one of {', '.join(HEADS)}, got {heads!r}")
-    detectron2 = _is_detectron2_model(student)
-    head_weights = heads == "weights"
-    roi = heads != "none" and detectron2 and _has_roi_heads(student) and _has_roi_heads(teacher)
-    items = _input_items(student, inputs)
-    if detectron2:
-        parts = [student.backbone]
-        if roi:
-            parts += [m for m in (student.roi_heads.box_head, getattr(student.roi_heads, "mask_head", None))
-                      if m is not None]
-    else:
-        parts = [student]
+    items = input_items(student, inputs)
     if len(items) == 0:
         raise ValueError("distill needs at least one input image")
-    trained = [p for part in parts for m in part.modules()
-               if isinstance(m, (ConvertedGroupNorm, ChannelAffine)) and getattr(m, "affine", True)
-               for p in (m.weight, m.bias) if p.requires_grad]
-    if not trained:
-        raise ValueError("student has no trainable layers converted by gn_det to distill")
-    affine = set(map(id, trained))
-    head_parameters = [p for part in parts[1:] if head_weights for p in part.parameters()
-                       if p.requires_grad and id(p) not in affine]
-
+    roi, trained, head_parameters = _parameters_to_train(student, teacher, heads)
     flags = {p: p.requires_grad for p in student.parameters()}
     modes = student.training, teacher.training
     selected = set(map(id, trained + head_parameters))
@@ -174,29 +151,13 @@ def distill(
     if head_parameters:
         groups.append({"params": head_parameters, "lr": head_lr, "initial_lr": head_lr})
     optimizer = torch.optim.Adam(groups)
-    generator = torch.Generator().manual_seed(seed)
-    order: List[int] = []
+    batches = _batches(items, batch_size, torch.Generator().manual_seed(seed))
     losses = []
-    caps = _sampled_regions(teacher, head_proposals, head_detections) if roi else contextlib.nullcontext()
+    caps = sampled_regions(teacher, head_proposals, head_detections) if roi else contextlib.nullcontext()
     try:
         with caps:
             for step in tqdm(range(steps), desc="distill", unit="step", disable=not progress):
-                while len(order) < batch_size:
-                    order += torch.randperm(len(items), generator=generator).tolist()
-                chosen, order = order[:batch_size], order[batch_size:]
-                batch = items[chosen] if isinstance(items, torch.Tensor) else [items[i] for i in chosen]
-                if detectron2:
-                    images = student.preprocess_image(batch)
-                    with torch.no_grad():
-                        features = teacher.backbone(images.tensor)
-                        regions = _teacher_regions(teacher, images, features) if roi else None
-                        target = _detector_outputs(teacher, features, regions)
-                    output = _detector_outputs(student, student.backbone(images.tensor), regions)
-                else:
-                    with torch.no_grad():
-                        target = _module_outputs(teacher, batch)
-                    output = _module_outputs(student, batch)
-                loss = _relative_error(output, target)
+                loss = _loss(student, teacher, next(batches), roi)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 for group in optimizer.param_groups:
@@ -208,7 +169,53 @@ def distill(
             p.requires_grad_(flag)
         student.train(modes[0]), teacher.train(modes[1])
     logger.info("Distilled %d GN affine and %d head parameters in %d steps: loss %.4f -> %.4f.",
-                sum(p.numel() for p in trained), sum(p.numel() for p in head_parameters), steps, losses[0],
-                losses[-1])
+                sum(p.numel() for p in trained), sum(p.numel() for p in head_parameters), steps,
+                losses[0], losses[-1])
     trained_heads = "weights" if head_parameters else "norms" if roi else "none"
     return DistillationResult(losses, sum(p.numel() for p in trained + head_parameters), trained_heads)
+
+
+def _parameters_to_train(student: nn.Module, teacher: nn.Module, heads: str) -> tuple:
+    """Whether an R-CNN's ROI heads are distilled, the GN affines to train, and the head weights
+    to train (``heads == "weights"``)."""
+    detectron2 = is_detectron2_model(student)
+    roi = heads != "none" and detectron2 and _has_roi_heads(student) and _has_roi_heads(teacher)
+    parts = [student.backbone] if detectron2 else [student]
+    if roi:
+        parts += [m for m in (student.roi_heads.box_head, getattr(student.roi_heads, "mask_head", None))
+                  if m is not None]
+    trained = [p for part in parts for m in part.modules()
+               if isinstance(m, (ConvertedGroupNorm, ChannelAffine)) and getattr(m, "affine", True)
+               for p in (m.weight, m.bias) if p.requires_grad]
+    if not trained:
+        raise ValueError("student has no trainable layers converted by gn_det to distill")
+    affine = set(map(id, trained))
+    head_parameters = [p for part in parts[1:] if heads == "weights" for p in part.parameters()
+                       if p.requires_grad and id(p) not in affine]
+    return roi, trained, head_parameters
+
+
+def _batches(items, batch_size: int, generator: torch.Generator):
+    """Endless batches of ``batch_size`` items drawn without replacement, reshuffled every pass."""
+    order: List[int] = []
+    while True:
+        while len(order) < batch_size:
+            order += torch.randperm(len(items), generator=generator).tolist()
+        chosen, order = order[:batch_size], order[batch_size:]
+        yield items[chosen] if isinstance(items, torch.Tensor) else [items[i] for i in chosen]
+
+
+def _loss(student: nn.Module, teacher: nn.Module, batch, roi: bool) -> torch.Tensor:
+    """The relative error of the student's outputs against the teacher's on one batch."""
+    if is_detectron2_model(student):
+        images = student.preprocess_image(batch)
+        with torch.no_grad():
+            features = teacher.backbone(images.tensor)
+            regions = teacher_regions(teacher, images, features) if roi else None
+            target = _detector_outputs(teacher, features, regions)
+        output = _detector_outputs(student, student.backbone(images.tensor), regions)
+    else:
+        with torch.no_grad():
+            target = _module_outputs(teacher, batch)
+        output = _module_outputs(student, batch)
+    return _relative_error(output, target)

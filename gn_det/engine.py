@@ -1,57 +1,71 @@
-"""Training and evaluation, the detectron2 way: ``DefaultTrainer`` plus what gn_det needs.
+"""Training the detectron2 way: a ``DefaultTrainer`` subclass with what gn_det's runs need.
 
-``gn-det train`` and ``tools/train_net.py`` are thin shells over :func:`launch_from_args`.
+What differs from detectron2's: AMP unscales gradients before clipping (and runs on CPUs in
+bfloat16), ``SOLVER.OPTIMIZER`` adds AdamW, a run resumes from any of these trainers' states,
+processes on CPUs share gradients over gloo, and the norm layers are audited for the batch
+size. ``gn-det train`` and ``tools/train_net.py`` drive it (:mod:`gn_det.cli.train`).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import logging
-import os
-import sys
 import weakref
 
 import torch
-import torch.distributed as dist
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
-from detectron2.engine import default_argument_parser, default_setup
-from detectron2.engine import launch as detectron2_launch
-from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import Checkpointer
-from .config import ConfigError, UnsafeConfigError, load_config, merge_overrides, resolve_config_name
 from .report import audit_norms
 
 __all__ = [
     "CPUAutocastTrainer",
     "CUDAAMPTrainer",
+    "OPTIMIZERS",
     "TrainLoop",
     "Trainer",
-    "argument_parser",
+    "add_trainer_config",
     "build_optimizer",
-    "check_device",
+    "check_trainer_config",
     "cpu_bfloat16_supported",
-    "launch",
-    "launch_from_args",
-    "lazy_main",
+    "create_ddp_model",
     "load_optimizer_state",
-    "main",
-    "setup",
+    "training_loop_class",
 ]
 
 logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("SGD", "AdamW")  # SOLVER.OPTIMIZER
+
+
+def add_trainer_config(cfg: CfgNode) -> CfgNode:
+    """Add the trainer's solver keys (with defaults) to ``cfg``, in place; returns it.
+    ``SOLVER.AMP.ENABLED`` is detectron2's: float16 on CUDA, bfloat16 on CPU here."""
+    # Optimizer of Trainer.build_optimizer: "SGD" (detectron2's: MOMENTUM, NESTEROV) or
+    # "AdamW" (BETAS); both with BASE_LR, WEIGHT_DECAY(_NORM/_BIAS) and gradient clipping.
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    # AdamW's (beta1, beta2).
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+    return cfg
+
+
+def check_trainer_config(cfg: CfgNode) -> None:
+    """Raises ``gn_det.config.ConfigError`` for an unknown ``SOLVER.OPTIMIZER``."""
+    from .config import ConfigError
+
+    optimizer = cfg.SOLVER.get("OPTIMIZER", "SGD")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"SOLVER.OPTIMIZER = {optimizer!r}: valid optimizers: {', '.join(OPTIMIZERS)}")
 
 
 def create_ddp_model(
     model: torch.nn.Module, *, fp16_compression: bool = False, **kwargs
 ) -> torch.nn.Module:
-    """detectron2's ``create_ddp_model``, also on CPU (gloo), where DDP takes no device_ids."""
+    """``DistributedDataParallel`` over the processes (none for one), as detectron2's
+    ``create_ddp_model`` does, but without ``device_ids`` for a CPU model, which DDP refuses."""
     if comm.get_world_size() == 1:
         return model
     if next(model.parameters()).device.type == "cuda":
@@ -166,7 +180,7 @@ class CUDAAMPTrainer(_ResumesAnyTrainersState, AMPTrainer):
                         "starting with a fresh scaler (scale %g).", self.grad_scaler.get_scale())
 
 
-def _trainer_class(amp: bool, device: str):
+def training_loop_class(amp: bool, device: str) -> type:
     """TrainLoop, or with ``amp`` (``SOLVER.AMP.ENABLED``, a LazyConfig's
     ``train.amp.enabled``): CUDAAMPTrainer on CUDA, bfloat16 autocast on CPU (float32 with a
     warning where the CPU lacks native bfloat16). detectron2's AMPTrainer fails on CPU."""
@@ -209,32 +223,34 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with COCO evaluation, a norm audit, and DDP that also runs on CPU."""
+    """``DefaultTrainer`` with gn_det's training loops and optimizer, its checkpointer (safe
+    loading of every format, atomic saves), COCO evaluation and a norm audit.
+
+    ``__init__`` builds what ``DefaultTrainer.__init__`` builds, through the same overridable
+    class methods, for one reason: detectron2 wraps the model in DDP with ``device_ids`` set,
+    which DDP refuses for a model on the CPU, and offers no hook to do otherwise.
+    """
 
     def __init__(self, cfg: CfgNode):
-        # DefaultTrainer.__init__, except for the DDP wrapper (detectron2's passes device_ids,
-        # which CPU DDP refuses).
-        super(DefaultTrainer, self).__init__()
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        TrainerBase.__init__(self)
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
-        self._trainer = _trainer_class(cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE)(model, data_loader, optimizer)
-        logger.info("Training loop: %s; optimizer: %s", type(self._trainer).__name__,
-                    type(optimizer).__name__)
+        loop = training_loop_class(cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE)
+        self._trainer = loop(model, data_loader, optimizer)
+        logger.info("Training loop: %s; optimizer: %s", loop.__name__, type(optimizer).__name__)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
+        self.start_iter, self.max_iter, self.cfg = 0, cfg.SOLVER.MAX_ITER, cfg
         self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
-        model = super().build_model(cfg)  # detectron2's build_model converts (gn_det.config)
+        from .modeling.meta_arch import routed_copy
+
+        model = super().build_model(routed_copy(cfg))
         world_size = comm.get_world_size()
         audit_norms(model, max(cfg.SOLVER.IMS_PER_BATCH // world_size, 1), world_size)
         return model
@@ -260,364 +276,20 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder=None):
+        import os
+
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return COCOEvaluator(dataset_name, output_dir=output_folder)
 
 
-def argument_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """detectron2's training flags plus ``--config NAME``, ``--allow-unsafe-yaml``, ``--debug``."""
-    parser = default_argument_parser(
-        epilog="Example: gn-det train --config gn_mask_rcnn.yaml --num-gpus 8"
-    )
-    if prog:
-        parser.prog = prog
-    parser.add_argument(
-        "--config",
-        metavar="NAME",
-        default="",
-        help="a config by name, looked up in gn_det's configs from any directory "
-        "(gn_mask_rcnn.yaml, shapes/gn.yaml); or a path. Alternative to --config-file.",
-    )
-    parser.add_argument(
-        "--allow-unsafe-yaml",
-        action="store_true",
-        help="accept configs that need yaml.unsafe_load (they can run code when loaded)",
-    )
-    parser.add_argument(
-        "--debug", action="store_true", help="show the traceback of a bad config or input"
-    )
-    return parser
+#: Names that moved to :mod:`gn_det.cli.train` (the ``gn-det train`` command).
+_MOVED = ("argument_parser", "check_device", "launch", "launch_from_args", "lazy_main", "main", "setup")
 
 
-def setup(args: argparse.Namespace) -> CfgNode:
-    """Config from ``args`` (file, overrides), frozen; detectron2's default_setup (logs, output)."""
-    cfg = load_config(args.config_file, allow_unsafe_yaml=args.allow_unsafe_yaml)
-    merge_overrides(cfg, args.opts)
-    cfg.freeze()
-    default_setup(cfg, args)
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gn_det")
-    return cfg
+def __getattr__(name: str):
+    if name in _MOVED:
+        from . import _deprecated
+        from .cli import train
 
-
-def main(args: argparse.Namespace):
-    """Train (or evaluate with ``--eval-only``) in this process; returns the eval results."""
-    cfg = setup(args)
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        return Trainer.test(cfg, model)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
-
-
-def _lazy_test(cfg, model):
-    from detectron2.config import instantiate
-    from detectron2.evaluation import inference_on_dataset, print_csv_format
-
-    if "evaluator" not in cfg.dataloader:
-        return {}
-    results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
-    print_csv_format(results)
-    return results
-
-
-def lazy_main(args: argparse.Namespace):
-    """Train or evaluate a LazyConfig (``.py``) config: detectron2's
-    ``tools/lazyconfig_train_net.py``, with gn_det's norm audit, safe weight loading and DDP
-    that also runs on CPU."""
-    from detectron2.config import LazyConfig, instantiate
-    from detectron2.engine import hooks
-    from detectron2.engine.defaults import default_writers
-
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    default_setup(cfg, args)
-    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="gn_det")
-
-    model = instantiate(cfg.model)
-    model.to(cfg.train.device)
-    world_size = comm.get_world_size()
-    batch = cfg.dataloader.train.get("total_batch_size", world_size)
-    audit_norms(model, max(batch // world_size, 1), world_size)
-    if args.eval_only:
-        Checkpointer(model).load(cfg.train.init_checkpoint)
-        return _lazy_test(cfg, create_ddp_model(model))
-
-    cfg.optimizer.params.model = model
-    optimizer = instantiate(cfg.optimizer)
-    _check_lazy_datasets(cfg)
-    train_loader = instantiate(cfg.dataloader.train)
-    model = create_ddp_model(model, **cfg.train.ddp)
-    # detectron2's new baselines enable AMP, which its AMPTrainer supports on CUDA only.
-    trainer = _trainer_class(cfg.train.amp.enabled, cfg.train.device)(model, train_loader, optimizer)
-    checkpointer = Checkpointer(model, cfg.train.output_dir, trainer=trainer)
-    trainer.register_hooks(
-        [
-            hooks.IterationTimer(),
-            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
-            if comm.is_main_process()
-            else None,
-            hooks.EvalHook(cfg.train.eval_period, lambda: _lazy_test(cfg, model)),
-            hooks.PeriodicWriter(
-                default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                period=cfg.train.log_period,
-            )
-            if comm.is_main_process()
-            else None,
-        ]
-    )
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
-    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
-    trainer.train(start_iter, cfg.train.max_iter)
-
-
-def _check_lazy_datasets(cfg) -> None:
-    """Missing COCO files: a clear error before training (as for YAML configs)."""
-    from .data import check_dataset_files
-
-    for split in ("train", "test"):
-        dataset = cfg.dataloader.get(split, {}).get("dataset", {})
-        names = dataset.get("names", ()) if hasattr(dataset, "get") else ()
-        for name in [names] if isinstance(names, str) else list(names):
-            check_dataset_files(name)
-
-
-class _InputError(Exception):
-    """Bad user input found before training starts: one line on stderr, exit code 2."""
-
-
-def _local_world_size(world_size: int, num_gpus: int) -> int:
-    """Processes per machine under an external launcher: ``LOCAL_WORLD_SIZE`` (torchrun sets
-    it), else ``--num-gpus`` (detectron2's meaning: processes per machine)."""
-    value = os.environ.get("LOCAL_WORLD_SIZE")
-    local = int(value) if value else num_gpus
-    if local < 1 or world_size % local:
-        raise _InputError(
-            f"WORLD_SIZE={world_size} is not a multiple of the processes per machine ({local}, from "
-            + ("LOCAL_WORLD_SIZE" if value else "--num-gpus, as LOCAL_WORLD_SIZE is not set")
-            + "): set LOCAL_WORLD_SIZE, or pass --num-gpus with the processes each machine runs"
-        )
-    return local
-
-
-def _torchrun_worker(main_func, args) -> None:
-    """Run under torchrun / torch.distributed.run, or a launcher that sets the same env://
-    variables (``LOCAL_RANK``, ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), as
-    detectron2's launch would set up each worker: NCCL for a CUDA config, gloo for a CPU one,
-    detectron2's 30-minute collective timeout (rank 0 alone runs COCO evaluation while the
-    others wait; NCCL's default of 10 minutes can expire there)."""
-    local_rank = int(os.environ["LOCAL_RANK"])
-    local_world_size = _processes_per_machine(args)
-    on_gpu = torch.device(args.device).type == "cuda"
-    if on_gpu:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if on_gpu else "gloo", init_method="env://",
-                            timeout=DEFAULT_TIMEOUT)
-    comm.create_local_process_group(local_world_size)
-    comm.synchronize()
-    main_func(args)
-
-
-@contextlib.contextmanager
-def _cuda_hidden():
-    """``CUDA_VISIBLE_DEVICES`` empty for the processes started inside (restored after)."""
-    before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = before
-
-
-def launch(main_func, num_processes: int, *, device: str, num_machines: int = 1,
-           machine_rank: int = 0, dist_url=None, args=(), timeout=DEFAULT_TIMEOUT):
-    """detectron2's ``launch`` (``num_processes`` per machine), with the backend chosen by
-    ``device`` rather than by the host.
-
-    detectron2 picks NCCL whenever the host has a GPU, whatever the config's device, so a CPU
-    run with several processes (``--num-gpus 2 MODEL.DEVICE cpu``) failed on a GPU machine.
-    Here the processes of a CPU run are started with ``CUDA_VISIBLE_DEVICES`` empty: they see no
-    GPU, detectron2 picks gloo, and nothing of theirs lands on a GPU.
-    """
-    hide = torch.device(device).type == "cpu" and num_processes * num_machines > 1
-    with _cuda_hidden() if hide else contextlib.nullcontext():
-        return detectron2_launch(main_func, num_processes, num_machines=num_machines,
-                                 machine_rank=machine_rank, dist_url=dist_url, args=args,
-                                 timeout=timeout)
-
-
-def _check_weights(weights: str, key: str = "MODEL.WEIGHTS") -> None:
-    """A local file must exist; a URL is fetched into detectron2's download cache now, once,
-    before the processes start (each would otherwise fail on its own when offline)."""
-    from .checkpoint.io import CheckpointError
-    from .checkpoint.remote import is_url, local_weights_path
-
-    if not weights:
-        return
-    if not is_url(weights):
-        if not os.path.isfile(weights):
-            raise _InputError(f"{key}: no such file {weights!r}")
-        return
-    try:
-        local_weights_path(weights)
-    except CheckpointError as e:
-        raise _InputError(f"{key}: {e}") from e
-
-
-def check_device(device: str, key: str = "MODEL.DEVICE", processes: int = 1) -> None:
-    """Fail early when the config asks for a GPU this host cannot give.
-
-    detectron2's ``MODEL.DEVICE`` defaults to ``"cuda"``: a container started without
-    ``--gpus all``, or a driver older than this torch's CUDA, would otherwise fail inside every
-    rank after launch (or, as gn_det once did, quietly train a COCO config on the CPU).
-
-    Raises:
-        ConfigError: one line saying what to check, and how to train on the CPU on purpose.
-    """
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as e:
-        raise ConfigError(f"{key} = {device!r}: {e}") from e
-    if kind != "cuda":
-        return
-    if not torch.cuda.is_available():
-        build = (f"this torch is built for CUDA {torch.version.cuda}" if torch.version.cuda
-                 else "this torch is a CPU-only build")
-        raise ConfigError(
-            f"{key} is {device!r}, but no CUDA GPU is usable here ({build}): check that the GPUs "
-            "are visible (docker run --gpus all, CUDA_VISIBLE_DEVICES, nvidia-smi) and that the "
-            f"NVIDIA driver supports that CUDA; to train on the CPU on purpose, add {key} cpu"
-        )
-    if processes > torch.cuda.device_count():
-        raise ConfigError(
-            f"--num-gpus {processes}, but this machine shows {torch.cuda.device_count()} CUDA "
-            "GPU(s): start at most one process per GPU"
-        )
-
-
-def _check_yaml_config(args: argparse.Namespace) -> None:
-    from .data import check_dataset_files
-
-    cfg = load_config(args.config_file, allow_unsafe_yaml=args.allow_unsafe_yaml)
-    merge_overrides(cfg, args.opts)
-    datasets = [] if args.eval_only else list(cfg.DATASETS.TRAIN)
-    for name in datasets + list(cfg.DATASETS.TEST):
-        check_dataset_files(name)
-    if not args.resume or args.eval_only:
-        _check_weights(cfg.MODEL.WEIGHTS)
-    args.device = cfg.MODEL.DEVICE
-    check_device(args.device, "MODEL.DEVICE", _processes_per_machine(args))
-
-
-def _check_lazy_config(args: argparse.Namespace) -> None:
-    from detectron2.config import LazyConfig
-
-    from omegaconf import OmegaConf
-
-    try:
-        cfg = LazyConfig.load(args.config_file)
-    except (KeyError, ValueError, AttributeError, ImportError, SyntaxError) as e:
-        raise ConfigError(f"{args.config_file}: {type(e).__name__}: {e}") from e
-    missing = object()
-    for override in args.opts:
-        key, equals, _ = override.partition("=")
-        if not equals:
-            raise ConfigError(f"{args.config_file}: LazyConfig overrides are KEY=VALUE, got {override!r}")
-        if OmegaConf.select(cfg, key, default=missing) is missing:
-            parent = key.rpartition(".")[0]
-            node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
-            known = f"; {parent or 'the config'} has: {', '.join(sorted(node))}" if hasattr(node, "keys") else ""
-            raise ConfigError(f"{args.config_file}: unknown config key {key}{known}")
-    try:
-        cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    except (KeyError, ValueError, AttributeError) as e:
-        raise ConfigError(f"{args.config_file}: {type(e).__name__}: {e}") from e
-    _check_lazy_datasets(cfg)
-    if not args.resume or args.eval_only:
-        _check_weights(cfg.train.get("init_checkpoint", "") or "", "train.init_checkpoint")
-    args.device = cfg.train.get("device", "cuda")
-    check_device(args.device, "train.device", _processes_per_machine(args))
-
-
-def _processes_per_machine(args: argparse.Namespace) -> int:
-    """Processes this machine runs: ``--num-gpus``, or under an external launcher
-    :func:`_local_world_size`."""
-    if _under_external_launcher():
-        return _local_world_size(int(os.environ["WORLD_SIZE"]), args.num_gpus)
-    return args.num_gpus
-
-
-def _under_external_launcher() -> bool:
-    """Started by torchrun (or a launcher setting its variables): the processes exist."""
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Resolve ``--config`` and check the config, its overrides, its datasets' files and
-    ``MODEL.WEIGHTS`` — before any process starts or any model is built."""
-    if args.config and args.config_file:
-        raise _InputError("give --config or --config-file, not both")
-    if not (args.config or args.config_file):
-        raise _InputError("give a config: --config NAME (see gn_det's configs) or --config-file PATH")
-    args.config_file = str(resolve_config_name(args.config or args.config_file))
-    if args.config_file.endswith(".py"):
-        _check_lazy_config(args)
-    else:
-        _check_yaml_config(args)
-    return args
-
-
-#: What bad input raises before training: reported in one line (``--debug``: the traceback).
-_INPUT_ERRORS = (_InputError, ConfigError, UnsafeConfigError, FileNotFoundError, KeyError)
-
-
-def launch_from_args(argv=None, main_func=main, prog: str | None = None):
-    """Parse ``argv``, check the config, then run ``main_func`` on 1 or more processes / machines.
-
-    A bad config (unknown key, bad value, unknown config name, missing dataset files or weights)
-    is one line on stderr and exit code 2, before any model is built; ``--debug`` raises instead.
-
-    Multi-process and multi-node runs use detectron2's ``launch`` (``--num-gpus``,
-    ``--num-machines``, ``--machine-rank``, ``--dist-url``): NCCL for a CUDA config, gloo for
-    a CPU one (``--num-gpus`` then counts CPU processes, which see no GPU: :func:`launch`). A
-    CUDA config on a host without a usable GPU is refused (:func:`check_device`). Under
-    torchrun (``LOCAL_RANK`` and ``WORLD_SIZE`` set) the processes already exist and join
-    through its rendezvous instead; ``--num-machines``, ``--machine-rank`` and ``--dist-url``
-    are then torchrun's business and ignored here.
-    """
-    parser = argument_parser(prog)
-    args = parser.parse_args(argv)
-    try:
-        args = _resolve_args(args)
-    except _INPUT_ERRORS as e:
-        if args.debug:
-            raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if args.config_file.endswith(".py") and main_func is main:
-        main_func = lazy_main  # LazyConfig
-    if _under_external_launcher():
-        return _torchrun_worker(main_func, args)
-    return launch(
-        main_func,
-        args.num_gpus,
-        device=args.device,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(launch_from_args())
+        return _deprecated.moved(f"gn_det.engine.{name}", f"gn_det.cli.train.{name}", getattr(train, name))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

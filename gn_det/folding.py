@@ -39,32 +39,19 @@ import torch
 from torch import nn
 
 from .convert import _as_prefixes, _matches
+from .inputs import forward_images
+from .layers import ChannelAffine
 
-__all__ = ["ChannelAffine", "FoldReport", "fold_affines", "fold_for_inference", "fold_frozen_batchnorm", "folded_architecture",
-           "group_statistics"]
+__all__ = [
+    "ChannelAffine",
+    "FoldReport",
+    "fold_for_inference",
+    "fold_frozen_batchnorm",
+    "folded_architecture",
+    "group_statistics",
+]
 
 logger = logging.getLogger(__name__)
-
-
-class ChannelAffine(nn.Module):
-    """``y = x * weight[c] + bias[c]`` over the channel dimension (dim 1): a norm layer with
-    fixed statistics, as it is at inference. Its parameters train (for distillation); it saves
-    ``weight`` and ``bias`` like the GN layer it replaced."""
-
-    def __init__(self, num_channels: int, weight: Optional[torch.Tensor] = None,
-                 bias: Optional[torch.Tensor] = None, *, source: Optional[str] = None):
-        super().__init__()
-        self.num_channels = num_channels
-        self.source = source
-        self.weight = nn.Parameter(torch.ones(num_channels) if weight is None else weight.detach().clone())
-        self.bias = nn.Parameter(torch.zeros(num_channels) if bias is None else bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * self.weight.view(shape) + self.bias.view(shape)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_channels}" + (f", from {self.source}" if self.source else "")
 
 
 @dataclasses.dataclass
@@ -88,17 +75,6 @@ def _group_norms(model: nn.Module, include: Tuple[str, ...], exclude: Tuple[str,
             and (not include or _matches(name, include)) and not _matches(name, exclude)}
 
 
-def _forward_images(model: nn.Module, images) -> None:
-    """Run ``model`` in inference on ``images`` (detectron2 input dicts or image tensors, or a
-    batch tensor for a plain module), one at a time."""
-    from .calibration import _input_items, _is_detectron2_model
-
-    items = _input_items(model, images)
-    with torch.no_grad():
-        for i in range(len(items)):
-            model([items[i]] if _is_detectron2_model(model) else items[i : i + 1])
-
-
 def group_statistics(model: nn.Module, images, layers: Dict[str, nn.GroupNorm]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, the mean and variance of each group of its input, pooled over every pixel
     (and region) of every image: ``{name: (mean (G,), variance (G,))}`` in float64."""
@@ -119,7 +95,7 @@ def group_statistics(model: nn.Module, images, layers: Dict[str, nn.GroupNorm]) 
     training = model.training
     model.eval()
     try:
-        _forward_images(model, images)
+        forward_images(model, images)
     finally:
         model.train(training)
         for handle in handles:
@@ -178,7 +154,6 @@ def fold_for_inference(
     distill_heads: str = "weights",
     batch_size: int = 4,
     progress: bool = True,
-    fold: bool = True,
 ) -> Tuple[nn.Module, FoldReport]:
     """
     A copy of ``model`` whose GroupNorm layers are fixed per-channel affines, distilled against
@@ -194,8 +169,6 @@ def fold_for_inference(
         distill_steps: ``gn_det.distill`` steps after the statistics (0: none).
         distill_heads: ``gn_det.distill``'s ``heads`` for an R-CNN.
         batch_size: images per distillation step.
-        fold: False stops after the affine (and distillation): the stage before folding, for
-            studies.
 
     Returns:
         The folded model (eval mode) and a :class:`FoldReport`.
@@ -229,7 +202,7 @@ def fold_for_inference(
     if images is not None and distill_steps > 0:
         result = distill(student, model, images, steps=distill_steps, batch_size=batch_size, heads=distill_heads,
                          progress=progress)
-    outcome = _fold_into_convs(student, layers) if fold else {name: "affine (not folded)" for name in layers}
+    outcome = _fold_into_convs(student, layers)
     rows = [(name, type(layers[name]).__name__, outcome[name]) for name in layers]
     rows += [(n, type(m).__name__, "kept as GN") for n, m in student.named_modules()
              if isinstance(m, nn.GroupNorm)]
@@ -237,13 +210,6 @@ def fold_for_inference(
     logger.info("Folded for inference: %s (statistics: %s).",
                 ", ".join(f"{v} {k}" for k, v in report.counts().items()), statistics)
     return student.eval(), report
-
-
-def fold_affines(model: nn.Module) -> Dict[str, str]:
-    """Fold, in place, every :class:`ChannelAffine` of ``model`` that is a detectron2 ``Conv2d``'s
-    norm into that convolution (the last step of :func:`fold_for_inference`, for a model whose
-    affines were made with ``fold=False``); returns ``{name: what it became}``."""
-    return _fold_into_convs(model, [n for n, m in model.named_modules() if isinstance(m, ChannelAffine)])
 
 
 def fold_frozen_batchnorm(model: nn.Module) -> int:

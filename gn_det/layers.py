@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
+from .groups import resolve_num_groups
+from .registry import NORM_TARGETS, NormState
 from .transfer import check_transfer, transfer_bn_to_gn
 
-__all__ = ["ConvertedGroupNorm"]
+if TYPE_CHECKING:
+    from .convert import NormSpec
+
+__all__ = ["ChannelAffine", "ConvertedGroupNorm"]
+
+logger = logging.getLogger(__name__)
 
 _BN_STATE = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -113,3 +121,52 @@ def _as_tensor(value) -> Optional[torch.Tensor]:
     if value is None or torch.is_tensor(value):
         return value
     return torch.as_tensor(value)
+
+
+@NORM_TARGETS.register("GN", produces=(nn.GroupNorm, ConvertedGroupNorm))
+def _build_group_norm(state: NormState, spec: NormSpec, layer_name: str) -> nn.Module:
+    groups = resolve_num_groups(
+        state.num_features, spec.num_groups, spec.dim_per_group, layer_name=layer_name
+    )
+    norm = ConvertedGroupNorm(
+        groups,
+        state.num_features,
+        eps=state.eps if spec.eps is None else spec.eps,
+        affine=state.weight is not None or state.bias is not None,
+        transfer=spec.transfer,
+        source_eps=state.eps,
+        source=state.source,
+        **state.factory_kwargs,
+    )
+    if not norm.affine and spec.transfer == "stats" and state.running_mean is not None:
+        logger.info(
+            "'%s': affine-free BatchNorm becomes affine-free GroupNorm; its running statistics "
+            "have no GN counterpart to transfer into.",
+            layer_name,
+        )
+    norm.load_bn_state(state.weight, state.bias, state.running_mean, state.running_var)
+    if norm.affine:
+        norm.weight.requires_grad_(state.trainable)
+        norm.bias.requires_grad_(state.trainable)
+    return norm
+
+
+class ChannelAffine(nn.Module):
+    """``y = x * weight[c] + bias[c]`` over the channel dimension (dim 1): a norm layer with
+    fixed statistics, as it is at inference. Its parameters train (for distillation); it saves
+    ``weight`` and ``bias`` like the GN layer it replaced."""
+
+    def __init__(self, num_channels: int, weight: Optional[torch.Tensor] = None,
+                 bias: Optional[torch.Tensor] = None, *, source: Optional[str] = None):
+        super().__init__()
+        self.num_channels = num_channels
+        self.source = source
+        self.weight = nn.Parameter(torch.ones(num_channels) if weight is None else weight.detach().clone())
+        self.bias = nn.Parameter(torch.zeros(num_channels) if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}" + (f", from {self.source}" if self.source else "")

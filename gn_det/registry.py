@@ -11,9 +11,10 @@ every lookup, so this is a small typed mapping instead. Targets are keyed by the
 Every source is read into one neutral :class:`NormState`, and every target is built from it, so
 N sources and M targets need N + M functions, not N × M.
 
-Registering a custom norm type::
+The built-in entries live beside what they read and build: the BatchNorm family in
+:mod:`gn_det.batch_norm`, GroupNorm in :mod:`gn_det.layers`. Registering a custom norm type::
 
-    @gn_det.NORM_CONVERTERS.register(MyNorm)
+    @gn_det.NORM_SOURCES.register(MyNorm)
     def _read_my_norm(module: MyNorm) -> gn_det.NormState:
         return gn_det.NormState(num_features=module.c, eps=module.eps, weight=module.g, ...)
 """
@@ -21,27 +22,21 @@ Registering a custom norm type::
 from __future__ import annotations
 
 import dataclasses
-import logging
-from typing import Callable, Dict, Iterator, Optional, Tuple, Type
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, Optional, Tuple, Type
 
 import torch
-from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
-from .groups import resolve_num_groups
-from .layers import ConvertedGroupNorm
+if TYPE_CHECKING:
+    from .convert import NormSpec
 
 __all__ = [
-    "NormState",
-    "NORM_CONVERTERS",
+    "NORM_SOURCES",
     "NORM_TARGETS",
-    "TargetOptions",
+    "NormState",
     "SourceRegistry",
     "TargetRegistry",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -82,19 +77,14 @@ class NormState:
                 return t
         raise ValueError("norm layer has neither affine nor running statistics")
 
-
-@dataclasses.dataclass(frozen=True)
-class TargetOptions:
-    """Per-conversion options a target builder needs (validated by ``NormSpec``)."""
-
-    num_groups: int = 32
-    dim_per_group: Optional[int] = None
-    eps: Optional[float] = None
-    transfer: str = "stats"
+    @property
+    def factory_kwargs(self) -> dict:
+        """``device`` and ``dtype`` for the new layer: the source layer's."""
+        return {"device": self.reference.device, "dtype": self.reference.dtype}
 
 
 SourceReader = Callable[[nn.Module], NormState]
-TargetBuilder = Callable[[NormState, TargetOptions, str], nn.Module]
+TargetBuilder = Callable[[NormState, "NormSpec", str], nn.Module]
 
 
 class SourceRegistry:
@@ -152,7 +142,8 @@ class TargetRegistry:
         self._targets: Dict[str, Tuple[TargetBuilder, Tuple[type, ...]]] = {}
 
     def register(self, name: str, produces: Tuple[type, ...]):
-        """Decorator: register ``builder(state, options, layer_name)`` for target ``name``.
+        """Decorator: register ``builder(state, spec, layer_name)`` for target ``name``
+        (``spec``: the :class:`gn_det.NormSpec` of the conversion).
 
         ``produces``: the exact module types that already are this target; conversion leaves
         them alone (exact, not isinstance: NaiveSyncBatchNorm subclasses BatchNorm2d).
@@ -176,166 +167,22 @@ class TargetRegistry:
         return iter(self._targets)
 
 
-NORM_CONVERTERS = SourceRegistry()
+NORM_SOURCES = SourceRegistry()
 NORM_TARGETS = TargetRegistry()
 
 
-def _param_state(module: nn.Module, dims: Optional[int]) -> NormState:
-    """Read torch's ``_BatchNorm`` (and subclasses with its attributes)."""
-    affine_trainable = [p.requires_grad for p in (module.weight, module.bias) if p is not None]
-    return NormState(
-        num_features=module.num_features,
-        eps=module.eps,
-        weight=module.weight,
-        bias=module.bias,
-        running_mean=module.running_mean,
-        running_var=module.running_var,
-        num_batches_tracked=module.num_batches_tracked,
-        momentum=module.momentum,
-        trainable=all(affine_trainable) if affine_trainable else True,
-        dims=dims,
-    )
+def TargetOptions(num_groups: int = 32, dim_per_group=None, eps=None, transfer: str = "stats"):  # noqa: N802
+    """Deprecated: builders now receive the conversion's :class:`gn_det.NormSpec`."""
+    from . import _deprecated
+    from .convert import NormSpec
+
+    spec = NormSpec(num_groups=num_groups, dim_per_group=dim_per_group, eps=eps, transfer=transfer)
+    return _deprecated.moved("gn_det.TargetOptions", "gn_det.NormSpec", spec)
 
 
-@NORM_CONVERTERS.register(nn.BatchNorm1d)
-@NORM_CONVERTERS.register(nn.LazyBatchNorm1d)  # refused while uninitialised, by convert_norm
-def _read_bn1d(module: nn.BatchNorm1d) -> NormState:
-    return _param_state(module, dims=1)
+def __getattr__(name: str):
+    if name == "NORM_CONVERTERS":
+        from . import _deprecated
 
-
-@NORM_CONVERTERS.register(nn.BatchNorm2d)
-@NORM_CONVERTERS.register(nn.LazyBatchNorm2d)  # refused while uninitialised, by convert_norm
-def _read_bn2d(module: nn.BatchNorm2d) -> NormState:
-    # detectron2.layers.BatchNorm2d is torch.nn.BatchNorm2d itself.
-    return _param_state(module, dims=2)
-
-
-@NORM_CONVERTERS.register(nn.BatchNorm3d)
-@NORM_CONVERTERS.register(nn.LazyBatchNorm3d)  # refused while uninitialised, by convert_norm
-def _read_bn3d(module: nn.BatchNorm3d) -> NormState:
-    return _param_state(module, dims=3)
-
-
-@NORM_CONVERTERS.register(nn.SyncBatchNorm)
-def _read_sync_bn(module: nn.SyncBatchNorm) -> NormState:
-    return _param_state(module, dims=None)
-
-
-@NORM_CONVERTERS.register(NaiveSyncBatchNorm)
-def _read_naive_sync_bn(module: NaiveSyncBatchNorm) -> NormState:
-    return _param_state(module, dims=2)
-
-
-def _frozen_state(module: nn.Module) -> NormState:
-    return NormState(
-        num_features=module.weight.numel(),
-        eps=module.eps,
-        weight=module.weight,
-        bias=module.bias,
-        running_mean=module.running_mean,
-        running_var=module.running_var,
-        momentum=0.1,
-        trainable=False,
-        dims=2,
-    )
-
-
-@NORM_CONVERTERS.register(FrozenBatchNorm2d)
-def _read_frozen_bn(module: FrozenBatchNorm2d) -> NormState:
-    return _frozen_state(module)
-
-
-@NORM_CONVERTERS.register(TorchvisionFrozenBatchNorm2d, name="torchvision.FrozenBatchNorm2d")
-def _read_torchvision_frozen_bn(module: TorchvisionFrozenBatchNorm2d) -> NormState:
-    return _frozen_state(module)
-
-
-def _factory(state: NormState) -> dict:
-    ref = state.reference
-    return {"device": ref.device, "dtype": ref.dtype}
-
-
-@torch.no_grad()
-def _copy_bn_state(state: NormState, target: nn.Module) -> nn.Module:
-    """Copy a NormState into a BN-family module (parameters or buffers alike)."""
-    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        value, slot = getattr(state, name), getattr(target, name, None)
-        if value is None or slot is None:
-            continue
-        slot.copy_(value)
-    for name in ("weight", "bias"):
-        param = getattr(target, name, None)
-        if isinstance(param, nn.Parameter):
-            param.requires_grad_(state.trainable)
-    return target
-
-
-def _batch_norm_kwargs(state: NormState, options: TargetOptions) -> dict:
-    return {
-        "eps": state.eps if options.eps is None else options.eps,
-        "momentum": state.momentum,
-        "affine": True,
-        "track_running_stats": True,
-        **_factory(state),
-    }
-
-
-@NORM_TARGETS.register("GN", produces=(nn.GroupNorm, ConvertedGroupNorm))
-def _build_group_norm(state: NormState, options: TargetOptions, layer_name: str) -> nn.Module:
-    groups = resolve_num_groups(
-        state.num_features, options.num_groups, options.dim_per_group, layer_name=layer_name
-    )
-    norm = ConvertedGroupNorm(
-        groups,
-        state.num_features,
-        eps=state.eps if options.eps is None else options.eps,
-        affine=state.weight is not None or state.bias is not None,
-        transfer=options.transfer,
-        source_eps=state.eps,
-        source=state.source,
-        **_factory(state),
-    )
-    if not norm.affine and options.transfer == "stats" and state.running_mean is not None:
-        logger.info(
-            "'%s': affine-free BatchNorm becomes affine-free GroupNorm; its running statistics "
-            "have no GN counterpart to transfer into.",
-            layer_name,
-        )
-    norm.load_bn_state(state.weight, state.bias, state.running_mean, state.running_var)
-    if norm.affine:
-        norm.weight.requires_grad_(state.trainable)
-        norm.bias.requires_grad_(state.trainable)
-    return norm
-
-
-@NORM_TARGETS.register("FrozenBN", produces=(FrozenBatchNorm2d, TorchvisionFrozenBatchNorm2d))
-def _build_frozen_bn(state: NormState, options: TargetOptions, layer_name: str) -> nn.Module:
-    if state.dims not in (2, None):
-        raise ValueError(
-            f"'{layer_name}': FrozenBN is 2d only (N, C, H, W); a {state.dims}d BatchNorm "
-            "cannot become one"
-        )
-    eps = state.eps if options.eps is None else options.eps
-    frozen = FrozenBatchNorm2d(state.num_features, eps=eps).to(**_factory(state))
-    return _copy_bn_state(dataclasses.replace(state, num_batches_tracked=None), frozen)
-
-
-@NORM_TARGETS.register("BN", produces=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
-def _build_batch_norm(state: NormState, options: TargetOptions, layer_name: str) -> nn.Module:
-    cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d, None: nn.BatchNorm2d}
-    bn = cls[state.dims](state.num_features, **_batch_norm_kwargs(state, options))
-    return _copy_bn_state(state, bn)
-
-
-@NORM_TARGETS.register("SyncBN", produces=(nn.SyncBatchNorm,))
-def _build_sync_batch_norm(state: NormState, options: TargetOptions, layer_name: str):
-    bn = nn.SyncBatchNorm(state.num_features, **_batch_norm_kwargs(state, options))
-    return _copy_bn_state(state, bn)
-
-
-@NORM_TARGETS.register("naiveSyncBN", produces=(NaiveSyncBatchNorm,))
-def _build_naive_sync_batch_norm(state: NormState, options: TargetOptions, layer_name: str):
-    if state.dims not in (2, None):
-        raise ValueError(f"'{layer_name}': detectron2's NaiveSyncBatchNorm is 2d only")
-    bn = NaiveSyncBatchNorm(state.num_features, **_batch_norm_kwargs(state, options))
-    return _copy_bn_state(state, bn)
+        return _deprecated.moved("NORM_CONVERTERS", "NORM_SOURCES", NORM_SOURCES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

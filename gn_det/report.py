@@ -14,7 +14,7 @@ from tabulate import tabulate
 from torch import nn
 
 from .layers import ConvertedGroupNorm
-from .registry import NORM_CONVERTERS
+from .registry import NORM_SOURCES
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def describe_norms(model: nn.Module) -> List[NormLayerInfo]:
     """Every normalisation layer of ``model`` (BN family, GroupNorm, LayerNorm, InstanceNorm)."""
     rows = []
     for name, module in model.named_modules():
-        if NORM_CONVERTERS.lookup(module) is None and not _is_norm(module):
+        if NORM_SOURCES.lookup(module) is None and not _is_norm(module):
             continue
         params = [p for p in (getattr(module, "weight", None), getattr(module, "bias", None))]
         params = [p for p in params if isinstance(p, nn.Parameter)]

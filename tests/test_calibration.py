@@ -149,7 +149,7 @@ def test_head_layers_are_fitted_on_the_backbone_features_of_the_paired_pass(monk
     hook = teacher.backbone.register_forward_hook(lambda m, a, o: backbone_calls.append(1))
     fits = calibrate(reused, teacher, images, progress=False, batch_size=2)
     assert backbone_calls == []
-    monkeypatch.setattr(calibration, "_heads_run_on_features", lambda model: False)
+    monkeypatch.setattr(calibration, "heads_run_on_features", lambda model: False)
     fits_full = calibrate(full, teacher, images, progress=False, batch_size=2)
     hook.remove()
     assert len(backbone_calls) == 2  # one teacher pass per chunk
@@ -254,25 +254,6 @@ def test_a_residual_blocks_last_norm_is_the_least_squares_fit_to_the_block_outpu
         a, b = torch.linalg.lstsq(design, (y - x)[:, c][m].double().unsqueeze(1)).solution.flatten()
         torch.testing.assert_close(student.bn2.weight[c].double(), a, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(student.bn2.bias[c].double(), b, rtol=1e-4, atol=1e-5)
-
-
-def test_the_activation_objective_beats_the_output_objective_where_images_differ_in_photometrics():
-    """torchvision ResNet-18, BN statistics from images with per-image brightness and contrast:
-    fitting after the ReLU and the residual sum keeps layer4 closer to the teacher."""
-    from gn_det.studies.transfer import bn_teacher, smooth_images, stage_cosines
-
-    data = smooth_images(64, 64, per_image_photometrics=True, seed=0)
-    teacher = bn_teacher(data, seed=0)
-    calibration_images = smooth_images(16, 64, per_image_photometrics=True, seed=2)
-    held_out = smooth_images(32, 64, per_image_photometrics=True, seed=1)
-    layer4 = {}
-    for objective in ("output", "activation"):
-        student = convert_norm(copy.deepcopy(teacher), transfer="stats")
-        calibrate(student, teacher, [calibration_images], objective=objective, progress=False)
-        layer4[objective] = stage_cosines(student, teacher, held_out)["layer4"]
-    stats = stage_cosines(convert_norm(copy.deepcopy(teacher), transfer="stats"), teacher, held_out)["layer4"]
-    # Measured: 0.679 against 0.615 (output) and 0.626 (stats).
-    assert layer4["activation"] > layer4["output"] + 0.03 and layer4["activation"] > stats + 0.03, (layer4, stats)
 
 
 def test_an_unknown_objective_is_refused(teacher):

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import gn_det
 from gn_det.checkpoint import Checkpointer
 from gn_det.cli import main
-from gn_det.config import load_config, resolve_config_name
+from gn_det.cli.config_files import load_config, resolve_config_name
 from reference import stats_transfer_reference
 
 BN_CONFIG = "mask_rcnn_R_50_FPN_bn.yaml"

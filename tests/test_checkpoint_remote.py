@@ -71,7 +71,7 @@ def test_convert_and_train_take_urls_through_the_cache(offline, capsys, monkeypa
     assert len(err.splitlines()) == 1 and f"gn-det convert: error: {URL}: could not download it" in err
 
     launched = []
-    monkeypatch.setattr("gn_det.engine.launch", lambda *a, **k: launched.append(a))
+    monkeypatch.setattr("gn_det.cli.train.launch", lambda *a, **k: launched.append(a))
     with pytest.raises(SystemExit) as exit_:
         launch_from_args(["--config", "shapes/gn.yaml", "MODEL.WEIGHTS", URL], prog="gn-det train")
     assert exit_.value.code == 2 and not launched

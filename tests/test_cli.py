@@ -84,7 +84,7 @@ def test_a_malformed_config_is_one_line_naming_the_file_in_every_command(name, t
                                  "--output", str(tmp_path / "out.pth")]),
         "train": lambda: launch_from_args(["--config", str(config)], prog="gn-det train"),
     }
-    monkeypatch.setattr("gn_det.engine.launch", lambda *a, **k: pytest.fail("training was launched"))
+    monkeypatch.setattr("gn_det.cli.train.launch", lambda *a, **k: pytest.fail("training was launched"))
     for command, run in commands.items():
         try:
             code = run()

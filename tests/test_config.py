@@ -10,14 +10,14 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_model
 from torch import nn
 
 import gn_det
-from gn_det.config import (
+from gn_det.cli.config_files import (
     CONFIGS_DIR,
-    ConfigError,
     UnsafeConfigError,
     load_config,
     merge_overrides,
     resolve_config_name,
 )
+from gn_det.config import ConfigError
 
 
 def _native_gn_model():
@@ -106,31 +106,53 @@ def test_disabled_conversion_builds_exactly_detectron2s_model():
 
 def test_user_registered_meta_architectures_convert_too():
     @META_ARCH_REGISTRY.register()
-    class TinyBNArch(nn.Module):
+    class TinyBNArchOfThisTest(nn.Module):
         def __init__(self, cfg):
             super().__init__()
             self.body = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64))
 
-    try:
-        assert "TinyBNArch" in META_ARCH_REGISTRY
-        cfg = gn_det.get_cfg()
-        cfg.MODEL.META_ARCHITECTURE = "TinyBNArch"
-        cfg.MODEL.DEVICE = "cpu"
-        assert type(build_model(cfg).body[1]) is nn.BatchNorm2d
-        cfg.MODEL.NORM_CONVERSION.ENABLED = True
-        cfg.MODEL.NORM_CONVERSION.DIM_PER_GROUP = 16
-        model = build_model(cfg)
+    cfg = gn_det.get_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "TinyBNArchOfThisTest"
+    cfg.MODEL.DEVICE = "cpu"
+    assert type(build_model(cfg).body[1]) is nn.BatchNorm2d
+    cfg.MODEL.NORM_CONVERSION.ENABLED = True
+    cfg.MODEL.NORM_CONVERSION.DIM_PER_GROUP = 16
+    for model in (gn_det.build_model(cfg), build_model(gn_det.route_meta_architecture(cfg))):
         assert isinstance(model.body[1], nn.GroupNorm) and model.body[1].num_groups == 4
-        assert isinstance(model, TinyBNArch)
-    finally:
-        META_ARCH_REGISTRY._obj_map.pop("TinyBNArch")
+        assert isinstance(model, TinyBNArchOfThisTest)
+    assert cfg.MODEL.META_ARCHITECTURE == "NormConverted"
+    assert cfg.MODEL.NORM_CONVERSION.META_ARCHITECTURE == "TinyBNArchOfThisTest"
+    gn_det.route_meta_architecture(cfg)  # routing twice changes nothing
+    assert cfg.MODEL.NORM_CONVERSION.META_ARCHITECTURE == "TinyBNArchOfThisTest"
 
 
-def test_the_registry_still_behaves_like_detectron2s():
-    assert META_ARCH_REGISTRY.get("GeneralizedRCNN").__wrapped__ is GeneralizedRCNN
+def test_detectron2s_registry_returns_detectron2s_own_classes_after_import():
+    """Importing gn_det registers a part; it replaces nothing of detectron2's."""
+    arch = META_ARCH_REGISTRY.get("GeneralizedRCNN")
+    assert arch is GeneralizedRCNN and issubclass(arch, nn.Module) and callable(arch.from_config)
     assert dict(META_ARCH_REGISTRY)["GeneralizedRCNN"] is GeneralizedRCNN
+    assert META_ARCH_REGISTRY.get("NormConverted") is gn_det.NormConverted
     with pytest.raises(KeyError, match="No object named 'NoSuchArch'"):
         META_ARCH_REGISTRY.get("NoSuchArch")
+
+
+def test_the_switch_converts_through_detectron2s_build_model_and_default_predictor():
+    from detectron2.engine import DefaultPredictor
+
+    cfg = load_config(resolve_config_name("shapes/gn.yaml"))
+    assert cfg.MODEL.META_ARCHITECTURE == "NormConverted"
+    plain = d2_get_cfg()  # detectron2's own route: get_cfg, add_gn_det_config, merge_from_file
+    gn_det.add_gn_det_config(plain)
+    plain.merge_from_file(str(resolve_config_name("shapes/gn.yaml")))
+    for config in (cfg, plain):
+        model = build_model(config)
+        assert type(model) is GeneralizedRCNN
+        assert gn_det.count_norms(model)["ConvertedGroupNorm"] > 0 and not gn_det.count_norms(model)["BatchNorm2d"]
+    predictor = DefaultPredictor(plain)
+    assert type(predictor.model) is GeneralizedRCNN
+    assert any(isinstance(m, nn.GroupNorm) for m in predictor.model.modules())
+    outputs = predictor(torch.zeros(64, 64, 3, dtype=torch.uint8).numpy())
+    assert "instances" in outputs
 
 
 def test_include_and_exclude_from_config():

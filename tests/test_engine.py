@@ -14,7 +14,7 @@ import torchvision
 
 import gn_det
 from gn_det.checkpoint import Checkpointer
-from gn_det.config import load_config, resolve_config_name
+from gn_det.cli.config_files import load_config, resolve_config_name
 from models import TINY, resnet18_fpn_backbone
 from reference import stats_transfer_reference
 
@@ -185,7 +185,7 @@ def test_a_bad_config_is_one_line_and_exit_2_before_any_model_is_built(argv, mes
     from gn_det.engine import launch_from_args
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("gn_det.engine.launch", lambda *a, **k: pytest.fail("training was launched"))
+    monkeypatch.setattr("gn_det.cli.train.launch", lambda *a, **k: pytest.fail("training was launched"))
     with pytest.raises(SystemExit) as exit_:
         launch_from_args(argv, prog="gn-det train")
     assert exit_.value.code == 2
@@ -236,16 +236,16 @@ def test_cpu_autocast_trainer_runs_the_forward_in_bfloat16_and_keeps_float32_wei
 def test_amp_on_cpu_picks_bfloat16_autocast_or_falls_back_with_a_warning(monkeypatch, caplog):
     from gn_det import engine
 
-    assert engine._trainer_class(False, "cpu") is engine.TrainLoop
+    assert engine.training_loop_class(False, "cpu") is engine.TrainLoop
     monkeypatch.setattr(engine, "cpu_bfloat16_supported", lambda: True)
-    assert engine._trainer_class(True, "cpu") is engine.CPUAutocastTrainer
+    assert engine.training_loop_class(True, "cpu") is engine.CPUAutocastTrainer
     monkeypatch.setattr(engine, "cpu_bfloat16_supported", lambda: False)
     with caplog.at_level("WARNING", logger="gn_det.engine"):
-        assert engine._trainer_class(True, "cpu") is engine.TrainLoop
+        assert engine.training_loop_class(True, "cpu") is engine.TrainLoop
     assert "no native bfloat16" in caplog.text
-    assert engine._trainer_class(True, "cuda") is engine.CUDAAMPTrainer
-    assert engine._trainer_class(True, "cuda:1") is engine.CUDAAMPTrainer
-    assert engine._trainer_class(False, "cuda") is engine.TrainLoop
+    assert engine.training_loop_class(True, "cuda") is engine.CUDAAMPTrainer
+    assert engine.training_loop_class(True, "cuda:1") is engine.CUDAAMPTrainer
+    assert engine.training_loop_class(False, "cuda") is engine.TrainLoop
 
 
 def test_solver_optimizer_adamw_uses_detectron2s_parameter_groups():
@@ -363,7 +363,7 @@ def test_a_cuda_config_on_a_host_without_a_usable_gpu_is_one_line_and_exit_2(cap
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     launched = []
-    monkeypatch.setattr("gn_det.engine.launch", lambda *a, **k: launched.append(k["device"]))
+    monkeypatch.setattr("gn_det.cli.train.launch", lambda *a, **k: launched.append(k["device"]))
     for argv, key in [(["--config", "shapes/gn.yaml", "MODEL.DEVICE", "cuda"], "MODEL.DEVICE"),
                       (["--config", "lazy/shapes_gn.py", "train.device=cuda"], "train.device")]:
         with pytest.raises(SystemExit) as exit_:
@@ -391,7 +391,7 @@ def test_torchrun_joins_with_the_configs_backend_detectron2s_timeout_and_any_lau
     detectron2's 30-minute timeout rather than NCCL's 10 minutes."""
     from detectron2.engine.launch import DEFAULT_TIMEOUT
 
-    from gn_det import engine
+    from gn_det.cli import train as engine
 
     calls = []
     monkeypatch.setattr(engine.dist, "init_process_group", lambda **kwargs: calls.append(kwargs))

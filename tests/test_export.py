@@ -26,7 +26,8 @@ from detectron2.modeling import build_model
 from torch import nn
 
 from gn_det import ConvertedGroupNorm, NORM_CONVERTERS
-from gn_det.config import get_cfg, load_config, resolve_config_name
+from gn_det import get_cfg
+from gn_det.cli.config_files import load_config, resolve_config_name
 
 TRACE_SIZE = (192, 256)
 # Smaller and not a multiple of FPN's size divisibility (32: padded; boxes clipped to 150 x 210);

@@ -9,8 +9,8 @@ from detectron2.modeling import build_model
 from torch import nn
 
 import gn_det
-from gn_det.config import load_config, resolve_config_name
-from gn_det.folding import ChannelAffine, fold_affines, fold_for_inference, fold_frozen_batchnorm, group_statistics
+from gn_det.cli.config_files import load_config, resolve_config_name
+from gn_det.folding import ChannelAffine, fold_for_inference, fold_frozen_batchnorm, group_statistics
 
 
 def _net():
@@ -45,22 +45,33 @@ def test_a_group_norm_whose_statistics_do_not_change_folds_exactly():
     assert any(isinstance(m, nn.GroupNorm) for m in net.modules())  # the input model is untouched
 
 
+def _unfused(net, stats):
+    """The reference: each GroupNorm replaced by GN's formula with fixed group statistics."""
+    unfused = copy.deepcopy(net)
+    for name, (mean, variance) in stats.items():
+        gn = unfused.get_submodule(name)
+        per_group = gn.num_channels // gn.num_groups
+        scale = gn.weight / (variance.float().repeat_interleave(per_group) + gn.eps).sqrt()
+        bias = gn.bias - scale * mean.float().repeat_interleave(per_group)
+        affine = ChannelAffine(gn.num_channels, scale, bias)
+        parent, _, child = name.rpartition(".")
+        setattr(unfused.get_submodule(parent) if parent else unfused, child, affine)
+    return unfused
+
+
 def test_folding_into_the_conv_equals_the_unfused_affine_and_the_statistics_are_pooled():
     net = _net()
     images = torch.rand(5, 3, 12, 12) * torch.rand(5, 1, 1, 1) * 3  # images differ in contrast
-    unfused, _ = fold_for_inference(net, images, distill_steps=0, fold=False)
-    fused, _ = fold_for_inference(net, images, distill_steps=0)
+    layers = {n: m for n, m in net.named_modules() if isinstance(m, nn.GroupNorm)}
+    stats = group_statistics(net, images, layers)
+    fused, report = fold_for_inference(net, images, distill_steps=0)
+    assert [what for _, _, what in report.rows] == ["folded into the conv", "folded into the conv",
+                                                   "affine (no conv before it)"]
     with torch.no_grad():
-        torch.testing.assert_close(fused(images), unfused(images), rtol=1e-4, atol=1e-5)
-    refolded = copy.deepcopy(unfused)  # folding the unfused affines afterwards is the same model
-    assert fold_affines(refolded) == {"0.norm": "folded into the conv", "1.norm": "folded into the conv",
-                                      "3": "affine (no conv before it)"}
-    with torch.no_grad():
-        torch.testing.assert_close(refolded(images), fused(images))
-    assert refolded[0].norm is None and isinstance(unfused[0].norm, ChannelAffine)
+        torch.testing.assert_close(fused(images), _unfused(net, stats)(images), rtol=1e-4, atol=1e-5)
+    assert fused[0].norm is None and isinstance(fused[3], ChannelAffine)
     # The statistics are those of the layer's input over every pixel of every image.
-    layers = {"0.norm": net[0].norm}
-    (mean, variance), = group_statistics(net, images, layers).values()
+    mean, variance = stats["0.norm"]
     with torch.no_grad():
         inputs = nn.functional.conv2d(images, net[0].weight, padding=1)
     grouped = inputs.reshape(5, 4, -1).transpose(0, 1).reshape(4, -1).double()
@@ -70,10 +81,11 @@ def test_folding_into_the_conv_equals_the_unfused_affine_and_the_statistics_are_
 
 def test_data_free_folding_is_gns_affine_and_says_so(gn_det_logs):
     net = _net()
-    folded, report = fold_for_inference(net, None, fold=False)
+    folded, report = fold_for_inference(net, None)
     assert report.statistics == "data-free (mean 0, variance 1)" and report.distillation is None
-    torch.testing.assert_close(folded[0].norm.weight, net[0].norm.weight / (1 + 1e-5) ** 0.5)
-    torch.testing.assert_close(folded[0].norm.bias, net[0].norm.bias)
+    scale = net[0].norm.weight / (1 + 1e-5) ** 0.5
+    torch.testing.assert_close(folded[0].weight, net[0].weight * scale.view(-1, 1, 1, 1))
+    torch.testing.assert_close(folded[0].bias, net[0].norm.bias)
     assert "without images" in gn_det_logs.text
 
 

@@ -10,7 +10,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.model_zoo import get_config
 
 import gn_det
-from gn_det.config import CONFIGS_DIR
+from gn_det.cli.config_files import CONFIGS_DIR
 from gn_det.lazy import with_norm_conversion
 
 REPO = Path(__file__).resolve().parent.parent

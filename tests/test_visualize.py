@@ -182,7 +182,7 @@ def tiny_run(tmp_path_factory):
     saved as a run's OUTPUT_DIR would hold them."""
     from detectron2.modeling import build_model
 
-    from gn_det.config import load_config, resolve_config_name
+    from gn_det.cli.config_files import load_config, resolve_config_name
     from gn_det.data import register_shapes
 
     root = tmp_path_factory.mktemp("vis")

@@ -22,7 +22,7 @@ from PIL import Image
 
 import gn_det
 from gn_det.checkpoint.remote import cache_path
-from gn_det.config import load_config, resolve_config_name
+from gn_det.cli.config_files import load_config, resolve_config_name
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "worked_example.md"
 GN_DET = str(Path(sys.executable).parent / "gn-det")

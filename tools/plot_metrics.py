@@ -5,12 +5,12 @@
 
 One panel per metric (total loss, each loss term, learning rate, box and mask AP at each
 evaluation), runs overlaid. Truncated lines (a crashed run), missing keys and NaN are skipped.
-See ``gn_det.visualize``.
+See ``gn_det.cli.visualize``.
 """
 
 import sys
 
-from gn_det.visualize import plot_metrics_main as main
+from gn_det.cli.visualize import plot_metrics_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ Flags are detectron2's (``--config-file --num-gpus --num-machines --machine-rank
 gn_det's ``configs/``, from any directory) and ``--allow-unsafe-yaml``.
 """
 
-from gn_det.engine import launch_from_args
+from gn_det.cli.train import launch_from_args
 
 if __name__ == "__main__":
     launch_from_args()

@@ -8,12 +8,12 @@
 The model is built from ``--config NAME`` / ``--config-file FILE`` (default: ``config.yaml``
 beside the weights) with trailing ``KEY VALUE`` overrides; the PNGs (ground truth left,
 prediction right) go to ``visualize/`` beside the weights unless ``--output-dir`` says otherwise,
-and existing files are kept unless ``--force``. See ``gn_det.visualize``.
+and existing files are kept unless ``--force``. See ``gn_det.cli.visualize``.
 """
 
 import sys
 
-from gn_det.visualize import visualize_main as main
+from gn_det.cli.visualize import visualize_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,12 +24,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.modeling import build_model
 from torch import nn
 
 from ..calibration import LayerFit, calibrate
 from ..convert import NormSpec, convert_norm_by_spec
 from ..distillation import distill
+from ..modeling.meta_arch import build_model
 from ..report import describe_norms
 from .checkpointer import Checkpointer
 from .io import CheckpointError, save_checkpoint_file
@@ -276,6 +276,17 @@ def fold_checkpoint(weights_path: str, output: str, cfg: CfgNode, *, images=None
 _DISTILLED = {"weights": "GN affine, ROI-head weights", "norms": "GN affine", "none": "backbone GN affine"}
 
 
+def _fit(converted, source, inputs, least_squares: bool, distill_steps: int, distill_heads: str):
+    """Calibrate and distill ``converted`` against ``source`` on ``inputs`` (if any); returns
+    the calibration's fits (or None) and what the distillation could train in the heads."""
+    if inputs is None:
+        return None, distill_heads
+    fits = calibrate(converted, source, inputs) if least_squares else None
+    if distill_steps > 0:
+        distill_heads = distill(converted, source, inputs, steps=distill_steps, heads=distill_heads).heads
+    return fits, distill_heads
+
+
 def convert_checkpoint(
     weights_path: str,
     output: str,
@@ -330,15 +341,8 @@ def convert_checkpoint(
     scope = "detector" if outside_backbone else "backbone"
 
     converted = convert_norm_by_spec(copy.deepcopy(source), spec)
-    fits = None
-    if calibration_inputs is not None:
-        if least_squares:
-            fits = calibrate(converted, source, calibration_inputs)
-        if distill_steps > 0:
-            if scope == "backbone":
-                distill_heads = "none"
-            distill_heads = distill(converted, source, calibration_inputs, steps=distill_steps,
-                                    heads=distill_heads).heads  # what it could train: the label
+    fits, distill_heads = _fit(converted, source, calibration_inputs, least_squares, distill_steps,
+                               "none" if scope == "backbone" else distill_heads)
     rows = [r for r in describe_norms(converted) if r.source]
     conversions = collections.Counter((r.source, r.type) for r in rows)
     groups = collections.Counter(r.groups for r in rows if r.groups)

@@ -29,10 +29,9 @@ import torch
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from torch import nn
 
-from ..layers import ConvertedGroupNorm
-from ..modeling import torchvision_resnet_to_detectron2_state_dict
 from .io import CheckpointError, detect_format, load_checkpoint_file, load_safetensors_metadata
 from .remote import local_weights_path
+from .torchvision_names import torchvision_resnet_to_detectron2_state_dict
 
 __all__ = [
     "BOTTOM_UP_PREFIX",
@@ -160,10 +159,11 @@ def torchvision_to_detectron2_resnet_names(state: Dict[str, torch.Tensor]) -> Di
 
 
 def _model_keys_with_bn_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The model's state dict plus BN-statistics keys for every converted GN layer."""
+    """The model's state dict plus BN-statistics keys for every layer that takes BN state on
+    load (``load_bn_state``: :class:`gn_det.ConvertedGroupNorm`)."""
     keys = dict(model.state_dict())
     for name, module in model.named_modules():
-        if isinstance(module, ConvertedGroupNorm) and module.affine:
+        if callable(getattr(module, "load_bn_state", None)) and module.affine:
             prefix = f"{name}." if name else ""
             for stat in ("running_mean", "running_var"):
                 keys[prefix + stat] = module.weight.detach()
@@ -177,7 +177,7 @@ def state_for_model(weights: Weights, model: nn.Module) -> Dict[str, torch.Tenso
     torchvision ResNet weights map by prefix onto gn_det's torchvision backbone, or by name onto
     detectron2's ResNet. Formats that need it go through detectron2's suffix matching
     (``align_and_update_state_dicts``), run against the model's keys *plus* ``running_mean`` /
-    ``running_var`` of each :class:`ConvertedGroupNorm`, so BN statistics stay in the result
+    ``running_var`` of each :class:`gn_det.ConvertedGroupNorm`, so BN statistics stay in the result
     and the GN layers transfer them on load.
     """
     state, heuristics, c2 = dict(weights.state), weights.heuristics, weights.c2_names

@@ -28,10 +28,8 @@ torchvision ImageNet state dict onto the detection model by a fixed prefix.
 
 from __future__ import annotations
 
-import collections
 import logging
-import re
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torchvision
@@ -40,6 +38,8 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from torch import nn
+
+from ..checkpoint.torchvision_names import torchvision_resnet_to_detectron2_state_dict
 
 __all__ = [
     "TORCHVISION_PIXEL_MEAN",
@@ -230,77 +230,3 @@ def build_torchvision_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) 
         top_block=LastLevelMaxPool(),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
-
-
-_TORCHVISION_RESNET_KEY = re.compile(r"^(conv1|bn1|layer[1-4]|fc)\.")
-_REQUIRED_KEYS = (
-    "conv1.weight",
-    "bn1.weight",
-    "bn1.bias",
-    "bn1.running_mean",
-    "bn1.running_var",
-    "layer1.0.conv1.weight",
-)
-
-
-def torchvision_resnet_to_detectron2_state_dict(
-    state_dict: Mapping[str, torch.Tensor], prefix: str = "backbone.bottom_up."
-) -> "collections.OrderedDict[str, torch.Tensor]":
-    """
-    Map a torchvision ResNet state dict onto a model with a :class:`TorchvisionResNet`.
-
-    ``fc.*`` (the ImageNet classifier) is dropped and every other key gets ``prefix``. The result
-    loads with ``model.load_state_dict(result, strict=False)`` with no unexpected keys (for a
-    model with all four stages), or with detectron2's ``DetectionCheckpointer`` when saved as
-    ``{"model": result}``; BatchNorm running statistics come along, so a model converted to GN
-    by gn_det gets the ``stats`` transfer on load.
-
-    Args:
-        state_dict: ``torchvision.models.resnet*().state_dict()`` or a file of one, loaded
-            (e.g. ``torch.load(path, weights_only=True)``).
-        prefix: where the bottom-up sits in the model: ``"backbone.bottom_up."`` for a
-            detectron2 meta-architecture with :func:`build_torchvision_resnet_fpn_backbone`,
-            ``""`` for a :class:`TorchvisionResNet` on its own.
-
-    Returns:
-        A new ordered dict, tensors shared with ``state_dict``.
-
-    Raises:
-        ValueError: ``state_dict`` is not a torchvision ResNet state dict (a key outside
-            ``conv1``, ``bn1``, ``layer1`` ... ``layer4``, ``fc``, or the stem missing), e.g. a
-            detectron2 checkpoint, a DDP one (``module.`` prefix) or a wrapper dict.
-    """
-    if not isinstance(state_dict, Mapping):
-        raise ValueError(
-            f"Expected a torchvision ResNet state dict, got {type(state_dict).__name__}"
-        )
-    foreign = [
-        k for k in state_dict if not (isinstance(k, str) and _TORCHVISION_RESNET_KEY.match(k))
-    ]
-    missing = [k for k in _REQUIRED_KEYS if k not in state_dict]
-    if foreign or missing:
-        problems = []
-        if foreign:
-            problems.append(f"keys outside conv1/bn1/layer1-4/fc: {_preview(foreign)}")
-        if missing:
-            problems.append(f"missing keys: {_preview(missing)}")
-        raise ValueError(
-            "Not a torchvision ResNet state dict (" + "; ".join(problems) + "). Pass "
-            "torchvision.models.resnet*().state_dict() or a file of one; unwrap checkpoints that "
-            "nest it (e.g. under 'model' or 'state_dict') and strip DDP's 'module.' prefix first."
-        )
-    mapped = collections.OrderedDict(
-        (prefix + k, v) for k, v in state_dict.items() if not k.startswith("fc.")
-    )
-    logger.info(
-        "Mapped %d torchvision ResNet tensors to '%s*' (dropped %d fc tensors).",
-        len(mapped),
-        prefix,
-        len(state_dict) - len(mapped),
-    )
-    return mapped
-
-
-def _preview(keys: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")

@@ -1,0 +1,263 @@
+"""The ``gn-det convert`` and ``gn-det inspect`` commands (parsed in :mod:`gn_det.cli`)."""
+
+from __future__ import annotations
+
+import collections
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+__all__ = ["DEFAULT_FOLD_CONFIG", "DEFAULT_SOURCE_CONFIG", "UsageError", "cmd_convert", "cmd_inspect"]
+
+DEFAULT_SOURCE_CONFIG = "mask_rcnn_R_50_FPN_bn.yaml"
+DEFAULT_FOLD_CONFIG = "gn_mask_rcnn.yaml"
+
+
+class UsageError(Exception):
+    """A problem with the user's input: reported in one line, exit code 2."""
+
+
+def _load_cfg(name: str, overrides: List[str] = ()):
+    from ..config import ConfigError
+    from .config_files import UnsafeConfigError, load_config, merge_overrides, resolve_config_name
+
+    try:
+        path = resolve_config_name(name)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    try:
+        cfg = load_config(path)
+    except (UnsafeConfigError, ConfigError) as e:
+        raise UsageError(str(e)) from e
+    try:
+        merge_overrides(cfg, overrides)
+    except ConfigError as e:
+        raise UsageError(f"{path}: {e}") from e
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    return cfg
+
+
+def _spec(args, *, required: bool):
+    from ..convert import NormSpec
+
+    if args.to is None and not required:
+        return None
+    try:
+        return NormSpec(
+            target=args.to or "GN",
+            num_groups=args.num_groups if args.num_groups is not None else 32,
+            dim_per_group=args.dim_per_group,
+            transfer=args.transfer or "stats",
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def cmd_inspect(args) -> int:
+    from tabulate import tabulate
+
+    if args.weights:
+        from ..checkpoint.weights import norm_layers_in, read_weights
+
+        weights = read_weights(args.weights)
+        rows = norm_layers_in(weights)
+        print(f"{args.weights}: {weights.kind} checkpoint (from {weights.author}), "
+              f"{len(weights.state)} tensors")
+        print(tabulate(rows, headers=["layer", "norm", "channels"]))
+        counts = collections.Counter(kind for _, kind, _ in rows)
+        print("\n" + tabulate(sorted(counts.items()), headers=["norm", "count"]))
+        return 0
+
+    from ..modeling.meta_arch import build_model
+
+    from ..convert import convert_norm_by_spec
+    from ..report import describe_norms, format_norm_table
+
+    spec = _spec(args, required=False)
+    cfg = _load_cfg(args.config_file, args.opts)
+    if spec is not None:  # --to replaces the config's own conversion
+        cfg.MODEL.NORM_CONVERSION.ENABLED = False
+    model = build_model(cfg)
+    if spec is not None:
+        model = convert_norm_by_spec(model, spec)
+    print(format_norm_table(describe_norms(model)))
+    return 0
+
+
+def _cmd_fold(args) -> int:
+    """``gn-det convert --to folded``: a GN checkpoint in its inference form (gn_det.folding)."""
+    from tabulate import tabulate
+
+    from ..checkpoint.convert import fold_checkpoint
+
+    conflicting = [f for f, v in (("--target-config", args.target_config), ("--transfer", args.transfer),
+                                  ("--num-groups", args.num_groups), ("--dim-per-group", args.dim_per_group),
+                                  ("--calib-distill-heads", args.calib_distill_heads),
+                                  ("--verify-images", args.verify_images or None)) if v is not None]
+    if conflicting:
+        raise UsageError(f"{', '.join(conflicting)} do not apply to --to folded")
+    steps = 100 if args.calib_distill_steps is None else args.calib_distill_steps
+    if steps < 0:
+        raise UsageError(f"--calib-distill-steps must be 0 or more, got {steps}")
+    cfg = _load_cfg(args.config_file or DEFAULT_FOLD_CONFIG, args.opts)
+    images = None
+    try:
+        source = _image_source(cfg, args.calib_dataset, args.calib_images_dir, "calib", "--to folded")
+    except UsageError:
+        print("warning: no calibration images (the source config's training set is not here, and neither "
+              "--calib-images-dir nor --calib-dataset was given): folding with data-free statistics "
+              "(mean 0, variance 1), which are right only for standardised inputs", file=sys.stderr)
+    else:
+        images = _images(cfg, source, args.calib_images if args.calib_images is not None else 32, "--calib-images")
+    result = fold_checkpoint(args.weights, args.output, cfg, images=images, exclude=args.fold_exclude,
+                             distill_steps=steps, file_format=args.format, overwrite=args.force)
+    report = result.report
+    print(f"Wrote {result.output}: the GN model folded for inference, from a {result.input_kind} checkpoint "
+          f"({result.seconds:.1f} s, verified against MODEL.NORM_CONVERSION.FOLDED True"
+          + (f" FOLDED_EXCLUDE {list(args.fold_exclude)}" if args.fold_exclude else "") + ").")
+    print(tabulate(sorted(report.counts().items()), headers=["GroupNorm layers", "count"]))
+    distilled = (f"; distilled {len(report.distillation.losses)} steps, loss {report.distillation.losses[0]:.4f} -> "
+                 f"{report.distillation.losses[-1]:.4f}" if report.distillation else "")
+    print(f"statistics: {report.statistics}{distilled}    keys matched: {result.keys_matched}/{result.keys_expected}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from tabulate import tabulate
+
+    if args.to == "folded":
+        return _cmd_fold(args)
+    if args.fold_exclude:
+        raise UsageError("--fold-exclude goes with --to folded")
+
+    from ..checkpoint.convert import convert_checkpoint
+    from ..config import norm_spec_from_config
+
+    source_cfg = _load_cfg(args.config_file or DEFAULT_SOURCE_CONFIG, args.opts)
+    target_cfg = _load_cfg(args.target_config) if args.target_config else None
+    if target_cfg is not None:
+        from ..checkpoint.convert import check_input_conventions
+
+        check_input_conventions(source_cfg, target_cfg)  # before minutes of calibration
+    target_spec = norm_spec_from_config(target_cfg) if target_cfg is not None else None
+    explicit = [f for f, v in (("--to", args.to), ("--transfer", args.transfer),
+                               ("--num-groups", args.num_groups), ("--dim-per-group", args.dim_per_group))
+                if v is not None]
+    if target_spec is not None and explicit:
+        raise UsageError(f"{', '.join(explicit)} conflict with --target-config {args.target_config}, "
+                         "whose MODEL.NORM_CONVERSION decides the conversion")
+    method = args.transfer if args.transfer in ("calibrate", "distill") else None
+    if method:
+        args.transfer = "stats"  # both start from the data-free transfer
+    elif any(v is not None for v in (args.calib_dataset, args.calib_images_dir, args.calib_images,
+                                      args.calib_distill_steps, args.calib_distill_heads)):
+        raise UsageError("--calib-dataset, --calib-images-dir, --calib-images, --calib-distill-steps and "
+                         "--calib-distill-heads go with --transfer calibrate or distill")
+    steps = args.calib_distill_steps
+    if steps is None:
+        steps = 100 if method == "distill" else 0
+    if steps < 0 or (method == "distill" and steps == 0):
+        raise UsageError(f"--calib-distill-steps must be {'1' if method == 'distill' else '0'} or more, "
+                         f"got {steps}")
+    if args.calib_distill_heads is not None and steps == 0:
+        raise UsageError("--calib-distill-heads goes with distillation: --transfer distill, or "
+                         "--calib-distill-steps K > 0")
+    calibrating = method is not None
+    spec = target_spec or _spec(args, required=True)
+    calibration_inputs = None
+    if calibrating:
+        source = _image_source(source_cfg, args.calib_dataset, args.calib_images_dir, "calib",
+                               f"--transfer {method}")
+        calibration_inputs = _images(source_cfg, source, args.calib_images if args.calib_images is not None else 32,
+                                     "--calib-images")
+    if not args.verify_images and (args.verify_dataset or args.verify_images_dir):
+        raise UsageError("--verify-dataset and --verify-images-dir go with --verify-images N")
+    verify_source = None
+    if args.verify_images:
+        verify_source = _image_source(source_cfg, args.verify_dataset, args.verify_images_dir, "verify",
+                                      "--verify-images")
+
+    result = convert_checkpoint(args.weights, args.output, source_cfg, spec, target_cfg=target_cfg,
+                                file_format=args.format, overwrite=args.force,
+                                calibration_inputs=calibration_inputs, least_squares=method == "calibrate",
+                                distill_steps=steps, distill_heads=args.calib_distill_heads or "weights")
+    print(f"Wrote {result.output}: {result.scope} checkpoint from a {result.input_kind} checkpoint "
+          f"({result.seconds:.1f} s, verified against the target model).")
+    table = [[src, dst, n] for (src, dst), n in sorted(result.conversions.items())]
+    print(tabulate(table, headers=["converted from", "to", "layers"]))
+    print(f"transfer: {result.transfer}    groups: "
+          + (", ".join(f"{g} (x{n})" for g, n in sorted(result.groups.items())) or "-")
+          + f"    keys matched: {result.keys_matched}/{result.keys_expected}")
+    if result.fits:
+        before = sum(f.error_before for f in result.fits) / len(result.fits)
+        after = sum(f.error_after for f in result.fits) / len(result.fits)
+        print(f"calibration: {len(result.fits)} layers on {len(calibration_inputs)} images, "
+              f"mean relative error per layer {before:.4f} -> {after:.4f}")
+    if args.verify_images:
+        _print_agreement(args, source_cfg, result, verify_source)
+    return 0
+
+
+def _image_source(cfg, dataset: Optional[str], folder: Optional[str], flag: str, purpose: str):
+    """Where ``--{flag}-*`` images come from: ``--{flag}-images-dir``, ``--{flag}-dataset``, or
+    the source config's own training (calib) or test (verify) set if it is available here.
+    Never images of another domain by default: a COCO model is not calibrated on shapes."""
+    from ..data import check_dataset_files
+
+    if dataset and folder:
+        raise UsageError(f"--{flag}-dataset and --{flag}-images-dir: give one of them")
+    if folder:
+        return Path(folder)
+    if dataset:
+        return dataset
+    split = "TRAIN" if flag == "calib" else "TEST"
+    names = list(cfg.DATASETS[split])
+    try:
+        if not names:
+            raise FileNotFoundError(f"DATASETS.{split} is empty")
+        check_dataset_files(names[0])
+    except (FileNotFoundError, KeyError) as e:
+        reason = str(e.args[0] if isinstance(e, KeyError) and e.args else e).split(". ")[0]
+        raise UsageError(
+            f"{purpose} needs images of the model's own domain (no labels): the source config's "
+            f"DATASETS.{split} is not available here ({reason}); pass --{flag}-images-dir DIR (a "
+            f"folder of your JPEG/PNG images) or --{flag}-dataset NAME"
+        ) from None
+    return names[0]
+
+
+def _images(cfg, source, count: int, flag: str):
+    from ..data import load_images  # importing gn_det.data registers the shapes datasets
+
+    if count < 1:
+        raise UsageError(f"{flag} must be >= 1, got {count}")
+    try:
+        return load_images(cfg, source, count)
+    except KeyError as e:
+        raise UsageError(f"dataset {source!r} is not registered ({e})") from e
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def _print_agreement(args, source_cfg, result, source) -> None:
+    import copy
+
+    from tabulate import tabulate
+
+    from ..report import backbone_cosines
+    from ..convert import convert_norm_by_spec
+
+    inputs = _images(source_cfg, source, args.verify_images, "--verify-images")
+    cosines = backbone_cosines(result.source_model, result.target_model, inputs)
+    columns = [cosines]
+    headers = ["stage", f"cosine ({result.transfer})"]
+    if result.transfer != "copy":
+        from ..convert import NormSpec
+
+        baseline = convert_norm_by_spec(copy.deepcopy(result.source_model), NormSpec(transfer="copy"))
+        columns.append(backbone_cosines(result.source_model, baseline, inputs))
+        headers.append("cosine (copy)")
+    print(f"\nAgreement with the source model on {len(inputs)} images of {source} "
+          "(cosine of backbone outputs, 1 = identical):")
+    print(tabulate([[s] + [f"{c[s]:.4f}" for c in columns] for s in cosines], headers=headers))

@@ -1,0 +1,181 @@
+"""The visualisation programs: ``tools/visualize.py`` (:func:`visualize_main`) and
+``tools/plot_metrics.py`` (:func:`plot_metrics_main`), over :mod:`gn_det.visualize`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+from ..visualize import (PANEL_SETS, PathLike, default_visualize_dir, plot_metrics, read_metrics,
+                         visualize_predictions)
+
+__all__ = ["plot_metrics_main", "visualize_main"]
+
+logger = logging.getLogger(__name__)
+
+
+def _build_model(cfg, weights: PathLike):
+    from ..modeling.meta_arch import build_model
+
+    from ..checkpoint import Checkpointer
+
+    model = build_model(cfg)
+    # load_weights, not load: load() starts from random weights when the file is missing, and
+    # reports keys that do not fit only in the log.
+    incompatible = Checkpointer(model).load_weights(os.fspath(weights))
+    problems = list(incompatible.missing_keys) + [k for k, *_ in incompatible.incorrect_shapes]
+    if problems:
+        raise ValueError(
+            f"{weights} does not fit the config's model ({len(problems)} parameters missing or "
+            f"of another shape, e.g. {problems[0]}); is it the config the weights were "
+            "trained with?"
+        )
+    return model
+
+
+def _visualize_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tools/visualize.py",
+        description="Draw a trained model's predictions (masks, boxes, classes, scores) beside "
+        "the ground truth, one PNG per image of a registered dataset.",
+        epilog="Example: tools/visualize.py --config shapes/gn.yaml --weights "
+        "output/demo/model_final.pth --num-images 4",
+    )
+    config = parser.add_mutually_exclusive_group()
+    config.add_argument("--config", metavar="NAME", default="",
+                        help="a config by name in gn_det's configs/ (shapes/gn.yaml), or a path")
+    config.add_argument("--config-file", metavar="FILE", default="",
+                        help="a config file; default: config.yaml beside --weights "
+                        "(detectron2 writes it to OUTPUT_DIR)")
+    parser.add_argument("--weights", required=True, metavar="FILE",
+                        help="trained weights (any supported format)")
+    parser.add_argument("--dataset", default=None, metavar="NAME",
+                        help="registered dataset (default: the config's first DATASETS.TEST)")
+    parser.add_argument("--num-images", type=int, default=4, metavar="N",
+                        help="first N images (default 4)")
+    parser.add_argument("--output-dir", default=None, metavar="DIR",
+                        help="where the PNGs go (default: visualize/ beside --weights)")
+    parser.add_argument("--score-threshold", type=float, default=0.5, metavar="S",
+                        help="draw predictions scoring at least S (default 0.5)")
+    parser.add_argument("--scale", type=float, default=1.0, help="drawing scale (default 1.0)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing PNGs")
+    parser.add_argument("--allow-unsafe-yaml", action="store_true",
+                        help="accept configs that need yaml.unsafe_load (they can run code "
+                        "when loaded)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides")
+    return parser
+
+
+def _quiet_imports() -> None:
+    # Deprecation chatter from detectron2's imports, not actionable by a user of the tools.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def visualize_main(argv: Optional[List[str]] = None) -> int:
+    """``tools/visualize.py``; returns the exit code (2 with a one-line message on bad input)."""
+    parser = _visualize_parser()
+    args = parser.parse_args(argv)
+    if args.num_images < 1:
+        parser.error("--num-images must be >= 1")
+    if args.scale <= 0:
+        parser.error("--scale must be > 0")
+    _quiet_imports()
+
+    import torch
+
+    from .. import data  # noqa: F401  (registers the shapes datasets)
+    from ..checkpoint.io import CheckpointError
+    from .config_files import load_config, resolve_config_name
+
+    try:
+        name = args.config or args.config_file
+        if not name:
+            name = Path(args.weights).parent / "config.yaml"
+            if not name.is_file():
+                raise FileNotFoundError(f"no --config given and no {name} beside the weights")
+        cfg = load_config(resolve_config_name(name), allow_unsafe_yaml=args.allow_unsafe_yaml)
+        cfg.merge_from_list(args.opts)
+        if not torch.cuda.is_available():
+            cfg.MODEL.DEVICE = "cpu"
+        # Keep low-scoring boxes in the model's output too, so thresholds below its default work.
+        for heads in (cfg.MODEL.ROI_HEADS, cfg.MODEL.RETINANET):
+            heads.SCORE_THRESH_TEST = min(heads.SCORE_THRESH_TEST, args.score_threshold)
+        dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
+        if dataset is None:
+            raise ValueError("the config names no DATASETS.TEST; pass --dataset")
+        output_dir = Path(args.output_dir or default_visualize_dir(args.weights))
+        importlib.import_module("detectron2.utils.visualizer")  # needs OpenCV: fail before any work
+        model = _build_model(cfg, args.weights)
+        paths = visualize_predictions(
+            model, cfg, dataset, output_dir, num_images=args.num_images,
+            score_threshold=args.score_threshold, scale=args.scale, overwrite=args.force,
+        )
+    except (CheckpointError, OSError, KeyError, ValueError, AssertionError, ImportError) as e:
+        if args.debug:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        if isinstance(e, ImportError) and e.name == "cv2":
+            message = ("detectron2's Visualizer needs OpenCV, which is not installed "
+                       "(pip install opencv-python-headless)")
+        print(f"tools/visualize.py: error: {message}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"Wrote {path}")
+    return 0
+
+
+def _plot_metrics_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tools/plot_metrics.py",
+        description="Plot the losses, learning rate and AP of one or more detectron2 runs "
+        "(their metrics.json) overlaid in one PNG.",
+        epilog="Example: tools/plot_metrics.py output/shapes_bn output/shapes_gn "
+        "--labels BN GN --output norm_comparison.png",
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="a run's OUTPUT_DIR (holding metrics.json), or a metrics.json")
+    parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
+                        help="legend names, one per run (default: the folder names)")
+    parser.add_argument("--output", required=True, metavar="PNG", help="the image to write")
+    parser.add_argument("--dpi", type=int, default=100,
+                        help="pixels per inch (default 100; a panel is 4x3 in)")
+    parser.add_argument("--panels", choices=PANEL_SETS, default="all",
+                        help="all (AP first, then losses and the learning rate), ap, or losses")
+    parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def plot_metrics_main(argv: Optional[List[str]] = None) -> int:
+    """``tools/plot_metrics.py``; returns the exit code (2 with a one-line message on bad input)."""
+    parser = _plot_metrics_parser()
+    args = parser.parse_args(argv)
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        parser.error(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
+    if args.dpi < 1:
+        parser.error("--dpi must be >= 1")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    labels = args.labels or [None] * len(args.runs)
+    try:
+        runs = [read_metrics(run, label) for run, label in zip(args.runs, labels)]
+        for run, path in zip(runs, args.runs):
+            if not run.series:
+                logger.warning("%s: no values to plot (did the run log anything?).", path)
+        width, height = plot_metrics(runs, args.output, dpi=args.dpi, overwrite=args.force, panels=args.panels)
+    except (OSError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"tools/plot_metrics.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"Wrote {args.output} ({width}x{height}, {len(runs)} runs)")
+    return 0
