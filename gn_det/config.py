@@ -23,7 +23,11 @@ from .transfer import check_transfer
 __all__ = [
     "CONVERTING_META_ARCHITECTURE",
     "ConfigError",
+    "OPTIMIZERS",
     "add_gn_det_config",
+    "add_torchvision_backbone_config",
+    "add_trainer_config",
+    "check_trainer_config",
     "check_config",
     "convert_model_by_config",
     "get_cfg",
@@ -42,9 +46,6 @@ def add_gn_det_config(cfg: CfgNode) -> CfgNode:
     ``MODEL.NORM_CONVERSION`` (the switch), the trainer's ``SOLVER.OPTIMIZER`` /
     ``SOLVER.BETAS`` and the torchvision-backbone keys.
     """
-    from .engine import add_trainer_config
-    from .modeling.torchvision_backbone import add_torchvision_backbone_config
-
     _C = cfg
     _C.MODEL.NORM_CONVERSION = CfgNode()
     # Convert the built model's BatchNorm-family layers (BN, SyncBN, FrozenBN, ...) to TARGET.
@@ -73,6 +74,36 @@ def add_gn_det_config(cfg: CfgNode) -> CfgNode:
     _C.MODEL.NORM_CONVERSION.FOLDED_EXCLUDE = []
     add_trainer_config(cfg)
     add_torchvision_backbone_config(cfg)
+    return cfg
+
+
+OPTIMIZERS = ("SGD", "AdamW")  # SOLVER.OPTIMIZER
+
+
+def add_trainer_config(cfg: CfgNode) -> CfgNode:
+    """Add the keys of :class:`gn_det.engine.Trainer` (its solver) to ``cfg``, in place.
+    ``SOLVER.AMP.ENABLED`` is detectron2's: float16 on CUDA, bfloat16 on CPU here."""
+    # Optimizer of Trainer.build_optimizer: "SGD" (detectron2's: MOMENTUM, NESTEROV) or
+    # "AdamW" (BETAS); both with BASE_LR, WEIGHT_DECAY(_NORM/_BIAS) and gradient clipping.
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    # AdamW's (beta1, beta2).
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+    return cfg
+
+
+def check_trainer_config(cfg: CfgNode) -> None:
+    """Raises :class:`ConfigError` for an unknown ``SOLVER.OPTIMIZER``."""
+    optimizer = cfg.SOLVER.get("OPTIMIZER", "SGD")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"SOLVER.OPTIMIZER = {optimizer!r}: valid optimizers: {', '.join(OPTIMIZERS)}")
+
+
+def add_torchvision_backbone_config(cfg: CfgNode) -> CfgNode:
+    """Add the keys of :func:`gn_det.modeling.build_torchvision_resnet_fpn_backbone` (with
+    defaults) to ``cfg``, in place; returns it."""
+    cfg.MODEL.TORCHVISION_RESNET = CfgNode()
+    # torchvision's zero_init_residual: each residual block's last BN starts at γ = 0 (scratch).
+    cfg.MODEL.TORCHVISION_RESNET.ZERO_INIT_RESIDUAL = False
     return cfg
 
 
@@ -107,8 +138,6 @@ def check_config(cfg: CfgNode) -> None:
     Raises:
         ConfigError: naming the first bad key, its value and what is allowed.
     """
-    from .engine import check_trainer_config
-
     check_trainer_config(cfg)
     node = cfg.MODEL.get("NORM_CONVERSION")
     if node is None:

@@ -171,3 +171,11 @@ def _convert(module: nn.Module, name: str, spec: NormSpec, counts) -> nn.Module:
         if new_child is not child:
             module.add_module(child_name, new_child)
     return module
+
+
+def deprecated_target_options(num_groups: int = 32, dim_per_group=None, eps=None, transfer: str = "stats"):
+    """Deprecated: builders now receive the conversion's :class:`gn_det.NormSpec`."""
+    from . import _deprecated
+
+    spec = NormSpec(num_groups=num_groups, dim_per_group=dim_per_group, eps=eps, transfer=transfer)
+    return _deprecated.moved("gn_det.TargetOptions", "gn_det.NormSpec", spec)

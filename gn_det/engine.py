@@ -19,6 +19,7 @@ from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import Checkpointer
+from .config import OPTIMIZERS, add_trainer_config, check_trainer_config
 from .report import audit_norms
 
 __all__ = [
@@ -37,29 +38,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-OPTIMIZERS = ("SGD", "AdamW")  # SOLVER.OPTIMIZER
-
-
-def add_trainer_config(cfg: CfgNode) -> CfgNode:
-    """Add the trainer's solver keys (with defaults) to ``cfg``, in place; returns it.
-    ``SOLVER.AMP.ENABLED`` is detectron2's: float16 on CUDA, bfloat16 on CPU here."""
-    # Optimizer of Trainer.build_optimizer: "SGD" (detectron2's: MOMENTUM, NESTEROV) or
-    # "AdamW" (BETAS); both with BASE_LR, WEIGHT_DECAY(_NORM/_BIAS) and gradient clipping.
-    cfg.SOLVER.OPTIMIZER = "SGD"
-    # AdamW's (beta1, beta2).
-    cfg.SOLVER.BETAS = (0.9, 0.999)
-    return cfg
-
-
-def check_trainer_config(cfg: CfgNode) -> None:
-    """Raises ``gn_det.config.ConfigError`` for an unknown ``SOLVER.OPTIMIZER``."""
-    from .config import ConfigError
-
-    optimizer = cfg.SOLVER.get("OPTIMIZER", "SGD")
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"SOLVER.OPTIMIZER = {optimizer!r}: valid optimizers: {', '.join(OPTIMIZERS)}")
-
 
 def create_ddp_model(
     model: torch.nn.Module, *, fp16_compression: bool = False, **kwargs

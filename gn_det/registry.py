@@ -171,18 +171,13 @@ NORM_SOURCES = SourceRegistry()
 NORM_TARGETS = TargetRegistry()
 
 
-def TargetOptions(num_groups: int = 32, dim_per_group=None, eps=None, transfer: str = "stats"):  # noqa: N802
-    """Deprecated: builders now receive the conversion's :class:`gn_det.NormSpec`."""
-    from . import _deprecated
-    from .convert import NormSpec
-
-    spec = NormSpec(num_groups=num_groups, dim_per_group=dim_per_group, eps=eps, transfer=transfer)
-    return _deprecated.moved("gn_det.TargetOptions", "gn_det.NormSpec", spec)
-
-
 def __getattr__(name: str):
+    if name == "TargetOptions":
+        from .convert import deprecated_target_options
+
+        return deprecated_target_options
     if name == "NORM_CONVERTERS":
         from . import _deprecated
 
-        return _deprecated.moved("NORM_CONVERTERS", "NORM_SOURCES", NORM_SOURCES)
+        return _deprecated.moved("gn_det.NORM_CONVERTERS", "gn_det.NORM_SOURCES", NORM_SOURCES)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

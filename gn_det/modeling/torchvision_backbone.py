@@ -40,6 +40,7 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from torch import nn
 
 from ..checkpoint.torchvision_names import torchvision_resnet_to_detectron2_state_dict
+from ..config import add_torchvision_backbone_config  # noqa: F401  (its keys; re-exported)
 
 __all__ = [
     "TORCHVISION_PIXEL_MEAN",
@@ -67,14 +68,6 @@ _RESNETS = {
 }
 # detectron2's feature names for torchvision's stages.
 _STAGES = (("res2", "layer1"), ("res3", "layer2"), ("res4", "layer3"), ("res5", "layer4"))
-
-
-def add_torchvision_backbone_config(cfg: CfgNode) -> CfgNode:
-    """Add the torchvision backbone's keys (with defaults) to ``cfg``, in place; returns it."""
-    cfg.MODEL.TORCHVISION_RESNET = CfgNode()
-    # torchvision's zero_init_residual: each residual block's last BN starts at γ = 0 (scratch).
-    cfg.MODEL.TORCHVISION_RESNET.ZERO_INIT_RESIDUAL = False
-    return cfg
 
 
 class TorchvisionResNet(Backbone):
