@@ -12,7 +12,8 @@ with warnings.catch_warnings():
     # detectron2's first import, under torch >= 2.10 and setuptools 80, warns about its own
     # @torch.jit.script and pkg_resources use: not actionable here, and it would turn the CLI's
     # one-line errors into five lines.
-    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated",
+                            category=FutureWarning)
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     from . import layers  # noqa: F401  (registers the GN target first: NORM_TARGETS lists it first)
     from . import batch_norm, data, modeling  # noqa: F401  (register BN norms, datasets, detectron2 parts)

@@ -65,7 +65,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .inputs import heads_run_on_features, input_items, is_detectron2_model, sampled_regions, teacher_regions
+from .inputs import (heads_run_on_features, input_items, is_detectron2_model, sampled_regions,
+                     teacher_regions)
 from .layers import ConvertedGroupNorm
 from .registry import NORM_SOURCES
 
@@ -265,13 +266,15 @@ def _consumers(model: nn.Module) -> Dict[str, tuple]:
         elif kind in (d2.BasicBlock, d2.BottleneckBlock, d2.DeformBottleneckBlock):
             last = "conv2" if kind is d2.BasicBlock else "conv3"
             found.update({f"{at}conv1.norm": relu, f"{at}conv2.norm": relu})
-            found[f"{at}{last}.norm"] = ("residual", name, f"{at}shortcut" if m.shortcut is not None else None)
+            found[f"{at}{last}.norm"] = ("residual", name,
+                                         f"{at}shortcut" if m.shortcut is not None else None)
         elif kind is tv.ResNet:
             found[f"{at}bn1"] = relu
         elif kind in (tv.BasicBlock, tv.Bottleneck):
             last = "bn2" if kind is tv.BasicBlock else "bn3"
             found.update({f"{at}bn1": relu, f"{at}bn2": relu})
-            found[f"{at}{last}"] = ("residual", name, f"{at}downsample" if m.downsample is not None else None)
+            found[f"{at}{last}"] = ("residual", name,
+                                    f"{at}downsample" if m.downsample is not None else None)
     return found
 
 
@@ -391,8 +394,8 @@ def calibrate(
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     body, prefix = (student.backbone, "backbone.") if detectron2 else (student, "")
     order: List[str] = []
-    paired, local_pairs, residual_fits, relu_fits = _plan(student, pairs, prefix if sequential else None,
-                                                          objective, order)
+    paired, local_pairs, residual_fits, relu_fits = _plan(
+        student, pairs, prefix if sequential else None, objective, order)
     reuse_features = detectron2 and paired and local_pairs and heads_run_on_features(teacher)
 
     modes = student.training, teacher.training
@@ -419,7 +422,8 @@ def calibrate(
     fits += _local_fits(local_pairs, moments)
     if fits:
         logger.info("Calibrated %d GN layers: mean relative error %.4f -> %.4f.", len(fits),
-                    sum(f.error_before for f in fits) / len(fits), sum(f.error_after for f in fits) / len(fits))
+                    sum(f.error_before for f in fits) / len(fits),
+                    sum(f.error_after for f in fits) / len(fits))
     return fits
 
 

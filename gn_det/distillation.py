@@ -27,17 +27,18 @@ memory is one training step's activations at ``batch_size``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
+from contextlib import nullcontext
 from typing import Iterable, List
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .inputs import heads_run_on_features, input_items, is_detectron2_model, sampled_regions, teacher_regions
+from .inputs import (heads_run_on_features, input_items, is_detectron2_model, sampled_regions,
+                     teacher_regions)
 from .layers import ChannelAffine, ConvertedGroupNorm
 
 __all__ = ["DistillationResult", "HEADS", "distill"]
@@ -153,7 +154,7 @@ def distill(
     optimizer = torch.optim.Adam(groups)
     batches = _batches(items, batch_size, torch.Generator().manual_seed(seed))
     losses = []
-    caps = sampled_regions(teacher, head_proposals, head_detections) if roi else contextlib.nullcontext()
+    caps = sampled_regions(teacher, head_proposals, head_detections) if roi else nullcontext()
     try:
         with caps:
             for step in tqdm(range(steps), desc="distill", unit="step", disable=not progress):
@@ -168,11 +169,11 @@ def distill(
         for p, flag in flags.items():
             p.requires_grad_(flag)
         student.train(modes[0]), teacher.train(modes[1])
+    n_affine, n_head = (sum(p.numel() for p in ps) for ps in (trained, head_parameters))
     logger.info("Distilled %d GN affine and %d head parameters in %d steps: loss %.4f -> %.4f.",
-                sum(p.numel() for p in trained), sum(p.numel() for p in head_parameters), steps,
-                losses[0], losses[-1])
+                n_affine, n_head, steps, losses[0], losses[-1])
     trained_heads = "weights" if head_parameters else "norms" if roi else "none"
-    return DistillationResult(losses, sum(p.numel() for p in trained + head_parameters), trained_heads)
+    return DistillationResult(losses, n_affine + n_head, trained_heads)
 
 
 def _parameters_to_train(student: nn.Module, teacher: nn.Module, heads: str) -> tuple:
@@ -182,8 +183,8 @@ def _parameters_to_train(student: nn.Module, teacher: nn.Module, heads: str) -> 
     roi = heads != "none" and detectron2 and _has_roi_heads(student) and _has_roi_heads(teacher)
     parts = [student.backbone] if detectron2 else [student]
     if roi:
-        parts += [m for m in (student.roi_heads.box_head, getattr(student.roi_heads, "mask_head", None))
-                  if m is not None]
+        parts += [m for m in (student.roi_heads.box_head,
+                              getattr(student.roi_heads, "mask_head", None)) if m is not None]
     trained = [p for part in parts for m in part.modules()
                if isinstance(m, (ConvertedGroupNorm, ChannelAffine)) and getattr(m, "affine", True)
                for p in (m.weight, m.bias) if p.requires_grad]

@@ -70,12 +70,15 @@ class FoldReport:
         return found
 
 
-def _group_norms(model: nn.Module, include: Tuple[str, ...], exclude: Tuple[str, ...]) -> Dict[str, nn.GroupNorm]:
+def _group_norms(model: nn.Module, include: Tuple[str, ...],
+                 exclude: Tuple[str, ...]) -> Dict[str, nn.GroupNorm]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.GroupNorm) and m.affine
             and (not include or _matches(name, include)) and not _matches(name, exclude)}
 
 
-def group_statistics(model: nn.Module, images, layers: Dict[str, nn.GroupNorm]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+def group_statistics(
+    model: nn.Module, images, layers: Dict[str, nn.GroupNorm]
+) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, the mean and variance of each group of its input, pooled over every pixel
     (and region) of every image: ``{name: (mean (G,), variance (G,))}`` in float64."""
     sums = {name: torch.zeros(3, gn.num_groups, dtype=torch.float64) for name, gn in layers.items()}
@@ -91,7 +94,8 @@ def group_statistics(model: nn.Module, images, layers: Dict[str, nn.GroupNorm]) 
         s[2] += grouped.pow(2).sum((0, 2))
         sums[name] = s
 
-    handles = [gn.register_forward_pre_hook(lambda m, i, name=name: hook(m, i, name)) for name, gn in layers.items()]
+    handles = [gn.register_forward_pre_hook(lambda m, i, name=name: hook(m, i, name))
+               for name, gn in layers.items()]
     training = model.training
     model.eval()
     try:
@@ -112,8 +116,10 @@ def group_statistics(model: nn.Module, images, layers: Dict[str, nn.GroupNorm]) 
 def _affine_from(gn: nn.GroupNorm, mean: torch.Tensor, variance: torch.Tensor) -> ChannelAffine:
     per_group = gn.num_channels // gn.num_groups
     mean_c = mean.repeat_interleave(per_group).to(gn.weight)
-    scale = gn.weight.detach() / (variance.repeat_interleave(per_group) + gn.eps).sqrt().to(gn.weight)
-    return ChannelAffine(gn.num_channels, scale, gn.bias.detach() - scale * mean_c, source=type(gn).__name__)
+    scale = (gn.weight.detach()
+             / (variance.repeat_interleave(per_group) + gn.eps).sqrt().to(gn.weight))
+    return ChannelAffine(gn.num_channels, scale, gn.bias.detach() - scale * mean_c,
+                         source=type(gn).__name__)
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -179,7 +185,8 @@ def fold_for_inference(
     from .distillation import distill
 
     if distill_steps < 0 or batch_size < 1:
-        raise ValueError(f"distill_steps must be >= 0 and batch_size >= 1, got {distill_steps}, {batch_size}")
+        raise ValueError(f"distill_steps must be >= 0 and batch_size >= 1, got {distill_steps}, "
+                         f"{batch_size}")
     include, exclude = _as_prefixes(include, "include"), _as_prefixes(exclude, "exclude")
     student = copy.deepcopy(model).eval()
     layers = _group_norms(student, include, exclude)
@@ -192,16 +199,17 @@ def fold_for_inference(
         statistics = f"{count} images"
     else:
         stats, statistics = {}, "data-free (mean 0, variance 1)"
-        logger.warning("Folding GroupNorm without images: each layer's statistics are taken as mean 0 and "
-                       "variance 1 (its affine alone), right only where inputs are standardised.")
+        logger.warning("Folding GroupNorm without images: each layer's statistics are taken as "
+                       "mean 0 and variance 1 (its affine alone), right only where inputs are "
+                       "standardised.")
     for name, gn in layers.items():
         mean, variance = stats.get(name, (torch.zeros(gn.num_groups, dtype=torch.float64),
                                           torch.ones(gn.num_groups, dtype=torch.float64)))
         _replace(student, name, _affine_from(gn, mean.cpu(), variance.cpu()))
     result = None
     if images is not None and distill_steps > 0:
-        result = distill(student, model, images, steps=distill_steps, batch_size=batch_size, heads=distill_heads,
-                         progress=progress)
+        result = distill(student, model, images, steps=distill_steps, batch_size=batch_size,
+                         heads=distill_heads, progress=progress)
     outcome = _fold_into_convs(student, layers)
     rows = [(name, type(layers[name]).__name__, outcome[name]) for name in layers]
     rows += [(n, type(m).__name__, "kept as GN") for n, m in student.named_modules()
@@ -222,13 +230,15 @@ def fold_frozen_batchnorm(model: nn.Module) -> int:
         if isinstance(module, Conv2d) and isinstance(module.norm, FrozenBatchNorm2d):
             frozen = module.norm
             scale = frozen.weight * (frozen.running_var + frozen.eps).rsqrt()
-            module.norm = ChannelAffine(frozen.num_features, scale, frozen.bias - frozen.running_mean * scale,
+            module.norm = ChannelAffine(frozen.num_features, scale,
+                                        frozen.bias - frozen.running_mean * scale,
                                         source="FrozenBatchNorm2d")
             names.append(f"{name}.norm")
     return sum(1 for v in _fold_into_convs(model, names).values() if v == "folded into the conv")
 
 
-def folded_architecture(model: nn.Module, *, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> nn.Module:
+def folded_architecture(model: nn.Module, *, include: Sequence[str] = (),
+                        exclude: Sequence[str] = ()) -> nn.Module:
     """Give ``model`` the structure :func:`fold_for_inference` leaves, in place, with no weights
     computed: each selected GroupNorm that is a detectron2 ``Conv2d``'s norm is removed and the
     convolution gets a bias; any other selected GroupNorm becomes a :class:`ChannelAffine`. A
@@ -240,10 +250,12 @@ def folded_architecture(model: nn.Module, *, include: Sequence[str] = (), exclud
     for name, gn in _group_norms(model, include, exclude).items():
         conv = holders.get(name)
         if conv is None:
-            _replace(model, name, ChannelAffine(gn.num_channels, gn.weight, gn.bias, source=type(gn).__name__))
+            _replace(model, name, ChannelAffine(gn.num_channels, gn.weight, gn.bias,
+                                                source=type(gn).__name__))
             continue
         conv.norm = None
         if conv.bias is None:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device,
-                                                 dtype=conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+                                                 dtype=conv.weight.dtype),
+                                     requires_grad=conv.weight.requires_grad)
     return model

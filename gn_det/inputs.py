@@ -50,7 +50,8 @@ def sampled_regions(model: nn.Module, proposals: int, detections: int):
 
 def _what(item) -> str:
     """An input, as the error messages name it: a tensor's shape, else its type."""
-    return f"a tensor of shape {tuple(item.shape)}" if isinstance(item, torch.Tensor) else type(item).__name__
+    return (f"a tensor of shape {tuple(item.shape)}" if isinstance(item, torch.Tensor)
+            else type(item).__name__)
 
 
 def _detectron2_images(item) -> list:
@@ -77,13 +78,13 @@ def input_items(model: nn.Module, inputs: Iterable):
     model, else the tensors concatenated along the batch (empty if none). ``inputs`` may be one
     batch tensor (N, C, ...) or an iterable of them (of dicts, for detectron2 models)."""
     if is_detectron2_model(model):
-        return _detectron2_images(inputs if isinstance(inputs, (torch.Tensor, dict)) else list(inputs))
+        return _detectron2_images(inputs if isinstance(inputs, (torch.Tensor, dict))
+                                  else list(inputs))
     tensors = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
     for tensor in tensors:
         if not (isinstance(tensor, torch.Tensor) and tensor.dim() >= 2):
-            raise ValueError(
-                f"inputs of a plain module are batch tensors (N, C, ...) or a list of them; got {_what(tensor)}"
-            )
+            raise ValueError("inputs of a plain module are batch tensors (N, C, ...) or a list of "
+                             f"them; got {_what(tensor)}")
     if len({tensor.shape[1:] for tensor in tensors}) > 1:
         raise ValueError("input batches differ in their per-sample shape (C, ...): "
                          + ", ".join(str(tuple(tensor.shape)) for tensor in tensors))

@@ -161,8 +161,10 @@ class ChannelAffine(nn.Module):
         super().__init__()
         self.num_channels = num_channels
         self.source = source
-        self.weight = nn.Parameter(torch.ones(num_channels) if weight is None else weight.detach().clone())
-        self.bias = nn.Parameter(torch.zeros(num_channels) if bias is None else bias.detach().clone())
+        self.weight = nn.Parameter(torch.ones(num_channels) if weight is None
+                                   else weight.detach().clone())
+        self.bias = nn.Parameter(torch.zeros(num_channels) if bias is None
+                                 else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)

@@ -140,7 +140,8 @@ def audit_norms(model: nn.Module, images_per_gpu: int, world_size: int = 1) -> L
 
 
 @torch.no_grad()
-def backbone_cosines(reference: nn.Module, other: nn.Module, inputs: List[dict]) -> Dict[str, float]:
+def backbone_cosines(reference: nn.Module, other: nn.Module,
+                     inputs: List[dict]) -> Dict[str, float]:
     """Mean over images of the cosine between the two models' backbone outputs, per stage.
 
     Both models are run in eval mode on one image at a time (BN uses its running statistics).

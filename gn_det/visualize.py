@@ -339,7 +339,8 @@ def _panels(runs: Sequence[RunMetrics], which: str = "all") -> List[Tuple[str, s
     present = set().union(*(run.series for run in runs))
     ap_panels = []
     for suffix, title in AP_KEYS.items():
-        ap_panels += [(k, f"{k} ({title}), evaluation") for k in sorted(present) if _ap_suffix(k) == suffix]
+        ap_panels += [(k, f"{k} ({title}), evaluation") for k in sorted(present)
+                      if _ap_suffix(k) == suffix]
     losses = [k for k in LOSS_KEYS if k in present]
     losses += sorted(k for k in present if k.startswith("loss_") and k not in LOSS_KEYS)
     loss_panels = [("total_loss", "total_loss")] if "total_loss" in present else []
@@ -383,7 +384,8 @@ def plot_metrics(runs: Sequence[RunMetrics], output: PathLike, *, dpi: int = 100
 
     which, panels = panels, _panels(runs, panels)
     if not panels:
-        raise ValueError(f"no run has {'training or evaluation' if which == 'all' else which} values to plot")
+        raise ValueError(f"no run has {'training or evaluation' if which == 'all' else which} "
+                         "values to plot")
     if os.path.lexists(output) and not overwrite:
         raise FileExistsError(f"{output} exists; pass --force to overwrite")
     columns = min(_PANEL_COLUMNS, len(panels))

@@ -69,4 +69,5 @@ class Checkpointer(DetectionCheckpointer):
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Point ``last_checkpoint`` (what ``--resume`` reads) at a saved file, atomically."""
-        write_text_atomically(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename)
+        write_text_atomically(os.path.join(self.save_dir, "last_checkpoint"),
+                              last_filename_basename)

@@ -113,7 +113,8 @@ def _target_config(source_cfg: CfgNode, target_cfg: Optional[CfgNode], spec: Nor
 #: Config keys that say how a model reads its input: weights trained under one setting are wrong
 #: under another (MSRA's ImageNet ResNets: BGR, std 1, stride in the 1x1 conv; torchvision's:
 #: RGB, std-normalised, stride in the 3x3), though every tensor still fits.
-INPUT_CONVENTION_KEYS = ("INPUT.FORMAT", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "MODEL.RESNETS.STRIDE_IN_1X1")
+INPUT_CONVENTION_KEYS = ("INPUT.FORMAT", "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD",
+                         "MODEL.RESNETS.STRIDE_IN_1X1")
 
 
 def _value(cfg: CfgNode, key: str):
@@ -129,7 +130,8 @@ def check_input_conventions(source_cfg: CfgNode, target_cfg: CfgNode) -> None:
     Raises:
         CheckpointError: naming each key of :data:`INPUT_CONVENTION_KEYS` that differs.
     """
-    differ = [f"{key} {_value(source_cfg, key)} -> {_value(target_cfg, key)}" for key in INPUT_CONVENTION_KEYS
+    differ = [f"{key} {_value(source_cfg, key)} -> {_value(target_cfg, key)}"
+              for key in INPUT_CONVENTION_KEYS
               if _value(source_cfg, key) != _value(target_cfg, key)]
     if differ:
         raise CheckpointError(
@@ -160,7 +162,8 @@ def _output_object(model: nn.Module, scope: str, file_format: str) -> dict:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     heuristics = scope == "backbone"
     if heuristics:
-        state = {k[len(BOTTOM_UP_PREFIX):]: v for k, v in state.items() if k.startswith(BOTTOM_UP_PREFIX)}
+        state = {k[len(BOTTOM_UP_PREFIX):]: v for k, v in state.items()
+                 if k.startswith(BOTTOM_UP_PREFIX)}
     if file_format == "safetensors":  # its metadata holds strings only
         return {"model": state, "__author__": "gn_det", "matching_heuristics": str(heuristics)}
     return {"model": state, "__author__": "gn_det", "matching_heuristics": heuristics}
@@ -187,19 +190,22 @@ def _verify(target: nn.Module, converted: nn.Module, file: Path, scope: str) -> 
     return matched, len(expected)
 
 
-def _write_verified(model: nn.Module, target: nn.Module, output_path: Path, scope: str, file_format: str,
-                    overwrite: bool) -> Tuple[int, int]:
+def _write_verified(model: nn.Module, target: nn.Module, output_path: Path, scope: str,
+                    file_format: str, overwrite: bool) -> Tuple[int, int]:
     """Write ``model``'s state to a temporary file beside ``output_path``, load it into
     ``target`` through the training loader and check it fits, then rename it into place.
     Returns (keys matched, keys expected); any failure leaves no output."""
-    fd, temporary = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".verify", dir=output_path.parent)
+    fd, temporary = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".verify",
+                                     dir=output_path.parent)
     os.close(fd)
     os.unlink(temporary)
     try:
-        save_checkpoint_file(_output_object(model, scope, file_format), temporary, file_format=file_format)
+        save_checkpoint_file(_output_object(model, scope, file_format), temporary,
+                             file_format=file_format)
         matched = _verify(target, model, Path(temporary), scope)
         if output_path.exists() and not overwrite:
-            raise CheckpointError(f"{output_path}: appeared during conversion; pass --force to overwrite")
+            raise CheckpointError(f"{output_path}: appeared during conversion; "
+                                  "pass --force to overwrite")
         os.replace(temporary, output_path)
     finally:
         if os.path.exists(temporary):
@@ -231,9 +237,9 @@ class FoldResult:
     target_model: nn.Module  # the folded model loaded from the output file
 
 
-def fold_checkpoint(weights_path: str, output: str, cfg: CfgNode, *, images=None, exclude: Sequence[str] = (),
-                    distill_steps: int = 100, file_format: Optional[str] = None,
-                    overwrite: bool = False) -> FoldResult:
+def fold_checkpoint(weights_path: str, output: str, cfg: CfgNode, *, images=None,
+                    exclude: Sequence[str] = (), distill_steps: int = 100,
+                    file_format: Optional[str] = None, overwrite: bool = False) -> FoldResult:
     """
     Fold the GN model of ``cfg`` with the weights at ``weights_path`` for inference
     (:func:`gn_det.folding.fold_for_inference`: statistics from ``images``, or data-free
@@ -260,20 +266,23 @@ def fold_checkpoint(weights_path: str, output: str, cfg: CfgNode, *, images=None
     scope = "detector" if any(not k.startswith(BOTTOM_UP_PREFIX) and k not in _IGNORED_MODEL_KEYS
                               for k in matched) else "backbone"
     try:
-        folded, report = fold_for_inference(source, images, exclude=exclude,
-                                             distill_steps=distill_steps if images is not None else 0)
+        folded, report = fold_for_inference(
+            source, images, exclude=exclude,
+            distill_steps=distill_steps if images is not None else 0)
     except ValueError as e:
         raise CheckpointError(f"{weights_path}: {e}") from e
     target_cfg = source_cfg.clone()
     target_cfg.MODEL.NORM_CONVERSION.FOLDED = True
     target_cfg.MODEL.NORM_CONVERSION.FOLDED_EXCLUDE = list(exclude)
     target = build_model(target_cfg)
-    keys_matched, keys_expected = _write_verified(folded, target, output_path, scope, file_format, overwrite)
-    return FoldResult(output_path, weights.kind, report, keys_matched, keys_expected, time.perf_counter() - start,
-                      source, target)
+    keys_matched, keys_expected = _write_verified(folded, target, output_path, scope, file_format,
+                                                  overwrite)
+    return FoldResult(output_path, weights.kind, report, keys_matched, keys_expected,
+                      time.perf_counter() - start, source, target)
 
 
-_DISTILLED = {"weights": "GN affine, ROI-head weights", "norms": "GN affine", "none": "backbone GN affine"}
+_DISTILLED = {"weights": "GN affine, ROI-head weights", "norms": "GN affine",
+              "none": "backbone GN affine"}
 
 
 def _fit(converted, source, inputs, least_squares: bool, distill_steps: int, distill_heads: str):
@@ -283,7 +292,8 @@ def _fit(converted, source, inputs, least_squares: bool, distill_steps: int, dis
         return None, distill_heads
     fits = calibrate(converted, source, inputs) if least_squares else None
     if distill_steps > 0:
-        distill_heads = distill(converted, source, inputs, steps=distill_steps, heads=distill_heads).heads
+        distill_heads = distill(converted, source, inputs, steps=distill_steps,
+                                heads=distill_heads).heads
     return fits, distill_heads
 
 
@@ -337,7 +347,8 @@ def convert_checkpoint(
 
     source = build_model(_without_conversion(source_cfg)).eval()
     matched = _load_into_source(weights, source, weights_path)
-    outside_backbone = [k for k in matched if not k.startswith(BOTTOM_UP_PREFIX) and k not in _IGNORED_MODEL_KEYS]
+    outside_backbone = [k for k in matched
+                        if not k.startswith(BOTTOM_UP_PREFIX) and k not in _IGNORED_MODEL_KEYS]
     scope = "detector" if outside_backbone else "backbone"
 
     converted = convert_norm_by_spec(copy.deepcopy(source), spec)
@@ -347,7 +358,8 @@ def convert_checkpoint(
     conversions = collections.Counter((r.source, r.type) for r in rows)
     groups = collections.Counter(r.groups for r in rows if r.groups)
     target = build_model(_target_config(source_cfg, target_cfg, spec))
-    keys_matched, keys_expected = _write_verified(converted, target, output_path, scope, file_format, overwrite)
+    keys_matched, keys_expected = _write_verified(converted, target, output_path, scope,
+                                                  file_format, overwrite)
     return ConversionResult(
         output=output_path,
         input_kind=weights.kind,

@@ -383,7 +383,8 @@ def _replace_atomically(path: str, folder: str, write: Callable[[int, str], None
     ``fd``), then rename it onto ``path``: readers see the old file or the complete new one. On
     any exception (KeyboardInterrupt too) the temporary file is removed and ``path`` untouched.
     """
-    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, temp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                     suffix=".tmp")
     try:
         write(fd, temp_path)
         os.chmod(temp_path, 0o666 & ~_umask())  # mkstemp creates 0600

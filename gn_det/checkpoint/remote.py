@@ -61,7 +61,8 @@ def local_weights_path(path: str) -> str:
     try:
         address, cached = _download_url(path), cache_path(path)
     except Exception as e:  # noqa: BLE001  (a scheme or catalog name detectron2 does not know)
-        raise CheckpointError(f"{path}: not a URL detectron2 can fetch ({e}); pass a local path") from e
+        raise CheckpointError(f"{path}: not a URL detectron2 can fetch ({e}); "
+                              "pass a local path") from e
     if os.path.isfile(cached):
         return cached
     from iopath.common.download import download

@@ -87,7 +87,8 @@ class _ArrayStub:
         if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
             raise ValueError(f"bad array shape {shape!r:.80}")
         if len(data) != int(np.prod(shape, dtype=np.float64)) * dtype.itemsize:
-            raise ValueError(f"array of shape {shape} and dtype {dtype} with {len(data)} bytes of data")
+            raise ValueError(f"array of shape {shape} and dtype {dtype} with {len(data)} "
+                             "bytes of data")
         flat = np.frombuffer(data, dtype=dtype) if data else np.empty(0, dtype)
         self.array = flat.reshape(shape, order="F" if fortran else "C").copy()
 

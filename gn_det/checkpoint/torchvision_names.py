@@ -32,7 +32,7 @@ def torchvision_resnet_to_detectron2_state_dict(
     state_dict: Mapping[str, torch.Tensor], prefix: str = "backbone.bottom_up."
 ) -> "collections.OrderedDict[str, torch.Tensor]":
     """
-    Map a torchvision ResNet state dict onto a model with a :class:`gn_det.modeling.TorchvisionResNet`.
+    Map torchvision ResNet weights onto a model with a :class:`gn_det.modeling.TorchvisionResNet`.
 
     ``fc.*`` (the ImageNet classifier) is dropped and every other key gets ``prefix``. The result
     loads with ``model.load_state_dict(result, strict=False)`` with no unexpected keys (for a
@@ -43,8 +43,8 @@ def torchvision_resnet_to_detectron2_state_dict(
     Args:
         state_dict: ``torchvision.models.resnet*().state_dict()`` or a file of one, loaded
             (e.g. ``torch.load(path, weights_only=True)``).
-        prefix: where the bottom-up sits in the model: ``"backbone.bottom_up."`` for a
-            detectron2 meta-architecture with :func:`gn_det.modeling.build_torchvision_resnet_fpn_backbone`,
+        prefix: where the bottom-up sits in the model: ``"backbone.bottom_up."`` for a detectron2
+            meta-architecture with :func:`gn_det.modeling.build_torchvision_resnet_fpn_backbone`,
             ``""`` for a :class:`gn_det.modeling.TorchvisionResNet` on its own.
 
     Returns:

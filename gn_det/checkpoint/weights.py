@@ -128,7 +128,8 @@ def read_weights(path: str) -> Weights:
         )
     # torch.save: a detectron2 checkpoint {"model": ...}, or a bare state dict.
     if isinstance(raw.get("model"), dict):
-        extra = {k: v for k, v in raw.items() if k not in ("model", "matching_heuristics", "__author__")}
+        extra = {k: v for k, v in raw.items()
+                 if k not in ("model", "matching_heuristics", "__author__")}
         return Weights(
             _tensors(path, raw["model"]),
             "detectron2",
@@ -142,7 +143,9 @@ def read_weights(path: str) -> Weights:
     return Weights(state, "detectron2", author="detectron2")
 
 
-def torchvision_to_detectron2_resnet_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def torchvision_to_detectron2_resnet_names(
+    state: Dict[str, torch.Tensor]
+) -> Dict[str, torch.Tensor]:
     """A torchvision ResNet state dict renamed to detectron2's ResNet (``res2.0.conv1.norm...``),
     as detectron2's ``convert-torchvision-to-d2.py`` does; ``fc`` is dropped."""
     renamed = {}
@@ -153,7 +156,8 @@ def torchvision_to_detectron2_resnet_names(state: Dict[str, torch.Tensor]) -> Di
         new = re.sub(r"^bn1\.", "stem.conv1.norm.", new)
         new = re.sub(r"^layer(\d)", lambda m: f"res{int(m.group(1)) + 1}", new)
         new = re.sub(r"\.bn(\d)\.", r".conv\1.norm.", new)
-        new = new.replace(".downsample.0.", ".shortcut.").replace(".downsample.1.", ".shortcut.norm.")
+        new = new.replace(".downsample.0.", ".shortcut.")
+        new = new.replace(".downsample.1.", ".shortcut.norm.")
         renamed[new] = value
     return renamed
 

@@ -8,8 +8,8 @@
 
 Bad input (missing, corrupt or unsafe file, a checkpoint that does not fit, a bad config key,
 conflicting flags) exits with code 2 and one line naming the file and the problem; ``--debug``
-shows the traceback. ``gn-det train`` is ``tools/train_net.py`` (:func:`gn_det.cli.train.launch_from_args`):
-the same flags, single- or multi-GPU, multi-node.
+shows the traceback. ``gn-det train`` is ``tools/train_net.py``
+(:func:`gn_det.cli.train.launch_from_args`): the same flags, single- or multi-GPU, multi-node.
 """
 
 from __future__ import annotations
@@ -32,21 +32,22 @@ logger = logging.getLogger(__name__)
 def _add_conversion_flags(parser, folded: bool = False) -> None:
     parser.add_argument("--to", default=None, metavar="TARGET",
                         help="norm to convert to: GN (default), FrozenBN, BN, SyncBN or naiveSyncBN"
-                        + ("; or folded: a GN model in its inference form, GroupNorm folded into the "
-                           "convolutions (gn_det.folding)" if folded else ""))
+                        + ("; or folded: a GN model in its inference form, GroupNorm folded "
+                           "into the convolutions (gn_det.folding)" if folded else ""))
     groups = parser.add_mutually_exclusive_group()
     groups.add_argument("--num-groups", type=int, default=None, help="GN groups (default 32)")
     groups.add_argument("--dim-per-group", type=int, default=None,
                         help="GN channels per group, instead of --num-groups")
     parser.add_argument("--transfer", default=None, choices=TRANSFERS + ("calibrate", "distill"),
                         help="BN -> GN weight transfer (default stats: uses BN running statistics; "
-                        "calibrate: stats, then a least-squares fit on images; distill: stats, then "
-                        "feature distillation on images, what keeps most of a detector's AP; "
+                        "calibrate: stats, then a least-squares fit on images; distill: stats, "
+                        "then feature distillation on images, what keeps most of a detector's AP; "
                         "these two for convert only)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gn-det", description="Group Normalization for detectron2 models.")
+    parser = argparse.ArgumentParser(prog="gn-det",
+                                     description="Group Normalization for detectron2 models.")
     parser.add_argument("--version", action="version", version=f"gn-det {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -76,12 +77,14 @@ def _add_convert_parser(sub) -> None:
     )
     convert.add_argument("--weights", required=True, metavar="IN", help="the checkpoint to convert")
     convert.add_argument("--output", required=True, metavar="OUT", help="where to write the result")
-    convert.add_argument("--config-file", "--config", dest="config_file", default=None, metavar="SRC",
-                         help=f"config the weights were trained with: a path, one of gn_det's configs "
-                         f"or of detectron2's model zoo (default {DEFAULT_SOURCE_CONFIG})")
+    convert.add_argument("--config-file", "--config", dest="config_file", default=None,
+                         metavar="SRC",
+                         help=f"config the weights were trained with: a path, one of gn_det's "
+                         f"configs or of detectron2's model zoo (default {DEFAULT_SOURCE_CONFIG})")
     convert.add_argument("--target-config", default=None, metavar="DST",
                          help="config that must load the output (default: the source config with "
-                         "conversion on); its MODEL.NORM_CONVERSION, if enabled, decides the conversion")
+                         "conversion on); its MODEL.NORM_CONVERSION, if enabled, decides the "
+                         "conversion")
     _add_conversion_flags(convert, folded=True)
     convert.add_argument("--fold-exclude", nargs="+", default=[], metavar="PREFIX",
                          help="with --to folded: module-name prefixes whose GroupNorm stays "
@@ -92,17 +95,17 @@ def _add_convert_parser(sub) -> None:
     convert.add_argument("--verify-images", type=int, default=0, metavar="N",
                          help="also compare source and converted backbones on N images")
     convert.add_argument("--verify-dataset", default=None, metavar="NAME",
-                         help="registered dataset for --verify-images (default: the source config's "
-                         "DATASETS.TEST, if its files are here)")
+                         help="registered dataset for --verify-images (default: the source "
+                         "config's DATASETS.TEST, if its files are here)")
     convert.add_argument("--verify-images-dir", default=None, metavar="DIR",
                          help="a folder of JPEG/PNG images for --verify-images instead")
     convert.add_argument("--calib-images-dir", default=None, metavar="DIR",
-                         help="images for --transfer calibrate or distill: any folder of JPEG/PNG files "
-                         "of the model's domain (searched recursively, the first N in sorted order, "
-                         "resized as the source config tests); no labels needed")
+                         help="images for --transfer calibrate or distill: any folder of JPEG/PNG "
+                         "files of the model's domain (searched recursively, the first N in sorted "
+                         "order, resized as the source config tests); no labels needed")
     convert.add_argument("--calib-dataset", default=None, metavar="NAME",
-                         help="a registered dataset for --transfer calibrate or distill instead (default: "
-                         "the source config's DATASETS.TRAIN, if its files are here)")
+                         help="a registered dataset for --transfer calibrate or distill instead "
+                         "(default: the source config's DATASETS.TRAIN, if its files are here)")
     convert.add_argument("--calib-images", type=int, default=None, metavar="N",
                          help="images for --transfer calibrate or distill (default 32)")
     convert.add_argument("--calib-distill-steps", type=int, default=None, metavar="K",
@@ -110,9 +113,10 @@ def _add_convert_parser(sub) -> None:
                          "(gn_det.distill): after the least-squares fit with --transfer calibrate "
                          "(default 0: none), from stats with --transfer distill (default 100)")
     convert.add_argument("--calib-distill-heads", default=None, choices=HEADS,
-                         help="what the distillation trains in a detector's ROI heads: weights (default): "
-                         "their GN affine and all their weights, what keeps most AP; norms: their GN "
-                         "affine only; none: the backbone alone. A backbone checkpoint: always none")
+                         help="what the distillation trains in a detector's ROI heads: weights "
+                         "(default): their GN affine and all their weights, what keeps most AP; "
+                         "norms: their GN affine only; none: the backbone alone. A backbone "
+                         "checkpoint: always none")
     convert.add_argument("--debug", action="store_true", help="show tracebacks")
     convert.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                          help="overrides of the source config")

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-__all__ = ["DEFAULT_FOLD_CONFIG", "DEFAULT_SOURCE_CONFIG", "UsageError", "cmd_convert", "cmd_inspect"]
+__all__ = ["DEFAULT_FOLD_CONFIG", "DEFAULT_SOURCE_CONFIG", "UsageError", "cmd_convert",
+           "cmd_inspect"]
 
 DEFAULT_SOURCE_CONFIG = "mask_rcnn_R_50_FPN_bn.yaml"
 DEFAULT_FOLD_CONFIG = "gn_mask_rcnn.yaml"
@@ -91,8 +92,10 @@ def _cmd_fold(args) -> int:
 
     from ..checkpoint.convert import fold_checkpoint
 
-    conflicting = [f for f, v in (("--target-config", args.target_config), ("--transfer", args.transfer),
-                                  ("--num-groups", args.num_groups), ("--dim-per-group", args.dim_per_group),
+    conflicting = [f for f, v in (("--target-config", args.target_config),
+                                  ("--transfer", args.transfer),
+                                  ("--num-groups", args.num_groups),
+                                  ("--dim-per-group", args.dim_per_group),
                                   ("--calib-distill-heads", args.calib_distill_heads),
                                   ("--verify-images", args.verify_images or None)) if v is not None]
     if conflicting:
@@ -103,23 +106,29 @@ def _cmd_fold(args) -> int:
     cfg = _load_cfg(args.config_file or DEFAULT_FOLD_CONFIG, args.opts)
     images = None
     try:
-        source = _image_source(cfg, args.calib_dataset, args.calib_images_dir, "calib", "--to folded")
+        source = _image_source(cfg, args.calib_dataset, args.calib_images_dir, "calib",
+                               "--to folded")
     except UsageError:
-        print("warning: no calibration images (the source config's training set is not here, and neither "
-              "--calib-images-dir nor --calib-dataset was given): folding with data-free statistics "
-              "(mean 0, variance 1), which are right only for standardised inputs", file=sys.stderr)
+        print("warning: no calibration images (the source config's training set is not here, "
+              "and neither --calib-images-dir nor --calib-dataset was given): folding with "
+              "data-free statistics (mean 0, variance 1), which are right only for standardised "
+              "inputs", file=sys.stderr)
     else:
-        images = _images(cfg, source, args.calib_images if args.calib_images is not None else 32, "--calib-images")
-    result = fold_checkpoint(args.weights, args.output, cfg, images=images, exclude=args.fold_exclude,
-                             distill_steps=steps, file_format=args.format, overwrite=args.force)
+        images = _images(cfg, source, args.calib_images if args.calib_images is not None else 32,
+                         "--calib-images")
+    result = fold_checkpoint(args.weights, args.output, cfg, images=images,
+                             exclude=args.fold_exclude, distill_steps=steps,
+                             file_format=args.format, overwrite=args.force)
     report = result.report
-    print(f"Wrote {result.output}: the GN model folded for inference, from a {result.input_kind} checkpoint "
-          f"({result.seconds:.1f} s, verified against MODEL.NORM_CONVERSION.FOLDED True"
+    print(f"Wrote {result.output}: the GN model folded for inference, from a {result.input_kind} "
+          f"checkpoint ({result.seconds:.1f} s, verified against MODEL.NORM_CONVERSION.FOLDED True"
           + (f" FOLDED_EXCLUDE {list(args.fold_exclude)}" if args.fold_exclude else "") + ").")
     print(tabulate(sorted(report.counts().items()), headers=["GroupNorm layers", "count"]))
-    distilled = (f"; distilled {len(report.distillation.losses)} steps, loss {report.distillation.losses[0]:.4f} -> "
-                 f"{report.distillation.losses[-1]:.4f}" if report.distillation else "")
-    print(f"statistics: {report.statistics}{distilled}    keys matched: {result.keys_matched}/{result.keys_expected}")
+    distilled = (f"; distilled {len(report.distillation.losses)} steps, loss "
+                 f"{report.distillation.losses[0]:.4f} -> {report.distillation.losses[-1]:.4f}"
+                 if report.distillation else "")
+    print(f"statistics: {report.statistics}{distilled}    keys matched: "
+          f"{result.keys_matched}/{result.keys_expected}")
     return 0
 
 
@@ -142,24 +151,25 @@ def cmd_convert(args) -> int:
         check_input_conventions(source_cfg, target_cfg)  # before minutes of calibration
     target_spec = norm_spec_from_config(target_cfg) if target_cfg is not None else None
     explicit = [f for f, v in (("--to", args.to), ("--transfer", args.transfer),
-                               ("--num-groups", args.num_groups), ("--dim-per-group", args.dim_per_group))
-                if v is not None]
+                               ("--num-groups", args.num_groups),
+                               ("--dim-per-group", args.dim_per_group)) if v is not None]
     if target_spec is not None and explicit:
-        raise UsageError(f"{', '.join(explicit)} conflict with --target-config {args.target_config}, "
-                         "whose MODEL.NORM_CONVERSION decides the conversion")
+        raise UsageError(f"{', '.join(explicit)} conflict with --target-config {args.target_config}"
+                         ", whose MODEL.NORM_CONVERSION decides the conversion")
     method = args.transfer if args.transfer in ("calibrate", "distill") else None
     if method:
         args.transfer = "stats"  # both start from the data-free transfer
     elif any(v is not None for v in (args.calib_dataset, args.calib_images_dir, args.calib_images,
                                       args.calib_distill_steps, args.calib_distill_heads)):
-        raise UsageError("--calib-dataset, --calib-images-dir, --calib-images, --calib-distill-steps and "
-                         "--calib-distill-heads go with --transfer calibrate or distill")
+        raise UsageError("--calib-dataset, --calib-images-dir, --calib-images, "
+                         "--calib-distill-steps and --calib-distill-heads go with --transfer "
+                         "calibrate or distill")
     steps = args.calib_distill_steps
     if steps is None:
         steps = 100 if method == "distill" else 0
     if steps < 0 or (method == "distill" and steps == 0):
-        raise UsageError(f"--calib-distill-steps must be {'1' if method == 'distill' else '0'} or more, "
-                         f"got {steps}")
+        raise UsageError(f"--calib-distill-steps must be {'1' if method == 'distill' else '0'} "
+                         f"or more, got {steps}")
     if args.calib_distill_heads is not None and steps == 0:
         raise UsageError("--calib-distill-heads goes with distillation: --transfer distill, or "
                          "--calib-distill-steps K > 0")
@@ -169,19 +179,21 @@ def cmd_convert(args) -> int:
     if calibrating:
         source = _image_source(source_cfg, args.calib_dataset, args.calib_images_dir, "calib",
                                f"--transfer {method}")
-        calibration_inputs = _images(source_cfg, source, args.calib_images if args.calib_images is not None else 32,
+        calibration_inputs = _images(source_cfg, source,
+                                     args.calib_images if args.calib_images is not None else 32,
                                      "--calib-images")
     if not args.verify_images and (args.verify_dataset or args.verify_images_dir):
         raise UsageError("--verify-dataset and --verify-images-dir go with --verify-images N")
     verify_source = None
     if args.verify_images:
-        verify_source = _image_source(source_cfg, args.verify_dataset, args.verify_images_dir, "verify",
-                                      "--verify-images")
+        verify_source = _image_source(source_cfg, args.verify_dataset, args.verify_images_dir,
+                                      "verify", "--verify-images")
 
     result = convert_checkpoint(args.weights, args.output, source_cfg, spec, target_cfg=target_cfg,
                                 file_format=args.format, overwrite=args.force,
-                                calibration_inputs=calibration_inputs, least_squares=method == "calibrate",
-                                distill_steps=steps, distill_heads=args.calib_distill_heads or "weights")
+                                calibration_inputs=calibration_inputs,
+                                least_squares=method == "calibrate", distill_steps=steps,
+                                distill_heads=args.calib_distill_heads or "weights")
     print(f"Wrote {result.output}: {result.scope} checkpoint from a {result.input_kind} checkpoint "
           f"({result.seconds:.1f} s, verified against the target model).")
     table = [[src, dst, n] for (src, dst), n in sorted(result.conversions.items())]
@@ -255,7 +267,8 @@ def _print_agreement(args, source_cfg, result, source) -> None:
     if result.transfer != "copy":
         from ..convert import NormSpec
 
-        baseline = convert_norm_by_spec(copy.deepcopy(result.source_model), NormSpec(transfer="copy"))
+        baseline = convert_norm_by_spec(copy.deepcopy(result.source_model),
+                                        NormSpec(transfer="copy"))
         columns.append(backbone_cosines(result.source_model, baseline, inputs))
         headers.append("cosine (copy)")
     print(f"\nAgreement with the source model on {len(inputs)} images of {source} "

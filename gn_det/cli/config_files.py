@@ -102,8 +102,9 @@ def _check_structure(data: dict, node: CfgNode, path: Path, prefix: str = "") ->
         default = node.get(key) if isinstance(node, CfgNode) else None
         if isinstance(default, CfgNode):
             if not isinstance(value, dict):
-                raise ConfigError(f"{path}: {prefix}{key} is a section of keys, but the file gives it "
-                                  f"{value!r}; write it as '{key}:' followed by indented 'KEY: value' lines")
+                raise ConfigError(f"{path}: {prefix}{key} is a section of keys, but the file "
+                                  f"gives it {value!r}; write it as '{key}:' followed by indented "
+                                  "'KEY: value' lines")
             _check_structure(value, default, path, f"{prefix}{key}.")
 
 
@@ -149,7 +150,7 @@ def _check_yaml_files(path: Path, allow_unsafe: bool, seen=None) -> None:
 
 
 def _model_zoo_config(name: str) -> Optional[Path]:
-    """detectron2's model-zoo config ``name`` (``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml``,
+    """The model-zoo config ``name`` (``COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml``,
     ``new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py``), if the installed detectron2 has it."""
     with warnings.catch_warnings():  # detectron2's model_zoo imports pkg_resources
         warnings.filterwarnings("ignore", message="pkg_resources is deprecated")

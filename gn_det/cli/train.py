@@ -131,7 +131,8 @@ def lazy_main(args: argparse.Namespace):
     train_loader = instantiate(cfg.dataloader.train)
     model = create_ddp_model(model, **cfg.train.ddp)
     # detectron2's new baselines enable AMP, which its AMPTrainer supports on CUDA only.
-    trainer = training_loop_class(cfg.train.amp.enabled, cfg.train.device)(model, train_loader, optimizer)
+    loop_class = training_loop_class(cfg.train.amp.enabled, cfg.train.device)
+    trainer = loop_class(model, train_loader, optimizer)
     checkpointer = Checkpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks(
         [
@@ -176,7 +177,8 @@ def _local_world_size(world_size: int, num_gpus: int) -> int:
     local = int(value) if value else num_gpus
     if local < 1 or world_size % local:
         raise _InputError(
-            f"WORLD_SIZE={world_size} is not a multiple of the processes per machine ({local}, from "
+            f"WORLD_SIZE={world_size} is not a multiple of the processes per machine "
+            f"({local}, from "
             + ("LOCAL_WORLD_SIZE" if value else "--num-gpus, as LOCAL_WORLD_SIZE is not set")
             + "): set LOCAL_WORLD_SIZE, or pass --num-gpus with the processes each machine runs"
         )
@@ -308,11 +310,13 @@ def _check_lazy_config(args: argparse.Namespace) -> None:
     for override in args.opts:
         key, equals, _ = override.partition("=")
         if not equals:
-            raise ConfigError(f"{args.config_file}: LazyConfig overrides are KEY=VALUE, got {override!r}")
+            raise ConfigError(f"{args.config_file}: LazyConfig overrides are KEY=VALUE, "
+                              f"got {override!r}")
         if OmegaConf.select(cfg, key, default=missing) is missing:
             parent = key.rpartition(".")[0]
             node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
-            known = f"; {parent or 'the config'} has: {', '.join(sorted(node))}" if hasattr(node, "keys") else ""
+            known = (f"; {parent or 'the config'} has: {', '.join(sorted(node))}"
+                     if hasattr(node, "keys") else "")
             raise ConfigError(f"{args.config_file}: unknown config key {key}{known}")
     try:
         cfg = LazyConfig.apply_overrides(cfg, args.opts)
@@ -344,7 +348,8 @@ def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.config and args.config_file:
         raise _InputError("give --config or --config-file, not both")
     if not (args.config or args.config_file):
-        raise _InputError("give a config: --config NAME (see gn_det's configs) or --config-file PATH")
+        raise _InputError("give a config: --config NAME (see gn_det's configs) "
+                          "or --config-file PATH")
     args.config_file = str(resolve_config_name(args.config or args.config_file))
     if args.config_file.endswith(".py"):
         _check_lazy_config(args)

@@ -171,7 +171,8 @@ def plot_metrics_main(argv: Optional[List[str]] = None) -> int:
         for run, path in zip(runs, args.runs):
             if not run.series:
                 logger.warning("%s: no values to plot (did the run log anything?).", path)
-        width, height = plot_metrics(runs, args.output, dpi=args.dpi, overwrite=args.force, panels=args.panels)
+        width, height = plot_metrics(runs, args.output, dpi=args.dpi, overwrite=args.force,
+                                     panels=args.panels)
     except (OSError, ValueError) as e:
         if args.debug:
             raise

@@ -61,10 +61,10 @@ BUILTIN_SHAPES: dict[str, ShapesSpec] = {
         max_scale=0.35,
     ),
 }
-BUILTIN_SHAPES["shapes_large"] = dataclasses.replace(BUILTIN_SHAPES["shapes"], num_train=0, num_val=0,
-                                                     num_test=500, seed=1)
-BUILTIN_SHAPES["shapes_hr_large"] = dataclasses.replace(BUILTIN_SHAPES["shapes_hr"], num_train=0, num_val=0,
-                                                        num_test=50, seed=1)
+BUILTIN_SHAPES["shapes_large"] = dataclasses.replace(BUILTIN_SHAPES["shapes"], num_train=0,
+                                                     num_val=0, num_test=500, seed=1)
+BUILTIN_SHAPES["shapes_hr_large"] = dataclasses.replace(BUILTIN_SHAPES["shapes_hr"], num_train=0,
+                                                        num_val=0, num_test=50, seed=1)
 """Name prefix -> generation parameters of the datasets :func:`register_all_shapes` registers."""
 
 

@@ -29,7 +29,8 @@ def image_files(folder: Union[str, os.PathLike], num_images: int) -> List[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder of images")
-    files = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+    files = sorted((p for p in folder.rglob("*")
+                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
                    key=lambda p: p.relative_to(folder).as_posix())
     if not files:
         raise ValueError(f"{folder}: no JPEG or PNG images in it or its subfolders")
@@ -40,7 +41,8 @@ def _model_input(file_name: str, cfg: CfgNode, resize: T.Augmentation) -> Dict:
     try:
         image = detection_utils.read_image(file_name, format=cfg.INPUT.FORMAT)
     except Exception as e:  # PIL's UnidentifiedImageError, truncated files, permissions
-        raise ValueError(f"{file_name}: cannot be read as an image ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{file_name}: cannot be read as an image "
+                         f"({type(e).__name__}: {e})") from e
     height, width = image.shape[:2]
     image = resize.get_transform(image).apply_image(image)
     tensor = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
@@ -69,5 +71,6 @@ def load_images(cfg: CfgNode, source: Union[str, os.PathLike], num_images: int) 
         if not records:
             raise ValueError(f"dataset {source!r} has no images")
         files = [record["file_name"] for record in records]
-    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+    resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST],
+                                  cfg.INPUT.MAX_SIZE_TEST)
     return [_model_input(f, cfg, resize) for f in files]
