@@ -95,7 +95,8 @@ def check_trainer_config(cfg: CfgNode) -> None:
     """Raises :class:`ConfigError` for an unknown ``SOLVER.OPTIMIZER``."""
     optimizer = cfg.SOLVER.get("OPTIMIZER", "SGD")
     if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"SOLVER.OPTIMIZER = {optimizer!r}: valid optimizers: {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"SOLVER.OPTIMIZER = {optimizer!r}: valid optimizers: "
+                          f"{', '.join(OPTIMIZERS)}")
 
 
 def add_torchvision_backbone_config(cfg: CfgNode) -> CfgNode:
@@ -119,7 +120,8 @@ class ConfigError(ValueError):
 
 def _positive_number(value) -> None:
     if not (isinstance(value, (int, float)) and value > 0):
-        raise ValueError(f"must be a positive number (or 0.0: each source layer's eps), got {value!r}")
+        raise ValueError(f"must be a positive number (or 0.0: each source layer's eps), "
+                         f"got {value!r}")
 
 
 #: ``MODEL.NORM_CONVERSION`` key -> check of its value (raises ``ValueError``).
@@ -217,7 +219,8 @@ def convert_model_by_config(model: nn.Module, cfg: CfgNode) -> nn.Module:
 
 
 #: Names that moved to :mod:`gn_det.cli.config_files` (the command line's config handling).
-_MOVED = ("CONFIGS_DIR", "UnsafeConfigError", "load_config", "merge_overrides", "resolve_config_name")
+_MOVED = ("CONFIGS_DIR", "UnsafeConfigError", "load_config", "merge_overrides",
+          "resolve_config_name")
 
 
 def __getattr__(name: str):

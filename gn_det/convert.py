@@ -173,7 +173,8 @@ def _convert(module: nn.Module, name: str, spec: NormSpec, counts) -> nn.Module:
     return module
 
 
-def deprecated_target_options(num_groups: int = 32, dim_per_group=None, eps=None, transfer: str = "stats"):
+def deprecated_target_options(num_groups: int = 32, dim_per_group=None, eps=None,
+                              transfer: str = "stats"):
     """Deprecated: builders now receive the conversion's :class:`gn_det.NormSpec`."""
     from . import _deprecated
 

@@ -60,7 +60,8 @@ def cpu_bfloat16_supported() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): where it does not,
     bfloat16 autocast is emulated and slower than float32."""
     cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    checks = [getattr(cpu, name, None)
+              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check() for check in checks if check is not None)
 
 
@@ -261,7 +262,8 @@ class Trainer(DefaultTrainer):
 
 
 #: Names that moved to :mod:`gn_det.cli.train` (the ``gn-det train`` command).
-_MOVED = ("argument_parser", "check_device", "launch", "launch_from_args", "lazy_main", "main", "setup")
+_MOVED = ("argument_parser", "check_device", "launch", "launch_from_args", "lazy_main", "main",
+          "setup")
 
 
 def __getattr__(name: str):
@@ -269,5 +271,6 @@ def __getattr__(name: str):
         from . import _deprecated
         from .cli import train
 
-        return _deprecated.moved(f"gn_det.engine.{name}", f"gn_det.cli.train.{name}", getattr(train, name))
+        return _deprecated.moved(f"gn_det.engine.{name}", f"gn_det.cli.train.{name}",
+                                 getattr(train, name))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
