@@ -1,9 +1,6 @@
-"""Training the detectron2 way: a ``DefaultTrainer`` subclass with what gn_det's runs need.
-
-What differs from detectron2's: AMP unscales gradients before clipping (and runs on CPUs in
-bfloat16), ``SOLVER.OPTIMIZER`` adds AdamW, a run resumes from any of these trainers' states,
-processes on CPUs share gradients over gloo, and the norm layers are audited for the batch
-size. ``gn-det train`` and ``tools/train_net.py`` drive it (:mod:`gn_det.cli.train`).
+"""Training the detectron2 way: a ``DefaultTrainer`` subclass that differs where gn_det's
+runs need it: AMP unscales before clipping (bfloat16 on CPUs), AdamW, resuming from any of
+these trainers, DDP on CPUs, a norm audit. ``gn-det train`` drives it (:mod:`gn_det.cli.train`).
 """
 
 from __future__ import annotations
@@ -39,6 +36,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 def create_ddp_model(
     model: torch.nn.Module, *, fp16_compression: bool = False, **kwargs
 ) -> torch.nn.Module:
@@ -72,13 +70,8 @@ _IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """``optimizer.load_state_dict(state)``, keeping ``optimizer``'s own implementation flags
-    (``fused``, ``foreach``, ``capturable``, ``differentiable``).
-
-    ``torch.optim.Optimizer.load_state_dict`` takes every group option from the checkpoint, so
-    a run saved with a foreach optimizer (a torch without fused CPU AdamW, another trainer)
-    would resume with it, and its state (the ``step`` counters) would be placed for that
-    implementation rather than for today's: a fused CUDA AdamW needs them on the GPU.
-    """
+    (``fused``, ``foreach``, ...): torch takes them from the checkpoint, and would place the
+    state for that run's implementation (a fused CUDA AdamW needs its ``step`` on the GPU)."""
     saved_groups = state.get("param_groups", [])
     if len(saved_groups) == len(optimizer.param_groups):  # else torch's own error says so
         groups = [{**saved, **{k: current[k] for k in _IMPLEMENTATION_FLAGS if k in current}}
@@ -103,15 +96,9 @@ class TrainLoop(_ResumesAnyTrainersState, SimpleTrainer):
 
 
 class CPUAutocastTrainer(TrainLoop):
-    """``SimpleTrainer`` whose forward pass runs under CPU autocast in bfloat16.
-
-    detectron2's ``AMPTrainer`` is CUDA-only (float16 with a gradient scaler). bfloat16 has
-    float32's exponent range, so no loss scaling is needed. Under autocast's CPU policy
-    convolutions and linear layers compute in bfloat16; GroupNorm takes and returns their
-    bfloat16 (its CPU kernel accumulates the statistics in float32); the losses (cross-entropy,
-    BCE, smooth L1) are float32; weights, gradients and the optimizer stay float32. Evaluation
-    is not affected.
-    """
+    """``SimpleTrainer`` whose forward pass runs under CPU autocast in bfloat16 (detectron2's
+    ``AMPTrainer`` is CUDA-only). bfloat16 has float32's range: no loss scaling; weights,
+    gradients and the optimizer stay float32; evaluation is not affected."""
 
     def run_step(self):
         model = self.model
@@ -127,19 +114,10 @@ class CPUAutocastTrainer(TrainLoop):
 
 
 class CUDAAMPTrainer(_ResumesAnyTrainersState, AMPTrainer):
-    """detectron2's ``AMPTrainer`` (float16 autocast, a gradient scaler) with two changes:
-
-    - **Gradients are unscaled before anything reads them**, as PyTorch's AMP recipe requires
-      for gradient clipping: right after backward, before the ``after_backward`` hooks and the
-      optimizer step. detectron2's ``SOLVER.CLIP_GRADIENTS`` clips inside ``optimizer.step``;
-      with an optimizer that unscales inside its own kernel (``AdamW(fused=True)``, which
-      ``SOLVER.OPTIMIZER AdamW`` builds) ``GradScaler.step`` does not unscale first, so the
-      clip would see gradients multiplied by the loss scale (65536 at the start) and cut every
-      step by that factor. For other optimizers this is the unscale ``GradScaler.step`` would
-      have done anyway.
-    - **Resuming a run saved by another trainer** (``TrainLoop``, CPU bfloat16) starts a fresh
-      gradient scaler, with a log line, instead of failing on the missing ``grad_scaler``.
-    """
+    """detectron2's ``AMPTrainer`` (float16 autocast, a gradient scaler) that unscales the
+    gradients right after backward, as PyTorch's AMP recipe requires before clipping (with a
+    fused AdamW, ``GradScaler.step`` does not, and ``SOLVER.CLIP_GRADIENTS`` would clip scaled
+    gradients), and resumes a run saved without a scaler (another trainer) with a fresh one."""
 
     def __init__(self, model, data_loader, optimizer, **kwargs):
         if kwargs.get("grad_scaler") is None:
@@ -183,13 +161,11 @@ def build_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimiz
 
     if cfg.SOLVER.get("OPTIMIZER", "SGD") == "SGD":
         return build_sgd(cfg, model)
-    params = get_default_optimizer_params(
-        model,
-        base_lr=cfg.SOLVER.BASE_LR,
-        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
-        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
-        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
-    )
+    solver = cfg.SOLVER
+    params = get_default_optimizer_params(model, base_lr=solver.BASE_LR,
+                                          weight_decay_norm=solver.WEIGHT_DECAY_NORM,
+                                          bias_lr_factor=solver.BIAS_LR_FACTOR,
+                                          weight_decay_bias=solver.WEIGHT_DECAY_BIAS)
     kwargs = dict(lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS),
                   weight_decay=cfg.SOLVER.WEIGHT_DECAY)
     try:

@@ -1,15 +1,9 @@
 """Registries of the norm types conversion reads (sources) and builds (targets).
 
-Both are keyed the way their users think. Sources are keyed by *type*, because conversion meets
-module instances: the lookup walks the instance's MRO, so a subclass of a registered norm (a
-custom ``MyBN(nn.BatchNorm2d)``) converts without registration, and registering the subclass
-overrides it. fvcore's ``Registry`` maps names to objects and would need a type-to-name step on
-every lookup, so this is a small typed mapping instead. Targets are keyed by the names configs use
-(detectron2's ``get_norm`` vocabulary: ``"GN"``, ``"FrozenBN"``, ``"BN"``, ``"SyncBN"``,
-``"naiveSyncBN"``).
-
-Every source is read into one neutral :class:`NormState`, and every target is built from it, so
-N sources and M targets need N + M functions, not N × M.
+Sources are keyed by *type* and looked up along the instance's MRO (a subclass of a registered
+norm converts without registration; fvcore's ``Registry`` maps names, not types); targets by the
+names configs use (detectron2's ``get_norm`` vocabulary). Every source is read into one
+:class:`NormState` and every target built from it: N + M functions, not N × M.
 
 The built-in entries live beside what they read and build: the BatchNorm family in
 :mod:`gn_det.batch_norm`, GroupNorm in :mod:`gn_det.layers`. Registering a custom norm type::

@@ -43,26 +43,18 @@ logger = logging.getLogger(__name__)
 
 def argument_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """detectron2's training flags plus ``--config NAME``, ``--allow-unsafe-yaml``, ``--debug``."""
-    parser = default_argument_parser(
-        epilog="Example: gn-det train --config gn_mask_rcnn.yaml --num-gpus 8"
-    )
-    if prog:
-        parser.prog = prog
-    parser.add_argument(
-        "--config",
-        metavar="NAME",
-        default="",
-        help="a config by name, looked up in gn_det's configs from any directory "
-        "(gn_mask_rcnn.yaml, shapes/gn.yaml); or a path. Alternative to --config-file.",
-    )
-    parser.add_argument(
-        "--allow-unsafe-yaml",
-        action="store_true",
-        help="accept configs that need yaml.unsafe_load (they can run code when loaded)",
-    )
-    parser.add_argument(
-        "--debug", action="store_true", help="show the traceback of a bad config or input"
-    )
+    parser = default_argument_parser(epilog="Example: gn-det train --config gn_mask_rcnn.yaml "
+                                     "--num-gpus 8")
+    parser.prog = prog or parser.prog
+    parser.add_argument("--config", metavar="NAME", default="",
+                        help="a config by name, looked up in gn_det's configs from any directory "
+                        "(gn_mask_rcnn.yaml, shapes/gn.yaml); or a path. Alternative to "
+                        "--config-file.")
+    parser.add_argument("--allow-unsafe-yaml", action="store_true",
+                        help="accept configs that need yaml.unsafe_load (they can run code when "
+                        "loaded)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a bad config or input")
     return parser
 
 
@@ -81,9 +73,8 @@ def main(args: argparse.Namespace):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS,
+                                                                    resume=args.resume)
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -96,17 +87,15 @@ def _lazy_test(cfg, model):
 
     if "evaluator" not in cfg.dataloader:
         return {}
-    results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
+    results = inference_on_dataset(model, instantiate(cfg.dataloader.test),
+                                   instantiate(cfg.dataloader.evaluator))
     print_csv_format(results)
     return results
 
 
 def lazy_main(args: argparse.Namespace):
-    """Train or evaluate a LazyConfig (``.py``) config: detectron2's
-    ``tools/lazyconfig_train_net.py``, with gn_det's norm audit, safe weight loading and DDP
-    that also runs on CPU."""
+    """Train or evaluate a LazyConfig (``.py``) config, as detectron2's
+    ``lazyconfig_train_net.py`` does, with gn_det's norm audit, loading and CPU DDP."""
     from detectron2.config import LazyConfig, instantiate
     from detectron2.engine import hooks
     from detectron2.engine.defaults import default_writers
@@ -134,22 +123,16 @@ def lazy_main(args: argparse.Namespace):
     loop_class = training_loop_class(cfg.train.amp.enabled, cfg.train.device)
     trainer = loop_class(model, train_loader, optimizer)
     checkpointer = Checkpointer(model, cfg.train.output_dir, trainer=trainer)
-    trainer.register_hooks(
-        [
-            hooks.IterationTimer(),
-            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
-            if comm.is_main_process()
-            else None,
-            hooks.EvalHook(cfg.train.eval_period, lambda: _lazy_test(cfg, model)),
-            hooks.PeriodicWriter(
-                default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                period=cfg.train.log_period,
-            )
-            if comm.is_main_process()
-            else None,
-        ]
-    )
+    main_process = comm.is_main_process()
+    writers = default_writers(cfg.train.output_dir, cfg.train.max_iter)
+    saver = hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+    trainer.register_hooks([
+        hooks.IterationTimer(),
+        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        saver if main_process else None,
+        hooks.EvalHook(cfg.train.eval_period, lambda: _lazy_test(cfg, model)),
+        hooks.PeriodicWriter(writers, period=cfg.train.log_period) if main_process else None,
+    ])
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
@@ -186,11 +169,9 @@ def _local_world_size(world_size: int, num_gpus: int) -> int:
 
 
 def _torchrun_worker(main_func, args) -> None:
-    """Run under torchrun / torch.distributed.run, or a launcher that sets the same env://
-    variables (``LOCAL_RANK``, ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), as
-    detectron2's launch would set up each worker: NCCL for a CUDA config, gloo for a CPU one,
-    detectron2's 30-minute collective timeout (rank 0 alone runs COCO evaluation while the
-    others wait; NCCL's default of 10 minutes can expire there)."""
+    """Join a process group as torchrun's env:// variables say, as detectron2's launch sets up
+    a worker: NCCL for a CUDA config, gloo for a CPU one, detectron2's 30-minute timeout (rank
+    0 alone runs COCO evaluation; NCCL's default of 10 minutes can expire there)."""
     local_rank = int(os.environ["LOCAL_RANK"])
     local_world_size = _processes_per_machine(args)
     on_gpu = torch.device(args.device).type == "cuda"
@@ -219,14 +200,9 @@ def _cuda_hidden():
 
 def launch(main_func, num_processes: int, *, device: str, num_machines: int = 1,
            machine_rank: int = 0, dist_url=None, args=(), timeout=DEFAULT_TIMEOUT):
-    """detectron2's ``launch`` (``num_processes`` per machine), with the backend chosen by
-    ``device`` rather than by the host.
-
-    detectron2 picks NCCL whenever the host has a GPU, whatever the config's device, so a CPU
-    run with several processes (``--num-gpus 2 MODEL.DEVICE cpu``) failed on a GPU machine.
-    Here the processes of a CPU run are started with ``CUDA_VISIBLE_DEVICES`` empty: they see no
-    GPU, detectron2 picks gloo, and nothing of theirs lands on a GPU.
-    """
+    """detectron2's ``launch`` (``num_processes`` per machine), the backend chosen by
+    ``device``: detectron2 picks NCCL whenever the host has a GPU, so the processes of a CPU
+    run start with no GPU visible (gloo, and nothing of theirs lands on a GPU)."""
     hide = torch.device(device).type == "cpu" and num_processes * num_machines > 1
     with _cuda_hidden() if hide else contextlib.nullcontext():
         return detectron2_launch(main_func, num_processes, num_machines=num_machines,
@@ -253,15 +229,8 @@ def _check_weights(weights: str, key: str = "MODEL.WEIGHTS") -> None:
 
 
 def check_device(device: str, key: str = "MODEL.DEVICE", processes: int = 1) -> None:
-    """Fail early when the config asks for a GPU this host cannot give.
-
-    detectron2's ``MODEL.DEVICE`` defaults to ``"cuda"``: a container started without
-    ``--gpus all``, or a driver older than this torch's CUDA, would otherwise fail inside every
-    rank after launch (or, as gn_det once did, quietly train a COCO config on the CPU).
-
-    Raises:
-        ConfigError: one line saying what to check, and how to train on the CPU on purpose.
-    """
+    """Raise :class:`ConfigError` (one line: what to check, how to train on the CPU on
+    purpose) when the config asks for a GPU this host cannot give, before any process starts."""
     try:
         kind = torch.device(device).type
     except RuntimeError as e:
@@ -363,19 +332,9 @@ _INPUT_ERRORS = (_InputError, ConfigError, UnsafeConfigError, FileNotFoundError,
 
 
 def launch_from_args(argv=None, main_func=main, prog: str | None = None):
-    """Parse ``argv``, check the config, then run ``main_func`` on 1 or more processes / machines.
-
-    A bad config (unknown key, bad value, unknown config name, missing dataset files or weights)
-    is one line on stderr and exit code 2, before any model is built; ``--debug`` raises instead.
-
-    Multi-process and multi-node runs use detectron2's ``launch`` (``--num-gpus``,
-    ``--num-machines``, ``--machine-rank``, ``--dist-url``): NCCL for a CUDA config, gloo for
-    a CPU one (``--num-gpus`` then counts CPU processes, which see no GPU: :func:`launch`). A
-    CUDA config on a host without a usable GPU is refused (:func:`check_device`). Under
-    torchrun (``LOCAL_RANK`` and ``WORLD_SIZE`` set) the processes already exist and join
-    through its rendezvous instead; ``--num-machines``, ``--machine-rank`` and ``--dist-url``
-    are then torchrun's business and ignored here.
-    """
+    """Parse ``argv``, check every input (one line and exit code 2 on a bad one; ``--debug``
+    raises), then run ``main_func`` in the processes of :func:`launch`, or, under torchrun
+    (``LOCAL_RANK`` and ``WORLD_SIZE`` set), in this one, joined through its rendezvous."""
     parser = argument_parser(prog)
     args = parser.parse_args(argv)
     try:
@@ -390,14 +349,7 @@ def launch_from_args(argv=None, main_func=main, prog: str | None = None):
         main_func = lazy_main  # LazyConfig
     if _under_external_launcher():
         return _torchrun_worker(main_func, args)
-    return launch(
-        main_func,
-        args.num_gpus,
-        device=args.device,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    return launch(main_func, args.num_gpus, device=args.device, num_machines=args.num_machines,
+                  machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
 
 
