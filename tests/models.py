@@ -113,3 +113,19 @@ class SavedForBackward:
             if t is not None and t.untyped_storage().data_ptr() not in self._exclude:
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return sum(storages.values())
+
+
+def randomize_norm_state(model, seed: int = 1):
+    """Give every BN-family layer of ``model`` (``model`` itself may be one) non-trivial
+    statistics and affine, as a trained model has; returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if gn_det.NORM_SOURCES.lookup(m) is not None:
+                c = m.running_mean.numel()
+                if m.weight is not None:  # RetinaNet's CycleBatchNormList holds affine-free BN
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model

@@ -8,7 +8,7 @@ from torch import nn
 import gn_det
 from gn_det import calibrate, calibration, convert_norm
 
-from models import bn_teacher_net, photometric_images, shapes_bn_mask_rcnn
+from models import bn_teacher_net, photometric_images, randomize_norm_state, shapes_bn_mask_rcnn
 
 
 _images = photometric_images
@@ -234,9 +234,7 @@ def test_a_residual_blocks_last_norm_is_the_least_squares_fit_to_the_block_outpu
 
     torch.manual_seed(0)
     teacher = torchvision.models.resnet.BasicBlock(32, 32)
-    for bn in (teacher.bn1, teacher.bn2):
-        bn.running_mean.normal_(0, 0.3), bn.running_var.uniform_(0.5, 2)
-        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.normal_(0, 0.5)
+    randomize_norm_state(teacher)
     teacher.eval()
     x = torch.randn(6, 32, 12, 12) * torch.rand(6, 1, 1, 1) * 3
     student = convert_norm(copy.deepcopy(teacher), transfer="stats")

@@ -18,6 +18,7 @@ from gn_det.checkpoint import Checkpointer
 from gn_det.cli import main
 from gn_det.cli.config_files import load_config, resolve_config_name
 from reference import stats_transfer_reference
+from models import randomize_norm_state
 
 BN_CONFIG = "mask_rcnn_R_50_FPN_bn.yaml"
 GN_CONFIG = "gn_mask_rcnn.yaml"
@@ -40,7 +41,7 @@ def bn_model():
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for m in model.modules():
-            if gn_det.NORM_CONVERTERS.lookup(m) is not None:
+            if gn_det.NORM_SOURCES.lookup(m) is not None:
                 c = m.weight.numel()
                 m.weight.copy_(torch.rand(c, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(c, generator=g) * 0.1)
@@ -151,11 +152,7 @@ def test_caffe2_pkl_with_fused_bn_to_a_gn_backbone(bn_model, tmp_path):
 
 def test_torchvision_resnet50_to_a_gn_backbone(tmp_path):
     resnet = torchvision.models.resnet50()
-    with torch.no_grad():
-        bn = resnet.layer3[2].bn2
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.uniform_(0.5, 1.5)
+    bn = randomize_norm_state(resnet.layer3[2].bn2)
     source = tmp_path / "resnet50-0676ba61.pth"
     torch.save(resnet.state_dict(), source)
     out = tmp_path / "R-50-GN.pth"
@@ -176,9 +173,7 @@ def test_training_loader_transfers_bn_statistics_of_imagenet_weights(tmp_path):
     """MODEL.WEIGHTS = a BN ImageNet checkpoint (names matched by heuristics), GN model: the
     statistics reach the GN layers instead of being dropped by detectron2's name matching."""
     resnet = torchvision.models.resnet50()
-    with torch.no_grad():
-        resnet.layer2[0].bn1.running_mean.normal_()
-        resnet.layer2[0].bn1.running_var.uniform_(0.5, 2.0)
+    randomize_norm_state(resnet.layer2[0].bn1)
     torch.save(resnet.state_dict(), tmp_path / "resnet50.pth")
     gn_model = _model(GN_CONFIG)
     Checkpointer(gn_model).load_weights(str(tmp_path / "resnet50.pth"))

@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 
 import gn_det
-from gn_det import NORM_CONVERTERS, convert_norm, describe_norms
+from gn_det import NORM_SOURCES, convert_norm, describe_norms
 from reference import random_bn_state, stats_transfer_reference
 
 C, G, EPS = 64, 32, 1e-5
@@ -34,7 +34,7 @@ def _with_state(norm, state):
 
 
 def _is_bn_family(module):
-    return NORM_CONVERTERS.lookup(module) is not None
+    return NORM_SOURCES.lookup(module) is not None
 
 
 @pytest.mark.parametrize("source", list(SOURCES))
@@ -212,7 +212,7 @@ def test_subclasses_convert_and_users_register_their_own_norms():
     model = convert_norm(nn.Sequential(MyBN(C), ScaleShift(C)))
     assert isinstance(model[0], nn.GroupNorm) and isinstance(model[1], ScaleShift)
 
-    @NORM_CONVERTERS.register(ScaleShift)
+    @NORM_SOURCES.register(ScaleShift)
     def _read(module):
         return gn_det.NormState(num_features=module.scale.numel(), eps=1e-5, weight=module.scale,
                                 bias=module.shift, running_mean=None, running_var=None)
@@ -221,10 +221,10 @@ def test_subclasses_convert_and_users_register_their_own_norms():
         model = convert_norm(model)
         assert isinstance(model[1], nn.GroupNorm)
         torch.testing.assert_close(model[1].weight, model[1].weight.detach())
-        assert "ScaleShift" in NORM_CONVERTERS.names()
+        assert "ScaleShift" in NORM_SOURCES.names()
     finally:
-        NORM_CONVERTERS.unregister(ScaleShift)
-    assert "ScaleShift" not in NORM_CONVERTERS.names()
+        NORM_SOURCES.unregister(ScaleShift)
+    assert "ScaleShift" not in NORM_SOURCES.names()
 
 
 def test_describe_norms_reports_what_changed():

@@ -8,8 +8,9 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from torch import nn
 
-from gn_det import NORM_CONVERTERS, ConvertedGroupNorm, convert_norm
+from gn_det import NORM_SOURCES, ConvertedGroupNorm, convert_norm
 from reference import stats_transfer_reference
+from models import randomize_norm_state
 
 
 def _cfg(name, **overrides):
@@ -25,21 +26,6 @@ def _cfg(name, **overrides):
 def _build(name, **overrides):
     torch.manual_seed(0)
     return build_model(_cfg(name, **overrides))
-
-
-def _randomize_norm_state(model, seed=1):
-    """Give every BN-family layer non-trivial statistics and affine, as a trained model has."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if NORM_CONVERTERS.lookup(m) is not None:
-                c = m.running_mean.numel()
-                if m.weight is not None:  # RetinaNet's CycleBatchNormList holds affine-free BN
-                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    return model
 
 
 def _norm_signature(model):
@@ -105,7 +91,7 @@ def test_same_weights_give_the_same_outputs(native_and_converted):
 
 
 def test_detection_checkpointer_loads_bn_weights_into_the_converted_model(tmp_path):
-    bn_model = _randomize_norm_state(
+    bn_model = randomize_norm_state(
         _build("Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml", **{"MODEL.RESNETS.STRIDE_IN_1X1": "False"})
     )
     DetectionCheckpointer(bn_model, save_dir=str(tmp_path)).save("bn_model")
@@ -137,11 +123,11 @@ def test_detection_checkpointer_loads_bn_weights_into_the_converted_model(tmp_pa
     ],
 )
 def test_every_bn_family_layer_of_detectron2_models_converts(config, overrides):
-    model = _randomize_norm_state(_build(config, **overrides))
-    before = sum(NORM_CONVERTERS.lookup(m) is not None for m in model.modules())
+    model = randomize_norm_state(_build(config, **overrides))
+    before = sum(NORM_SOURCES.lookup(m) is not None for m in model.modules())
     model = convert_norm(model).eval()
     assert before > 50
-    assert not [n for n, m in model.named_modules() if NORM_CONVERTERS.lookup(m) is not None]
+    assert not [n for n, m in model.named_modules() if NORM_SOURCES.lookup(m) is not None]
     assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) == before
     with torch.no_grad():
         (result,) = model([{"image": torch.rand(3, 64, 96) * 255}])

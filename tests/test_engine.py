@@ -15,7 +15,7 @@ import torchvision
 import gn_det
 from gn_det.checkpoint import Checkpointer
 from gn_det.cli.config_files import load_config, resolve_config_name
-from models import TINY, resnet18_fpn_backbone
+from models import TINY, randomize_norm_state, resnet18_fpn_backbone
 from reference import stats_transfer_reference
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,13 +89,9 @@ def test_torchvision_imagenet_weights_load_into_the_converted_torchvision_backbo
     from detectron2.modeling import build_model
 
     model = build_model(cfg)
-    assert not [m for m in model.modules() if gn_det.NORM_CONVERTERS.lookup(m) is not None]
+    assert not [m for m in model.modules() if gn_det.NORM_SOURCES.lookup(m) is not None]
     resnet = torchvision.models.resnet50()
-    with torch.no_grad():
-        bn = resnet.layer3[1].bn2
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.uniform_(0.5, 1.5)
+    bn = randomize_norm_state(resnet.layer3[1].bn2)
     torch.save(resnet.state_dict(), tmp_path / "resnet50.pth")  # torchvision's format, as is
     incompatible = Checkpointer(model).load(str(tmp_path / "resnet50.pth"))
     assert incompatible is not None

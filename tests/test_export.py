@@ -25,7 +25,7 @@ from detectron2.export import TracingAdapter
 from detectron2.modeling import build_model
 from torch import nn
 
-from gn_det import ConvertedGroupNorm, NORM_CONVERTERS
+from gn_det import ConvertedGroupNorm, NORM_SOURCES
 from gn_det import get_cfg
 from gn_det.cli.config_files import load_config, resolve_config_name
 
@@ -153,7 +153,7 @@ def test_converted_model_traces_to_group_norm(converted):
     model, traced = converted["model"], converted["traced"]
     norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     assert len(norms) == NUM_NORMS and all(type(m) is ConvertedGroupNorm for m in norms)
-    assert not any(NORM_CONVERTERS.lookup(m) is not None for m in model.modules())
+    assert not any(NORM_SOURCES.lookup(m) is not None for m in model.modules())
     ops = _aten_ops(traced)
     assert ops["aten::group_norm"] == NUM_NORMS
     assert ops["aten::batch_norm"] == 0

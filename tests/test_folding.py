@@ -11,6 +11,7 @@ from torch import nn
 import gn_det
 from gn_det.cli.config_files import load_config, resolve_config_name
 from gn_det.folding import ChannelAffine, fold_for_inference, fold_frozen_batchnorm, group_statistics
+from models import randomize_norm_state
 
 
 def _net():
@@ -124,9 +125,7 @@ def test_distillation_trains_the_affines_towards_the_gn_model():
 def test_frozen_batchnorm_folds_exactly():
     torch.manual_seed(0)
     conv = Conv2d(3, 6, 3, padding=1, bias=False, norm=FrozenBatchNorm2d(6), activation=nn.ReLU())
-    with torch.no_grad():
-        conv.norm.weight.uniform_(0.5, 1.5), conv.norm.bias.normal_(), conv.norm.running_mean.normal_()
-        conv.norm.running_var.uniform_(0.5, 2)
+    randomize_norm_state(conv.norm)
     reference = copy.deepcopy(conv)
     assert fold_frozen_batchnorm(nn.Sequential(conv)) == 1 and conv.norm is None
     x = torch.randn(2, 3, 8, 8)

@@ -24,7 +24,7 @@ NEW_BASELINES = [
 
 
 def _bn_family(model):
-    return [n for n, m in model.named_modules() if gn_det.NORM_CONVERTERS.lookup(m) is not None]
+    return [n for n, m in model.named_modules() if gn_det.NORM_SOURCES.lookup(m) is not None]
 
 
 @pytest.mark.parametrize("name", NEW_BASELINES)

@@ -10,7 +10,7 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
 from torch import nn
 
-from gn_det import NORM_CONVERTERS, ConvertedGroupNorm, convert_norm
+from gn_det import NORM_SOURCES, ConvertedGroupNorm, convert_norm
 from gn_det.modeling import (
     TORCHVISION_PIXEL_MEAN,
     TORCHVISION_PIXEL_STD,
@@ -87,7 +87,7 @@ def _assert_norms_are_gn(module):
     left = [
         name
         for name, m in module.named_modules()
-        if not isinstance(m, nn.GroupNorm) and NORM_CONVERTERS.lookup(m) is not None
+        if not isinstance(m, nn.GroupNorm) and NORM_SOURCES.lookup(m) is not None
     ]
     assert left == []
 

@@ -70,7 +70,7 @@ def _bn_statistics(model):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
-            if gn_det.NORM_CONVERTERS.lookup(m) is not None and hasattr(m, "running_var"):
+            if gn_det.NORM_SOURCES.lookup(m) is not None and hasattr(m, "running_var"):
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
