@@ -18,14 +18,10 @@ from .registry import NORM_SOURCES
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "NormLayerInfo",
-    "audit_norms",
-    "backbone_cosines",
-    "count_norms",
-    "describe_norms",
-    "format_norm_table",
-]
+__all__ = ["NormLayerInfo", "audit_norms", "backbone_cosines", "count_norms", "describe_norms",
+           "format_norm_table"]
+
+_OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,34 +37,24 @@ class NormLayerInfo:
     trainable: bool
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm))
-
-
 def describe_norms(model: nn.Module) -> List[NormLayerInfo]:
     """Every normalisation layer of ``model`` (BN family, GroupNorm, LayerNorm, InstanceNorm)."""
     rows = []
     for name, module in model.named_modules():
-        if NORM_SOURCES.lookup(module) is None and not _is_norm(module):
+        if NORM_SOURCES.lookup(module) is None and not isinstance(module, _OTHER_NORMS):
             continue
-        params = [p for p in (getattr(module, "weight", None), getattr(module, "bias", None))]
-        params = [p for p in params if isinstance(p, nn.Parameter)]
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         channels = getattr(module, "num_features", None) or getattr(module, "num_channels", None)
         if channels is None:
-            weight = getattr(module, "weight", None)
             channels = weight.numel() if weight is not None else 0
         converted = isinstance(module, ConvertedGroupNorm)
-        rows.append(
-            NormLayerInfo(
-                name=name or "(root)",
-                type=type(module).__name__,
-                channels=int(channels),
-                groups=getattr(module, "num_groups", None),
-                source=module.source if converted else None,
-                transfer=module.transfer if converted else None,
-                trainable=any(p.requires_grad for p in params),
-            )
-        )
+        rows.append(NormLayerInfo(
+            name=name or "(root)", type=type(module).__name__, channels=int(channels),
+            groups=getattr(module, "num_groups", None),
+            source=module.source if converted else None,
+            transfer=module.transfer if converted else None,
+            trainable=any(isinstance(p, nn.Parameter) and p.requires_grad for p in (weight, bias)),
+        ))
     return rows
 
 
@@ -80,10 +66,8 @@ def count_norms(model: nn.Module) -> "collections.Counter[str]":
 def format_norm_table(rows: List[NormLayerInfo], *, summary: bool = True) -> str:
     """A plain-text table of ``rows`` (from :func:`describe_norms`), with per-type counts."""
     headers = ["layer", "type", "channels", "groups", "from", "transfer", "trainable"]
-    table = [
-        [r.name, r.type, r.channels, r.groups or "", r.source or "", r.transfer or "", r.trainable]
-        for r in rows
-    ]
+    table = [[r.name, r.type, r.channels, r.groups or "", r.source or "", r.transfer or "",
+              r.trainable] for r in rows]
     text = tabulate(table, headers=headers, tablefmt="simple")
     if summary:
         counts = collections.Counter(r.type for r in rows)
@@ -99,41 +83,30 @@ MIN_BN_BATCH = 8
 
 
 def audit_norms(model: nn.Module, images_per_gpu: int, world_size: int = 1) -> List[str]:
-    """
-    Log, and return as lines, what normalises ``model``: each norm type and count, GN groups,
-    and a warning when a BatchNorm in training mode sees fewer than 8 images per batch.
-
-    Args:
-        images_per_gpu: images one process normalises over (``IMS_PER_BATCH / world_size``).
-        world_size: processes; SyncBN normalises over all of them.
-    """
+    """Log, and return as lines, what normalises ``model``: each norm type and count, GN groups,
+    and a warning when a BatchNorm in training mode sees fewer than 8 images per batch: one
+    process normalises over ``images_per_gpu`` (``IMS_PER_BATCH / world_size``), SyncBN over
+    those of all ``world_size`` processes."""
     rows = describe_norms(model)
-    counts = collections.Counter(r.type for r in rows)
-    lines = [
-        "Norm layers: "
-        + (", ".join(f"{t} x{n}" for t, n in sorted(counts.items())) or "none")
-    ]
+    counts = sorted(collections.Counter(r.type for r in rows).items())
+    lines = ["Norm layers: " + (", ".join(f"{t} x{n}" for t, n in counts) or "none")]
     groups = collections.Counter(r.groups for r in rows if r.groups is not None)
     if groups:
-        lines.append(
-            "GroupNorm groups: " + ", ".join(f"{g} (x{n})" for g, n in sorted(groups.items()))
-        )
+        lines.append("GroupNorm groups: "
+                     + ", ".join(f"{g} (x{n})" for g, n in sorted(groups.items())))
     for line in lines:
         logger.info(line)
 
-    batch_stat = collections.Counter()
-    for module in model.modules():
-        if isinstance(module, _BATCH_STAT_TYPES) and module.training:
-            synced = isinstance(module, (nn.SyncBatchNorm, NaiveSyncBatchNorm))
-            batch_stat[images_per_gpu * world_size if synced else images_per_gpu] += 1
+    synced = (nn.SyncBatchNorm, NaiveSyncBatchNorm)
+    batch_stat = collections.Counter(
+        images_per_gpu * world_size if isinstance(m, synced) else images_per_gpu
+        for m in model.modules() if isinstance(m, _BATCH_STAT_TYPES) and m.training)
     for batch, n in sorted(batch_stat.items()):
         if batch < MIN_BN_BATCH:
-            warning = (
-                f"{n} BatchNorm layers train on batch statistics of {batch} image(s) "
-                f"(< {MIN_BN_BATCH}): at this batch they are noise. GroupNorm does not depend "
-                "on the batch: set MODEL.NORM_CONVERSION.ENABLED True (TARGET GN), or use a "
-                "gn_* config."
-            )
+            warning = (f"{n} BatchNorm layers train on batch statistics of {batch} image(s) "
+                       f"(< {MIN_BN_BATCH}): at this batch they are noise. GroupNorm does not "
+                       "depend on the batch: set MODEL.NORM_CONVERSION.ENABLED True (TARGET GN), "
+                       "or use a gn_* config.")
             logger.warning(warning)
             lines.append("WARNING: " + warning)
     return lines
@@ -142,24 +115,17 @@ def audit_norms(model: nn.Module, images_per_gpu: int, world_size: int = 1) -> L
 @torch.no_grad()
 def backbone_cosines(reference: nn.Module, other: nn.Module,
                      inputs: List[dict]) -> Dict[str, float]:
-    """Mean over images of the cosine between the two models' backbone outputs, per stage.
-
-    Both models are run in eval mode on one image at a time (BN uses its running statistics).
-    """
+    """Mean over images of the cosine between the two models' backbone outputs, per stage; both
+    models run in eval mode (BN on its running statistics), on one image at a time."""
     totals: Dict[str, float] = collections.defaultdict(float)
     modes = reference.training, other.training
     reference.eval(), other.eval()
     try:
         for item in inputs:
-            features = []
-            for model in (reference, other):
-                images = model.preprocess_image([item])
-                features.append(model.backbone(images.tensor))
-            for stage, a in features[0].items():
-                b = features[1][stage]
+            ref, out = (m.backbone(m.preprocess_image([item]).tensor) for m in (reference, other))
+            for stage, a in ref.items():
                 totals[stage] += torch.nn.functional.cosine_similarity(
-                    a.flatten().double(), b.flatten().double(), dim=0
-                ).item()
+                    a.flatten().double(), out[stage].flatten().double(), dim=0).item()
     finally:
         reference.train(modes[0]), other.train(modes[1])
     return {stage: total / len(inputs) for stage, total in totals.items()}

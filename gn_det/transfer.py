@@ -1,17 +1,7 @@
-"""Weight transfer from BatchNorm statistics to a GroupNorm affine (docs/design.md).
-
-A BN layer in eval mode computes, per channel c, ``γ_c (x_c − μ_c) / σ_c + β_c`` with
-``σ_c = sqrt(running_var_c + eps_BN)``. GN computes, per image and group g,
-``γ'_c (x_c − m_g) / s_g + β'_c``. The transfers below choose γ', β':
-
-- ``copy``: γ' = γ, β' = β. What detectron2 does when a GN config loads BN weights.
-- ``stats``: expect the population group statistics ``M_g = mean_{c∈g} μ_c`` and
-  ``V_g = mean_{c∈g} (running_var_c + (μ_c − M_g)²)`` and match BN exactly whenever an image's
-  group statistics equal them: ``γ'_c = γ_c S_g / σ_c``, ``β'_c = β_c − γ_c (μ_c − M_g) / σ_c``
-  with ``S_g = sqrt(V_g + eps_GN)``. When ``eps_GN == eps_BN`` this is docs/design.md's
-  ``S_g² = mean(σ_c² + (μ_c − M_g)²)``. For affine-only checkpoints (μ = 0, σ = 1) it reduces to
-  ``copy``.
-"""
+"""Weight transfer from BatchNorm statistics to a GroupNorm affine: ``copy`` keeps γ, β;
+``stats`` matches BN whenever an image's group statistics equal the population's (the
+formulas: docs/transfer.md). Here ``S_g = sqrt(mean_{c∈g}(running_var_c + (μ_c − M_g)²) +
+eps_GN)``, which is the docs' ``S_g`` when ``eps_GN == eps_BN``."""
 
 from __future__ import annotations
 
@@ -32,19 +22,13 @@ def check_transfer(transfer: str) -> str:
 
 
 @torch.no_grad()
-def transfer_bn_to_gn(
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    running_mean: Optional[torch.Tensor],
-    running_var: Optional[torch.Tensor],
-    *,
-    num_groups: int,
-    bn_eps: float,
-    gn_eps: float,
-    transfer: str = "stats",
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """
-    GroupNorm affine (γ', β') that takes over from a BatchNorm layer.
+def transfer_bn_to_gn(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                      *, num_groups: int, bn_eps: float, gn_eps: float,
+                      transfer: str = "stats") -> Tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm affine (γ', β') that takes over from a BatchNorm layer: each of shape (C,), in
+    the inputs' dtype and device (computed in float64, so that low-precision checkpoints do not
+    lose the transfer).
 
     Args:
         weight, bias: BN affine γ, β, shape (C,); ``None`` means γ = 1, β = 0 (affine=False).
@@ -52,11 +36,6 @@ def transfer_bn_to_gn(
             ``None`` (a BN without running statistics) makes ``stats`` fall back to ``copy``.
         num_groups: groups G of the GroupNorm; must divide C.
         bn_eps, gn_eps: the eps of the BN source and of the GN target.
-        transfer: ``"copy"`` or ``"stats"`` (module docstring).
-
-    Returns:
-        (γ', β'), each of shape (C,), in the dtype and on the device of the inputs.
-        Computed in float64 so low-precision checkpoints do not lose the transfer.
     """
     check_transfer(transfer)
     ref = next(t for t in (weight, bias, running_mean, running_var) if t is not None)

@@ -1,16 +1,6 @@
-"""Results a person can see: predictions drawn beside ground truth, and training curves.
-
-- :func:`visualize_predictions` runs a model on images of a registered dataset and writes one PNG
-  per image: ground truth (left) beside the prediction (right), drawn by detectron2's
-  ``Visualizer`` (masks, boxes, class names, scores) with the dataset's metadata.
-- :func:`read_metrics` reads detectron2's ``metrics.json`` tolerantly (a run killed mid-write,
-  keys a run does not have, NaN), and :func:`plot_metrics` draws several runs overlaid in one
-  PNG: total loss, each loss term, learning rate and box/mask AP against the iteration.
-
-Both write atomically (temporary file, then ``os.replace``) and refuse to replace an existing
-file unless asked to. The command-line programs (``tools/visualize.py``,
-``tools/plot_metrics.py``) are in :mod:`gn_det.cli.visualize`.
-"""
+"""Results a person can see: predictions drawn beside ground truth (:func:`visualize_predictions`)
+and several runs' training curves overlaid (:func:`read_metrics`, :func:`plot_metrics`). The
+programs ``tools/visualize.py`` and ``tools/plot_metrics.py`` are in :mod:`gn_det.cli.visualize`."""
 
 from __future__ import annotations
 
@@ -25,73 +15,39 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = [
-    "AP_KEYS",
-    "LOSS_KEYS",
-    "RunMetrics",
-    "compose_panels",
-    "default_visualize_dir",
-    "draw_ground_truth",
-    "draw_predictions",
-    "plot_metrics",
-    "predict",
-    "read_metrics",
-    "save_figure",
-    "visualize_predictions",
-    "write_atomic",
-]
+__all__ = ["AP_KEYS", "LOSS_KEYS", "RunMetrics", "compose_panels", "default_visualize_dir",
+           "draw_ground_truth", "draw_predictions", "plot_metrics", "predict", "read_metrics",
+           "save_figure", "visualize_predictions", "write_atomic"]
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
 #: detectron2's R-CNN loss terms, in the order they are plotted (other ``loss_*`` keys follow).
-LOSS_KEYS: Dict[str, str] = {
-    "loss_cls": "box classification",
-    "loss_box_reg": "box regression",
-    "loss_mask": "mask",
-    "loss_rpn_cls": "RPN objectness",
-    "loss_rpn_loc": "RPN box regression",
-}
+LOSS_KEYS: Dict[str, str] = {"loss_cls": "box classification", "loss_box_reg": "box regression",
+                             "loss_mask": "mask", "loss_rpn_cls": "RPN objectness",
+                             "loss_rpn_loc": "RPN box regression"}
 #: Evaluation keys of detectron2's ``COCOEvaluator`` that get a panel each.
 AP_KEYS: Dict[str, str] = {"bbox/AP": "box AP", "segm/AP": "mask AP"}
 
-# One panel of the metrics figure, in inches; the figure is a grid of these.
-_PANEL_SIZE = (4.0, 3.0)
-_PANEL_COLUMNS = 3
 
-
-# ---------------------------------------------------------------------------------------------
-# Writing files
-# ---------------------------------------------------------------------------------------------
+def _refuse_existing(path: PathLike, overwrite: bool) -> None:
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{os.fspath(path)} exists; pass --force to overwrite")
 
 
 def write_atomic(path: PathLike, write: Callable[[Any], None], *, overwrite: bool) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place.
-
-    Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is false.
-    """
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place;
+    ``FileExistsError`` if ``path`` exists and ``overwrite`` is false."""
     from .checkpoint.io import replace_atomically
 
-    path = os.fspath(path)
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite")
-    replace_atomically(path, write)
+    _refuse_existing(path, overwrite)
+    replace_atomically(os.fspath(path), write)
 
 
 def save_figure(figure, path: PathLike, *, dpi: int = 100, overwrite: bool = False) -> None:
-    """Save a matplotlib figure as PNG atomically; refuses to replace ``path`` unless asked.
-
-    Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is false.
-    """
+    """Save a matplotlib figure as PNG with :func:`write_atomic`."""
     write_atomic(path, lambda f: figure.savefig(f, format="png", dpi=dpi), overwrite=overwrite)
-
-
-# ---------------------------------------------------------------------------------------------
-# Predictions beside ground truth
-# ---------------------------------------------------------------------------------------------
 
 
 def default_visualize_dir(weights: PathLike) -> Path:
@@ -100,16 +56,9 @@ def default_visualize_dir(weights: PathLike) -> Path:
 
 
 def predict(model, image: np.ndarray, cfg) -> "Any":
-    """Run ``model`` (in eval mode) on one image as detectron2's ``DefaultPredictor`` does.
-
-    Args:
-        model: a detectron2 model.
-        image: HxWx3 uint8 array in ``cfg.INPUT.FORMAT`` channel order.
-        cfg: the model's config (``INPUT.MIN_SIZE_TEST``, ``INPUT.MAX_SIZE_TEST``).
-
-    Returns:
-        The ``Instances`` predicted for the image, at its original size, on the CPU.
-    """
+    """Run ``model`` (in eval mode) on one HxWx3 uint8 image in ``cfg.INPUT.FORMAT`` channel
+    order as detectron2's ``DefaultPredictor`` does (resized to ``cfg``'s test size); returns the
+    predicted ``Instances`` at the image's original size, on the CPU."""
     import torch
     from detectron2.data import transforms as T
 
@@ -131,47 +80,29 @@ def _visualizer(image_rgb: np.ndarray, metadata, scale: float):
     return Visualizer(image_rgb, metadata, scale=scale, instance_mode=mode)
 
 
-def draw_ground_truth(
-    image_rgb: np.ndarray, dataset_dict: dict, metadata, scale: float = 1.0
-) -> np.ndarray:
-    """The dataset's annotations of one image drawn on it (detectron2's ``draw_dataset_dict``).
-
-    Returns:
-        HxWx3 uint8 RGB image, ``scale`` times the input's size.
-    """
+def draw_ground_truth(image_rgb: np.ndarray, dataset_dict: dict, metadata,
+                      scale: float = 1.0) -> np.ndarray:
+    """The dataset's annotations of one image drawn on it (detectron2's ``draw_dataset_dict``):
+    an HxWx3 uint8 RGB image, ``scale`` times the input's size."""
     return _visualizer(image_rgb, metadata, scale).draw_dataset_dict(dataset_dict).get_image()
 
 
 def draw_predictions(image_rgb: np.ndarray, instances, metadata, scale: float = 1.0) -> np.ndarray:
-    """Predicted ``Instances`` drawn on the image: masks, boxes, class names and scores.
-
-    Colours come from ``metadata.thing_colors`` when the dataset has them, as in
-    :func:`draw_ground_truth`, so the two panels of one image agree.
-
-    Returns:
-        HxWx3 uint8 RGB image, ``scale`` times the input's size.
-    """
+    """Predicted ``Instances`` drawn on the image (masks, boxes, class names, scores), coloured
+    as :func:`draw_ground_truth` colours the same dataset: an HxWx3 uint8 RGB image, ``scale``
+    times the input's size."""
     return _visualizer(image_rgb, metadata, scale).draw_instance_predictions(instances).get_image()
 
 
 def compose_panels(panels: Sequence[Tuple[str, np.ndarray]], font_size: int = 14):
-    """Images side by side, left to right, each under a one-line title.
-
-    Args:
-        panels: ``(title, HxWx3 uint8 RGB image)`` pairs; images of different heights are
-            aligned at the top.
-        font_size: title font size in pixels.
-
-    Returns:
-        A ``PIL.Image`` of width the sum of the images' widths and height the tallest image's
-        plus a title bar of ``font_size + 10`` pixels.
-    """
+    """A ``PIL.Image`` of ``panels``' images, ``(title, HxWx3 uint8 RGB image)`` pairs, side by
+    side and aligned at the top, each under a one-line title (a bar ``font_size + 10`` pixels
+    high; ``font_size`` in pixels)."""
     from PIL import Image, ImageDraw, ImageFont
 
     title_height = font_size + 10
     width = sum(image.shape[1] for _, image in panels)
-    height = max(image.shape[0] for _, image in panels) + title_height
-    canvas = Image.new("RGB", (width, height), "white")
+    canvas = Image.new("RGB", (width, max(i.shape[0] for _, i in panels) + title_height), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=font_size)
     x = 0
@@ -182,41 +113,16 @@ def compose_panels(panels: Sequence[Tuple[str, np.ndarray]], font_size: int = 14
     return canvas
 
 
-def visualize_predictions(
-    model,
-    cfg,
-    dataset_name: str,
-    output_dir: PathLike,
-    *,
-    num_images: int = 4,
-    score_threshold: float = 0.5,
-    scale: float = 1.0,
-    overwrite: bool = False,
-) -> List[Path]:
-    """Draw ``model``'s predictions on the first images of a registered dataset.
-
-    Images with annotations get ground truth (left) beside the prediction (right); images
-    without get the prediction alone. Every output name is checked before the model runs, so an
-    existing file stops the call before any work (unless ``overwrite``).
-
-    Args:
-        model: a detectron2 model with its weights loaded; put in eval mode here.
-        cfg: the model's config (input format and test size).
-        dataset_name: a dataset registered in detectron2's ``DatasetCatalog``.
-        output_dir: folder for the PNGs, created if missing; files are named
-            ``<dataset>_<image file stem>.png``.
-        num_images: how many images, from the first.
-        score_threshold: predictions scoring below it are not drawn.
-        scale: drawing scale (2.0 doubles the size of small images).
-        overwrite: replace existing files.
-
-    Returns:
-        The paths written.
-
-    Raises:
-        KeyError: ``dataset_name`` is not registered.
-        FileExistsError: an output exists and ``overwrite`` is false.
-    """
+def visualize_predictions(model, cfg, dataset_name: str, output_dir: PathLike, *,
+                          num_images: int = 4, score_threshold: float = 0.5, scale: float = 1.0,
+                          overwrite: bool = False) -> List[Path]:
+    """Draw ``model``'s predictions (weights loaded; put in eval mode) on the first ``num_images``
+    images of a registered dataset, each into ``<output_dir>/<dataset_name>_<image stem>.png``
+    (folder created if missing): ground truth (left) beside the prediction (right), or the
+    prediction alone for images without annotations. Predictions scoring below
+    ``score_threshold`` are not drawn; ``scale`` 2.0 doubles the drawing's size. Returns the
+    paths written. Every output name is checked before the model runs: ``FileExistsError`` if
+    one exists and ``overwrite`` is false; ``KeyError`` if ``dataset_name`` is not registered."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.detection_utils import convert_image_to_rgb, read_image
 
@@ -227,13 +133,10 @@ def visualize_predictions(
     dataset_dicts = DatasetCatalog.get(dataset_name)[:num_images]
     metadata = MetadataCatalog.get(dataset_name)
     output_dir = Path(output_dir)
-    outputs = [
-        output_dir / f"{dataset_name}_{Path(d['file_name']).stem}.png" for d in dataset_dicts
-    ]
-    if not overwrite:
-        for path in outputs:
-            if os.path.lexists(path):
-                raise FileExistsError(f"{path} exists; pass --force to overwrite")
+    outputs = [output_dir / f"{dataset_name}_{Path(d['file_name']).stem}.png"
+               for d in dataset_dicts]
+    for path in outputs:
+        _refuse_existing(path, overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     model.eval()
@@ -244,8 +147,7 @@ def visualize_predictions(
         image_rgb = convert_image_to_rgb(image, cfg.INPUT.FORMAT)
         panels = []
         if "annotations" in dataset_dict:
-            count = len(dataset_dict["annotations"])
-            panels.append((f"ground truth: {count} instances",
+            panels.append((f"ground truth: {len(dataset_dict['annotations'])} instances",
                            draw_ground_truth(image_rgb, dataset_dict, metadata, scale)))
         panels.append((f"prediction: {len(instances)} with score >= {score_threshold:g}",
                        draw_predictions(image_rgb, instances, metadata, scale)))
@@ -255,47 +157,26 @@ def visualize_predictions(
     return outputs
 
 
-# ---------------------------------------------------------------------------------------------
-# Training curves
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclass
 class RunMetrics:
-    """The plottable values of one run's ``metrics.json``.
-
-    Attributes:
-        label: the run's name in legends.
-        series: metric name -> ``(iterations, values)``, sorted by iteration; finite values
-            only. A resumed run that logged an iteration twice keeps the later value.
-        skipped_lines: lines that were not a JSON object (e.g. a truncated last line).
-    """
+    """The plottable values of one run's ``metrics.json``: ``label`` names the run in legends;
+    ``series`` maps a metric to ``(iterations, values)``, sorted by iteration, finite values only
+    (a resumed run that logged an iteration twice keeps the later value); ``skipped_lines``
+    counts the lines that were not a JSON object (e.g. a truncated last line)."""
 
     label: str
     series: Dict[str, Tuple[List[int], List[float]]] = field(default_factory=dict)
     skipped_lines: int = 0
 
 
-def _metrics_file(run: PathLike) -> Path:
-    run = Path(run)
-    return run if run.is_file() else run / "metrics.json"
-
-
 def read_metrics(run: PathLike, label: Optional[str] = None) -> RunMetrics:
-    """Read detectron2's ``metrics.json`` (one JSON object per line) tolerantly.
-
-    Lines that are not a JSON object (a run killed mid-write leaves a partial last line) are
-    skipped with a warning; records without ``iteration``, and values that are not finite
-    numbers (NaN from a diverged run), are left out.
-
-    Args:
-        run: a run's ``OUTPUT_DIR``, or its ``metrics.json`` itself.
-        label: name in legends; default the run folder's name.
-
-    Raises:
-        FileNotFoundError: there is no ``metrics.json``.
-    """
-    path = _metrics_file(run)
+    """Read detectron2's ``metrics.json`` (one JSON object per line) tolerantly: lines that are
+    not a JSON object (a run killed mid-write leaves a partial last line) are skipped with a
+    warning; records without ``iteration``, and values that are not finite numbers (NaN from a
+    diverged run), are left out. ``run`` is a run's ``OUTPUT_DIR`` or its ``metrics.json``
+    (``FileNotFoundError`` if there is none); ``label`` names it in legends (default: the run
+    folder's name)."""
+    path = Path(run) if Path(run).is_file() else Path(run) / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (is {run} a detectron2 OUTPUT_DIR?)")
     result = RunMetrics(label if label is not None else path.resolve().parent.name)
@@ -320,9 +201,7 @@ def read_metrics(run: PathLike, label: Optional[str] = None) -> RunMetrics:
                 if (key != "iteration" and isinstance(value, (int, float))
                         and not isinstance(value, bool) and math.isfinite(value)):
                     points.setdefault(key, {})[int(iteration)] = float(value)
-    for key, by_iteration in points.items():
-        iterations = sorted(by_iteration)
-        result.series[key] = (iterations, [by_iteration[i] for i in iterations])
+    result.series = {key: (sorted(p), [p[i] for i in sorted(p)]) for key, p in points.items()}
     return result
 
 
@@ -337,10 +216,8 @@ def _panels(runs: Sequence[RunMetrics], which: str = "all") -> List[Tuple[str, s
     if which not in PANEL_SETS:
         raise ValueError(f"panels must be one of {', '.join(PANEL_SETS)}, got {which!r}")
     present = set().union(*(run.series for run in runs))
-    ap_panels = []
-    for suffix, title in AP_KEYS.items():
-        ap_panels += [(k, f"{k} ({title}), evaluation") for k in sorted(present)
-                      if _ap_suffix(k) == suffix]
+    ap_panels = [(k, f"{k} ({title}), evaluation") for suffix, title in AP_KEYS.items()
+                 for k in sorted(present) if _ap_suffix(k) == suffix]
     losses = [k for k in LOSS_KEYS if k in present]
     losses += sorted(k for k in present if k.startswith("loss_") and k not in LOSS_KEYS)
     loss_panels = [("total_loss", "total_loss")] if "total_loss" in present else []
@@ -358,26 +235,14 @@ def _ap_suffix(key: str) -> Optional[str]:
 
 def plot_metrics(runs: Sequence[RunMetrics], output: PathLike, *, dpi: int = 100,
                  overwrite: bool = False, panels: str = "all") -> Tuple[int, int]:
-    """Draw the runs' curves overlaid, one panel per metric, into one PNG.
-
-    Panels, for the metrics at least one run has (:func:`_panels`): ``bbox/AP`` / ``segm/AP`` at
-    each evaluation first, each with a legend of every run's last value, then ``total_loss``,
-    each ``loss_*`` term and the learning rate, with the runs' legend in the first of them.
-    Each run has one colour throughout. ``panels="ap"`` (or ``"losses"``) draws only those.
-
-    Args:
-        runs: from :func:`read_metrics`.
-        output: the PNG to write (atomically).
-        dpi: pixels per inch; each panel is 4 x 3 inches, 3 panels to a row.
-        overwrite: replace an existing ``output``.
-
-    Returns:
-        The image's ``(width, height)`` in pixels.
-
-    Raises:
-        ValueError: no run has anything to plot.
-        FileExistsError: ``output`` exists and ``overwrite`` is false.
-    """
+    """Draw the runs (from :func:`read_metrics`) overlaid, one panel per metric, into one PNG
+    written atomically; returns the image's ``(width, height)`` in pixels. The panels are those
+    of the metrics at least one run has: ``bbox/AP`` and ``segm/AP`` first, each with every run's
+    last value in its legend, then ``total_loss``, each ``loss_*`` term and the learning rate,
+    the first of them with the runs' legend. Each run has one colour throughout. ``panels``
+    (:data:`PANEL_SETS`): ``"ap"`` or ``"losses"`` draws only those. Each panel is 4 x 3 inches
+    (``dpi`` pixels per inch), 3 to a row. Raises ``ValueError`` if no run has anything to plot,
+    ``FileExistsError`` if ``output`` exists and ``overwrite`` is false."""
     # A bare Figure renders with Agg and leaves pyplot's global backend and state alone.
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -386,12 +251,10 @@ def plot_metrics(runs: Sequence[RunMetrics], output: PathLike, *, dpi: int = 100
     if not panels:
         raise ValueError(f"no run has {'training or evaluation' if which == 'all' else which} "
                          "values to plot")
-    if os.path.lexists(output) and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --force to overwrite")
-    columns = min(_PANEL_COLUMNS, len(panels))
+    _refuse_existing(output, overwrite)
+    columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
-    figure = Figure(figsize=(_PANEL_SIZE[0] * columns, _PANEL_SIZE[1] * rows), dpi=dpi,
-                    layout="constrained")
+    figure = Figure(figsize=(4.0 * columns, 3.0 * rows), dpi=dpi, layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     last_iteration = max(max(iterations) for run in runs for iterations, _ in run.series.values())
     for ax, (key, title) in zip(axes, panels):

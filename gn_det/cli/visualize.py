@@ -1,5 +1,5 @@
-"""The visualisation programs: ``tools/visualize.py`` (:func:`visualize_main`) and
-``tools/plot_metrics.py`` (:func:`plot_metrics_main`), over :mod:`gn_det.visualize`."""
+"""``tools/visualize.py`` (:func:`visualize_main`) and ``tools/plot_metrics.py``
+(:func:`plot_metrics_main`), over :mod:`gn_det.visualize`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-from ..visualize import (PANEL_SETS, PathLike, default_visualize_dir, plot_metrics, read_metrics,
+from ..visualize import (PANEL_SETS, default_visualize_dir, plot_metrics, read_metrics,
                          visualize_predictions)
 
 __all__ = ["plot_metrics_main", "visualize_main"]
@@ -20,33 +20,12 @@ __all__ = ["plot_metrics_main", "visualize_main"]
 logger = logging.getLogger(__name__)
 
 
-def _build_model(cfg, weights: PathLike):
-    from ..modeling.meta_arch import build_model
-
-    from ..checkpoint import Checkpointer
-
-    model = build_model(cfg)
-    # load_weights, not load: load() starts from random weights when the file is missing, and
-    # reports keys that do not fit only in the log.
-    incompatible = Checkpointer(model).load_weights(os.fspath(weights))
-    problems = list(incompatible.missing_keys) + [k for k, *_ in incompatible.incorrect_shapes]
-    if problems:
-        raise ValueError(
-            f"{weights} does not fit the config's model ({len(problems)} parameters missing or "
-            f"of another shape, e.g. {problems[0]}); is it the config the weights were "
-            "trained with?"
-        )
-    return model
-
-
 def _visualize_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tools/visualize.py",
-        description="Draw a trained model's predictions (masks, boxes, classes, scores) beside "
-        "the ground truth, one PNG per image of a registered dataset.",
-        epilog="Example: tools/visualize.py --config shapes/gn.yaml --weights "
-        "output/demo/model_final.pth --num-images 4",
-    )
+    parser = argparse.ArgumentParser(prog="tools/visualize.py", description="Draw a trained "
+                                     "model's predictions (masks, boxes, classes, scores) beside "
+                                     "the ground truth, one PNG per image of a registered dataset.",
+                                     epilog="Example: tools/visualize.py --config shapes/gn.yaml "
+                                     "--weights output/demo/model_final.pth --num-images 4")
     config = parser.add_mutually_exclusive_group()
     config.add_argument("--config", metavar="NAME", default="",
                         help="a config by name in gn_det's configs/ (shapes/gn.yaml), or a path")
@@ -74,13 +53,6 @@ def _visualize_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_imports() -> None:
-    # Deprecation chatter from detectron2's imports, not actionable by a user of the tools.
-    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
-    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-
 def visualize_main(argv: Optional[List[str]] = None) -> int:
     """``tools/visualize.py``; returns the exit code (2 with a one-line message on bad input)."""
     parser = _visualize_parser()
@@ -89,12 +61,17 @@ def visualize_main(argv: Optional[List[str]] = None) -> int:
         parser.error("--num-images must be >= 1")
     if args.scale <= 0:
         parser.error("--scale must be > 0")
-    _quiet_imports()
+    # Deprecation chatter from detectron2's imports, not actionable by a user of the tools.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     import torch
 
     from .. import data  # noqa: F401  (registers the shapes datasets)
+    from ..checkpoint import Checkpointer
     from ..checkpoint.io import CheckpointError
+    from ..modeling.meta_arch import build_model
     from .config_files import load_config, resolve_config_name
 
     try:
@@ -115,11 +92,18 @@ def visualize_main(argv: Optional[List[str]] = None) -> int:
             raise ValueError("the config names no DATASETS.TEST; pass --dataset")
         output_dir = Path(args.output_dir or default_visualize_dir(args.weights))
         importlib.import_module("detectron2.utils.visualizer")  # needs OpenCV: fail before any work
-        model = _build_model(cfg, args.weights)
-        paths = visualize_predictions(
-            model, cfg, dataset, output_dir, num_images=args.num_images,
-            score_threshold=args.score_threshold, scale=args.scale, overwrite=args.force,
-        )
+        model = build_model(cfg)
+        # load_weights, not load: load() starts from random weights when the file is missing, and
+        # reports keys that do not fit only in the log.
+        incompatible = Checkpointer(model).load_weights(os.fspath(args.weights))
+        problems = list(incompatible.missing_keys) + [k for k, *_ in incompatible.incorrect_shapes]
+        if problems:
+            raise ValueError(f"{args.weights} does not fit the config's model ({len(problems)} "
+                             f"parameters missing or of another shape, e.g. {problems[0]}); is it "
+                             "the config the weights were trained with?")
+        paths = visualize_predictions(model, cfg, dataset, output_dir, num_images=args.num_images,
+                                      score_threshold=args.score_threshold, scale=args.scale,
+                                      overwrite=args.force)
     except (CheckpointError, OSError, KeyError, ValueError, AssertionError, ImportError) as e:
         if args.debug:
             raise
@@ -134,14 +118,13 @@ def visualize_main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _plot_metrics_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tools/plot_metrics.py",
-        description="Plot the losses, learning rate and AP of one or more detectron2 runs "
-        "(their metrics.json) overlaid in one PNG.",
-        epilog="Example: tools/plot_metrics.py output/shapes_bn output/shapes_gn "
-        "--labels BN GN --output norm_comparison.png",
-    )
+def plot_metrics_main(argv: Optional[List[str]] = None) -> int:
+    """``tools/plot_metrics.py``; returns the exit code (2 with a one-line message on bad input)."""
+    parser = argparse.ArgumentParser(prog="tools/plot_metrics.py", description="Plot the losses, "
+                                     "learning rate and AP of one or more detectron2 runs (their "
+                                     "metrics.json) overlaid in one PNG.", epilog="Example: "
+                                     "tools/plot_metrics.py output/shapes_bn output/shapes_gn "
+                                     "--labels BN GN --output norm_comparison.png")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="a run's OUTPUT_DIR (holding metrics.json), or a metrics.json")
     parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
@@ -153,12 +136,6 @@ def _plot_metrics_parser() -> argparse.ArgumentParser:
                         help="all (AP first, then losses and the learning rate), ap, or losses")
     parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
-
-
-def plot_metrics_main(argv: Optional[List[str]] = None) -> int:
-    """``tools/plot_metrics.py``; returns the exit code (2 with a one-line message on bad input)."""
-    parser = _plot_metrics_parser()
     args = parser.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.runs):
         parser.error(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
