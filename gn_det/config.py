@@ -14,6 +14,7 @@ from detectron2.config import CfgNode
 from detectron2.config import get_cfg as _d2_get_cfg
 from torch import nn
 
+from . import _deprecated
 from .convert import NormSpec, convert_norm_by_spec
 from .groups import check_group_args
 from .recompute import enable_recompute
@@ -219,15 +220,6 @@ def convert_model_by_config(model: nn.Module, cfg: CfgNode) -> nn.Module:
 
 
 #: Names that moved to :mod:`gn_det.cli.config_files` (the command line's config handling).
-_MOVED = ("CONFIGS_DIR", "UnsafeConfigError", "load_config", "merge_overrides",
-          "resolve_config_name")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from . import _deprecated
-        from .cli import config_files
-
-        return _deprecated.moved(f"gn_det.config.{name}", f"gn_det.cli.config_files.{name}",
-                                 getattr(config_files, name))
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _deprecated.forward_moved_names(
+    __name__, "gn_det.cli.config_files",
+    ("CONFIGS_DIR", "UnsafeConfigError", "load_config", "merge_overrides", "resolve_config_name"))

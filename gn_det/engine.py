@@ -15,6 +15,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
+from . import _deprecated
 from .checkpoint import Checkpointer
 from .config import OPTIMIZERS, add_trainer_config, check_trainer_config
 from .report import audit_norms
@@ -238,15 +239,6 @@ class Trainer(DefaultTrainer):
 
 
 #: Names that moved to :mod:`gn_det.cli.train` (the ``gn-det train`` command).
-_MOVED = ("argument_parser", "check_device", "launch", "launch_from_args", "lazy_main", "main",
-          "setup")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        from . import _deprecated
-        from .cli import train
-
-        return _deprecated.moved(f"gn_det.engine.{name}", f"gn_det.cli.train.{name}",
-                                 getattr(train, name))
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _deprecated.forward_moved_names(
+    __name__, "gn_det.cli.train",
+    ("argument_parser", "check_device", "launch", "launch_from_args", "lazy_main", "main", "setup"))

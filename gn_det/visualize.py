@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import _deprecated
+
 __all__ = ["AP_KEYS", "LOSS_KEYS", "RunMetrics", "compose_panels", "default_visualize_dir",
            "draw_ground_truth", "draw_predictions", "plot_metrics", "predict", "read_metrics",
            "save_figure", "visualize_predictions", "write_atomic"]
@@ -290,11 +292,5 @@ def plot_metrics(runs: Sequence[RunMetrics], output: PathLike, *, dpi: int = 100
     return int(round(figure.get_figwidth() * dpi)), int(round(figure.get_figheight() * dpi))
 
 
-def __getattr__(name: str):
-    if name in ("visualize_main", "plot_metrics_main"):
-        from . import _deprecated
-        from .cli import visualize
-
-        return _deprecated.moved(f"gn_det.visualize.{name}", f"gn_det.cli.visualize.{name}",
-                                 getattr(visualize, name))
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _deprecated.forward_moved_names(__name__, "gn_det.cli.visualize",
+                                              ("visualize_main", "plot_metrics_main"))
