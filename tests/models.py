@@ -12,10 +12,26 @@ from torch import nn
 import gn_det
 
 #: Overrides for a 2-iteration run on the 6-image ``shapes_tiny`` set of the ``tiny_env`` fixture.
-TINY = ["DATASETS.TRAIN", "('shapes_tiny_train',)", "DATASETS.TEST", "('shapes_tiny_val',)",
-        "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1", "INPUT.MIN_SIZE_TRAIN", "(128,)",
-        "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
-        "DATALOADER.NUM_WORKERS", "0"]
+TINY = [
+    "DATASETS.TRAIN",
+    "('shapes_tiny_train',)",
+    "DATASETS.TEST",
+    "('shapes_tiny_val',)",
+    "SOLVER.MAX_ITER",
+    "2",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(128,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "128",
+    "INPUT.MIN_SIZE_TEST",
+    "128",
+    "INPUT.MAX_SIZE_TEST",
+    "128",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+]
 
 
 def resnet18_fpn_backbone(freeze_at: int, seed: int = 0):
@@ -37,7 +53,9 @@ def photometric_images(n: int, seed: int) -> torch.Tensor:
     normalises away and BN keeps)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.nn.functional.avg_pool2d(torch.rand(n, 3, 36, 36, generator=g), 5, 1)
-    return x * (torch.rand(n, 1, 1, 1, generator=g) * 2 + 0.5) + torch.randn(n, 1, 1, 1, generator=g)
+    return x * (torch.rand(n, 1, 1, 1, generator=g) * 2 + 0.5) + torch.randn(
+        n, 1, 1, 1, generator=g
+    )
 
 
 def bn_teacher_net() -> nn.Sequential:
@@ -47,8 +65,11 @@ def bn_teacher_net() -> nn.Sequential:
     layers = []
     channels = [3, 32, 64, 64, 64]
     for i in range(4):
-        layers += [nn.Conv2d(channels[i], channels[i + 1], 3, padding=1, stride=1 + (i % 2)),
-                   nn.BatchNorm2d(channels[i + 1], momentum=None), nn.ReLU()]
+        layers += [
+            nn.Conv2d(channels[i], channels[i + 1], 3, padding=1, stride=1 + (i % 2)),
+            nn.BatchNorm2d(channels[i + 1], momentum=None),
+            nn.ReLU(),
+        ]
     model = nn.Sequential(*layers)
     with torch.no_grad():
         for _ in range(4):

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 
 def stats_transfer_reference(gamma, beta, mean, var, num_groups, eps):
-    """The `stats` transfer of docs/design.md, group by group in numpy float64 (same eps for BN and GN)."""
+    """The `stats` transfer of docs/design.md, group by group in numpy float64 (same eps for BN
+    and GN)."""
     gamma, beta, mean, var = (np.asarray(t, dtype=np.float64) for t in (gamma, beta, mean, var))
     sigma = np.sqrt(var + eps)
     new_gamma, new_beta = np.empty_like(gamma), np.empty_like(beta)

@@ -23,8 +23,11 @@ def teacher():
 def _outputs(model, x):
     """Output of every norm layer."""
     outputs = []
-    handles = [m.register_forward_hook(lambda m, a, o: outputs.append(o))
-               for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
+    handles = [
+        m.register_forward_hook(lambda m, a, o: outputs.append(o))
+        for m in model.modules()
+        if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))
+    ]
     with torch.no_grad():
         model(x)
     for h in handles:
@@ -33,27 +36,39 @@ def _outputs(model, x):
 
 
 def _relative_errors(student, teacher, x):
-    return [((s - t).pow(2).sum() / (t - t.mean((0, 2, 3), keepdim=True)).pow(2).sum()).item()
-            for s, t in zip(_outputs(student, x), _outputs(teacher, x))]
+    return [
+        ((s - t).pow(2).sum() / (t - t.mean((0, 2, 3), keepdim=True)).pow(2).sum()).item()
+        for s, t in zip(_outputs(student, x), _outputs(teacher, x))
+    ]
 
 
 @pytest.mark.parametrize("sequential", [True, False])
 def test_calibration_beats_stats_on_held_out_images(teacher, sequential):
     stats = convert_norm(copy.deepcopy(teacher), transfer="stats")
     calibrated = convert_norm(copy.deepcopy(teacher), transfer="stats")
-    fits = calibrate(calibrated, teacher, [_images(16, seed=2), _images(16, seed=3)],
-                     sequential=sequential, progress=False)
+    fits = calibrate(
+        calibrated,
+        teacher,
+        [_images(16, seed=2), _images(16, seed=3)],
+        sequential=sequential,
+        progress=False,
+    )
     assert [f.name for f in fits] == ["1", "4", "7", "10"]
     assert all(f.error_after < f.error_before for f in fits)
 
     held_out = _images(32, seed=4)  # not used for calibration
     errors_stats = _relative_errors(stats, teacher, held_out)
     errors_calibrated = _relative_errors(calibrated, teacher, held_out)
-    assert all(c < s for c, s in zip(errors_calibrated, errors_stats)), (errors_calibrated, errors_stats)
+    assert all(c < s for c, s in zip(errors_calibrated, errors_stats)), (
+        errors_calibrated,
+        errors_stats,
+    )
     cos = torch.nn.functional.cosine_similarity
     with torch.no_grad():
         t = teacher(held_out).flatten()
-        assert cos(calibrated(held_out).flatten(), t, dim=0) > cos(stats(held_out).flatten(), t, dim=0)
+        assert cos(calibrated(held_out).flatten(), t, dim=0) > cos(
+            stats(held_out).flatten(), t, dim=0
+        )
 
 
 def test_sequential_corrects_drift_better_than_local_at_the_output(teacher):
@@ -99,20 +114,29 @@ def test_a_detectron2_mask_rcnn_calibrates_backbone_sequentially_and_heads_local
     teacher, images = shapes_bn_mask_rcnn()
     student = convert_norm(copy.deepcopy(teacher))
     regions = {"box_head": [], "mask_head": []}
-    hooks = [getattr(teacher.roi_heads, head).register_forward_hook(
-        lambda module, args, output, head=head: regions[head].append(args[0].shape[0]))
-        for head in regions]
-    caps = (dict(teacher.proposal_generator.post_nms_topk),
-            teacher.roi_heads.box_predictor.test_topk_per_image)
-    fits = calibrate(student, teacher, images, progress=False, batch_size=2,
-                     head_proposals=30, head_detections=3)
+    hooks = [
+        getattr(teacher.roi_heads, head).register_forward_hook(
+            lambda module, args, output, head=head: regions[head].append(args[0].shape[0])
+        )
+        for head in regions
+    ]
+    caps = (
+        dict(teacher.proposal_generator.post_nms_topk),
+        teacher.roi_heads.box_predictor.test_topk_per_image,
+    )
+    fits = calibrate(
+        student, teacher, images, progress=False, batch_size=2, head_proposals=30, head_detections=3
+    )
     for hook in hooks:
         hook.remove()
     # The head layers were fitted on a sample of regions: <= 30 proposals and 3 detections per
     # image (2 images per teacher pass); the teacher's own settings are restored.
     assert regions["box_head"] and max(regions["box_head"]) <= 2 * 30
     assert regions["mask_head"] and max(regions["mask_head"]) <= 2 * 3
-    assert (teacher.proposal_generator.post_nms_topk, teacher.roi_heads.box_predictor.test_topk_per_image) == caps
+    assert (
+        teacher.proposal_generator.post_nms_topk,
+        teacher.roi_heads.box_predictor.test_topk_per_image,
+    ) == caps
     modes = {f.name.split(".")[0]: f.mode for f in fits}
     assert modes == {"backbone": "sequential", "roi_heads": "local"}
     assert len([f for f in fits if f.mode == "sequential"]) == 20 + 8  # R-18 + FPN
@@ -159,7 +183,9 @@ def test_head_layers_are_fitted_on_the_backbone_features_of_the_paired_pass(monk
     state, state_full = reused.state_dict(), full.state_dict()
     for name in heads:
         for p in ("weight", "bias"):
-            torch.testing.assert_close(state[f"{name}.{p}"], state_full[f"{name}.{p}"], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                state[f"{name}.{p}"], state_full[f"{name}.{p}"], rtol=1e-4, atol=1e-5
+            )
 
 
 def test_bad_batch_size_is_refused(teacher):
@@ -172,7 +198,9 @@ def test_one_batch_tensor_is_the_same_input_as_a_list_of_batches(teacher):
     from_tensor = convert_norm(copy.deepcopy(teacher), transfer="stats")
     from_list = convert_norm(copy.deepcopy(teacher), transfer="stats")
     fits_tensor = calibrate(from_tensor, teacher, images, progress=False, batch_size=4)
-    fits_list = calibrate(from_list, teacher, [images[:3], images[3:]], progress=False, batch_size=4)
+    fits_list = calibrate(
+        from_list, teacher, [images[:3], images[3:]], progress=False, batch_size=4
+    )
     assert [f.error_after for f in fits_tensor] == pytest.approx([f.error_after for f in fits_list])
     for a, b in zip(from_tensor.state_dict().values(), from_list.state_dict().values()):
         torch.testing.assert_close(a, b)
@@ -181,7 +209,10 @@ def test_one_batch_tensor_is_the_same_input_as_a_list_of_batches(teacher):
 @pytest.mark.parametrize(
     "inputs, message",
     [
-        ([torch.rand(5)], "batch tensors (N, C, ...) or a list of them; got a tensor of shape (5,)"),
+        (
+            [torch.rand(5)],
+            "batch tensors (N, C, ...) or a list of them; got a tensor of shape (5,)",
+        ),
         ([torch.rand(2, 3, 32, 32), torch.rand(2, 4, 32, 32)], "differ in their per-sample shape"),
         (["image.png"], "got str"),
     ],
@@ -203,7 +234,9 @@ def test_detectron2_model_takes_a_batch_tensor_as_images():
     calibrate(from_dicts, teacher, images[:2], progress=False, batch_size=2)
     for a, b in zip(from_batch.state_dict().values(), from_dicts.state_dict().values()):
         torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match=r"'image': a \(C, H, W\) tensor; got shape \(1, 3, 8, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"'image': a \(C, H, W\) tensor; got shape \(1, 3, 8, 8\)"
+    ):
         calibrate(from_batch, teacher, [{"image": torch.rand(1, 3, 8, 8)}], progress=False)
 
 
@@ -215,8 +248,16 @@ def test_consumers_know_what_follows_each_norm_in_detectron2_and_torchvision_res
     bottom = "backbone.bottom_up"
     assert found[f"{bottom}.stem.conv1.norm"] == ("relu",)
     assert found[f"{bottom}.res2.0.conv1.norm"] == ("relu",)
-    assert found[f"{bottom}.res2.0.conv2.norm"] == ("residual", f"{bottom}.res2.0", None)  # identity
-    assert found[f"{bottom}.res3.0.conv2.norm"] == ("residual", f"{bottom}.res3.0", f"{bottom}.res3.0.shortcut")
+    assert found[f"{bottom}.res2.0.conv2.norm"] == (
+        "residual",
+        f"{bottom}.res2.0",
+        None,
+    )  # identity
+    assert found[f"{bottom}.res3.0.conv2.norm"] == (
+        "residual",
+        f"{bottom}.res3.0",
+        f"{bottom}.res3.0.shortcut",
+    )
     assert f"{bottom}.res3.0.shortcut.norm" not in found  # added, then ReLU'd with the main path
     assert not [n for n in found if n.startswith("backbone.fpn")]  # FPN: nothing follows its norms
     assert found["roi_heads.box_head.conv1.norm"] == ("relu",)  # detectron2 Conv2d(activation=relu)
@@ -242,7 +283,9 @@ def test_a_residual_blocks_last_norm_is_the_least_squares_fit_to_the_block_outpu
     fits = calibrate(student, teacher, [x], progress=False, batch_size=6)
     assert [f.name for f in fits] == ["bn1", "bn2"]
     with torch.no_grad():
-        g = torch.nn.functional.group_norm(student.conv2(student.relu(student.bn1(student.conv1(x)))), 32)
+        g = torch.nn.functional.group_norm(
+            student.conv2(student.relu(student.bn1(student.conv1(x)))), 32
+        )
         y = teacher(x)
         shape = (1, -1, 1, 1)
         active = (y > 0) | (g * initial[0].view(shape) + initial[1].view(shape) + x > 0)
@@ -256,7 +299,9 @@ def test_a_residual_blocks_last_norm_is_the_least_squares_fit_to_the_block_outpu
 
 def test_an_unknown_objective_is_refused(teacher):
     with pytest.raises(ValueError, match="objective must be 'activation' or 'output'"):
-        calibrate(convert_norm(copy.deepcopy(teacher)), teacher, [_images(2, seed=0)], objective="relu")
+        calibrate(
+            convert_norm(copy.deepcopy(teacher)), teacher, [_images(2, seed=0)], objective="relu"
+        )
 
 
 def test_the_least_squares_sums_live_on_the_activations_device():
@@ -268,6 +313,8 @@ def test_the_least_squares_sums_live_on_the_activations_device():
     moments.add(s, t)
     moments.add(s, t, mask=torch.empty(2, 4, 3, 3, device="meta", dtype=torch.bool))
     assert moments.sums.device.type == "meta" and moments.sums.shape == (6, 4)
-    a, b = moments.solve(torch.ones(4, device="meta", dtype=torch.float64),
-                         torch.zeros(4, device="meta", dtype=torch.float64))
+    a, b = moments.solve(
+        torch.ones(4, device="meta", dtype=torch.float64),
+        torch.zeros(4, device="meta", dtype=torch.float64),
+    )
     assert a.device.type == b.device.type == "meta"

@@ -66,7 +66,9 @@ def _gn_model_strictly_loaded(state):
 
 
 def _assert_stats_transfer(gn_model, bn_model, layer=LAYER):
-    expected_w, expected_b = stats_transfer_reference(*_bn_state(bn_model, layer), num_groups=32, eps=1e-5)
+    expected_w, expected_b = stats_transfer_reference(
+        *_bn_state(bn_model, layer), num_groups=32, eps=1e-5
+    )
     gn = gn_model.get_submodule(layer).norm
     torch.testing.assert_close(gn.weight.detach().double(), expected_w, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gn.bias.detach().double(), expected_b, rtol=1e-5, atol=1e-6)
@@ -89,14 +91,21 @@ def test_detectron2_pth_to_gn(bn_model, tmp_path, capsys):
 def test_model_zoo_pkl_to_gn(bn_model, tmp_path):
     source = tmp_path / "model_final.pkl"
     with open(source, "wb") as f:  # detectron2 model-zoo format: numpy arrays
-        pickle.dump({"model": {k: v.numpy() for k, v in bn_model.state_dict().items()},
-                     "__author__": "tests"}, f)
+        pickle.dump(
+            {
+                "model": {k: v.numpy() for k, v in bn_model.state_dict().items()},
+                "__author__": "tests",
+            },
+            f,
+        )
     out = tmp_path / "gn_model.pkl"
     assert _convert("--weights", source, "--output", out, "--config-file", BN_CONFIG) == 0
     with open(out, "rb") as f:
         saved = pickle.load(f)  # plain pickle: gn_det's output holds numpy arrays only
     assert saved["__author__"] == "gn_det"
-    gn_model = _gn_model_strictly_loaded({k: torch.from_numpy(v) for k, v in saved["model"].items()})
+    gn_model = _gn_model_strictly_loaded(
+        {k: torch.from_numpy(v) for k, v in saved["model"].items()}
+    )
     _assert_stats_transfer(gn_model, bn_model)
 
 
@@ -104,7 +113,12 @@ def test_safetensors_to_gn(bn_model, tmp_path):
     source = tmp_path / "bn_model.safetensors"
     save_file({k: v.contiguous() for k, v in bn_model.state_dict().items()}, str(source))
     out = tmp_path / "gn_model.safetensors"
-    assert _convert("--weights", source, "--output", out, "--config-file", BN_CONFIG, "--transfer", "copy") == 0
+    assert (
+        _convert(
+            "--weights", source, "--output", out, "--config-file", BN_CONFIG, "--transfer", "copy"
+        )
+        == 0
+    )
     from safetensors.torch import load_file
 
     gn_model = _gn_model_strictly_loaded(load_file(str(out)))
@@ -121,7 +135,9 @@ def _caffe2_backbone(bn_model):
             continue
         c2 = name.replace("stem.conv1", "conv1")
         c2 = re.sub(r"^res(\d)\.(\d+)\.", r"res\1_\2_", c2)
-        c2 = c2.replace("shortcut", "branch1").replace("conv1", "branch2a" if c2.startswith("res") else "conv1")
+        c2 = c2.replace("shortcut", "branch1").replace(
+            "conv1", "branch2a" if c2.startswith("res") else "conv1"
+        )
         c2 = c2.replace("conv2", "branch2b").replace("conv3", "branch2c")
         norm = module.norm
         scale = norm.weight / (norm.running_var + norm.eps).sqrt()
@@ -146,8 +162,12 @@ def test_caffe2_pkl_with_fused_bn_to_a_gn_backbone(bn_model, tmp_path):
     assert not incompatible.unexpected_keys
     # Fused BN is affine only (mean 0, std 1): stats == copy, the fused scale and shift carry over.
     norm = gn_model.backbone.bottom_up.res4[2].conv2.norm
-    torch.testing.assert_close(norm.weight.detach().numpy(), blobs["res4_2_branch2b_bn_s"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(norm.bias.detach().numpy(), blobs["res4_2_branch2b_bn_b"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        norm.weight.detach().numpy(), blobs["res4_2_branch2b_bn_s"], rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        norm.bias.detach().numpy(), blobs["res4_2_branch2b_bn_b"], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_torchvision_resnet50_to_a_gn_backbone(tmp_path):
@@ -163,7 +183,13 @@ def test_torchvision_resnet50_to_a_gn_backbone(tmp_path):
     incompatible = Checkpointer(gn_model).load_weights(str(out))
     assert not [k for k in incompatible.missing_keys if k.startswith("backbone.bottom_up.")]
     expected_w, expected_b = stats_transfer_reference(
-        bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var, num_groups=32, eps=1e-5)
+        bn.weight.detach(),
+        bn.bias.detach(),
+        bn.running_mean,
+        bn.running_var,
+        num_groups=32,
+        eps=1e-5,
+    )
     norm = gn_model.backbone.bottom_up.res4[2].conv2.norm
     torch.testing.assert_close(norm.weight.detach().double(), expected_w, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(norm.bias.detach().double(), expected_b, rtol=1e-5, atol=1e-6)
@@ -178,8 +204,14 @@ def test_training_loader_transfers_bn_statistics_of_imagenet_weights(tmp_path):
     gn_model = _model(GN_CONFIG)
     Checkpointer(gn_model).load_weights(str(tmp_path / "resnet50.pth"))
     bn = resnet.layer2[0].bn1
-    expected_w, _ = stats_transfer_reference(bn.weight.detach(), bn.bias.detach(), bn.running_mean,
-                                             bn.running_var, num_groups=32, eps=1e-5)
+    expected_w, _ = stats_transfer_reference(
+        bn.weight.detach(),
+        bn.bias.detach(),
+        bn.running_mean,
+        bn.running_var,
+        num_groups=32,
+        eps=1e-5,
+    )
     got = gn_model.backbone.bottom_up.res3[0].conv1.norm.weight.detach().double()
     torch.testing.assert_close(got, expected_w, rtol=1e-5, atol=1e-6)
 
@@ -188,10 +220,13 @@ def test_inspect_weights_lists_the_norm_layers(bn_model, tmp_path, capsys):
     torch.save({"model": bn_model.state_dict()}, tmp_path / "bn.pth")
     assert main(["inspect", "--weights", str(tmp_path / "bn.pth")]) == 0
     out = capsys.readouterr().out
-    assert "backbone.bottom_up.res4.2.conv2.norm" in out and re.search(r"BN\s+69", out)  # FrozenBN keeps statistics too
+    assert "backbone.bottom_up.res4.2.conv2.norm" in out and re.search(
+        r"BN\s+69", out
+    )  # FrozenBN keeps statistics too
 
 
 # ---- bad input: exit 2, one line naming the file, nothing written --------------------------
+
 
 def _error(capsys):
     err = capsys.readouterr().err.strip()
@@ -227,8 +262,10 @@ def test_a_pth_carrying_code_is_refused_and_runs_nothing(tmp_path, capsys):
     assert not marker.exists() and not (tmp_path / "out.pth").exists()
 
 
-@pytest.mark.parametrize("content, problem", [(b"", "empty"), (b"not a checkpoint at all", "format"),
-                                              (b"PK\x03\x04truncated", "")])
+@pytest.mark.parametrize(
+    "content, problem",
+    [(b"", "empty"), (b"not a checkpoint at all", "format"), (b"PK\x03\x04truncated", "")],
+)
 def test_corrupt_or_unknown_files(tmp_path, capsys, content, problem):
     source = tmp_path / "weights.pth"
     source.write_bytes(content)
@@ -242,12 +279,25 @@ def test_a_missing_file(tmp_path, capsys):
     assert "nope.pth" in _error(capsys)
 
 
-def test_a_checkpoint_that_does_not_fit_names_the_first_mismatching_layers(bn_model, tmp_path, capsys):
+def test_a_checkpoint_that_does_not_fit_names_the_first_mismatching_layers(
+    bn_model, tmp_path, capsys
+):
     source = tmp_path / "bn.pth"
     torch.save({"model": bn_model.state_dict()}, source)
     out = tmp_path / "out.pth"
-    assert _convert("--weights", source, "--output", out, "--config-file", BN_CONFIG,
-                    "MODEL.ROI_HEADS.NUM_CLASSES", "4") == 2
+    assert (
+        _convert(
+            "--weights",
+            source,
+            "--output",
+            out,
+            "--config-file",
+            BN_CONFIG,
+            "MODEL.ROI_HEADS.NUM_CLASSES",
+            "4",
+        )
+        == 2
+    )
     err = _error(capsys)
     assert "does not fit" in err and "roi_heads.box_predictor.cls_score.weight" in err
     assert not out.exists()
@@ -262,14 +312,29 @@ def test_existing_output_needs_force_and_conflicting_flags_fail(bn_model, tmp_pa
     assert "--force" in _error(capsys) and out.read_bytes() == b"keep me"
     assert _convert("--weights", source, "--output", tmp_path / "o.pkl", "--format", "pth") == 2
     assert "conflicts" in _error(capsys)
-    assert _convert("--weights", source, "--output", tmp_path / "o.pth", "--target-config",
-                    GN_CONFIG, "--num-groups", "16") == 2
+    assert (
+        _convert(
+            "--weights",
+            source,
+            "--output",
+            tmp_path / "o.pth",
+            "--target-config",
+            GN_CONFIG,
+            "--num-groups",
+            "16",
+        )
+        == 2
+    )
     assert "conflict" in _error(capsys)
-    assert _convert("--weights", source, "--output", out, "--config-file", BN_CONFIG, "--force") == 0
+    assert (
+        _convert("--weights", source, "--output", out, "--config-file", BN_CONFIG, "--force") == 0
+    )
     assert out.read_bytes() != b"keep me"
 
 
-def test_an_interrupted_write_leaves_no_output_and_the_input_untouched(bn_model, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_write_leaves_no_output_and_the_input_untouched(
+    bn_model, tmp_path, monkeypatch, capsys
+):
     source = tmp_path / "bn.pth"
     torch.save({"model": bn_model.state_dict()}, source)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
@@ -293,14 +358,30 @@ def test_an_interrupted_write_leaves_no_output_and_the_input_untouched(bn_model,
 def test_convert_with_calibration(tmp_path, capsys):
     from gn_det.data import register_shapes
 
-    register_shapes("shapes_calib", cache_dir=tmp_path / "cache", image_size=(96, 96), num_train=3, num_val=1)
+    register_shapes(
+        "shapes_calib", cache_dir=tmp_path / "cache", image_size=(96, 96), num_train=3, num_val=1
+    )
     bn_model = _model("shapes/bn.yaml")
     source = tmp_path / "bn.pth"
     torch.save({"model": bn_model.state_dict()}, source)
     out = tmp_path / "gn.pth"
-    assert _convert("--weights", source, "--output", out, "--config-file", "shapes/bn.yaml",
-                    "--transfer", "calibrate", "--calib-dataset", "shapes_calib_train",
-                    "--calib-images", "3") == 0
+    assert (
+        _convert(
+            "--weights",
+            source,
+            "--output",
+            out,
+            "--config-file",
+            "shapes/bn.yaml",
+            "--transfer",
+            "calibrate",
+            "--calib-dataset",
+            "shapes_calib_train",
+            "--calib-images",
+            "3",
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "transfer: stats + calibrate" in printed
     before, after = map(float, re.search(r"error per layer ([\d.]+) -> ([\d.]+)", printed).groups())
@@ -311,18 +392,51 @@ def test_convert_with_calibration(tmp_path, capsys):
     assert "go with --transfer calibrate or distill" in _error(capsys)
 
     distilled = tmp_path / "gn_distilled.pth"
-    calibrate = ["--config-file", "shapes/bn.yaml", "--transfer", "calibrate",
-                 "--calib-dataset", "shapes_calib_train", "--calib-images", "3"]
-    assert _convert("--weights", source, "--output", distilled, *calibrate, "--calib-distill-steps", "2",
-                    "--calib-distill-heads", "norms") == 0
+    calibrate = [
+        "--config-file",
+        "shapes/bn.yaml",
+        "--transfer",
+        "calibrate",
+        "--calib-dataset",
+        "shapes_calib_train",
+        "--calib-images",
+        "3",
+    ]
+    assert (
+        _convert(
+            "--weights",
+            source,
+            "--output",
+            distilled,
+            *calibrate,
+            "--calib-distill-steps",
+            "2",
+            "--calib-distill-heads",
+            "norms",
+        )
+        == 0
+    )
     assert "transfer: stats + calibrate + distill 2 steps (GN affine)" in capsys.readouterr().out
     calibrated, distilled = (torch.load(p, weights_only=True)["model"] for p in (out, distilled))
     changed = {k for k in calibrated if not torch.equal(calibrated[k], distilled[k])}
     assert changed and all("norm" in k for k in changed)
-    assert _convert("--weights", source, "--output", tmp_path / "x.pth", "--calib-distill-steps", "2") == 2
+    assert (
+        _convert("--weights", source, "--output", tmp_path / "x.pth", "--calib-distill-steps", "2")
+        == 2
+    )
     assert "go with --transfer calibrate or distill" in _error(capsys)
-    assert _convert("--weights", source, "--output", tmp_path / "x.pth", *calibrate,
-                    "--calib-distill-steps", "-1") == 2
+    assert (
+        _convert(
+            "--weights",
+            source,
+            "--output",
+            tmp_path / "x.pth",
+            *calibrate,
+            "--calib-distill-steps",
+            "-1",
+        )
+        == 2
+    )
     assert "must be 0 or more" in _error(capsys)
     assert not (tmp_path / "x.pth").exists()
 
@@ -331,46 +445,126 @@ def test_convert_with_distillation_from_stats(tmp_path, capsys):
     """--transfer distill: stats, then distillation only (no least squares); default 100 steps."""
     from gn_det.data import register_shapes
 
-    register_shapes("shapes_distil", cache_dir=tmp_path / "cache", image_size=(96, 96), num_train=2, num_val=1)
+    register_shapes(
+        "shapes_distil", cache_dir=tmp_path / "cache", image_size=(96, 96), num_train=2, num_val=1
+    )
     bn_model = _model("shapes/bn.yaml")
     source = tmp_path / "bn.pth"
     torch.save({"model": bn_model.state_dict()}, source)
     stats, distilled = tmp_path / "stats.pth", tmp_path / "distilled.pth"
     assert _convert("--weights", source, "--output", stats, "--config-file", "shapes/bn.yaml") == 0
-    distill = ["--config-file", "shapes/bn.yaml", "--transfer", "distill", "--calib-dataset", "shapes_distil_train",
-               "--calib-images", "2"]
+    distill = [
+        "--config-file",
+        "shapes/bn.yaml",
+        "--transfer",
+        "distill",
+        "--calib-dataset",
+        "shapes_distil_train",
+        "--calib-images",
+        "2",
+    ]
     capsys.readouterr()
-    assert _convert("--weights", source, "--output", distilled, *distill, "--calib-distill-steps", "2") == 0
+    assert (
+        _convert("--weights", source, "--output", distilled, *distill, "--calib-distill-steps", "2")
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "transfer: stats + distill 2 steps (GN affine, ROI-head weights)" in printed
     assert "calibration:" not in printed
     norms_only = tmp_path / "norms_only.pth"
-    assert _convert("--weights", source, "--output", norms_only, *distill, "--calib-distill-steps", "2",
-                    "--calib-distill-heads", "norms") == 0
+    assert (
+        _convert(
+            "--weights",
+            source,
+            "--output",
+            norms_only,
+            *distill,
+            "--calib-distill-steps",
+            "2",
+            "--calib-distill-heads",
+            "norms",
+        )
+        == 0
+    )
     assert "transfer: stats + distill 2 steps (GN affine)" in capsys.readouterr().out
-    stats, distilled, norms_only = (torch.load(p, weights_only=True)["model"] for p in (stats, distilled, norms_only))
+    stats, distilled, norms_only = (
+        torch.load(p, weights_only=True)["model"] for p in (stats, distilled, norms_only)
+    )
     changed = {k for k in stats if not torch.equal(stats[k], distilled[k])}
     heads = ("roi_heads.box_head.", "roi_heads.mask_head.")
     assert changed and all("norm" in k for k in changed if not k.startswith(heads))
     assert any(k.startswith(heads) and "norm" not in k for k in changed)
     changed = {k for k in stats if not torch.equal(stats[k], norms_only[k])}
     assert changed and all("norm" in k for k in changed)
-    assert _convert("--weights", source, "--output", tmp_path / "x.pth", "--config-file", "shapes/bn.yaml",
-                    "--calib-distill-heads", "norms") == 2
+    assert (
+        _convert(
+            "--weights",
+            source,
+            "--output",
+            tmp_path / "x.pth",
+            "--config-file",
+            "shapes/bn.yaml",
+            "--calib-distill-heads",
+            "norms",
+        )
+        == 2
+    )
     assert "go with --transfer calibrate or distill" in _error(capsys)
-    assert _convert("--weights", source, "--output", tmp_path / "x.pth", "--config-file", "shapes/bn.yaml",
-                    "--transfer", "calibrate", "--calib-distill-heads", "norms") == 2
+    assert (
+        _convert(
+            "--weights",
+            source,
+            "--output",
+            tmp_path / "x.pth",
+            "--config-file",
+            "shapes/bn.yaml",
+            "--transfer",
+            "calibrate",
+            "--calib-distill-heads",
+            "norms",
+        )
+        == 2
+    )
     assert "--calib-distill-heads goes with distillation" in _error(capsys)
 
     # A backbone checkpoint's heads were never trained: only the backbone's outputs are distilled.
     backbone = tmp_path / "backbone.pth"
-    torch.save({"model": {k: v for k, v in bn_model.state_dict().items() if k.startswith("backbone.bottom_up.")}},
-               backbone)
-    assert _convert("--weights", backbone, "--output", tmp_path / "backbone_gn.pth", *distill,
-                    "--calib-distill-steps", "1") == 0
+    torch.save(
+        {
+            "model": {
+                k: v
+                for k, v in bn_model.state_dict().items()
+                if k.startswith("backbone.bottom_up.")
+            }
+        },
+        backbone,
+    )
+    assert (
+        _convert(
+            "--weights",
+            backbone,
+            "--output",
+            tmp_path / "backbone_gn.pth",
+            *distill,
+            "--calib-distill-steps",
+            "1",
+        )
+        == 0
+    )
     assert "backbone checkpoint" in (printed := capsys.readouterr().out)
     assert "transfer: stats + distill 1 steps (backbone GN affine)" in printed
-    assert _convert("--weights", source, "--output", tmp_path / "x.pth", *distill, "--calib-distill-steps", "0") == 2
+    assert (
+        _convert(
+            "--weights",
+            source,
+            "--output",
+            tmp_path / "x.pth",
+            *distill,
+            "--calib-distill-steps",
+            "0",
+        )
+        == 2
+    )
     assert "must be 1 or more" in _error(capsys)
     assert not (tmp_path / "x.pth").exists()
 
@@ -390,28 +584,99 @@ def test_calibration_on_a_folder_of_the_users_images_and_no_silent_default(tmp_p
     source = tmp_path / "bn.pth"
     torch.save({"model": bn_model.state_dict()}, source)
     out = tmp_path / "gn.pth"
-    assert _convert("--weights", source, "--output", out, "--config", "shapes/bn.yaml", "--transfer", "distill",
-                    "--calib-images-dir", folder, "--calib-images", "2", "--calib-distill-steps", "1") == 0
+    assert (
+        _convert(
+            "--weights",
+            source,
+            "--output",
+            out,
+            "--config",
+            "shapes/bn.yaml",
+            "--transfer",
+            "distill",
+            "--calib-images-dir",
+            folder,
+            "--calib-images",
+            "2",
+            "--calib-distill-steps",
+            "1",
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "transfer: stats + distill 1 steps" in printed and out.is_file()
 
     bn_source = tmp_path / "r50_bn.pth"
     torch.save({"model": _model(BN_CONFIG).state_dict()}, bn_source)
     for method in ("calibrate", "distill"):
-        assert _convert("--weights", bn_source, "--output", tmp_path / "x.pth", "--config", BN_CONFIG,
-                        "--transfer", method) == 2
+        assert (
+            _convert(
+                "--weights",
+                bn_source,
+                "--output",
+                tmp_path / "x.pth",
+                "--config",
+                BN_CONFIG,
+                "--transfer",
+                method,
+            )
+            == 2
+        )
         err = _error(capsys)
         assert f"--transfer {method} needs images of the model's own domain" in err
         assert "coco_2017_train" in err and "--calib-images-dir DIR" in err
-    assert _convert("--weights", bn_source, "--output", tmp_path / "x.pth", "--config", BN_CONFIG,
-                    "--verify-images", "2") == 2
+    assert (
+        _convert(
+            "--weights",
+            bn_source,
+            "--output",
+            tmp_path / "x.pth",
+            "--config",
+            BN_CONFIG,
+            "--verify-images",
+            "2",
+        )
+        == 2
+    )
     err = _error(capsys)
-    assert "--verify-images needs images" in err and "DATASETS.TEST" in err and "--verify-images-dir DIR" in err
-    assert _convert("--weights", source, "--output", tmp_path / "x.pth", "--config", "shapes/bn.yaml",
-                    "--transfer", "distill", "--calib-images-dir", folder, "--calib-dataset", "shapes_train") == 2
+    assert (
+        "--verify-images needs images" in err
+        and "DATASETS.TEST" in err
+        and "--verify-images-dir DIR" in err
+    )
+    assert (
+        _convert(
+            "--weights",
+            source,
+            "--output",
+            tmp_path / "x.pth",
+            "--config",
+            "shapes/bn.yaml",
+            "--transfer",
+            "distill",
+            "--calib-images-dir",
+            folder,
+            "--calib-dataset",
+            "shapes_train",
+        )
+        == 2
+    )
     assert "give one of them" in _error(capsys)
-    assert _convert("--weights", source, "--output", tmp_path / "x.pth", "--config", "shapes/bn.yaml",
-                    "--transfer", "distill", "--calib-images-dir", tmp_path / "nowhere") == 2
+    assert (
+        _convert(
+            "--weights",
+            source,
+            "--output",
+            tmp_path / "x.pth",
+            "--config",
+            "shapes/bn.yaml",
+            "--transfer",
+            "distill",
+            "--calib-images-dir",
+            tmp_path / "nowhere",
+        )
+        == 2
+    )
     assert "not a folder of images" in _error(capsys)
     assert not (tmp_path / "x.pth").exists()
 
@@ -420,11 +685,25 @@ def test_a_target_config_that_reads_images_differently_is_refused(tmp_path, caps
     """MSRA-convention weights (the model zoo's SyncBN Mask R-CNN: BGR, std 1, stride in the
     1x1) into gn_mask_rcnn.yaml (torchvision's: RGB, std, stride in the 3x3): every tensor fits,
     the model would be wrong. Refused before anything is read."""
-    assert _convert("--weights", tmp_path / "unread.pkl", "--output", tmp_path / "o.pth", "--config",
-                    "Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml", "--target-config", GN_CONFIG) == 2
+    assert (
+        _convert(
+            "--weights",
+            tmp_path / "unread.pkl",
+            "--output",
+            tmp_path / "o.pth",
+            "--config",
+            "Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml",
+            "--target-config",
+            GN_CONFIG,
+        )
+        == 2
+    )
     err = _error(capsys)
     assert "reads images differently" in err and "INPUT.FORMAT BGR -> RGB" in err
-    assert "MODEL.RESNETS.STRIDE_IN_1X1 True -> False" in err and "MODEL.NORM_CONVERSION.ENABLED True" in err
+    assert (
+        "MODEL.RESNETS.STRIDE_IN_1X1 True -> False" in err
+        and "MODEL.NORM_CONVERSION.ENABLED True" in err
+    )
 
 
 def test_convert_to_folded_writes_a_verified_inference_checkpoint(tmp_path, capsys, tiny_env):
@@ -441,47 +720,169 @@ def test_convert_to_folded_writes_a_verified_inference_checkpoint(tmp_path, caps
     small = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
     from gn_det.data import register_shapes
 
-    register_shapes("shapes_fold", cache_dir=tmp_path / "cache", image_size=(64, 64), num_train=3, num_val=1)
-    assert _convert("--config", "shapes/gn.yaml", "--weights", source, "--output", out, "--to", "folded",
-                    "--calib-dataset", "shapes_fold_train", "--calib-images", "3", "--calib-distill-steps", "2",
-                    "--fold-exclude", "roi_heads", *small) == 0
+    register_shapes(
+        "shapes_fold", cache_dir=tmp_path / "cache", image_size=(64, 64), num_train=3, num_val=1
+    )
+    assert (
+        _convert(
+            "--config",
+            "shapes/gn.yaml",
+            "--weights",
+            source,
+            "--output",
+            out,
+            "--to",
+            "folded",
+            "--calib-dataset",
+            "shapes_fold_train",
+            "--calib-images",
+            "3",
+            "--calib-distill-steps",
+            "2",
+            "--fold-exclude",
+            "roi_heads",
+            *small,
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "folded for inference" in printed and "statistics: 3 images; distilled 2 steps" in printed
+    assert (
+        "folded for inference" in printed and "statistics: 3 images; distilled 2 steps" in printed
+    )
     assert "folded into the conv" in printed and "kept as GN" in printed
-    folded = _model("shapes/gn.yaml", **{"MODEL.NORM_CONVERSION.FOLDED": "True",
-                                         "MODEL.NORM_CONVERSION.FOLDED_EXCLUDE": "['roi_heads']"})
+    folded = _model(
+        "shapes/gn.yaml",
+        **{
+            "MODEL.NORM_CONVERSION.FOLDED": "True",
+            "MODEL.NORM_CONVERSION.FOLDED_EXCLUDE": "['roi_heads']",
+        },
+    )
     folded.load_state_dict(torch.load(out, weights_only=True)["model"], strict=True)
-    assert not [n for n, m in folded.named_modules() if isinstance(m, torch.nn.GroupNorm)
-                and not n.startswith("roi_heads")]
+    assert not [
+        n
+        for n, m in folded.named_modules()
+        if isinstance(m, torch.nn.GroupNorm) and not n.startswith("roi_heads")
+    ]
 
     # Not overwritten without --force; flags that do not apply; no GroupNorm to fold.
-    assert _convert("--config", "shapes/gn.yaml", "--weights", source, "--output", out, "--to", "folded",
-                    *small) == 2
+    assert (
+        _convert(
+            "--config",
+            "shapes/gn.yaml",
+            "--weights",
+            source,
+            "--output",
+            out,
+            "--to",
+            "folded",
+            *small,
+        )
+        == 2
+    )
     assert "--force" in _error(capsys)
-    assert _convert("--config", "shapes/gn.yaml", "--weights", source, "--output", tmp_path / "x.pth",
-                    "--to", "folded", "--transfer", "distill") == 2
+    assert (
+        _convert(
+            "--config",
+            "shapes/gn.yaml",
+            "--weights",
+            source,
+            "--output",
+            tmp_path / "x.pth",
+            "--to",
+            "folded",
+            "--transfer",
+            "distill",
+        )
+        == 2
+    )
     assert "--transfer do not apply to --to folded" in _error(capsys)
-    assert _convert("--config", "shapes/gn.yaml", "--weights", source, "--output", tmp_path / "x.pth",
-                    "--fold-exclude", "roi_heads") == 2
+    assert (
+        _convert(
+            "--config",
+            "shapes/gn.yaml",
+            "--weights",
+            source,
+            "--output",
+            tmp_path / "x.pth",
+            "--fold-exclude",
+            "roi_heads",
+        )
+        == 2
+    )
     assert "--fold-exclude goes with --to folded" in _error(capsys)
     bn = tmp_path / "bn.pth"
     torch.save({"model": _model("shapes/bn.yaml").state_dict()}, bn)
-    assert _convert("--config", "shapes/bn.yaml", "--weights", bn, "--output", tmp_path / "x.pth", "--to", "folded",
-                    "--calib-dataset", "shapes_fold_train", "--calib-images", "1", *small) == 2
+    assert (
+        _convert(
+            "--config",
+            "shapes/bn.yaml",
+            "--weights",
+            bn,
+            "--output",
+            tmp_path / "x.pth",
+            "--to",
+            "folded",
+            "--calib-dataset",
+            "shapes_fold_train",
+            "--calib-images",
+            "1",
+            *small,
+        )
+        == 2
+    )
     assert "no GroupNorm layer" in _error(capsys)
     assert not (tmp_path / "x.pth").exists()
 
     # Without images (the config's training set is not here): data-free, and it says so.
-    assert _convert("--config", "shapes/gn.yaml", "--weights", source, "--output", tmp_path / "free.pth",
-                    "--to", "folded", "DATASETS.TRAIN", "('coco_2017_train',)", *small) == 0
+    assert (
+        _convert(
+            "--config",
+            "shapes/gn.yaml",
+            "--weights",
+            source,
+            "--output",
+            tmp_path / "free.pth",
+            "--to",
+            "folded",
+            "DATASETS.TRAIN",
+            "('coco_2017_train',)",
+            *small,
+        )
+        == 0
+    )
     captured = capsys.readouterr()
-    assert "data-free statistics" in captured.err and "statistics: data-free (mean 0, variance 1)" in captured.out
+    assert (
+        "data-free statistics" in captured.err
+        and "statistics: data-free (mean 0, variance 1)" in captured.out
+    )
 
     # gn-det train evaluates it (--eval-only) as any detectron2 model.
-    result = subprocess.run([sys.executable, "-m", "gn_det.cli", "train", "--config", "shapes/gn.yaml", "--eval-only",
-                             "MODEL.NORM_CONVERSION.FOLDED", "True", "MODEL.NORM_CONVERSION.FOLDED_EXCLUDE",
-                             "['roi_heads']", "MODEL.WEIGHTS", str(out), "DATASETS.TEST", "('shapes_tiny_val',)",
-                             *small, "OUTPUT_DIR", str(tmp_path / "eval")],
-                            env=tiny_env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gn_det.cli",
+            "train",
+            "--config",
+            "shapes/gn.yaml",
+            "--eval-only",
+            "MODEL.NORM_CONVERSION.FOLDED",
+            "True",
+            "MODEL.NORM_CONVERSION.FOLDED_EXCLUDE",
+            "['roi_heads']",
+            "MODEL.WEIGHTS",
+            str(out),
+            "DATASETS.TEST",
+            "('shapes_tiny_val',)",
+            *small,
+            "OUTPUT_DIR",
+            str(tmp_path / "eval"),
+        ],
+        env=tiny_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Evaluation results for bbox" in Path(tmp_path / "eval" / "log.txt").read_text()

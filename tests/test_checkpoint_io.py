@@ -222,13 +222,24 @@ def _py2_ndarray(array: np.ndarray) -> bytes:
         b"K" + bytes([n]) if n < 256 else b"M" + struct.pack("<H", n) for n in array.shape
     )
     dtype = (
-        b"cnumpy\ndtype\n" + _py2_str(array.dtype.str[1:].encode()) + b"\x89\x88\x87R"
-        + b"(K\x03" + _py2_str(b"<") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+        b"cnumpy\ndtype\n"
+        + _py2_str(array.dtype.str[1:].encode())
+        + b"\x89\x88\x87R"
+        + b"(K\x03"
+        + _py2_str(b"<")
+        + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
     )
     return (
         b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85"
-        + _py2_str(b"b") + b"\x87R"
-        + b"(K\x01(" + ints + b"t" + dtype + b"\x89" + _py2_str(array.tobytes()) + b"tb"
+        + _py2_str(b"b")
+        + b"\x87R"
+        + b"(K\x01("
+        + ints
+        + b"t"
+        + dtype
+        + b"\x89"
+        + _py2_str(array.tobytes())
+        + b"tb"
     )
 
 
@@ -240,8 +251,14 @@ def test_detectron_py2_pickle_of_numpy_arrays_loads(tmp_path):
     }
     items = b"".join(_py2_str(name.encode()) + _py2_ndarray(a) for name, a in blobs.items())
     data = (
-        b"\x80\x02}(" + _py2_str(b"blobs") + b"}(" + items + b"u"
-        + _py2_str(b"cfg") + _py2_str(b"MODEL: {}") + b"u."
+        b"\x80\x02}("
+        + _py2_str(b"blobs")
+        + b"}("
+        + items
+        + b"u"
+        + _py2_str(b"cfg")
+        + _py2_str(b"MODEL: {}")
+        + b"u."
     )
     assert any(byte >= 0x80 for byte in blobs["conv1_w"].tobytes())  # needs latin1, not ASCII
     path = tmp_path / "R-50.pkl"
@@ -497,7 +514,11 @@ def _mutate(rng, data: bytes) -> bytes:
         elif kind == 1:
             data = data[:at] + data[at + int(rng.integers(1, 64)) :]
         else:
-            data = data[:at] + bytes(rng.integers(0, 256, int(rng.integers(1, 16)), dtype=np.uint8)) + data[at:]
+            data = (
+                data[:at]
+                + bytes(rng.integers(0, 256, int(rng.integers(1, 16)), dtype=np.uint8))
+                + data[at:]
+            )
     return bytes(data)
 
 

@@ -30,11 +30,16 @@ def offline(monkeypatch, tmp_path):
 
 
 def test_the_cache_path_is_where_detectron2_puts_the_download(offline, tmp_path):
-    assert cache_path(URL) == str(tmp_path / "cache" / "detectron2" / "ImageNetPretrained" / "MSRA" / "R-50.pkl")
-    assert cache_path("https://example.org/models/x/model_final.pth") == \
-        str(tmp_path / "cache" / "models" / "x" / "model_final.pth")
+    assert cache_path(URL) == str(
+        tmp_path / "cache" / "detectron2" / "ImageNetPretrained" / "MSRA" / "R-50.pkl"
+    )
+    assert cache_path("https://example.org/models/x/model_final.pth") == str(
+        tmp_path / "cache" / "models" / "x" / "model_final.pth"
+    )
     # catalog:// names resolve through detectron2's ModelCatalog (Detectron's URLs).
-    assert cache_path("catalog://ImageNetPretrained/FAIR/R-50-GN").endswith("/ImageNetPretrained/47261647/R-50-GN.pkl")
+    assert cache_path("catalog://ImageNetPretrained/FAIR/R-50-GN").endswith(
+        "/ImageNetPretrained/47261647/R-50-GN.pkl"
+    )
 
 
 def test_a_file_put_in_the_cache_is_read_without_any_download(offline):
@@ -43,8 +48,13 @@ def test_a_file_put_in_the_cache_is_read_without_any_download(offline):
 
     os.makedirs(os.path.dirname(path))
     with open(path, "wb") as f:
-        pickle.dump({"model": {"stem.conv1.weight": np.ones((64, 3, 7, 7), np.float32)},
-                     "__author__": "Detectron2 Model Zoo"}, f)
+        pickle.dump(
+            {
+                "model": {"stem.conv1.weight": np.ones((64, 3, 7, 7), np.float32)},
+                "__author__": "Detectron2 Model Zoo",
+            },
+            f,
+        )
     weights = read_weights(URL)
     assert weights.kind == "detectron2-model-zoo" and list(weights.state) == ["stem.conv1.weight"]
     assert local_weights_path(URL) == path and offline == []
@@ -68,7 +78,9 @@ def test_convert_and_train_take_urls_through_the_cache(offline, capsys, monkeypa
 
     assert main(["convert", "--weights", URL, "--output", str(tmp_path / "out.pth")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"gn-det convert: error: {URL}: could not download it" in err
+    assert (
+        len(err.splitlines()) == 1 and f"gn-det convert: error: {URL}: could not download it" in err
+    )
 
     launched = []
     monkeypatch.setattr("gn_det.cli.train.launch", lambda *a, **k: launched.append(a))

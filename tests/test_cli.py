@@ -11,7 +11,20 @@ SYNCBN = model_zoo.get_config_file("Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml")
 
 
 def test_inspect_lists_the_converted_layers(capsys):
-    assert main(["inspect", "--config-file", SYNCBN, "--to", "GN", "MODEL.RESNETS.STRIDE_IN_1X1", "False"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                "--config-file",
+                SYNCBN,
+                "--to",
+                "GN",
+                "MODEL.RESNETS.STRIDE_IN_1X1",
+                "False",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "roi_heads.mask_head.mask_fcn4.norm" in out
     assert "ConvertedGroupNorm       69" in out
@@ -27,10 +40,19 @@ def test_inspect_without_conversion_counts_the_source_types(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["inspect", "--config-file", "missing.yaml"], "No config 'missing.yaml': not a file, not in "),
-        (["inspect", "--config-file", SYNCBN, "MODEL.NO_SUCH_KEY", "1"], "unknown config key MODEL.NO_SUCH_KEY; MODEL has: "),
+        (
+            ["inspect", "--config-file", "missing.yaml"],
+            "No config 'missing.yaml': not a file, not in ",
+        ),
+        (
+            ["inspect", "--config-file", SYNCBN, "MODEL.NO_SUCH_KEY", "1"],
+            "unknown config key MODEL.NO_SUCH_KEY; MODEL has: ",
+        ),
         (["inspect", "--config-file", SYNCBN, "--to", "LayerNorm"], "valid targets: GN, FrozenBN"),
-        (["inspect", "--config-file", SYNCBN, "--to", "GN", "--num-groups", "0"], "positive integer"),
+        (
+            ["inspect", "--config-file", SYNCBN, "--to", "GN", "--num-groups", "0"],
+            "positive integer",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, message, capsys):
@@ -41,11 +63,26 @@ def test_bad_input_exits_2_with_one_line(argv, message, capsys):
 
 def test_console_script_and_help():
     gn_det_script = Path(sys.executable).parent / "gn-det"
-    out = subprocess.run([str(gn_det_script), "inspect", "--help"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(gn_det_script), "inspect", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "--config-file" in out and "--dim-per-group" in out
-    result = subprocess.run([sys.executable, "-m", "gn_det.cli", "inspect", "--num-groups", "8",
-                             "--dim-per-group", "16", "--config-file", SYNCBN], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gn_det.cli",
+            "inspect",
+            "--num-groups",
+            "8",
+            "--dim-per-group",
+            "16",
+            "--config-file",
+            SYNCBN,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "not allowed with argument" in result.stderr
 
 
@@ -53,15 +90,32 @@ def test_console_script_and_help():
 def test_detectron2_model_zoo_names_work_with_either_flag(flag, capsys):
     """A name that is neither a file nor one of gn_det's configs is looked up in detectron2's
     model zoo; with the switch on, its model is converted."""
-    assert main(["inspect", flag, "Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml", "MODEL.NORM_CONVERSION.ENABLED", "True"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                flag,
+                "Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml",
+                "MODEL.NORM_CONVERSION.ENABLED",
+                "True",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.rstrip().endswith("ConvertedGroupNorm       69")
     assert main(["inspect", flag, "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x"]) == 0
     assert "FrozenBatchNorm2d       53" in capsys.readouterr().out
 
 
 MALFORMED = {
-    "unclosed.yaml": ("MODEL:\n  PIXEL_MEAN: [1, 2\nSOLVER:\n  BASE_LR: 0.1\n", "not valid YAML: line 3, column 7"),
-    "stray.yaml": ("MODEL:\n  DEVICE: cpu\n @@\n", "not valid YAML: line 3, column 2: found character '@'"),
+    "unclosed.yaml": (
+        "MODEL:\n  PIXEL_MEAN: [1, 2\nSOLVER:\n  BASE_LR: 0.1\n",
+        "not valid YAML: line 3, column 7",
+    ),
+    "stray.yaml": (
+        "MODEL:\n  DEVICE: cpu\n @@\n",
+        "not valid YAML: line 3, column 2: found character '@'",
+    ),
     "empty.yaml": ("", "the config file is empty"),
     "truncated.yaml": ("MODEL:\n", "MODEL is a section of keys, but the file gives it None"),
     "list.yaml": ("- MODEL\n- SOLVER\n", "this file holds a list"),
@@ -72,7 +126,9 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("name", sorted(MALFORMED))
-def test_a_malformed_config_is_one_line_naming_the_file_in_every_command(name, tmp_path, capsys, monkeypatch):
+def test_a_malformed_config_is_one_line_naming_the_file_in_every_command(
+    name, tmp_path, capsys, monkeypatch
+):
     from gn_det.engine import launch_from_args
 
     text, message = MALFORMED[name]
@@ -80,11 +136,22 @@ def test_a_malformed_config_is_one_line_naming_the_file_in_every_command(name, t
     config.write_bytes(text) if isinstance(text, bytes) else config.write_text(text)
     commands = {
         "inspect": lambda: main(["inspect", "--config", str(config)]),
-        "convert": lambda: main(["convert", "--config", str(config), "--weights", str(config),
-                                 "--output", str(tmp_path / "out.pth")]),
+        "convert": lambda: main(
+            [
+                "convert",
+                "--config",
+                str(config),
+                "--weights",
+                str(config),
+                "--output",
+                str(tmp_path / "out.pth"),
+            ]
+        ),
         "train": lambda: launch_from_args(["--config", str(config)], prog="gn-det train"),
     }
-    monkeypatch.setattr("gn_det.cli.train.launch", lambda *a, **k: pytest.fail("training was launched"))
+    monkeypatch.setattr(
+        "gn_det.cli.train.launch", lambda *a, **k: pytest.fail("training was launched")
+    )
     for command, run in commands.items():
         try:
             code = run()

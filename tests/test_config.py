@@ -34,17 +34,28 @@ def _signature(model):
 def test_keys_and_defaults():
     cfg = gn_det.get_cfg()
     node = cfg.MODEL.NORM_CONVERSION
-    assert (node.ENABLED, node.TARGET, node.NUM_GROUPS, node.DIM_PER_GROUP, node.EPS,
-            node.TRANSFER, node.INCLUDE, node.EXCLUDE) == (False, "GN", 32, 0, 0.0, "stats", [], [])
+    assert (
+        node.ENABLED,
+        node.TARGET,
+        node.NUM_GROUPS,
+        node.DIM_PER_GROUP,
+        node.EPS,
+        node.TRANSFER,
+        node.INCLUDE,
+        node.EXCLUDE,
+    ) == (False, "GN", 32, 0, 0.0, "stats", [], [])
     assert gn_det.norm_spec_from_config(cfg) is None
 
 
 def test_a_wrong_key_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("MODEL:\n  NORM_CONVERSION:\n    GROUPS: 16\n")
-    with pytest.raises(ConfigError, match=f"{bad}: unknown config key MODEL.NORM_CONVERSION.GROUPS; "
-                       "did you mean MODEL.NORM_CONVERSION.NUM_GROUPS\\? MODEL.NORM_CONVERSION has: "
-                       "DIM_PER_GROUP, ENABLED, EPS"):
+    with pytest.raises(
+        ConfigError,
+        match=f"{bad}: unknown config key MODEL.NORM_CONVERSION.GROUPS; "
+        "did you mean MODEL.NORM_CONVERSION.NUM_GROUPS\\? MODEL.NORM_CONVERSION has: "
+        "DIM_PER_GROUP, ENABLED, EPS",
+    ):
         load_config(bad)
     bad.write_text("MODEL:\n  NORM_CONVERSION:\n    ENABLED: True\n    TARGET: LN\n")
     with pytest.raises(ConfigError, match="MODEL.NORM_CONVERSION.TARGET = 'LN': .*valid targets"):
@@ -54,15 +65,36 @@ def test_a_wrong_key_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "opts, message",
     [
-        (["MODEL.NORM_CONVERSION.TARGTE", "GN"], "unknown config key MODEL.NORM_CONVERSION.TARGTE; "
-         "did you mean MODEL.NORM_CONVERSION.TARGET?"),
-        (["SOLVERR.BASE_LR", "0.1"], "unknown config key SOLVERR.BASE_LR; did you mean SOLVER? the config has: "),
-        (["MODEL.NORM_CONVERSION.TARGET", "LN"], "MODEL.NORM_CONVERSION.TARGET = 'LN': Unknown norm target"),
-        (["MODEL.NORM_CONVERSION.NUM_GROUPS", "0"], "MODEL.NORM_CONVERSION.NUM_GROUPS = 0: num_groups must be"),
-        (["MODEL.NORM_CONVERSION.DIM_PER_GROUP", "-16"], "MODEL.NORM_CONVERSION.DIM_PER_GROUP = -16"),
+        (
+            ["MODEL.NORM_CONVERSION.TARGTE", "GN"],
+            "unknown config key MODEL.NORM_CONVERSION.TARGTE; "
+            "did you mean MODEL.NORM_CONVERSION.TARGET?",
+        ),
+        (
+            ["SOLVERR.BASE_LR", "0.1"],
+            "unknown config key SOLVERR.BASE_LR; did you mean SOLVER? the config has: ",
+        ),
+        (
+            ["MODEL.NORM_CONVERSION.TARGET", "LN"],
+            "MODEL.NORM_CONVERSION.TARGET = 'LN': Unknown norm target",
+        ),
+        (
+            ["MODEL.NORM_CONVERSION.NUM_GROUPS", "0"],
+            "MODEL.NORM_CONVERSION.NUM_GROUPS = 0: num_groups must be",
+        ),
+        (
+            ["MODEL.NORM_CONVERSION.DIM_PER_GROUP", "-16"],
+            "MODEL.NORM_CONVERSION.DIM_PER_GROUP = -16",
+        ),
         (["MODEL.NORM_CONVERSION.TRANSFER", "mean"], "valid transfers: copy, stats"),
-        (["MODEL.NORM_CONVERSION.EPS", "-1.0"], "MODEL.NORM_CONVERSION.EPS = -1.0: must be a positive number"),
-        (["MODEL.NORM_CONVERSION.NUM_GROUPS", "many"], "for config key: MODEL.NORM_CONVERSION.NUM_GROUPS"),
+        (
+            ["MODEL.NORM_CONVERSION.EPS", "-1.0"],
+            "MODEL.NORM_CONVERSION.EPS = -1.0: must be a positive number",
+        ),
+        (
+            ["MODEL.NORM_CONVERSION.NUM_GROUPS", "many"],
+            "for config key: MODEL.NORM_CONVERSION.NUM_GROUPS",
+        ),
         (["SOLVER.MAX_ITER"], "odd length"),
         (["SOLVER.OPTIMIZER", "Adam"], "SOLVER.OPTIMIZER = 'Adam': valid optimizers: SGD, AdamW"),
     ],
@@ -75,8 +107,10 @@ def test_bad_overrides_are_one_line_config_errors_naming_the_key(opts, message):
 
 
 def test_good_overrides_merge():
-    cfg = merge_overrides(load_config(resolve_config_name("gn_mask_rcnn.yaml")),
-                          ["MODEL.NORM_CONVERSION.DIM_PER_GROUP", "16", "SOLVER.BASE_LR", "0.01"])
+    cfg = merge_overrides(
+        load_config(resolve_config_name("gn_mask_rcnn.yaml")),
+        ["MODEL.NORM_CONVERSION.DIM_PER_GROUP", "16", "SOLVER.BASE_LR", "0.01"],
+    )
     assert cfg.MODEL.NORM_CONVERSION.DIM_PER_GROUP == 16 and cfg.SOLVER.BASE_LR == 0.01
     assert gn_det.norm_spec_from_config(cfg).dim_per_group == 16
 
@@ -87,7 +121,10 @@ def test_gn_mask_rcnn_yaml_builds_the_native_gn_model_key_for_key():
     model = build_model(cfg)  # detectron2's own build_model
     native = _native_gn_model()
     assert _signature(model) == _signature(native)
-    types = {n: (nn.GroupNorm if isinstance(m, nn.GroupNorm) else type(m)) for n, m in model.named_modules()}
+    types = {
+        n: (nn.GroupNorm if isinstance(m, nn.GroupNorm) else type(m))
+        for n, m in model.named_modules()
+    }
     assert types == {n: type(m) for n, m in native.named_modules()}
     assert {n: p.requires_grad for n, p in model.named_parameters()} == {
         n: p.requires_grad for n, p in native.named_parameters()
@@ -147,7 +184,10 @@ def test_the_switch_converts_through_detectron2s_build_model_and_default_predict
     for config in (cfg, plain):
         model = build_model(config)
         assert type(model) is GeneralizedRCNN
-        assert gn_det.count_norms(model)["ConvertedGroupNorm"] > 0 and not gn_det.count_norms(model)["BatchNorm2d"]
+        assert (
+            gn_det.count_norms(model)["ConvertedGroupNorm"] > 0
+            and not gn_det.count_norms(model)["BatchNorm2d"]
+        )
     predictor = DefaultPredictor(plain)
     assert type(predictor.model) is GeneralizedRCNN
     assert any(isinstance(m, nn.GroupNorm) for m in predictor.model.modules())
@@ -168,7 +208,9 @@ def test_include_and_exclude_from_config():
 
 def _all_configs():
     return sorted(
-        str(p.relative_to(CONFIGS_DIR)) for p in CONFIGS_DIR.rglob("*.yaml") if not p.name.startswith("Base-")
+        str(p.relative_to(CONFIGS_DIR))
+        for p in CONFIGS_DIR.rglob("*.yaml")
+        if not p.name.startswith("Base-")
     )
 
 
@@ -195,7 +237,10 @@ def test_config_names_resolve_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_config_name("gn_mask_rcnn.yaml") == CONFIGS_DIR / "gn_mask_rcnn.yaml"
     assert resolve_config_name("gn_mask_rcnn") == CONFIGS_DIR / "gn_mask_rcnn.yaml"
-    with pytest.raises(FileNotFoundError, match="nor in detectron2's model zoo .* Available in gn_det: .*gn_mask_rcnn.yaml"):
+    with pytest.raises(
+        FileNotFoundError,
+        match="nor in detectron2's model zoo .* Available in gn_det: .*gn_mask_rcnn.yaml",
+    ):
         resolve_config_name("gn_mask_rcnn_typo.yaml")
     # A name that is neither a file nor one of gn_det's: detectron2's model zoo, .yaml optional.
     zoo = Path(model_zoo.get_config_file("Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml"))
@@ -208,11 +253,13 @@ def test_unsafe_yaml_is_refused_unless_allowed(tmp_path):
     base = tmp_path / "Base-unsafe.yaml"
     base.write_text(
         "MODEL:\n  ANCHOR_GENERATOR:\n"
-        "    SIZES: !!python/object/apply:eval [\"[[x] for x in [32, 64, 128, 256, 512]]\"]\n"
+        '    SIZES: !!python/object/apply:eval ["[[x] for x in [32, 64, 128, 256, 512]]"]\n'
     )
     child = tmp_path / "child.yaml"
     child.write_text('_BASE_: "Base-unsafe.yaml"\nMODEL:\n  MASK_ON: True\n')
-    with pytest.raises(UnsafeConfigError, match="Base-unsafe.yaml needs unsafe YAML.*--allow-unsafe-yaml"):
+    with pytest.raises(
+        UnsafeConfigError, match="Base-unsafe.yaml needs unsafe YAML.*--allow-unsafe-yaml"
+    ):
         load_config(child)
     cfg = load_config(child, allow_unsafe_yaml=True)
     assert cfg.MODEL.ANCHOR_GENERATOR.SIZES == [[32], [64], [128], [256], [512]]
@@ -251,22 +298,38 @@ def test_every_detectron2_url_in_the_configs_is_a_file_the_model_zoo_publishes()
     checked = {}
     for name, weights in _config_weights():
         if weights.startswith("detectron2://"):
-            path = weights[len("detectron2://"):]
-            assert path in MODEL_ZOO_IMAGENET or any(path.endswith(s) for s in trained), (name, weights)
+            path = weights[len("detectron2://") :]
+            assert path in MODEL_ZOO_IMAGENET or any(path.endswith(s) for s in trained), (
+                name,
+                weights,
+            )
         elif weights.startswith("catalog://"):
-            assert weights[len("catalog://ImageNetPretrained/"):] in ModelCatalog.C2_IMAGENET_MODELS, (name, weights)
+            assert (
+                weights[len("catalog://ImageNetPretrained/") :] in ModelCatalog.C2_IMAGENET_MODELS
+            ), (name, weights)
         else:
             assert "://" not in weights, (name, weights)  # a URL of another site: not expected here
         checked[name] = weights
     assert checked["gn_mask_rcnn_R_101.yaml"] == "detectron2://ImageNetPretrained/MSRA/R-101.pkl"
-    assert checked["mask_rcnn_R_50_FPN_bn.yaml"] == "detectron2://ImageNetPretrained/torchvision/R-50.pkl"
+    assert (
+        checked["mask_rcnn_R_50_FPN_bn.yaml"]
+        == "detectron2://ImageNetPretrained/torchvision/R-50.pkl"
+    )
 
 
 def test_the_r101_config_has_the_input_settings_of_msra_weights():
     """MSRA's ImageNet ResNets: BGR, 0-255 minus the mean (std 1), stride in the 1x1 conv;
     torchvision's (the R-50 configs): RGB, divided by the std, stride in the 3x3."""
     msra = load_config(resolve_config_name("gn_mask_rcnn_R_101.yaml"))
-    assert (msra.INPUT.FORMAT, msra.MODEL.RESNETS.STRIDE_IN_1X1, msra.MODEL.RESNETS.DEPTH) == ("BGR", True, 101)
-    assert msra.MODEL.PIXEL_STD == [1.0, 1.0, 1.0] and msra.MODEL.PIXEL_MEAN == [103.530, 116.280, 123.675]
+    assert (msra.INPUT.FORMAT, msra.MODEL.RESNETS.STRIDE_IN_1X1, msra.MODEL.RESNETS.DEPTH) == (
+        "BGR",
+        True,
+        101,
+    )
+    assert msra.MODEL.PIXEL_STD == [1.0, 1.0, 1.0] and msra.MODEL.PIXEL_MEAN == [
+        103.530,
+        116.280,
+        123.675,
+    ]
     torchvision = load_config(resolve_config_name("gn_mask_rcnn.yaml"))
     assert (torchvision.INPUT.FORMAT, torchvision.MODEL.RESNETS.STRIDE_IN_1X1) == ("RGB", False)

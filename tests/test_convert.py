@@ -64,17 +64,35 @@ def test_the_root_itself_may_be_a_norm_layer():
     assert isinstance(converted, nn.GroupNorm)
 
 
-@pytest.mark.parametrize("target, cls", [("FrozenBN", FrozenBatchNorm2d), ("BN", nn.BatchNorm2d),
-                                         ("SyncBN", nn.SyncBatchNorm), ("naiveSyncBN", NaiveSyncBatchNorm)])
-@pytest.mark.parametrize("source", ["BatchNorm2d", "SyncBatchNorm", "FrozenBatchNorm2d", "torchvision.FrozenBatchNorm2d"])
+@pytest.mark.parametrize(
+    "target, cls",
+    [
+        ("FrozenBN", FrozenBatchNorm2d),
+        ("BN", nn.BatchNorm2d),
+        ("SyncBN", nn.SyncBatchNorm),
+        ("naiveSyncBN", NaiveSyncBatchNorm),
+    ],
+)
+@pytest.mark.parametrize(
+    "source", ["BatchNorm2d", "SyncBatchNorm", "FrozenBatchNorm2d", "torchvision.FrozenBatchNorm2d"]
+)
 def test_bn_family_targets_keep_the_eval_output(target, cls, source):
     state = random_bn_state(C)
     norm = _with_state(SOURCES[source](), state)
     x = torch.randn(2, C, 6, 6)
-    expected = F.batch_norm(x, state["running_mean"], state["running_var"], state["weight"],
-                            state["bias"], training=False, eps=EPS)
+    expected = F.batch_norm(
+        x,
+        state["running_mean"],
+        state["running_var"],
+        state["weight"],
+        state["bias"],
+        training=False,
+        eps=EPS,
+    )
     converted = convert_norm(nn.Sequential(norm), target=target)
-    assert type(converted[0]) is cls or (source.endswith("FrozenBatchNorm2d") and target == "FrozenBN")
+    assert type(converted[0]) is cls or (
+        source.endswith("FrozenBatchNorm2d") and target == "FrozenBN"
+    )
     torch.testing.assert_close(converted.eval()(x), expected, rtol=1e-5, atol=1e-5)
     frozen = "Frozen" in source
     for p in converted.parameters():
@@ -88,7 +106,9 @@ def test_frozen_bn_from_a_1d_batch_norm_fails_early_and_names_the_layer():
 
 def _tiny_net():
     return nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
         nn.Sequential(nn.Conv2d(64, 48, 3, padding=1), nn.BatchNorm2d(48)),
         nn.Sequential(nn.Conv2d(48, 40, 1), FrozenBatchNorm2d(40)),
     )
@@ -116,19 +136,26 @@ def test_eps_is_kept_or_overridden():
 
 def test_include_and_exclude_are_module_name_prefixes():
     def net():
-        return nn.ModuleDict({
-            "backbone": nn.Sequential(nn.BatchNorm2d(C), nn.BatchNorm2d(C)),
-            "backbone_extra": nn.Sequential(nn.BatchNorm2d(C)),
-            "head": nn.Sequential(nn.BatchNorm2d(C)),
-        })
+        return nn.ModuleDict(
+            {
+                "backbone": nn.Sequential(nn.BatchNorm2d(C), nn.BatchNorm2d(C)),
+                "backbone_extra": nn.Sequential(nn.BatchNorm2d(C)),
+                "head": nn.Sequential(nn.BatchNorm2d(C)),
+            }
+        )
 
     def gn_layers(model):
         return sorted(n for n, m in model.named_modules() if isinstance(m, nn.GroupNorm))
 
     assert gn_layers(convert_norm(net(), include="backbone")) == ["backbone.0", "backbone.1"]
-    assert gn_layers(convert_norm(net(), include=["head", "backbone.1"])) == ["backbone.1", "head.0"]
+    assert gn_layers(convert_norm(net(), include=["head", "backbone.1"])) == [
+        "backbone.1",
+        "head.0",
+    ]
     assert gn_layers(convert_norm(net(), exclude="backbone")) == ["backbone_extra.0", "head.0"]
-    assert gn_layers(convert_norm(net(), include="backbone", exclude="backbone.0")) == ["backbone.1"]
+    assert gn_layers(convert_norm(net(), include="backbone", exclude="backbone.0")) == [
+        "backbone.1"
+    ]
 
 
 def test_sources_selects_the_types_to_convert():
@@ -214,8 +241,14 @@ def test_subclasses_convert_and_users_register_their_own_norms():
 
     @NORM_SOURCES.register(ScaleShift)
     def _read(module):
-        return gn_det.NormState(num_features=module.scale.numel(), eps=1e-5, weight=module.scale,
-                                bias=module.shift, running_mean=None, running_var=None)
+        return gn_det.NormState(
+            num_features=module.scale.numel(),
+            eps=1e-5,
+            weight=module.scale,
+            bias=module.shift,
+            running_mean=None,
+            running_var=None,
+        )
 
     try:
         model = convert_norm(model)
@@ -230,7 +263,9 @@ def test_subclasses_convert_and_users_register_their_own_norms():
 def test_describe_norms_reports_what_changed():
     model = convert_norm(_tiny_net(), transfer="copy")
     rows = describe_norms(model)
-    assert [(r.name, r.type, r.channels, r.groups, r.source, r.transfer, r.trainable) for r in rows] == [
+    assert [
+        (r.name, r.type, r.channels, r.groups, r.source, r.transfer, r.trainable) for r in rows
+    ] == [
         ("1", "ConvertedGroupNorm", 64, 32, "BatchNorm2d", "copy", True),
         ("3.1", "ConvertedGroupNorm", 48, 24, "BatchNorm2d", "copy", True),
         ("4.1", "ConvertedGroupNorm", 40, 20, "FrozenBatchNorm2d", "copy", False),

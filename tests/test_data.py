@@ -239,7 +239,11 @@ def test_leftovers_of_an_interrupted_run_are_replaced(tmp_path):
 def test_register_shapes_is_lazy_and_idempotent(tmp_path):
     names = register_shapes("gn_det_test_shapes", cache_dir=tmp_path, image_size=(64, 80),
                             num_train=3, num_val=2)  # fmt: skip
-    assert names == ["gn_det_test_shapes_train", "gn_det_test_shapes_val", "gn_det_test_shapes_test"]
+    assert names == [
+        "gn_det_test_shapes_train",
+        "gn_det_test_shapes_val",
+        "gn_det_test_shapes_test",
+    ]
     assert not any(tmp_path.iterdir())  # nothing generated yet
     assert register_shapes("gn_det_test_shapes", cache_dir=tmp_path, image_size=(64, 80),
                            num_train=3, num_val=2) == names  # fmt: skip
@@ -260,19 +264,31 @@ def test_register_shapes_is_lazy_and_idempotent(tmp_path):
 
 
 def test_builtin_shapes_registered():
-    for name in ["shapes_train", "shapes_val", "shapes_test", "shapes_hr_train", "shapes_hr_val", "shapes_hr_test"]:
+    for name in [
+        "shapes_train",
+        "shapes_val",
+        "shapes_test",
+        "shapes_hr_train",
+        "shapes_hr_val",
+        "shapes_hr_test",
+    ]:
         assert name in DatasetCatalog.list()
         metadata = MetadataCatalog.get(name)
         assert metadata.thing_classes == list(SHAPE_CLASSES)
         assert metadata.evaluator_type == "coco"
     assert gdata.register_all_shapes() == [
-        "shapes_train", "shapes_val", "shapes_test", "shapes_hr_train", "shapes_hr_val", "shapes_hr_test",
+        "shapes_train", "shapes_val", "shapes_test",
+        "shapes_hr_train", "shapes_hr_val", "shapes_hr_test",
         "shapes_large_train", "shapes_large_val", "shapes_large_test",
         "shapes_hr_large_train", "shapes_hr_large_val", "shapes_hr_large_test",
     ]  # fmt: skip
     # The larger test splits: their own seed, so no image of them is one of shapes_test's.
     large, test = gdata.BUILTIN_SHAPES["shapes_large"], gdata.BUILTIN_SHAPES["shapes"]
-    assert (large.num_test, large.seed, large.image_size) == (500, 1, test.image_size) and large.seed != test.seed
+    assert (large.num_test, large.seed, large.image_size) == (
+        500,
+        1,
+        test.image_size,
+    ) and large.seed != test.seed
     assert gdata.BUILTIN_SHAPES["shapes_hr_large"].num_test == 50
 
 
@@ -327,12 +343,18 @@ def test_builtin_coco_points_at_detectron2_datasets():
 
 def test_the_test_split_has_images_of_its_own():
     spec = ShapesSpec(image_size=(96, 128), num_train=3, num_val=3, num_test=3, seed=3)
-    images = {split: [render_shapes_image(spec, split, i).image for i in range(3)] for split in ("train", "val", "test")}
+    images = {
+        split: [render_shapes_image(spec, split, i).image for i in range(3)]
+        for split in ("train", "val", "test")
+    }
     for i in range(3):
-        assert not any(np.array_equal(images["test"][i], other) for other in images["train"] + images["val"])
+        assert not any(
+            np.array_equal(images["test"][i], other) for other in images["train"] + images["val"]
+        )
         assert np.array_equal(images["test"][i], render_shapes_image(spec, "test", i).image)
     assert spec.num_images("test") == 3
-    # Adding the split changed nothing that decides the other splits' files (their cache stays valid).
+    # Adding the split changed nothing that decides the other splits' files (their cache stays
+    # valid).
     assert spec.render_key() == dataclasses.replace(spec, num_test=50).render_key()
 
 
@@ -341,12 +363,18 @@ def _write_image_folder(root: Path) -> dict:
     files that are not images. Returns {relative path: RGB array}."""
     rng = np.random.default_rng(0)
     written = {}
-    for relative, size in [("b/02.JPG", (40, 60)), ("a.png", (60, 30)), ("b/01.jpeg", (20, 20)),
-                           ("c/d/z.png", (30, 50))]:
+    for relative, size in [
+        ("b/02.JPG", (40, 60)),
+        ("a.png", (60, 30)),
+        ("b/01.jpeg", (20, 20)),
+        ("c/d/z.png", (30, 50)),
+    ]:
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         array = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-        Image.fromarray(array).save(path, quality=100) if path.suffix.lower() != ".png" else Image.fromarray(array).save(path)
+        Image.fromarray(array).save(
+            path, quality=100
+        ) if path.suffix.lower() != ".png" else Image.fromarray(array).save(path)
         written[relative] = array
     (root / "notes.txt").write_text("not an image")
     (root / "c" / "labels.json").write_text("{}")
@@ -362,13 +390,22 @@ def test_load_images_from_a_folder_recursive_sorted_resized_in_the_configs_chann
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 40, 100
     inputs = load_images(cfg, tmp_path / "images", 10)
     # Sorted by path relative to the folder, recursively; only JPEG / PNG.
-    assert [Path(d["file_name"]).relative_to(tmp_path / "images").as_posix() for d in inputs] == \
-        ["a.png", "b/01.jpeg", "b/02.JPG", "c/d/z.png"]
+    assert [Path(d["file_name"]).relative_to(tmp_path / "images").as_posix() for d in inputs] == [
+        "a.png",
+        "b/01.jpeg",
+        "b/02.JPG",
+        "c/d/z.png",
+    ]
     a = inputs[0]
-    assert (a["height"], a["width"]) == (60, 30) and tuple(a["image"].shape) == (3, 80, 40)  # short side 40
+    assert (a["height"], a["width"]) == (60, 30) and tuple(a["image"].shape) == (
+        3,
+        80,
+        40,
+    )  # short side 40
     assert tuple(inputs[1]["image"].shape) == (3, 40, 40)
-    assert [d["file_name"] for d in load_images(cfg, str(tmp_path / "images"), 2)] == \
-        [d["file_name"] for d in inputs[:2]]  # a str path is a folder too
+    assert [d["file_name"] for d in load_images(cfg, str(tmp_path / "images"), 2)] == [
+        d["file_name"] for d in inputs[:2]
+    ]  # a str path is a folder too
     # BGR (detectron2's default FORMAT) is the PNG's RGB reversed; RGB keeps it.
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 60, 60  # the PNG's own size: no resize
     rgb = written["a.png"].transpose(2, 0, 1).astype("float32")

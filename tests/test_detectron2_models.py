@@ -40,7 +40,9 @@ def _norm_signature(model):
 @pytest.fixture(scope="module")
 def native_and_converted():
     native = _build("Misc/mask_rcnn_R_50_FPN_3x_gn.yaml")
-    syncbn = _build("Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml", **{"MODEL.RESNETS.STRIDE_IN_1X1": "False"})
+    syncbn = _build(
+        "Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml", **{"MODEL.RESNETS.STRIDE_IN_1X1": "False"}
+    )
     return native, convert_norm(syncbn)
 
 
@@ -80,9 +82,13 @@ def test_same_weights_give_the_same_outputs(native_and_converted):
     image = torch.rand(3, 96, 128) * 255
     with torch.no_grad():
         features_native = native.backbone(native.preprocess_image([{"image": image}]).tensor)
-        features_converted = converted.backbone(converted.preprocess_image([{"image": image}]).tensor)
+        features_converted = converted.backbone(
+            converted.preprocess_image([{"image": image}]).tensor
+        )
         for key in features_native:
-            torch.testing.assert_close(features_converted[key], features_native[key], rtol=0, atol=0)
+            torch.testing.assert_close(
+                features_converted[key], features_native[key], rtol=0, atol=0
+            )
         out_native = native([{"image": image}])[0]["instances"]
         out_converted = converted([{"image": image}])[0]["instances"]
     assert len(out_native) == len(out_converted)
@@ -96,7 +102,9 @@ def test_detection_checkpointer_loads_bn_weights_into_the_converted_model(tmp_pa
     )
     DetectionCheckpointer(bn_model, save_dir=str(tmp_path)).save("bn_model")
     bn_layer = bn_model.backbone.bottom_up.res4[0].conv1.norm
-    bn_state = {k: v.clone() for k, v in bn_layer.state_dict().items() if k != "num_batches_tracked"}
+    bn_state = {
+        k: v.clone() for k, v in bn_layer.state_dict().items() if k != "num_batches_tracked"
+    }
 
     gn_model = convert_norm(
         _build("Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml", **{"MODEL.RESNETS.STRIDE_IN_1X1": "False"})

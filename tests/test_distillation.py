@@ -42,10 +42,15 @@ def test_only_unfrozen_gn_affine_changes_teacher_untouched_and_results_repeat(te
         flags = {n: p.requires_grad for n, p in student.named_parameters()}
         student.train()
         distill(student, teacher, [x], steps=5, batch_size=4, seed=3, progress=False)
-        assert student.training and {n: p.requires_grad for n, p in student.named_parameters()} == flags
+        assert (
+            student.training
+            and {n: p.requires_grad for n, p in student.named_parameters()} == flags
+        )
         after = student.state_dict()
         changed = {k for k in before if not torch.equal(before[k], after[k])}
-        assert changed == {f"{i}.{p}" for i in (1, 7, 10) for p in ("weight", "bias")}  # 4 is frozen
+        assert changed == {
+            f"{i}.{p}" for i in (1, 7, 10) for p in ("weight", "bias")
+        }  # 4 is frozen
         results.append(after)
     for key in results[0]:
         assert torch.equal(results[0][key], results[1][key])
@@ -70,23 +75,40 @@ def test_a_detectron2_mask_rcnn_distills_backbone_gn_and_roi_heads():
     changed, result = _changed_modules(student, teacher, images, heads="norms")
     assert result.heads == "norms"
     assert changed == converted and result.parameters == sum(
-        p.numel() for n, m in student.named_modules() if n in converted for p in m.parameters())
+        p.numel() for n, m in student.named_modules() if n in converted for p in m.parameters()
+    )
 
-    changed, _ = _changed_modules(convert_norm(copy.deepcopy(teacher)), teacher, images, heads="none")
+    changed, _ = _changed_modules(
+        convert_norm(copy.deepcopy(teacher)), teacher, images, heads="none"
+    )
     assert changed == {n for n in converted if n.startswith("backbone.")}
 
     # By default every weight of the box and mask heads is trained too (frozen ones excepted);
     # the backbone's convolutions, the RPN and the box predictor are not.
     student = convert_norm(copy.deepcopy(teacher))
-    frozen = student.roi_heads.mask_head.mask_fcn1.weight  # a convolution without bias (its norm has one)
+    frozen = (
+        student.roi_heads.mask_head.mask_fcn1.weight
+    )  # a convolution without bias (its norm has one)
     frozen.requires_grad_(False)
     changed, result = _changed_modules(student, teacher, images)
-    heads = {n for n, m in student.named_modules() if n.startswith(("roi_heads.box_head.", "roi_heads.mask_head."))
-             and next(m.parameters(recurse=False), None) is not None}
-    assert changed == converted | heads - {"roi_heads.mask_head.mask_fcn1"} and result.heads == "weights"
-    assert not frozen.requires_grad and all(p.requires_grad for n, p in student.named_parameters() if p is not frozen)
-    assert result.parameters == sum(p.numel() for n, p in student.named_parameters()
-                                    if n.rsplit(".", 1)[0] in converted | heads and p is not frozen)
+    heads = {
+        n
+        for n, m in student.named_modules()
+        if n.startswith(("roi_heads.box_head.", "roi_heads.mask_head."))
+        and next(m.parameters(recurse=False), None) is not None
+    }
+    assert (
+        changed == converted | heads - {"roi_heads.mask_head.mask_fcn1"}
+        and result.heads == "weights"
+    )
+    assert not frozen.requires_grad and all(
+        p.requires_grad for n, p in student.named_parameters() if p is not frozen
+    )
+    assert result.parameters == sum(
+        p.numel()
+        for n, p in student.named_parameters()
+        if n.rsplit(".", 1)[0] in converted | heads and p is not frozen
+    )
 
 
 def test_bad_arguments_are_refused(teacher):

@@ -20,9 +20,17 @@ from reference import stats_transfer_reference
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_NET = REPO / "tools" / "train_net.py"
+
+
 def _train_net(args, env, cwd):
-    return subprocess.run([sys.executable, str(TRAIN_NET), *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(TRAIN_NET), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _metrics(output_dir):
@@ -35,16 +43,25 @@ def test_two_iterations_of_each_shapes_config(variant, tiny_env, tmp_path):
     out = tmp_path / "out"
     # The demo evaluates on the held-out test split: so does its tiny run.
     test_split = ["DATASETS.TEST", "('shapes_tiny_test',)"] if variant == "gn_demo" else []
-    result = _train_net(["--config", f"shapes/{variant}.yaml", *TINY, *test_split, "OUTPUT_DIR", str(out)],
-                        tiny_env, cwd=tmp_path)
+    result = _train_net(
+        ["--config", f"shapes/{variant}.yaml", *TINY, *test_split, "OUTPUT_DIR", str(out)],
+        tiny_env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "Norm layers:" in log
     if variant == "gn_demo":
-        assert "Training loop: CPUAutocastTrainer; optimizer: AdamW" in log or "no native bfloat16" in log
+        assert (
+            "Training loop: CPUAutocastTrainer; optimizer: AdamW" in log
+            or "no native bfloat16" in log
+        )
         assert "Evaluation results for shapes_tiny_test in csv format" in log
     if variant in ("gn", "gn_demo"):
-        assert "ConvertedGroupNorm x" in log and "BatchNorm" not in log.split("Norm layers:")[1].splitlines()[0]
+        assert (
+            "ConvertedGroupNorm x" in log
+            and "BatchNorm" not in log.split("Norm layers:")[1].splitlines()[0]
+        )
     if variant == "bn":
         assert "BatchNorm layers train on batch statistics of 2 image(s)" in log
         assert "MODEL.NORM_CONVERSION.ENABLED True" in log
@@ -59,8 +76,23 @@ def test_two_cpu_processes_with_num_gpus_2_on_a_gpu_host(gpu_host, tmp_path):
     alone picks NCCL whenever the host has a GPU, whatever MODEL.DEVICE says)."""
     out = tmp_path / "out"
     # A free rendezvous port, so that the test passes beside another multi-process run.
-    result = _train_net(["--config", "shapes/gn.yaml", "--num-gpus", "2", "--dist-url", "auto", *TINY,
-                         "SOLVER.IMS_PER_BATCH", "2", "OUTPUT_DIR", str(out)], gpu_host, cwd=tmp_path)
+    result = _train_net(
+        [
+            "--config",
+            "shapes/gn.yaml",
+            "--num-gpus",
+            "2",
+            "--dist-url",
+            "auto",
+            *TINY,
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "OUTPUT_DIR",
+            str(out),
+        ],
+        gpu_host,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "Rank of current process: 0. World size: 2" in log
@@ -71,7 +103,9 @@ def test_two_cpu_processes_with_num_gpus_2_on_a_gpu_host(gpu_host, tmp_path):
 
 def test_unsafe_yaml_is_refused_with_a_clear_message(tiny_env, tmp_path):
     config = tmp_path / "unsafe.yaml"
-    config.write_text('MODEL:\n  ANCHOR_GENERATOR:\n    SIZES: !!python/object/apply:eval ["[[32]]"]\n')
+    config.write_text(
+        'MODEL:\n  ANCHOR_GENERATOR:\n    SIZES: !!python/object/apply:eval ["[[32]]"]\n'
+    )
     result = _train_net(["--config-file", str(config), "--eval-only"], tiny_env, cwd=tmp_path)
     assert result.returncode != 0
     assert "needs unsafe YAML" in result.stderr and "--allow-unsafe-yaml" in result.stderr
@@ -80,7 +114,11 @@ def test_unsafe_yaml_is_refused_with_a_clear_message(tiny_env, tmp_path):
 
 def test_an_unknown_config_name_lists_the_available_ones(tiny_env, tmp_path):
     result = _train_net(["--config", "gn_mask_rnn.yaml"], tiny_env, cwd=tmp_path)
-    assert result.returncode != 0 and "Available in gn_det:" in result.stderr and "gn_mask_rcnn.yaml" in result.stderr
+    assert (
+        result.returncode != 0
+        and "Available in gn_det:" in result.stderr
+        and "gn_mask_rcnn.yaml" in result.stderr
+    )
 
 
 def test_torchvision_imagenet_weights_load_into_the_converted_torchvision_backbone(tmp_path):
@@ -97,23 +135,53 @@ def test_torchvision_imagenet_weights_load_into_the_converted_torchvision_backbo
     assert incompatible is not None
     gn = model.backbone.bottom_up.layer3[1].bn2
     expected_w, expected_b = stats_transfer_reference(
-        bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var, num_groups=32, eps=1e-5
+        bn.weight.detach(),
+        bn.bias.detach(),
+        bn.running_mean,
+        bn.running_var,
+        num_groups=32,
+        eps=1e-5,
     )
     torch.testing.assert_close(gn.weight.detach().double(), expected_w, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gn.bias.detach().double(), expected_b, rtol=1e-5, atol=1e-6)
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_final_iteration(tiny_env, tmp_path):
+def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_final_iteration(
+    tiny_env, tmp_path
+):
     from gn_det.checkpoint.io import load_checkpoint_file
 
     out = tmp_path / "out"
-    args = ["--config", "shapes/gn.yaml", *TINY, "SOLVER.MAX_ITER", "8", "SOLVER.STEPS", "(4,)",
-            "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(out)]
-    run = subprocess.Popen([sys.executable, str(TRAIN_NET), *args], env=tiny_env, cwd=tmp_path,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        "--config",
+        "shapes/gn.yaml",
+        *TINY,
+        "SOLVER.MAX_ITER",
+        "8",
+        "SOLVER.STEPS",
+        "(4,)",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        "TEST.EVAL_PERIOD",
+        "0",
+        "OUTPUT_DIR",
+        str(out),
+    ]
+    run = subprocess.Popen(
+        [sys.executable, str(TRAIN_NET), *args],
+        env=tiny_env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
-        while not (out / "last_checkpoint").exists() and run.poll() is None and time.monotonic() < deadline:
+        while (
+            not (out / "last_checkpoint").exists()
+            and run.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.02)
     finally:
         os.killpg(run.pid, signal.SIGKILL)
@@ -159,34 +227,60 @@ def test_an_interrupted_checkpoint_save_leaves_the_previous_checkpoint(tmp_path,
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--config", "gn_mask_rcnn.yaml", "MODEL.NORM_CONVERSION.TARGTE", "GN"],
-         "unknown config key MODEL.NORM_CONVERSION.TARGTE; did you mean MODEL.NORM_CONVERSION.TARGET?"),
-        (["--config", "gn_mask_rcnn.yaml", "MODEL.NORM_CONVERSION.TARGET", "LN"],
-         "MODEL.NORM_CONVERSION.TARGET = 'LN': Unknown norm target 'LN'; valid targets: GN, FrozenBN"),
-        (["--config", "gn_mask_rcnn.yaml", "MODEL.NORM_CONVERSION.NUM_GROUPS", "0"],
-         "MODEL.NORM_CONVERSION.NUM_GROUPS = 0: num_groups must be a positive integer"),
-        (["--config", "gn_mask_rcnn.yaml", "DATASETS.TRAIN", "('coco_2017_val',)"],
-         "Dataset 'coco_2017_val': annotation file not found at "),
-        (["--config", "shapes/gn.yaml", "DATASETS.TRAIN", "('shapes_trian',)"],
-         "Dataset 'shapes_trian' is not registered; registered datasets: "),
+        (
+            ["--config", "gn_mask_rcnn.yaml", "MODEL.NORM_CONVERSION.TARGTE", "GN"],
+            "unknown config key MODEL.NORM_CONVERSION.TARGTE; "
+            "did you mean MODEL.NORM_CONVERSION.TARGET?",
+        ),
+        (
+            ["--config", "gn_mask_rcnn.yaml", "MODEL.NORM_CONVERSION.TARGET", "LN"],
+            "MODEL.NORM_CONVERSION.TARGET = 'LN': Unknown norm target 'LN'; "
+            "valid targets: GN, FrozenBN",
+        ),
+        (
+            ["--config", "gn_mask_rcnn.yaml", "MODEL.NORM_CONVERSION.NUM_GROUPS", "0"],
+            "MODEL.NORM_CONVERSION.NUM_GROUPS = 0: num_groups must be a positive integer",
+        ),
+        (
+            ["--config", "gn_mask_rcnn.yaml", "DATASETS.TRAIN", "('coco_2017_val',)"],
+            "Dataset 'coco_2017_val': annotation file not found at ",
+        ),
+        (
+            ["--config", "shapes/gn.yaml", "DATASETS.TRAIN", "('shapes_trian',)"],
+            "Dataset 'shapes_trian' is not registered; registered datasets: ",
+        ),
         (["--config", "gn_mask_rnn.yaml"], "No config 'gn_mask_rnn.yaml'"),
-        (["--config", "shapes/gn.yaml", "MODEL.WEIGHTS", "missing.pth"], "MODEL.WEIGHTS: no such file 'missing.pth'"),
-        (["--config", "lazy/shapes_gn.py", "train.max_itr=3"],
-         "lazy/shapes_gn.py: unknown config key train.max_itr; train has: "),
-        (["--config", "lazy/shapes_gn.py", "train.max_iter"], "overrides are KEY=VALUE, got 'train.max_iter'"),
+        (
+            ["--config", "shapes/gn.yaml", "MODEL.WEIGHTS", "missing.pth"],
+            "MODEL.WEIGHTS: no such file 'missing.pth'",
+        ),
+        (
+            ["--config", "lazy/shapes_gn.py", "train.max_itr=3"],
+            "lazy/shapes_gn.py: unknown config key train.max_itr; train has: ",
+        ),
+        (
+            ["--config", "lazy/shapes_gn.py", "train.max_iter"],
+            "overrides are KEY=VALUE, got 'train.max_iter'",
+        ),
         ([], "give a config"),
     ],
 )
-def test_a_bad_config_is_one_line_and_exit_2_before_any_model_is_built(argv, message, capsys, monkeypatch, tmp_path):
+def test_a_bad_config_is_one_line_and_exit_2_before_any_model_is_built(
+    argv, message, capsys, monkeypatch, tmp_path
+):
     from gn_det.engine import launch_from_args
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("gn_det.cli.train.launch", lambda *a, **k: pytest.fail("training was launched"))
+    monkeypatch.setattr(
+        "gn_det.cli.train.launch", lambda *a, **k: pytest.fail("training was launched")
+    )
     with pytest.raises(SystemExit) as exit_:
         launch_from_args(argv, prog="gn-det train")
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("gn-det train: error: ") and message in err, err
+    assert (
+        len(err.splitlines()) == 1 and err.startswith("gn-det train: error: ") and message in err
+    ), err
     with pytest.raises(Exception) as error:  # --debug: the exception itself, not SystemExit(2)
         launch_from_args(["--debug", *argv], prog="gn-det train")
     assert not isinstance(error.value, SystemExit)
@@ -255,8 +349,20 @@ def test_solver_optimizer_adamw_uses_detectron2s_parameter_groups():
     sgd = build_optimizer(cfg, model)
     reference = detectron2_build_optimizer(cfg, model)
     assert type(sgd) is type(reference) and len(sgd.param_groups) == len(reference.param_groups)
-    cfg.merge_from_list(["SOLVER.OPTIMIZER", "AdamW", "SOLVER.BASE_LR", "0.001", "SOLVER.BETAS", "(0.9, 0.99)",
-                         "SOLVER.WEIGHT_DECAY", "0.05", "SOLVER.WEIGHT_DECAY_NORM", "0.0"])
+    cfg.merge_from_list(
+        [
+            "SOLVER.OPTIMIZER",
+            "AdamW",
+            "SOLVER.BASE_LR",
+            "0.001",
+            "SOLVER.BETAS",
+            "(0.9, 0.99)",
+            "SOLVER.WEIGHT_DECAY",
+            "0.05",
+            "SOLVER.WEIGHT_DECAY_NORM",
+            "0.0",
+        ]
+    )
     adamw = build_optimizer(cfg, model)
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.9, 0.99)
     decays = {id(p): g["weight_decay"] for g in adamw.param_groups for p in g["params"]}
@@ -268,9 +374,17 @@ def test_solver_optimizer_adamw_uses_detectron2s_parameter_groups():
     # Fused where this torch has a fused CPU AdamW (>= 2.4): the same step as torch's loop.
     assert adamw.defaults["fused"] if torch.__version__ >= (2, 4) else adamw.defaults["foreach"]
     kernel = ("params", "fused", "foreach")
-    loop = torch.optim.AdamW([{**{k: v for k, v in g.items() if k not in kernel},
-                               "params": [p.detach().clone() for p in g["params"]]}
-                              for g in adamw.param_groups], foreach=False, fused=False)
+    loop = torch.optim.AdamW(
+        [
+            {
+                **{k: v for k, v in g.items() if k not in kernel},
+                "params": [p.detach().clone() for p in g["params"]],
+            }
+            for g in adamw.param_groups
+        ],
+        foreach=False,
+        fused=False,
+    )
     for group, reference_group in zip(adamw.param_groups, loop.param_groups):
         for p, q in zip(group["params"], reference_group["params"]):
             p.grad = torch.linspace(-1, 1, p.numel()).reshape(p.shape)
@@ -290,14 +404,29 @@ def _pretend_cuda(monkeypatch):
     """``torch.cuda.is_available()`` True, as detectron2's AMPTrainer asserts it; the
     optimizers' CUDA-graph capture check, which would then ask a driver, is skipped."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.optim.Optimizer, "_accelerator_graph_capture_health_check", lambda self: None)
+    monkeypatch.setattr(
+        torch.optim.Optimizer, "_accelerator_graph_capture_health_check", lambda self: None
+    )
 
 
 def _clipping_adamw_cfg():
     cfg = load_config(resolve_config_name("shapes/gn.yaml"))
-    cfg.merge_from_list(["SOLVER.OPTIMIZER", "AdamW", "SOLVER.BASE_LR", "0.01", "SOLVER.WEIGHT_DECAY", "0.0",
-                         "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
-                         "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.5"])
+    cfg.merge_from_list(
+        [
+            "SOLVER.OPTIMIZER",
+            "AdamW",
+            "SOLVER.BASE_LR",
+            "0.01",
+            "SOLVER.WEIGHT_DECAY",
+            "0.0",
+            "SOLVER.CLIP_GRADIENTS.ENABLED",
+            "True",
+            "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
+            "norm",
+            "SOLVER.CLIP_GRADIENTS.CLIP_VALUE",
+            "0.5",
+        ]
+    )
     return cfg
 
 
@@ -317,8 +446,10 @@ class _Regression(torch.nn.Module):
 def _regression_data(steps=4):
     g = torch.Generator().manual_seed(1)
     # Gradient norms that differ from step to step, so that clipping changes Adam's steps.
-    return [[{"x": torch.randn(4, generator=g) * (1 + 3 * i), "y": torch.randn(3, generator=g)}]
-            for i in range(steps)]
+    return [
+        [{"x": torch.randn(4, generator=g) * (1 + 3 * i), "y": torch.randn(3, generator=g)}]
+        for i in range(steps)
+    ]
 
 
 def test_amp_clips_the_unscaled_gradients_with_fused_adamw(monkeypatch):
@@ -348,20 +479,26 @@ def test_amp_clips_the_unscaled_gradients_with_fused_adamw(monkeypatch):
         for p in model.parameters():
             torch.nn.utils.clip_grad_norm_(p, 0.5)
         reference.step()
-    torch.testing.assert_close(results[CUDAAMPTrainer], model.linear.weight.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        results[CUDAAMPTrainer], model.linear.weight.detach(), rtol=1e-5, atol=1e-6
+    )
     # detectron2's AMPTrainer clips the scaled gradients: a different (wrong) trajectory.
     assert (results[AMPTrainer] - model.linear.weight).abs().max() > 1e-3
 
 
-def test_a_cuda_config_on_a_host_without_a_usable_gpu_is_one_line_and_exit_2(capsys, monkeypatch, tmp_path):
+def test_a_cuda_config_on_a_host_without_a_usable_gpu_is_one_line_and_exit_2(
+    capsys, monkeypatch, tmp_path
+):
     from gn_det.engine import launch_from_args
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     launched = []
     monkeypatch.setattr("gn_det.cli.train.launch", lambda *a, **k: launched.append(k["device"]))
-    for argv, key in [(["--config", "shapes/gn.yaml", "MODEL.DEVICE", "cuda"], "MODEL.DEVICE"),
-                      (["--config", "lazy/shapes_gn.py", "train.device=cuda"], "train.device")]:
+    for argv, key in [
+        (["--config", "shapes/gn.yaml", "MODEL.DEVICE", "cuda"], "MODEL.DEVICE"),
+        (["--config", "lazy/shapes_gn.py", "train.device=cuda"], "train.device"),
+    ]:
         with pytest.raises(SystemExit) as exit_:
             launch_from_args(argv, prog="gn-det train")
         assert exit_.value.code == 2
@@ -381,7 +518,9 @@ def test_a_cuda_config_on_a_host_without_a_usable_gpu_is_one_line_and_exit_2(cap
     assert "--num-gpus 4, but this machine shows 2 CUDA GPU(s)" in capsys.readouterr().err
 
 
-def test_torchrun_joins_with_the_configs_backend_detectron2s_timeout_and_any_launchers_variables(monkeypatch):
+def test_torchrun_joins_with_the_configs_backend_detectron2s_timeout_and_any_launchers_variables(
+    monkeypatch,
+):
     """Under torchrun (or a launcher that sets LOCAL_RANK and WORLD_SIZE but not
     LOCAL_WORLD_SIZE): gloo for a CPU config even on a GPU host, NCCL for a CUDA one, and
     detectron2's 30-minute timeout rather than NCCL's 10 minutes."""
@@ -391,7 +530,9 @@ def test_torchrun_joins_with_the_configs_backend_detectron2s_timeout_and_any_lau
 
     calls = []
     monkeypatch.setattr(engine.dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setattr(engine.comm, "create_local_process_group", lambda n: calls.append({"local": n}))
+    monkeypatch.setattr(
+        engine.comm, "create_local_process_group", lambda n: calls.append({"local": n})
+    )
     monkeypatch.setattr(engine.comm, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU host
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
@@ -401,14 +542,22 @@ def test_torchrun_joins_with_the_configs_backend_detectron2s_timeout_and_any_lau
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     ran = []
     engine.launch_from_args(["--config", "shapes/gn.yaml", "--num-gpus", "2"], main_func=ran.append)
-    assert calls == [{"backend": "gloo", "init_method": "env://", "timeout": DEFAULT_TIMEOUT}, {"local": 2}]
+    assert calls == [
+        {"backend": "gloo", "init_method": "env://", "timeout": DEFAULT_TIMEOUT},
+        {"local": 2},
+    ]
     assert len(ran) == 1 and ran[0].device == "cpu"
 
     calls.clear()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    engine.launch_from_args(["--config", "shapes/gn.yaml", "MODEL.DEVICE", "cuda"], main_func=ran.append)
-    assert calls == [{"set_device": 1}, {"backend": "nccl", "init_method": "env://", "timeout": DEFAULT_TIMEOUT},
-                     {"local": 4}]
+    engine.launch_from_args(
+        ["--config", "shapes/gn.yaml", "MODEL.DEVICE", "cuda"], main_func=ran.append
+    )
+    assert calls == [
+        {"set_device": 1},
+        {"backend": "nccl", "init_method": "env://", "timeout": DEFAULT_TIMEOUT},
+        {"local": 4},
+    ]
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # 4 processes cannot be 3 per machine
     with pytest.raises(SystemExit) as exit_:
@@ -416,7 +565,9 @@ def test_torchrun_joins_with_the_configs_backend_detectron2s_timeout_and_any_lau
     assert exit_.value.code == 2
 
 
-def test_a_run_resumes_under_another_trainer_with_todays_optimizer_and_a_fresh_scaler(monkeypatch, gn_det_logs):
+def test_a_run_resumes_under_another_trainer_with_todays_optimizer_and_a_fresh_scaler(
+    monkeypatch, gn_det_logs
+):
     """Saved by TrainLoop with a foreach AdamW (a CPU run, an older torch), resumed under
     CUDAAMPTrainer with a fused one: no KeyError for the missing scaler, the state loads, the
     optimizer stays fused. And the other way round."""
@@ -435,15 +586,19 @@ def test_a_run_resumes_under_another_trainer_with_todays_optimizer_and_a_fresh_s
     assert "grad_scaler" not in state and state["optimizer"]["param_groups"][0]["foreach"]
 
     model = _Regression()
-    resumed = CUDAAMPTrainer(model, data, adamw(model, fused=True), grad_scaler=torch.amp.GradScaler("cpu"))
+    resumed = CUDAAMPTrainer(
+        model, data, adamw(model, fused=True), grad_scaler=torch.amp.GradScaler("cpu")
+    )
     resumed.load_state_dict(state)
     assert resumed.iter == saved_by.iter
     group = resumed.optimizer.param_groups[0]
     assert group["fused"] and not group["foreach"]
     step = resumed.optimizer.state[model.linear.weight]["step"]
     assert float(step) == 2
-    torch.testing.assert_close(resumed.optimizer.state[model.linear.weight]["exp_avg"],
-                               saved_by.optimizer.state[saved_by.model.linear.weight]["exp_avg"])
+    torch.testing.assert_close(
+        resumed.optimizer.state[model.linear.weight]["exp_avg"],
+        saved_by.optimizer.state[saved_by.model.linear.weight]["exp_avg"],
+    )
     assert "starting with a fresh scaler" in gn_det_logs.text
     resumed.train(resumed.iter + 1, 4)  # and it trains on
 
@@ -452,4 +607,7 @@ def test_a_run_resumes_under_another_trainer_with_todays_optimizer_and_a_fresh_s
     model = _Regression()
     back = TrainLoop(model, data, adamw(model, foreach=False))
     back.load_state_dict(state)
-    assert back.optimizer.param_groups[0]["fused"] is None and not back.optimizer.param_groups[0]["foreach"]
+    assert (
+        back.optimizer.param_groups[0]["fused"] is None
+        and not back.optimizer.param_groups[0]["foreach"]
+    )

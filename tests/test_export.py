@@ -98,7 +98,9 @@ def _assert_same_instances(actual, expected, atol=ATOL, rtol=0.0, box_rtol=None)
     # An exported module returns image_size as a tensor.
     assert tuple(int(s) for s in actual.image_size) == tuple(expected.image_size)
     torch.testing.assert_close(
-        actual.pred_boxes.tensor, expected.pred_boxes.tensor, atol=atol,
+        actual.pred_boxes.tensor,
+        expected.pred_boxes.tensor,
+        atol=atol,
         rtol=rtol if box_rtol is None else box_rtol,
     )
     torch.testing.assert_close(actual.scores, expected.scores, atol=atol, rtol=rtol)
@@ -167,9 +169,7 @@ def test_traced_converted_model_matches_eager(converted):
     _assert_same_instances(actual, expected)
 
 
-@pytest.mark.parametrize(
-    "index", range(len(OTHER_SIZES)), ids=[f"{h}x{w}" for h, w in OTHER_SIZES]
-)
+@pytest.mark.parametrize("index", range(len(OTHER_SIZES)), ids=[f"{h}x{w}" for h, w in OTHER_SIZES])
 def test_trace_runs_on_other_image_sizes(converted, index):
     # detectron2's R-CNN traces are shape-generic (its tests trace on a smaller image than they
     # run), including the number of detections that pass the score threshold.
@@ -208,7 +208,10 @@ def test_saved_trace_runs_without_gn_det_or_detectron2(converted, tmp_path):
     torch.save(converted["others"][:1], tmp_path / "inputs.pt")  # not the trace image's size
     proc = subprocess.run(
         [sys.executable, "-c", _DEPLOY_SCRIPT, "model.ts", "inputs.pt", "outputs.pt"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(tmp_path / "outputs.pt", weights_only=True)
@@ -252,9 +255,13 @@ def test_onnx_export_matches_eager(converted, tmp_path):
         # Opset >= 16: ROIAlignV2 is aligned=True, which torchvision exports only from 16 on
         # (at detectron2's STABLE_ONNX_OPSET_VERSION 11 it exports, warns, and is wrong).
         torch.onnx.export(
-            adapter, (image,), str(path), opset_version=17,
+            adapter,
+            (image,),
+            str(path),
+            opset_version=17,
             **_TORCHSCRIPT_EXPORTER,
-            input_names=["image"], dynamic_axes={"image": {1: "height", 2: "width"}},
+            input_names=["image"],
+            dynamic_axes={"image": {1: "height", 2: "width"}},
         )
     graph_ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
     # torch's TorchScript-based exporter writes group_norm as Reshape + InstanceNormalization +

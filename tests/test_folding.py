@@ -8,9 +8,13 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from torch import nn
 
-import gn_det
 from gn_det.cli.config_files import load_config, resolve_config_name
-from gn_det.folding import ChannelAffine, fold_for_inference, fold_frozen_batchnorm, group_statistics
+from gn_det.folding import (
+    ChannelAffine,
+    fold_for_inference,
+    fold_frozen_batchnorm,
+    group_statistics,
+)
 from models import randomize_norm_state
 
 
@@ -20,7 +24,8 @@ def _net():
     net = nn.Sequential(
         Conv2d(3, 8, 3, padding=1, bias=False, norm=nn.GroupNorm(4, 8), activation=nn.ReLU()),
         Conv2d(8, 16, 3, padding=1, bias=False, norm=nn.GroupNorm(4, 16), activation=nn.ReLU()),
-        nn.Conv2d(16, 8, 1), nn.GroupNorm(2, 8),
+        nn.Conv2d(16, 8, 1),
+        nn.GroupNorm(2, 8),
     )
     with torch.no_grad():
         for m in net.modules():
@@ -38,11 +43,18 @@ def test_a_group_norm_whose_statistics_do_not_change_folds_exactly():
     folded, report = fold_for_inference(net, torch.cat([x, x, x]), distill_steps=0)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-5)
-    assert [what for _, _, what in report.rows] == ["folded into the conv", "folded into the conv",
-                                                   "affine (no conv before it)"]
+    assert [what for _, _, what in report.rows] == [
+        "folded into the conv",
+        "folded into the conv",
+        "affine (no conv before it)",
+    ]
     assert report.statistics == "3 images"
     assert not any(isinstance(m, nn.GroupNorm) for m in folded.modules())
-    assert folded[0].norm is None and folded[0].bias is not None and isinstance(folded[3], ChannelAffine)
+    assert (
+        folded[0].norm is None
+        and folded[0].bias is not None
+        and isinstance(folded[3], ChannelAffine)
+    )
     assert any(isinstance(m, nn.GroupNorm) for m in net.modules())  # the input model is untouched
 
 
@@ -66,10 +78,15 @@ def test_folding_into_the_conv_equals_the_unfused_affine_and_the_statistics_are_
     layers = {n: m for n, m in net.named_modules() if isinstance(m, nn.GroupNorm)}
     stats = group_statistics(net, images, layers)
     fused, report = fold_for_inference(net, images, distill_steps=0)
-    assert [what for _, _, what in report.rows] == ["folded into the conv", "folded into the conv",
-                                                   "affine (no conv before it)"]
+    assert [what for _, _, what in report.rows] == [
+        "folded into the conv",
+        "folded into the conv",
+        "affine (no conv before it)",
+    ]
     with torch.no_grad():
-        torch.testing.assert_close(fused(images), _unfused(net, stats)(images), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            fused(images), _unfused(net, stats)(images), rtol=1e-4, atol=1e-5
+        )
     assert fused[0].norm is None and isinstance(fused[3], ChannelAffine)
     # The statistics are those of the layer's input over every pixel of every image.
     mean, variance = stats["0.norm"]
@@ -94,11 +111,21 @@ def test_partial_plans_touch_only_what_they_name():
     net = _net()
     images = torch.rand(3, 3, 12, 12)
     folded, report = fold_for_inference(net, images, exclude=["1"], distill_steps=0)
-    assert isinstance(folded[1].norm, nn.GroupNorm) and folded[0].norm is None and isinstance(folded[3], ChannelAffine)
+    assert (
+        isinstance(folded[1].norm, nn.GroupNorm)
+        and folded[0].norm is None
+        and isinstance(folded[3], ChannelAffine)
+    )
     assert ("1.norm", "GroupNorm", "kept as GN") in report.rows
-    torch.testing.assert_close(folded[1].weight, net[1].weight)  # an excluded layer's conv is not changed
+    torch.testing.assert_close(
+        folded[1].weight, net[1].weight
+    )  # an excluded layer's conv is not changed
     folded, _ = fold_for_inference(net, images, include=["0"], distill_steps=0)
-    assert folded[0].norm is None and isinstance(folded[1].norm, nn.GroupNorm) and isinstance(folded[3], nn.GroupNorm)
+    assert (
+        folded[0].norm is None
+        and isinstance(folded[1].norm, nn.GroupNorm)
+        and isinstance(folded[3], nn.GroupNorm)
+    )
     with pytest.raises(ValueError, match="no GroupNorm layer"):
         fold_for_inference(net, images, include=["nothing.here"])
     with pytest.raises(ValueError, match="no GroupNorm layer"):
@@ -110,9 +137,13 @@ def test_partial_plans_touch_only_what_they_name():
 def test_distillation_trains_the_affines_towards_the_gn_model():
     net = _net()
     g = torch.Generator().manual_seed(1)
-    images = torch.rand(8, 3, 12, 12, generator=g) * torch.rand(8, 1, 1, 1, generator=g) * 4  # own contrast each
+    images = (
+        torch.rand(8, 3, 12, 12, generator=g) * torch.rand(8, 1, 1, 1, generator=g) * 4
+    )  # own contrast each
     plain, _ = fold_for_inference(net, images, distill_steps=0)
-    distilled, report = fold_for_inference(net, images, distill_steps=30, batch_size=4, progress=False)
+    distilled, report = fold_for_inference(
+        net, images, distill_steps=30, batch_size=4, progress=False
+    )
     assert len(report.distillation.losses) == 30
 
     def error(model):
@@ -134,10 +165,20 @@ def test_frozen_batchnorm_folds_exactly():
 
 def _shapes_gn(folded=False, exclude=()):
     cfg = load_config(resolve_config_name("shapes/gn.yaml"))
-    cfg.merge_from_list(["MODEL.NORM_CONVERSION.FOLDED", str(folded),
-                         "MODEL.NORM_CONVERSION.FOLDED_EXCLUDE", str(list(exclude)),
-                         "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-                         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    cfg.merge_from_list(
+        [
+            "MODEL.NORM_CONVERSION.FOLDED",
+            str(folded),
+            "MODEL.NORM_CONVERSION.FOLDED_EXCLUDE",
+            str(list(exclude)),
+            "INPUT.MIN_SIZE_TEST",
+            "64",
+            "INPUT.MAX_SIZE_TEST",
+            "64",
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+            "0.0",
+        ]
+    )
     torch.manual_seed(0)
     return cfg, build_model(cfg).eval()
 
@@ -187,5 +228,8 @@ def test_the_folded_detector_traces_and_runs_in_onnxruntime():
         torch.testing.assert_close(torch.as_tensor(theirs), ours, rtol=1e-3, atol=1e-3)
     import onnx
 
-    assert not [n.op_type for n in onnx.load_from_string(buffer.getvalue()).graph.node
-                if "Normalization" in n.op_type]
+    assert not [
+        n.op_type
+        for n in onnx.load_from_string(buffer.getvalue()).graph.node
+        if "Normalization" in n.op_type
+    ]

@@ -4,7 +4,8 @@ from gn_det import resolve_num_groups
 
 
 @pytest.mark.parametrize(
-    "channels, expected", [(32, 32), (64, 32), (256, 32), (2048, 32), (48, 24), (40, 20), (80, 20), (240, 30)]
+    "channels, expected",
+    [(32, 32), (64, 32), (256, 32), (2048, 32), (48, 24), (40, 20), (80, 20), (240, 30)],
 )
 def test_32_groups_or_the_largest_divisor_below(channels, expected):
     assert resolve_num_groups(channels) == expected
@@ -26,7 +27,8 @@ def test_fallback_warns_and_names_the_layer(gn_det_logs):
 
 
 @pytest.mark.parametrize(
-    "channels, dim_per_group, expected", [(256, 16, 16), (64, 16, 4), (48, 16, 3), (2048, 16, 128), (40, 16, 2), (8, 16, 1)]
+    "channels, dim_per_group, expected",
+    [(256, 16, 16), (64, 16, 4), (48, 16, 3), (2048, 16, 128), (40, 16, 2), (8, 16, 1)],
 )
 def test_dim_per_group_overrides_num_groups(channels, dim_per_group, expected):
     assert resolve_num_groups(channels, num_groups=32, dim_per_group=dim_per_group) == expected

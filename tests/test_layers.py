@@ -31,7 +31,9 @@ def test_forward_equals_functional_group_norm_with_biased_variance():
     # (2 channels x 35 pixels per group: a factor 70/69 in the variance).
     unbiased = _unbiased_group_norm(x, G, layer.weight, layer.bias, EPS)
     assert (unbiased - expected).abs().max() > 1e-3
-    biased_by_hand = F.group_norm(x, G, eps=EPS) * layer.weight.reshape(1, C, 1, 1) + layer.bias.reshape(1, C, 1, 1)
+    biased_by_hand = F.group_norm(x, G, eps=EPS) * layer.weight.reshape(
+        1, C, 1, 1
+    ) + layer.bias.reshape(1, C, 1, 1)
     torch.testing.assert_close(layer(x), biased_by_hand, rtol=1e-5, atol=1e-5)
 
 

@@ -33,7 +33,9 @@ def test_every_new_baselines_model_converts_and_runs(name):
     torch.manual_seed(0)
     model = instantiate(with_norm_conversion(base.model, target="GN")).eval()
     assert not _bn_family(model)
-    groups = {m.num_channels: m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
+    groups = {
+        m.num_channels: m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)
+    }
     for channels, g in groups.items():  # 32 where it divides, else the largest divisor below
         expected = max(d for d in range(1, 33) if channels % d == 0)
         assert g == expected, (channels, g)
@@ -43,9 +45,16 @@ def test_every_new_baselines_model_converts_and_runs(name):
 
 
 def test_regnet_widths_use_the_fallback():
-    model = instantiate(LazyConfig.load(str(CONFIGS_DIR / "lazy/mask_rcnn_regnetx_4gf_dds_FPN_100ep_LSJ_gn.py")).model)
-    widths = {m.num_channels: m.num_groups for m in model.backbone.bottom_up.modules()
-              if isinstance(m, torch.nn.GroupNorm)}
+    model = instantiate(
+        LazyConfig.load(
+            str(CONFIGS_DIR / "lazy/mask_rcnn_regnetx_4gf_dds_FPN_100ep_LSJ_gn.py")
+        ).model
+    )
+    widths = {
+        m.num_channels: m.num_groups
+        for m in model.backbone.bottom_up.modules()
+        if isinstance(m, torch.nn.GroupNorm)
+    }
     assert widths[80] == 20 and widths[240] == 30 and widths[560] == 28 and widths[1360] == 20
 
 
@@ -86,20 +95,33 @@ def test_two_iterations_of_the_shapes_lazy_config(tmp_path):
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
         "from gn_det.data import register_shapes\n"
-        f"register_shapes('shapes_lazy', cache_dir={str(tmp_path / 'cache')!r}, image_size=(128, 128), num_train=4, num_val=2)\n"
+        f"register_shapes('shapes_lazy', cache_dir={str(tmp_path / 'cache')!r}, "
+        "image_size=(128, 128), num_train=4, num_val=2)\n"
     )
     import os
 
     env = dict(os.environ, PYTHONPATH=f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "train_net.py"), "--config", "lazy/shapes_gn.py",
-         "train.max_iter=2", f"train.output_dir={out}", "dataloader.train.dataset.names=shapes_lazy_train",
-         "dataloader.test.dataset.names=shapes_lazy_val", "dataloader.train.num_workers=0",
-         "dataloader.test.num_workers=0",
-         # AMP as detectron2's new baselines set it: bfloat16 autocast (or float32) on CPU.
-         "train.amp.enabled=True"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "tools" / "train_net.py"),
+            "--config",
+            "lazy/shapes_gn.py",
+            "train.max_iter=2",
+            f"train.output_dir={out}",
+            "dataloader.train.dataset.names=shapes_lazy_train",
+            "dataloader.test.dataset.names=shapes_lazy_val",
+            "dataloader.train.num_workers=0",
+            "dataloader.test.num_workers=0",
+            # AMP as detectron2's new baselines set it: bfloat16 autocast (or float32) on CPU.
+            "train.amp.enabled=True",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out / "log.txt").read_text()
@@ -112,9 +134,21 @@ def test_missing_coco_files_are_a_clear_error_for_lazy_configs(tmp_path):
 
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"))
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "train_net.py"), "--config",
-         "lazy/mask_rcnn_R_50_FPN_100ep_LSJ_gn.py", f"train.output_dir={tmp_path / 'out'}"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "tools" / "train_net.py"),
+            "--config",
+            "lazy/mask_rcnn_R_50_FPN_100ep_LSJ_gn.py",
+            f"train.output_dir={tmp_path / 'out'}",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode != 0
-    assert str(tmp_path / "datasets" / "coco") in result.stderr and "DETECTRON2_DATASETS" in result.stderr
+    assert (
+        str(tmp_path / "datasets" / "coco") in result.stderr
+        and "DETECTRON2_DATASETS" in result.stderr
+    )

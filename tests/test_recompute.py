@@ -118,7 +118,9 @@ def test_same_loss_and_gradients_under_autocast(models):
         assert all(f.dtype == torch.bfloat16 for f in features.values())
         loss = _loss({k: v.float() for k, v in features.items()})
         loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        results.append(
+            (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        )
     (loss, grads), (loss_r, grads_r) = results
     torch.testing.assert_close(loss_r, loss)
     assert grads.keys() == grads_r.keys() and len(grads) > 0

@@ -20,7 +20,9 @@ FILE_FORMATS = ("errors", "io", "remote", "safe_pickle", "torchvision_names", "w
 
 
 def _plugin_files():
-    return sorted(p for p in PACKAGE.rglob("*.py") if "data" not in p.relative_to(PACKAGE).parts[:1])
+    return sorted(
+        p for p in PACKAGE.rglob("*.py") if "data" not in p.relative_to(PACKAGE).parts[:1]
+    )
 
 
 def test_the_plugin_keeps_its_size_limits():
@@ -49,7 +51,8 @@ def _imports(path: Path):
     skipped = set()
     for node in ast.walk(tree):
         if (isinstance(node, ast.FunctionDef) and node.name == "__getattr__") or (
-                isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"):
+            isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+        ):
             skipped |= {id(n) for n in ast.walk(node)}
     package = _module_name(path).split(".")
     if path.name != "__init__.py":
@@ -93,7 +96,9 @@ def test_no_module_imports_itself_back():
 def test_file_formats_import_no_model_code():
     graph = _graph()
     for name in FILE_FORMATS:
-        outside = {m for m in graph[f"gn_det.checkpoint.{name}"] if not m.startswith("gn_det.checkpoint")}
+        outside = {
+            m for m in graph[f"gn_det.checkpoint.{name}"] if not m.startswith("gn_det.checkpoint")
+        }
         assert outside == set(), name
 
 
@@ -103,13 +108,16 @@ def test_the_plugin_holds_no_study_code():
         assert "gn_det_lab" not in path.read_text(), path
 
 
-@pytest.mark.parametrize("old, new", [
-    ("gn_det.NORM_CONVERTERS", "gn_det.NORM_SOURCES"),
-    ("gn_det.config.load_config", "gn_det.cli.config_files.load_config"),
-    ("gn_det.config.resolve_config_name", "gn_det.cli.config_files.resolve_config_name"),
-    ("gn_det.engine.launch_from_args", "gn_det.cli.train.launch_from_args"),
-    ("gn_det.visualize.visualize_main", "gn_det.cli.visualize.visualize_main"),
-])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("gn_det.NORM_CONVERTERS", "gn_det.NORM_SOURCES"),
+        ("gn_det.config.load_config", "gn_det.cli.config_files.load_config"),
+        ("gn_det.config.resolve_config_name", "gn_det.cli.config_files.resolve_config_name"),
+        ("gn_det.engine.launch_from_args", "gn_det.cli.train.launch_from_args"),
+        ("gn_det.visualize.visualize_main", "gn_det.cli.visualize.visualize_main"),
+    ],
+)
 def test_old_public_names_still_work_and_say_what_replaces_them(old, new):
     import importlib
 

@@ -58,7 +58,8 @@ def _torchvision_state(depth=50, seed=1):
 
 
 def _stats_transfer(gamma, beta, mean, var, num_groups, eps):
-    """The `stats` transfer of docs/design.md: M_g, S_g² = mean(σ² + (μ − M_g)²), γ' = γ S_g/σ, β' = ..."""
+    """The `stats` transfer of docs/design.md: M_g, S_g² = mean(σ² + (μ − M_g)²),
+    γ' = γ S_g/σ, β' = ..."""
     gamma, beta, mean, var = (t.double().view(num_groups, -1) for t in (gamma, beta, mean, var))
     sigma2 = var + eps
     group_mean = mean.mean(1, keepdim=True)

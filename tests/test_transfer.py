@@ -15,8 +15,14 @@ C, G, EPS = 64, 32, 1e-5
 
 def _transfer(state, transfer, groups=G, bn_eps=EPS, gn_eps=EPS):
     return transfer_bn_to_gn(
-        state["weight"], state["bias"], state["running_mean"], state["running_var"],
-        num_groups=groups, bn_eps=bn_eps, gn_eps=gn_eps, transfer=transfer,
+        state["weight"],
+        state["bias"],
+        state["running_mean"],
+        state["running_var"],
+        num_groups=groups,
+        bn_eps=bn_eps,
+        gn_eps=gn_eps,
+        transfer=transfer,
     )
 
 
@@ -36,7 +42,9 @@ def test_stats_matches_the_formula_of_the_design():
 def test_stats_reproduces_bn_when_image_statistics_equal_the_population(groups):
     state = random_bn_state(C)
     x = images_with_channel_stats(4, state["running_mean"], state["running_var"])
-    bn_out = bn_eval(x, state["weight"], state["bias"], state["running_mean"], state["running_var"], EPS)
+    bn_out = bn_eval(
+        x, state["weight"], state["bias"], state["running_mean"], state["running_var"], EPS
+    )
 
     errors = {}
     for transfer in TRANSFERS:
@@ -52,7 +60,9 @@ def test_stats_with_a_different_gn_eps_still_matches():
     state = random_bn_state(C)
     state["running_var"] = state["running_var"] * 1e-3  # eps matters at small variances
     x = images_with_channel_stats(2, state["running_mean"], state["running_var"])
-    bn_out = bn_eval(x, state["weight"], state["bias"], state["running_mean"], state["running_var"], 1e-3)
+    bn_out = bn_eval(
+        x, state["weight"], state["bias"], state["running_mean"], state["running_var"], 1e-3
+    )
     weight, bias = _transfer(state, "stats", bn_eps=1e-3, gn_eps=1e-5)
     assert _rel_err(F.group_norm(x, G, weight, bias, 1e-5), bn_out) < 1e-3
 
@@ -85,7 +95,9 @@ def test_low_precision_inputs_keep_their_dtype():
     state = {k: v.half() for k, v in random_bn_state(C).items()}
     weight, bias = _transfer(state, "stats")
     assert weight.dtype == bias.dtype == torch.float16
-    ref_weight, _ = stats_transfer_reference(*(v.float() for v in state.values()), num_groups=G, eps=EPS)
+    ref_weight, _ = stats_transfer_reference(
+        *(v.float() for v in state.values()), num_groups=G, eps=EPS
+    )
     torch.testing.assert_close(weight.double(), ref_weight, rtol=2e-3, atol=2e-3)
 
 

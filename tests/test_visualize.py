@@ -32,8 +32,13 @@ LOSSES = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc
 
 
 def _train_record(iteration, losses=LOSSES, scale=1.0):
-    record = {"iteration": iteration, "lr": 0.02 * min(1.0, (iteration + 1) / 40), "time": 0.5,
-              "data_time": 0.01, "fast_rcnn/cls_accuracy": 0.9}
+    record = {
+        "iteration": iteration,
+        "lr": 0.02 * min(1.0, (iteration + 1) / 40),
+        "time": 0.5,
+        "data_time": 0.01,
+        "fast_rcnn/cls_accuracy": 0.9,
+    }
     for i, key in enumerate(losses):
         record[key] = scale * (i + 1) / (iteration + 10)
     record["total_loss"] = sum(record[k] for k in losses)
@@ -50,22 +55,31 @@ def _write_run(folder: Path, lines) -> Path:
 def runs(tmp_path):
     """Three runs as detectron2 leaves them: finished (two evaluations); no masks and no
     evaluation; crashed (a NaN loss, a line cut off mid-write, no newline at the end)."""
-    finished = _write_run(tmp_path / "finished", [
-        *(json.dumps(_train_record(i)) for i in range(19, 200, 20)),
-        json.dumps({"iteration": 100, "bbox/AP": 10.5, "segm/AP": 9.25, "bbox/AP50": 20.0}),
-        json.dumps({"iteration": 200, "bbox/AP": 15.0, "segm/AP": 14.0, "bbox/AP50": 30.0}),
-    ])
-    boxes_only = _write_run(tmp_path / "boxes_only", [
-        json.dumps(_train_record(i, losses=[k for k in LOSSES if k != "loss_mask"]))
-        for i in range(19, 120, 20)
-    ])
+    finished = _write_run(
+        tmp_path / "finished",
+        [
+            *(json.dumps(_train_record(i)) for i in range(19, 200, 20)),
+            json.dumps({"iteration": 100, "bbox/AP": 10.5, "segm/AP": 9.25, "bbox/AP50": 20.0}),
+            json.dumps({"iteration": 200, "bbox/AP": 15.0, "segm/AP": 14.0, "bbox/AP50": 30.0}),
+        ],
+    )
+    boxes_only = _write_run(
+        tmp_path / "boxes_only",
+        [
+            json.dumps(_train_record(i, losses=[k for k in LOSSES if k != "loss_mask"]))
+            for i in range(19, 120, 20)
+        ],
+    )
     nan_record = dict(_train_record(59, scale=2.0), loss_mask=float("nan"))
     crashed = tmp_path / "crashed"
     crashed.mkdir()
     (crashed / "metrics.json").write_text(
-        json.dumps(_train_record(19, scale=2.0)) + "\n"
-        + json.dumps(_train_record(39, scale=2.0)) + "\n"
-        + json.dumps(nan_record) + "\n"  # json.dumps writes NaN, as detectron2 does
+        json.dumps(_train_record(19, scale=2.0))
+        + "\n"
+        + json.dumps(_train_record(39, scale=2.0))
+        + "\n"
+        + json.dumps(nan_record)
+        + "\n"  # json.dumps writes NaN, as detectron2 does
         + json.dumps(_train_record(79, scale=2.0))[:57]  # killed mid-write
     )
     return {"finished": finished, "boxes_only": boxes_only, "crashed": crashed}
@@ -90,14 +104,17 @@ def test_read_metrics_skips_bad_lines_and_nan(runs, gn_det_logs):
 
 
 def test_read_metrics_resumed_run_keeps_the_later_value(tmp_path):
-    run = _write_run(tmp_path / "resumed", [
-        json.dumps({"iteration": 19, "total_loss": 3.0}),
-        json.dumps({"iteration": 39, "total_loss": 2.0}),
-        json.dumps({"iteration": 39, "total_loss": 2.5}),  # resumed from iteration 20
-        "[1, 2]",  # valid JSON, not a record
-        "",
-        json.dumps({"total_loss": 1.0}),  # no iteration: not plottable
-    ])
+    run = _write_run(
+        tmp_path / "resumed",
+        [
+            json.dumps({"iteration": 19, "total_loss": 3.0}),
+            json.dumps({"iteration": 39, "total_loss": 2.0}),
+            json.dumps({"iteration": 39, "total_loss": 2.5}),  # resumed from iteration 20
+            "[1, 2]",  # valid JSON, not a record
+            "",
+            json.dumps({"total_loss": 1.0}),  # no iteration: not plottable
+        ],
+    )
     metrics = read_metrics(run)
     assert metrics.series == {"total_loss": ([19, 39], [3.0, 2.5])}
     assert metrics.skipped_lines == 1
@@ -107,8 +124,17 @@ def test_plot_metrics_writes_one_png_of_the_stated_size(runs, tmp_path, gn_det_l
     main = _tool("plot_metrics")
     output = tmp_path / "plots" / "curves.png"
     output.parent.mkdir()
-    argv = [str(runs["finished"]), str(runs["boxes_only"]), str(runs["crashed"]),
-            "--labels", "GN", "BN", "crashed", "--output", str(output)]
+    argv = [
+        str(runs["finished"]),
+        str(runs["boxes_only"]),
+        str(runs["crashed"]),
+        "--labels",
+        "GN",
+        "BN",
+        "crashed",
+        "--output",
+        str(output),
+    ]
     assert main(argv) == 0
     # total_loss, 5 loss terms, lr, bbox/AP, segm/AP: 9 panels of 4x3 in, 3 to a row, 100 dpi.
     with Image.open(output) as image:
@@ -141,15 +167,35 @@ def test_plot_metrics_has_a_panel_per_test_dataset(tmp_path):
     from gn_det.visualize import _panels, read_metrics
 
     # Two test datasets: detectron2 prefixes each result with the dataset's name.
-    run = _write_run(tmp_path / "two_splits", [
-        json.dumps({"iteration": 9, "total_loss": 2.0}),
-        json.dumps({"iteration": 9, "shapes_val/bbox/AP": 30.0, "shapes_val/segm/AP": 29.0,
-                    "shapes_test/bbox/AP": 35.0, "shapes_test/segm/AP": 33.0})])
+    run = _write_run(
+        tmp_path / "two_splits",
+        [
+            json.dumps({"iteration": 9, "total_loss": 2.0}),
+            json.dumps(
+                {
+                    "iteration": 9,
+                    "shapes_val/bbox/AP": 30.0,
+                    "shapes_val/segm/AP": 29.0,
+                    "shapes_test/bbox/AP": 35.0,
+                    "shapes_test/segm/AP": 33.0,
+                }
+            ),
+        ],
+    )
     # The AP panels first: what a reader looks for.
     assert [key for key, _ in _panels([read_metrics(run)])] == [
-        "shapes_test/bbox/AP", "shapes_val/bbox/AP", "shapes_test/segm/AP", "shapes_val/segm/AP", "total_loss"]
+        "shapes_test/bbox/AP",
+        "shapes_val/bbox/AP",
+        "shapes_test/segm/AP",
+        "shapes_val/segm/AP",
+        "total_loss",
+    ]
     assert [key for key, _ in _panels([read_metrics(run)], "ap")] == [
-        "shapes_test/bbox/AP", "shapes_val/bbox/AP", "shapes_test/segm/AP", "shapes_val/segm/AP"]
+        "shapes_test/bbox/AP",
+        "shapes_val/bbox/AP",
+        "shapes_test/segm/AP",
+        "shapes_val/segm/AP",
+    ]
     assert [key for key, _ in _panels([read_metrics(run)], "losses")] == ["total_loss"]
     output = tmp_path / "two_splits.png"
     assert _tool("plot_metrics")([str(run), "--output", str(output)]) == 0
@@ -186,8 +232,13 @@ def tiny_run(tmp_path_factory):
     from gn_det.data import register_shapes
 
     root = tmp_path_factory.mktemp("vis")
-    register_shapes("shapes_vis", cache_dir=root / "cache", image_size=(IMAGE_SIZE, IMAGE_SIZE),
-                    num_train=2, num_val=2)
+    register_shapes(
+        "shapes_vis",
+        cache_dir=root / "cache",
+        image_size=(IMAGE_SIZE, IMAGE_SIZE),
+        num_train=2,
+        num_val=2,
+    )
     cfg = load_config(resolve_config_name("shapes/gn.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     torch.manual_seed(0)
@@ -200,8 +251,19 @@ def tiny_run(tmp_path_factory):
 
 
 def _visualize_argv(weights, *extra):
-    return ["--config", "shapes/gn.yaml", "--weights", str(weights), "--dataset", "shapes_vis_val",
-            "--num-images", "2", "--score-threshold", "0.05", *extra]
+    return [
+        "--config",
+        "shapes/gn.yaml",
+        "--weights",
+        str(weights),
+        "--dataset",
+        "shapes_vis_val",
+        "--num-images",
+        "2",
+        "--score-threshold",
+        "0.05",
+        *extra,
+    ]
 
 
 def test_visualize_draws_ground_truth_beside_prediction(tiny_run, capsys):
@@ -227,8 +289,14 @@ def test_visualize_draws_ground_truth_beside_prediction(tiny_run, capsys):
     assert "exists; pass --force" in capsys.readouterr().err
     assert written[0].read_bytes() == before
     out = tiny_run["root"] / "out"
-    assert main(_visualize_argv(tiny_run["weights"], "--num-images", "1", "--scale", "2",
-                                "--output-dir", str(out))) == 0
+    assert (
+        main(
+            _visualize_argv(
+                tiny_run["weights"], "--num-images", "1", "--scale", "2", "--output-dir", str(out)
+            )
+        )
+        == 0
+    )
     [path] = out.iterdir()
     with Image.open(path) as image:
         assert image.size[0] == 2 * 2 * IMAGE_SIZE
@@ -263,9 +331,13 @@ def test_visualize_usage_errors(tmp_path, capsys):
 
 
 def test_plot_metrics_ap_alone(tmp_path):
-    run = _write_run(tmp_path / "run", [
-        json.dumps({"iteration": 9, "total_loss": 2.0, "lr": 0.1}),
-        json.dumps({"iteration": 9, "bbox/AP": 30.0, "segm/AP": 29.0})])
+    run = _write_run(
+        tmp_path / "run",
+        [
+            json.dumps({"iteration": 9, "total_loss": 2.0, "lr": 0.1}),
+            json.dumps({"iteration": 9, "bbox/AP": 30.0, "segm/AP": 29.0}),
+        ],
+    )
     output = tmp_path / "ap.png"
     assert _tool("plot_metrics")([str(run), "--output", str(output), "--panels", "ap"]) == 0
     with Image.open(output) as image:

@@ -27,11 +27,33 @@ from gn_det.cli.config_files import load_config, resolve_config_name
 DOC = Path(__file__).resolve().parents[1] / "docs" / "worked_example.md"
 GN_DET = str(Path(sys.executable).parent / "gn-det")
 SMALL_INPUT = ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128"]
-SMALL_TRAINING = ["MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('shapes_tiny_train',)",
-                  "DATASETS.TEST", "('shapes_tiny_val',)", "SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "1",
-                  "SOLVER.WARMUP_ITERS", "1", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "128",
-                  *SMALL_INPUT, "DATALOADER.NUM_WORKERS", "0", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-                  "TEST.DETECTIONS_PER_IMAGE", "5", "MODEL.ROI_HEADS.NUM_CLASSES", "4"]
+SMALL_TRAINING = [
+    "MODEL.DEVICE",
+    "cpu",
+    "DATASETS.TRAIN",
+    "('shapes_tiny_train',)",
+    "DATASETS.TEST",
+    "('shapes_tiny_val',)",
+    "SOLVER.MAX_ITER",
+    "1",
+    "SOLVER.IMS_PER_BATCH",
+    "1",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(96,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "128",
+    *SMALL_INPUT,
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "50",
+    "TEST.DETECTIONS_PER_IMAGE",
+    "5",
+    "MODEL.ROI_HEADS.NUM_CLASSES",
+    "4",
+]
 
 
 def _commands(route: str) -> list:
@@ -40,7 +62,9 @@ def _commands(route: str) -> list:
     text = next(s for s in section if s.startswith(route))
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        commands += [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+        commands += [
+            shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()
+        ]
     assert commands and all(c[0] == "gn-det" for c in commands), commands
     return commands
 
@@ -78,7 +102,9 @@ def _bn_statistics(model):
 def _write_zoo_pkl(url: str, state: dict, author: str, heuristics: bool) -> None:
     path = Path(cache_path(url))
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = {k: v.detach().numpy() for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    model = {
+        k: v.detach().numpy() for k, v in state.items() if not k.endswith("num_batches_tracked")
+    }
     with open(path, "wb") as f:
         pickle.dump({"model": model, "__author__": author, "matching_heuristics": heuristics}, f)
 
@@ -96,15 +122,21 @@ def cache(tmp_path_factory):
         torch.manual_seed(0)
         syncbn = build_model(cfg)
         _bn_statistics(syncbn)
-        _write_zoo_pkl("detectron2://Misc/mask_rcnn_R_50_FPN_3x_syncbn/169527823/model_final_3b3c51.pkl",
-                       syncbn.state_dict(), "Detectron2 Model Zoo", False)
+        _write_zoo_pkl(
+            "detectron2://Misc/mask_rcnn_R_50_FPN_3x_syncbn/169527823/model_final_3b3c51.pkl",
+            syncbn.state_dict(),
+            "Detectron2 Model Zoo",
+            False,
+        )
         cfg = load_config(resolve_config_name("mask_rcnn_R_50_FPN_bn.yaml"))
         cfg.MODEL.DEVICE = "cpu"
         bn = build_model(cfg)
         _bn_statistics(bn)
         prefix = "backbone.bottom_up."
-        backbone = {k[len(prefix):]: v for k, v in bn.state_dict().items() if k.startswith(prefix)}
-        _write_zoo_pkl("detectron2://ImageNetPretrained/torchvision/R-50.pkl", backbone, "torchvision", True)
+        backbone = {k[len(prefix) :]: v for k, v in bn.state_dict().items() if k.startswith(prefix)}
+        _write_zoo_pkl(
+            "detectron2://ImageNetPretrained/torchvision/R-50.pkl", backbone, "torchvision", True
+        )
     finally:
         del os.environ["FVCORE_CACHE"]
     return folder
@@ -125,7 +157,9 @@ def test_the_worked_example_runs_as_written(route, cache, images, tiny_env, tmp_
     env = dict(tiny_env, FVCORE_CACHE=str(cache))
     for command in _commands(route):
         run = _small(command, images)
-        result = subprocess.run(run, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        result = subprocess.run(
+            run, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900
+        )
         assert result.returncode == 0, (run, result.stdout[-2000:], result.stderr[-3000:])
         if run[1] == "inspect":
             assert result.stdout.rstrip().endswith("ConvertedGroupNorm       69")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert a BN-trained checkpoint into a GN checkpoint: ``gn-det convert`` (see its --help).
 
-    tools/convert_checkpoint.py --weights R-50.pkl --output R-50-GN.pkl
+tools/convert_checkpoint.py --weights R-50.pkl --output R-50-GN.pkl
 """
 
 import sys

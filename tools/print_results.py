@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Print a run's final box AP and mask AP from detectron2's metrics.json.
 
-    tools/print_results.py output/demo
+tools/print_results.py output/demo
 """
 
 import argparse
@@ -20,7 +20,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if "bbox/AP" not in run.series:
-        print(f"error: {args.output_dir}: no evaluation results (did the run finish?)", file=sys.stderr)
+        print(
+            f"error: {args.output_dir}: no evaluation results (did the run finish?)",
+            file=sys.stderr,
+        )
         return 2
 
     def last(key):
@@ -28,8 +31,11 @@ def main(argv=None) -> int:
         return f"{values[-1]:.1f}" if values else "n/a"
 
     iteration = run.series["bbox/AP"][0][-1]
-    print(f"{args.output_dir}: iteration {iteration}: box AP {last('bbox/AP')} (AP50 {last('bbox/AP50')}), "
-          f"mask AP {last('segm/AP')} (AP50 {last('segm/AP50')})")
+    print(
+        f"{args.output_dir}: iteration {iteration}: "
+        f"box AP {last('bbox/AP')} (AP50 {last('bbox/AP50')}), "
+        f"mask AP {last('segm/AP')} (AP50 {last('segm/AP50')})"
+    )
     return 0
 
 
