@@ -1,15 +1,9 @@
 """detectron2's ``DetectionCheckpointer`` on gn_det's safe loaders.
 
 detectron2 reads ``.pkl`` files with plain ``pickle.load``, which runs whatever code a file
-carries. :class:`Checkpointer` reads every file through :mod:`gn_det.checkpoint.io` instead
-(restricted unpickler, ``torch.load(weights_only=True)``, safetensors), understands every format
-of :mod:`gn_det.checkpoint.weights` (torchvision ImageNet ResNets included), and keeps BN
-statistics on their way to converted GN layers. Training (``MODEL.WEIGHTS``, ``--resume``) and
-evaluation load through it.
-
-It also saves atomically: detectron2 writes ``model_*.pth`` and the ``last_checkpoint`` tag in
-place, so a run killed mid-save leaves a truncated file that ``--resume`` then fails on. Here
-both are written to a temporary file and renamed, so a checkpoint on disk is always complete.
+carries; :class:`Checkpointer` reads every format of :mod:`gn_det.checkpoint.weights` safely and
+keeps BN statistics on their way to converted GN layers. It also saves atomically: detectron2
+writes in place, so a run killed mid-save leaves a truncated file that ``--resume`` fails on.
 """
 
 from __future__ import annotations
@@ -57,15 +51,12 @@ class Checkpointer(DetectionCheckpointer):
         ``last_checkpoint`` tag), each file written atomically; a no-op off the main process."""
         if not self.save_dir or not self.save_to_disk:
             return
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
+        data = {"model": self.model.state_dict(),
+                **{key: obj.state_dict() for key, obj in self.checkpointables.items()}, **kwargs}
+        save_file = os.path.join(self.save_dir, f"{name}.pth")
         self.logger.info("Saving checkpoint to %s", save_file)
         save_checkpoint_file(data, save_file, file_format="pth", overwrite=True)
-        self.tag_last_checkpoint(basename)
+        self.tag_last_checkpoint(f"{name}.pth")
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Point ``last_checkpoint`` (what ``--resume`` reads) at a saved file, atomically."""

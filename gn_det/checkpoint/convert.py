@@ -1,14 +1,9 @@
 """Turn a BN-trained checkpoint into a GN checkpoint that a GN config loads with nothing missing.
 
-The pipeline (:func:`convert_checkpoint`): read the file safely → load it into the *source*
-config's BN model (so every BN statistic lands in a live BN layer) → ``convert_norm`` (the
-weight transfer happens there) → write the converted state atomically to a temporary file next
-to the output → load that file into the *target* config's model through the training loader and
-check it fits → rename it into place. Any failure leaves no output and an existing one untouched.
-
-Full detector checkpoints stay full detector checkpoints. Backbone-only (ImageNet) checkpoints
-become a GN backbone checkpoint in detectron2's ImageNet-pretrained format (``stem.conv1.*``,
-``res2.0.conv1.norm.*``, loaded by name matching), usable directly as ``MODEL.WEIGHTS``.
+The weights are loaded into the *source* config's BN model (so every BN statistic lands in a live
+BN layer) and converted there; the result is written to a temporary file beside the output, loaded
+into the *target* config's model through the training loader, and renamed into place only if it
+fits (docs/cli.md). Any failure leaves no output and an existing one untouched.
 """
 
 from __future__ import annotations
@@ -84,29 +79,12 @@ def format_for_output(output: Path, requested: Optional[str]) -> str:
     return requested or by_extension or "pth"
 
 
-def _without_conversion(cfg: CfgNode) -> CfgNode:
+def _cpu_config(cfg: CfgNode, **norm_conversion) -> CfgNode:
+    """A copy of ``cfg`` building on the CPU without weights, ``MODEL.NORM_CONVERSION`` updated."""
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.MODEL.NORM_CONVERSION.ENABLED = False
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    return cfg
-
-
-def _target_config(source_cfg: CfgNode, target_cfg: Optional[CfgNode], spec: NormSpec) -> CfgNode:
-    if target_cfg is None:
-        cfg = source_cfg.clone()
-        cfg.defrost()
-        node = cfg.MODEL.NORM_CONVERSION
-        node.ENABLED, node.TARGET, node.TRANSFER = True, spec.target, spec.transfer
-        node.NUM_GROUPS, node.DIM_PER_GROUP = spec.num_groups, spec.dim_per_group or 0
-        node.EPS = spec.eps or 0.0
-        node.INCLUDE, node.EXCLUDE = list(spec.include), list(spec.exclude)
-    else:
-        cfg = target_cfg.clone()
-        cfg.defrost()
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = "cpu", ""
+    cfg.MODEL.NORM_CONVERSION.update(norm_conversion)
     return cfg
 
 
@@ -125,11 +103,8 @@ def _value(cfg: CfgNode, key: str):
 
 
 def check_input_conventions(source_cfg: CfgNode, target_cfg: CfgNode) -> None:
-    """Refuse a target config that would feed the weights inputs they were not trained on.
-
-    Raises:
-        CheckpointError: naming each key of :data:`INPUT_CONVENTION_KEYS` that differs.
-    """
+    """Refuse a target config that would feed the weights inputs they were not trained on: a
+    CheckpointError naming each key of :data:`INPUT_CONVENTION_KEYS` that differs."""
     differ = [f"{key} {_value(source_cfg, key)} -> {_value(target_cfg, key)}"
               for key in INPUT_CONVENTION_KEYS
               if _value(source_cfg, key) != _value(target_cfg, key)]
@@ -142,20 +117,26 @@ def check_input_conventions(source_cfg: CfgNode, target_cfg: CfgNode) -> None:
         )
 
 
-def _load_into_source(weights: Weights, model: nn.Module, path: str) -> List[str]:
+def _source_model(path: str, cfg: CfgNode) -> Tuple[Weights, nn.Module, str]:
+    """The weights at ``path``, the model ``cfg`` builds with them loaded, and their scope:
+    "detector" if they fill more than its backbone, else "backbone"."""
+    weights = read_weights(path)
+    model = build_model(cfg).eval()
     state = state_for_model(weights, model)
     mismatch = first_shape_mismatches(state, model)
     if mismatch:
         raise CheckpointError(f"{path}: does not fit the source config's model: {mismatch}")
     model_keys = set(model.state_dict())
     matched = sorted(k for k in state if k in model_keys)
-    if not [k for k in matched if k not in _IGNORED_MODEL_KEYS]:
+    fitted = [k for k in matched if k not in _IGNORED_MODEL_KEYS]
+    if not fitted:
         raise CheckpointError(
             f"{path}: none of its {len(state)} tensors match the source config's model "
             f"(first: {next(iter(state))!r}); is --config-file the model it was trained with?"
         )
     model.load_state_dict({k: state[k] for k in matched}, strict=False)
-    return matched
+    detector = any(not k.startswith(BOTTOM_UP_PREFIX) for k in fitted)
+    return weights, model, "detector" if detector else "backbone"
 
 
 def _output_object(model: nn.Module, scope: str, file_format: str) -> dict:
@@ -165,7 +146,7 @@ def _output_object(model: nn.Module, scope: str, file_format: str) -> dict:
         state = {k[len(BOTTOM_UP_PREFIX):]: v for k, v in state.items()
                  if k.startswith(BOTTOM_UP_PREFIX)}
     if file_format == "safetensors":  # its metadata holds strings only
-        return {"model": state, "__author__": "gn_det", "matching_heuristics": str(heuristics)}
+        heuristics = str(heuristics)
     return {"model": state, "__author__": "gn_det", "matching_heuristics": heuristics}
 
 
@@ -178,10 +159,9 @@ def _verify(target: nn.Module, converted: nn.Module, file: Path, scope: str) -> 
     missing = sorted(set(incompatible.missing_keys) & expected)
     unexpected = sorted(incompatible.unexpected_keys)
     wrong = [k for k, _, _ in incompatible.incorrect_shapes]
-    if missing or unexpected or wrong:
-        problems = [f"{n} {what} (first: {keys[0]})" for what, keys, n in (
-            ("missing", missing, len(missing)), ("unexpected", unexpected, len(unexpected)),
-            ("of the wrong shape", wrong, len(wrong))) if keys]
+    problems = [f"{len(keys)} {what} (first: {keys[0]})" for what, keys in (
+        ("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong)) if keys]
+    if problems:
         raise CheckpointError(f"{file}: the converted weights do not fit the target model: "
                               + "; ".join(problems))
     reference = converted.state_dict()
@@ -192,9 +172,8 @@ def _verify(target: nn.Module, converted: nn.Module, file: Path, scope: str) -> 
 
 def _write_verified(model: nn.Module, target: nn.Module, output_path: Path, scope: str,
                     file_format: str, overwrite: bool) -> Tuple[int, int]:
-    """Write ``model``'s state to a temporary file beside ``output_path``, load it into
-    ``target`` through the training loader and check it fits, then rename it into place.
-    Returns (keys matched, keys expected); any failure leaves no output."""
+    """Write ``model``'s state beside ``output_path``, and rename it into place once ``target``
+    loads it; returns (keys matched, keys expected)."""
     fd, temporary = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".verify",
                                      dir=output_path.parent)
     os.close(fd)
@@ -244,37 +223,22 @@ def fold_checkpoint(weights_path: str, output: str, cfg: CfgNode, *, images=None
     Fold the GN model of ``cfg`` with the weights at ``weights_path`` for inference
     (:func:`gn_det.folding.fold_for_inference`: statistics from ``images``, or data-free
     without; ``distill_steps`` of distillation; GroupNorm kept under ``exclude``) and write it
-    to ``output``, verified: the model ``cfg`` builds with ``MODEL.NORM_CONVERSION.FOLDED``
-    (and ``FOLDED_EXCLUDE``) must load it with nothing missing. Atomic, as
-    :func:`convert_checkpoint`.
-
-    Raises:
-        CheckpointError: a bad input or output, weights that do not fit, a model with no
-            GroupNorm to fold; nothing is written.
+    to ``output`` as :func:`convert_checkpoint` does, verified against the model ``cfg`` builds
+    with ``MODEL.NORM_CONVERSION.FOLDED`` (and ``FOLDED_EXCLUDE``). Raises CheckpointError (a
+    bad input or output, weights that do not fit, no GroupNorm to fold), writing nothing.
     """
     from ..folding import fold_for_inference
 
     start = time.perf_counter()
     output_path, file_format = _check_output(output, file_format, overwrite)
-    weights = read_weights(weights_path)
-    source_cfg = cfg.clone()
-    source_cfg.defrost()
-    source_cfg.MODEL.DEVICE, source_cfg.MODEL.WEIGHTS = "cpu", ""
-    source_cfg.MODEL.NORM_CONVERSION.FOLDED = False
-    source = build_model(source_cfg).eval()
-    matched = _load_into_source(weights, source, weights_path)
-    scope = "detector" if any(not k.startswith(BOTTOM_UP_PREFIX) and k not in _IGNORED_MODEL_KEYS
-                              for k in matched) else "backbone"
+    weights, source, scope = _source_model(weights_path, _cpu_config(cfg, FOLDED=False))
     try:
         folded, report = fold_for_inference(
             source, images, exclude=exclude,
             distill_steps=distill_steps if images is not None else 0)
     except ValueError as e:
         raise CheckpointError(f"{weights_path}: {e}") from e
-    target_cfg = source_cfg.clone()
-    target_cfg.MODEL.NORM_CONVERSION.FOLDED = True
-    target_cfg.MODEL.NORM_CONVERSION.FOLDED_EXCLUDE = list(exclude)
-    target = build_model(target_cfg)
+    target = build_model(_cpu_config(cfg, FOLDED=True, FOLDED_EXCLUDE=list(exclude)))
     keys_matched, keys_expected = _write_verified(folded, target, output_path, scope, file_format,
                                                   overwrite)
     return FoldResult(output_path, weights.kind, report, keys_matched, keys_expected,
@@ -285,16 +249,19 @@ _DISTILLED = {"weights": "GN affine, ROI-head weights", "norms": "GN affine",
               "none": "backbone GN affine"}
 
 
-def _fit(converted, source, inputs, least_squares: bool, distill_steps: int, distill_heads: str):
+def _fit(converted, source, transfer: str, inputs, least_squares: bool, distill_steps: int,
+         heads: str):
     """Calibrate and distill ``converted`` against ``source`` on ``inputs`` (if any); returns
-    the calibration's fits (or None) and what the distillation could train in the heads."""
+    the calibration's fits (or None) and the whole transfer, as printed."""
     if inputs is None:
-        return None, distill_heads
+        return None, transfer
     fits = calibrate(converted, source, inputs) if least_squares else None
+    if fits is not None:
+        transfer += " + calibrate"
     if distill_steps > 0:
-        distill_heads = distill(converted, source, inputs, steps=distill_steps,
-                                heads=distill_heads).heads
-    return fits, distill_heads
+        heads = distill(converted, source, inputs, steps=distill_steps, heads=heads).heads
+        transfer += f" + distill {distill_steps} steps ({_DISTILLED[heads]})"
+    return fits, transfer
 
 
 def convert_checkpoint(
@@ -312,52 +279,43 @@ def convert_checkpoint(
     distill_heads: str = "weights",
 ) -> ConversionResult:
     """
-    Convert the checkpoint at ``weights_path`` (any supported format) and write ``output``.
+    Convert the checkpoint at ``weights_path`` (any supported format) and write ``output``;
+    raises CheckpointError (any problem with the input, the fit or the output), writing nothing.
 
     Args:
-        source_cfg: config of the model the weights were trained for (its BN-family norms);
-            conversion in it is ignored.
-        spec: the conversion (target GN, groups, transfer). When ``target_cfg`` enables
-            ``MODEL.NORM_CONVERSION`` the caller should pass its spec.
+        source_cfg: config of the model the weights were trained for; conversion in it is ignored.
+        spec: the conversion; pass the spec of a ``target_cfg`` that enables conversion.
         target_cfg: config whose model must load the output; default: ``source_cfg`` with
             ``spec`` switched on. It must read images as ``source_cfg`` does
             (:func:`check_input_conventions`).
         file_format: ``"pth"``, ``"pkl"`` or ``"safetensors"``; default from the extension.
-        overwrite: replace an existing ``output``.
-        calibration_inputs: if given, detectron2 model inputs (dicts with ``"image"``) on which
-            the converted model is calibrated against the source BN model after the transfer
-            (``gn_det.calibrate``).
-        distill_steps: if positive (with ``calibration_inputs``), that many steps of
-            ``gn_det.distill`` on the same inputs follow the calibration.
+        calibration_inputs: detectron2 model inputs (dicts with ``"image"``) on which the
+            converted model is fitted to the source BN model after the transfer.
+        distill_steps: with ``calibration_inputs``, steps of ``gn_det.distill`` after the
+            calibration.
         least_squares: with ``calibration_inputs``, run ``gn_det.calibrate``; False: only the
-            distillation (from the transfer), which keeps more of a detector's AP
-            (docs/benchmarks.md).
-        distill_heads: what the distillation trains in the ROI heads (``gn_det.distill``'s
-            ``heads``) of a detector checkpoint. A backbone checkpoint's heads are untrained,
-            so it is distilled on the backbone's outputs alone (``"none"``) whatever this says.
-
-    Raises:
-        CheckpointError: any problem with the input, the fit, or the output; nothing written.
+            distillation, which keeps more of a detector's AP.
+        distill_heads: what the distillation trains in a detector's ROI heads
+            (``gn_det.distill``'s ``heads``); a backbone checkpoint's are untrained, so it is
+            distilled on the backbone's outputs alone (``"none"``).
     """
     start = time.perf_counter()
     output_path, file_format = _check_output(output, file_format, overwrite)
     if target_cfg is not None:
         check_input_conventions(source_cfg, target_cfg)
-    weights = read_weights(weights_path)
-
-    source = build_model(_without_conversion(source_cfg)).eval()
-    matched = _load_into_source(weights, source, weights_path)
-    outside_backbone = [k for k in matched
-                        if not k.startswith(BOTTOM_UP_PREFIX) and k not in _IGNORED_MODEL_KEYS]
-    scope = "detector" if outside_backbone else "backbone"
-
+    weights, source, scope = _source_model(weights_path, _cpu_config(source_cfg, ENABLED=False))
     converted = convert_norm_by_spec(copy.deepcopy(source), spec)
-    fits, distill_heads = _fit(converted, source, calibration_inputs, least_squares, distill_steps,
-                               "none" if scope == "backbone" else distill_heads)
+    fits, transfer = _fit(converted, source, spec.transfer, calibration_inputs, least_squares,
+                          distill_steps, "none" if scope == "backbone" else distill_heads)
     rows = [r for r in describe_norms(converted) if r.source]
     conversions = collections.Counter((r.source, r.type) for r in rows)
     groups = collections.Counter(r.groups for r in rows if r.groups)
-    target = build_model(_target_config(source_cfg, target_cfg, spec))
+    if target_cfg is None:
+        target_cfg = _cpu_config(
+            source_cfg, ENABLED=True, TARGET=spec.target, TRANSFER=spec.transfer,
+            NUM_GROUPS=spec.num_groups, DIM_PER_GROUP=spec.dim_per_group or 0,
+            EPS=spec.eps or 0.0, INCLUDE=list(spec.include), EXCLUDE=list(spec.exclude))
+    target = build_model(_cpu_config(target_cfg))
     keys_matched, keys_expected = _write_verified(converted, target, output_path, scope,
                                                   file_format, overwrite)
     return ConversionResult(
@@ -366,9 +324,7 @@ def convert_checkpoint(
         scope=scope,
         conversions=dict(conversions),
         groups=dict(groups),
-        transfer=(spec.transfer + (" + calibrate" if fits is not None else "")
-                  + (f" + distill {distill_steps} steps ({_DISTILLED[distill_heads]})"
-                     if calibration_inputs is not None and distill_steps > 0 else "")),
+        transfer=transfer,
         fits=fits,
         keys_matched=keys_matched,
         keys_expected=keys_expected,

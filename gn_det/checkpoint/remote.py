@@ -1,12 +1,6 @@
-"""Weights named by URL (``detectron2://``, ``catalog://``, ``https://``): detectron2's cache.
-
-detectron2 downloads ``MODEL.WEIGHTS`` URLs through its ``PathManager`` into iopath's cache
-(``$FVCORE_CACHE``, default ``~/.torch/iopath_cache``), once, and reads the cached file from
-then on. gn_det takes URLs the same way wherever it takes weights (``gn-det convert
---weights``, the check of ``MODEL.WEIGHTS`` before training starts), and where the download
-fails (a machine without internet) says in one line which URL and where its file can be put
-by hand.
-"""
+"""Weights named by URL (``detectron2://``, ``catalog://``, ``https://``), in detectron2's
+download cache (iopath's, ``$FVCORE_CACHE``) as detectron2 itself keeps them; where a download
+fails, one line says which URL and where its file can be put by hand."""
 
 from __future__ import annotations
 
@@ -38,8 +32,8 @@ def _download_url(url: str) -> str:
 
 
 def cache_path(url: str) -> str:
-    """Where detectron2's download cache keeps (or will keep) the file of ``url``: a file put
-    there by hand is used without any download."""
+    """Where detectron2's download cache keeps the file of ``url`` (put there by hand, it is used
+    without any download)."""
     from iopath.common.file_io import get_cache_dir
 
     address = _download_url(url)
@@ -49,8 +43,7 @@ def cache_path(url: str) -> str:
 
 def local_weights_path(path: str) -> str:
     """A local file for ``path``: ``path`` itself, or for a URL the file in detectron2's
-    download cache (:func:`cache_path`), downloaded there first if it is not yet (with a
-    progress bar on a terminal). detectron2's own loaders then find it there.
+    download cache (:func:`cache_path`), downloaded there first if it is not yet.
 
     Raises:
         CheckpointError: the URL cannot be fetched (one line: the URL, why, and where to put

@@ -24,18 +24,16 @@ _LATIN1_NAMES = {"latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1", "iso
 
 
 def _latin1_encode(text, encoding="utf-8", errors="strict"):
-    # Python 3 writes ``bytes`` in protocol-2 pickles as ``_codecs.encode(str, "latin1")``: numpy
-    # array data in pickles we write, and in any py3-written protocol-2 .pkl. Only that call is
-    # honoured: other codecs (zlib, base64...) have no place in a checkpoint.
-    # The name is compared, not looked up: a codec lookup may import modules.
+    # How Python 3 pickles ``bytes`` (numpy array data) at protocol 2; other codecs have no place
+    # in a checkpoint. The name is compared, not looked up: a codec lookup may import modules.
     if not isinstance(text, str) or encoding.lower() not in _LATIN1_NAMES or errors != "strict":
         raise _RefusedCall(f"_codecs.encode({type(text).__name__}, {encoding!r}, {errors!r})")
     return text.encode("latin1")
 
-# numpy's own unpickling (``ndarray.__setstate__``, ``dtype.__setstate__``, ``scalar``) trusts
-# its input: a damaged .pkl can crash the process inside it (seen: a segmentation fault from
-# three flipped bytes). So the globals a pickle may name build checked stand-ins instead, and
-# an array is made only from a plain dtype and a buffer of exactly the size its shape needs.
+
+# numpy's own unpickling trusts its input: a damaged .pkl can crash the process inside it (a
+# segmentation fault from three flipped bytes). So the globals a pickle may name build checked
+# stand-ins, and an array is made only from a plain dtype and a buffer of exactly its size.
 
 _PLAIN_DTYPE = re.compile(r"[biufc]\d{1,2}")  # b1 i1..i8 u1..u8 f2..f8 c8 c16, no objects
 
@@ -138,8 +136,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Builds only dict/list/tuple/str/numbers, numpy arrays, dtypes, scalars and OrderedDict."""
 
     def __init__(self, file, path: str):
-        # latin1: Detectron's py2 pickles store array data as py2 str; numpy expects latin1 here.
-        super().__init__(file, encoding="latin1")
+        super().__init__(file, encoding="latin1")  # Detectron's py2 pickles: array data as str
         self._path = path
 
     def find_class(self, module: str, name: str):

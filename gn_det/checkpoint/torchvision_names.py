@@ -1,8 +1,5 @@
-"""torchvision ResNet state dicts mapped onto gn_det's torchvision backbone by key name.
-
-The backbone (:class:`gn_det.modeling.TorchvisionResNet`) keeps torchvision's module names
-(``conv1``, ``bn1``, ``layer1.0.downsample.1``, ...), so the map is a fixed prefix.
-"""
+"""torchvision ResNet state dicts mapped onto gn_det's torchvision backbone, which keeps
+torchvision's module names (``conv1``, ``layer1.0.downsample.1``, ...): the map is a prefix."""
 
 from __future__ import annotations
 
@@ -34,21 +31,11 @@ def torchvision_resnet_to_detectron2_state_dict(
     """
     Map torchvision ResNet weights onto a model with a :class:`gn_det.modeling.TorchvisionResNet`.
 
-    ``fc.*`` (the ImageNet classifier) is dropped and every other key gets ``prefix``. The result
-    loads with ``model.load_state_dict(result, strict=False)`` with no unexpected keys (for a
-    model with all four stages), or with detectron2's ``DetectionCheckpointer`` when saved as
-    ``{"model": result}``; BatchNorm running statistics come along, so a model converted to GN
-    by gn_det gets the ``stats`` transfer on load.
-
-    Args:
-        state_dict: ``torchvision.models.resnet*().state_dict()`` or a file of one, loaded
-            (e.g. ``torch.load(path, weights_only=True)``).
-        prefix: where the bottom-up sits in the model: ``"backbone.bottom_up."`` for a detectron2
-            meta-architecture with :func:`gn_det.modeling.build_torchvision_resnet_fpn_backbone`,
-            ``""`` for a :class:`gn_det.modeling.TorchvisionResNet` on its own.
-
-    Returns:
-        A new ordered dict, tensors shared with ``state_dict``.
+    ``fc.*`` (the ImageNet classifier) is dropped and every other key gets ``prefix``
+    (``"backbone.bottom_up."`` in a detectron2 meta-architecture, ``""`` for the backbone on its
+    own). The result loads with ``strict=False`` and no unexpected keys, or with detectron2's
+    ``DetectionCheckpointer`` as ``{"model": result}``; BN running statistics come along, for
+    gn_det's ``stats`` transfer. Returns a new ordered dict, tensors shared with ``state_dict``.
 
     Raises:
         ValueError: ``state_dict`` is not a torchvision ResNet state dict (a key outside
@@ -63,12 +50,9 @@ def torchvision_resnet_to_detectron2_state_dict(
         k for k in state_dict if not (isinstance(k, str) and _TORCHVISION_RESNET_KEY.match(k))
     ]
     missing = [k for k in _REQUIRED_KEYS if k not in state_dict]
-    if foreign or missing:
-        problems = []
-        if foreign:
-            problems.append(f"keys outside conv1/bn1/layer1-4/fc: {_preview(foreign)}")
-        if missing:
-            problems.append(f"missing keys: {_preview(missing)}")
+    problems = [f"{what}: {_preview(keys)}" for what, keys in (
+        ("keys outside conv1/bn1/layer1-4/fc", foreign), ("missing keys", missing)) if keys]
+    if problems:
         raise ValueError(
             "Not a torchvision ResNet state dict (" + "; ".join(problems) + "). Pass "
             "torchvision.models.resnet*().state_dict() or a file of one; unwrap checkpoints that "

@@ -1,26 +1,14 @@
-"""What a checkpoint file holds, in every supported format, named for a given model.
-
-Formats (detected from content by :mod:`gn_det.checkpoint.io`, never executing code):
-
-- detectron2 training checkpoints (``.pth``: ``{"model": state, "optimizer": ..., ...}``) and
-  plain state dicts;
-- detectron2 model-zoo ``.pkl`` (``{"model": arrays, "__author__": ..., "matching_heuristics"}``);
-- Detectron/Caffe2 ``.pkl`` (``{"blobs": arrays}`` or plain; Caffe2 names, BN fused into
-  ``_bn_s``/``_bn_b``, GN as ``_gn_s``/``_gn_b``);
-- torchvision ImageNet ResNet state dicts (``conv1``, ``bn1``, ``layer1..4``, ``downsample``);
-- safetensors (a flat state dict; gn_det writes ``__author__`` and ``matching_heuristics`` into
-  its metadata).
+"""What a checkpoint file holds, in every supported format (docs/cli.md), named for a model.
 
 :func:`state_for_model` names a checkpoint's tensors as a model's state dict, with detectron2's
-own name-matching heuristics where the format needs them — extended so that the BatchNorm
-statistics of a BN checkpoint reach the GroupNorm layers conversion made (detectron2's matching
-drops every checkpoint key the model does not have, and a GN layer has no ``running_mean``).
+name matching where the format needs it, extended so that the BatchNorm statistics of a BN
+checkpoint reach the GroupNorm layers conversion made (detectron2's matching drops every key the
+model does not have, and a GN layer has no ``running_mean``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -31,7 +19,7 @@ from torch import nn
 
 from .io import CheckpointError, detect_format, load_checkpoint_file, load_safetensors_metadata
 from .remote import local_weights_path
-from .torchvision_names import torchvision_resnet_to_detectron2_state_dict
+from .torchvision_names import _TORCHVISION_RESNET_KEY, torchvision_resnet_to_detectron2_state_dict
 
 __all__ = [
     "BOTTOM_UP_PREFIX",
@@ -43,9 +31,6 @@ __all__ = [
     "torchvision_to_detectron2_resnet_names",
 ]
 
-logger = logging.getLogger(__name__)
-
-_TORCHVISION_TOP = re.compile(r"^(conv1|bn1|layer[1-4]|fc)\.")
 #: Where a detectron2 detector keeps its backbone body (ResNet, torchvision ResNet, ...).
 BOTTOM_UP_PREFIX = "backbone.bottom_up."
 
@@ -53,17 +38,15 @@ BOTTOM_UP_PREFIX = "backbone.bottom_up."
 @dataclasses.dataclass
 class Weights:
     """
-    A checkpoint's model weights, as tensors, with what is needed to name them for a model.
+    A checkpoint's model weights, as tensors by the checkpoint's own names (``state``).
 
     Attributes:
-        state: tensors by the checkpoint's own names.
         kind: ``"detectron2"``, ``"detectron2-model-zoo"``, ``"caffe2"``, ``"torchvision"`` or
             ``"safetensors"``.
         heuristics: the names need detectron2's suffix matching (ImageNet backbones, Caffe2).
         c2_names: the names are Caffe2/Detectron's (``res2_0_branch2a_w``).
         author: ``__author__`` of model-zoo files, else the kind.
-        extra: the rest of a detectron2 training checkpoint (optimizer, scheduler, iteration),
-            for resuming.
+        extra: the rest of a detectron2 training checkpoint (optimizer, ...), for resuming.
     """
 
     state: Dict[str, torch.Tensor]
@@ -92,13 +75,13 @@ def _tensors(path: str, state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
 
 
 def _is_torchvision_resnet(state: Dict[str, Any]) -> bool:
-    return "conv1.weight" in state and all(_TORCHVISION_TOP.match(k) for k in state)
+    return "conv1.weight" in state and all(_TORCHVISION_RESNET_KEY.match(k) for k in state)
 
 
 def read_weights(path: str) -> Weights:
-    """Load ``path`` safely (see module doc) and tell its format. ``path`` may be a URL
-    (``detectron2://``, ``https://``): the file in detectron2's download cache, fetched if it is
-    not there. Raises ``CheckpointError``."""
+    """Load ``path`` safely and tell its format. ``path`` may be a URL (``detectron2://``,
+    ``https://``): the file in detectron2's download cache, fetched if it is not there. Raises
+    ``CheckpointError``."""
     path = local_weights_path(path)
     file_format = detect_format(path)
     raw = load_checkpoint_file(path)
@@ -115,19 +98,7 @@ def read_weights(path: str) -> Weights:
         blobs = raw.get("blobs", raw)
         blobs = {k: v for k, v in blobs.items() if not str(k).endswith("_momentum")}
         return Weights(_tensors(path, blobs), "caffe2", True, True, "Caffe2")
-    if file_format == "safetensors":
-        metadata = load_safetensors_metadata(path)
-        state = _tensors(path, raw)
-        if _is_torchvision_resnet(state):
-            return Weights(state, "torchvision", author="torchvision")
-        return Weights(
-            state,
-            "safetensors",
-            heuristics=metadata.get("matching_heuristics") == "True",
-            author=metadata.get("__author__", "safetensors"),
-        )
-    # torch.save: a detectron2 checkpoint {"model": ...}, or a bare state dict.
-    if isinstance(raw.get("model"), dict):
+    if file_format == "torch" and isinstance(raw.get("model"), dict):  # a detectron2 checkpoint
         extra = {k: v for k, v in raw.items()
                  if k not in ("model", "matching_heuristics", "__author__")}
         return Weights(
@@ -137,9 +108,17 @@ def read_weights(path: str) -> Weights:
             author=str(raw.get("__author__", "detectron2")),
             extra=extra,
         )
-    state = _tensors(path, raw)
+    state = _tensors(path, raw)  # a bare state dict
     if _is_torchvision_resnet(state):
         return Weights(state, "torchvision", author="torchvision")
+    if file_format == "safetensors":
+        metadata = load_safetensors_metadata(path)
+        return Weights(
+            state,
+            "safetensors",
+            heuristics=metadata.get("matching_heuristics") == "True",
+            author=metadata.get("__author__", "safetensors"),
+        )
     return Weights(state, "detectron2", author="detectron2")
 
 
@@ -179,10 +158,8 @@ def state_for_model(weights: Weights, model: nn.Module) -> Dict[str, torch.Tenso
     ``weights`` renamed to ``model``'s state-dict names, ready for ``load_state_dict``.
 
     torchvision ResNet weights map by prefix onto gn_det's torchvision backbone, or by name onto
-    detectron2's ResNet. Formats that need it go through detectron2's suffix matching
-    (``align_and_update_state_dicts``), run against the model's keys *plus* ``running_mean`` /
-    ``running_var`` of each :class:`gn_det.ConvertedGroupNorm`, so BN statistics stay in the result
-    and the GN layers transfer them on load.
+    detectron2's ResNet. Suffix matching runs against the model's keys *plus* the BN statistics
+    of each :class:`gn_det.ConvertedGroupNorm`, which transfers them on load.
     """
     state, heuristics, c2 = dict(weights.state), weights.heuristics, weights.c2_names
     model_keys = model.state_dict().keys()
