@@ -1,44 +1,25 @@
 """Feature distillation of converted GroupNorm layers' affine parameters (and R-CNN head weights).
 
-The alternative to :func:`gn_det.calibrate`'s per-layer least squares: train the (γ, β) of the
-converted GN layers so that the network's *outputs* match the BN teacher's on unlabeled images:
-
-    min_{γ, β}  Σ_outputs  ‖f_student(x) − f_teacher(x)‖² / ‖f_teacher(x) − mean_c‖²
-
-(relative squared error per output; mean_c the per-channel mean over the batch). The outputs
-are, for a plain ``nn.Module``, what it returns; for a detectron2 model, its backbone's (FPN)
-levels and, for an R-CNN with ``StandardROIHeads``, also the box head's output on the teacher's
-top RPN proposals and the mask head's logits on the teacher's top detections, each computed
-from the student's own features. Least squares matches each layer on its own; this trains the
-layers together for what the heads (and the predictors) see.
-
-In the ROI heads, GN normalises each region on its own: a region's overall activation level,
-which BN's fixed statistics keep and the layers after it read, is gone, and no per-channel
-affine brings it back. So for such an R-CNN the weights of the box head and the mask head (its
-convolutions, fully connected layers, the mask head's deconvolution and predictor) are trained
-too, by default: on the shapes detector this kept 97.6 % of the teacher's box and mask AP,
-against 94 % with the GN affine alone (docs/benchmarks.md). Everything else in the student
-(backbone and FPN convolutions, RPN, box predictor) is left as it is (requires_grad flags
-restored); the teacher runs in eval mode without gradients and is never modified.
-
-Cost: ``steps`` × (teacher inference + student forward and backward) of ``batch_size`` images;
-memory is one training step's activations at ``batch_size``.
+:func:`distill` trains the converted GN layers together for what the heads see, where
+:func:`gn_det.calibrate` fits each on its own; in an R-CNN's box and mask heads, whose GN removes
+each region's overall level that no affine brings back, it trains the heads' weights too. The
+method and what it keeps: docs/transfer.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
-from contextlib import nullcontext
 from typing import Iterable, List
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .inputs import (heads_run_on_features, input_items, is_detectron2_model, sampled_regions,
-                     teacher_regions)
+from .inputs import (eval_mode, heads_run_on_features, input_items, is_detectron2_model,
+                     sampled_regions, teacher_regions)
 from .layers import ChannelAffine, ConvertedGroupNorm
 
 __all__ = ["DistillationResult", "HEADS", "distill"]
@@ -94,26 +75,18 @@ def _relative_error(student: List[torch.Tensor], teacher: List[torch.Tensor]) ->
     return torch.stack(terms).mean()
 
 
-def distill(
-    student: nn.Module,
-    teacher: nn.Module,
-    inputs: Iterable,
-    *,
-    steps: int = 100,
-    lr: float = 0.01,
-    batch_size: int = 4,
-    seed: int = 0,
-    progress: bool = True,
-    head_proposals: int = 100,
-    head_detections: int = 16,
-    heads: str = "weights",
-    head_lr: float = 1e-3,
-) -> DistillationResult:
+def distill(student: nn.Module, teacher: nn.Module, inputs: Iterable, *, steps: int = 100,
+            lr: float = 0.01, batch_size: int = 4, seed: int = 0, progress: bool = True,
+            head_proposals: int = 100, head_detections: int = 16, heads: str = "weights",
+            head_lr: float = 1e-3) -> DistillationResult:
     """
-    Train the affine of ``student``'s converted GN layers (and an R-CNN's ROI-head weights) so
-    that its outputs match ``teacher``'s (module doc). Adam, cosine-decayed learning rates.
-    The fixed affines of ``gn_det.fold_for_inference`` (:class:`gn_det.folding.ChannelAffine`)
-    train the same way, against the GN model they came from.
+    Train the affine of ``student``'s converted GN layers (and an R-CNN's ROI-head weights) with
+    Adam at cosine-decayed learning rates so that its outputs match ``teacher``'s, by relative
+    squared error ‖s − t‖² / ‖t − per-channel mean of t‖²: a plain module's outputs, or a
+    detectron2 model's FPN levels and, for an R-CNN with ``StandardROIHeads``, its box head's
+    output and mask logits on the teacher's regions. The fixed affines of
+    ``gn_det.fold_for_inference`` (:class:`gn_det.folding.ChannelAffine`) train the same way,
+    against the GN model they came from.
 
     Args:
         student: a model converted by ``gn_det.convert_norm`` from ``teacher`` (typically after
@@ -123,16 +96,16 @@ def distill(
         steps: optimisation steps, each on ``batch_size`` images drawn without replacement
             (reshuffled every pass over the inputs) from a generator seeded by ``seed``.
         lr: Adam's initial learning rate of the GN affine.
-        head_proposals, head_detections: for detectron2 R-CNNs (StandardROIHeads), the box
-            and mask heads are distilled too, on the teacher's top RPN proposals and top
-            detections per image (as in :func:`gn_det.calibrate`).
+        head_proposals, head_detections: the teacher's top RPN proposals and detections per
+            image on which an R-CNN's box and mask heads are distilled (as in ``calibrate``).
         heads: for such an R-CNN: ``"weights"`` (default) trains the heads' GN affine and
             every weight (at ``head_lr``); ``"norms"`` their GN affine only; ``"none"`` the
             backbone alone, on its outputs (for untrained heads). No effect on other models.
 
     Returns:
-        The loss before each step. Frozen parameters (``requires_grad`` False) are not trained.
-        Deterministic for a seed on a deterministic device.
+        The loss before each step. Frozen parameters (``requires_grad`` False) are not trained,
+        and nothing else in the student is (flags restored after). Deterministic for a seed on
+        a deterministic device.
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
@@ -142,33 +115,28 @@ def distill(
     if len(items) == 0:
         raise ValueError("distill needs at least one input image")
     roi, trained, head_parameters = _parameters_to_train(student, teacher, heads)
-    flags = {p: p.requires_grad for p in student.parameters()}
-    modes = student.training, teacher.training
-    selected = set(map(id, trained + head_parameters))
-    for p in student.parameters():
-        p.requires_grad_(id(p) in selected)
-    student.eval(), teacher.eval()
     groups = [{"params": trained, "lr": lr, "initial_lr": lr}]
     if head_parameters:
         groups.append({"params": head_parameters, "lr": head_lr, "initial_lr": head_lr})
     optimizer = torch.optim.Adam(groups)
     batches = _batches(items, batch_size, torch.Generator().manual_seed(seed))
     losses = []
-    caps = sampled_regions(teacher, head_proposals, head_detections) if roi else nullcontext()
-    try:
-        with caps:
-            for step in tqdm(range(steps), desc="distill", unit="step", disable=not progress):
-                loss = _loss(student, teacher, next(batches), roi)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for group in optimizer.param_groups:
-                    group["lr"] = group["initial_lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))
-                optimizer.step()
-                losses.append(loss.item())
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        student.train(modes[0]), teacher.train(modes[1])
+    with contextlib.ExitStack() as stack:
+        selected = set(map(id, trained + head_parameters))
+        for p in student.parameters():
+            stack.callback(p.requires_grad_, p.requires_grad)
+            p.requires_grad_(id(p) in selected)
+        stack.enter_context(eval_mode(student, teacher))
+        if roi:
+            stack.enter_context(sampled_regions(teacher, head_proposals, head_detections))
+        for step in tqdm(range(steps), desc="distill", unit="step", disable=not progress):
+            loss = _loss(student, teacher, next(batches), roi)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))
+            optimizer.step()
+            losses.append(loss.item())
     n_affine, n_head = (sum(p.numel() for p in ps) for ps in (trained, head_parameters))
     logger.info("Distilled %d GN affine and %d head parameters in %d steps: loss %.4f -> %.4f.",
                 n_affine, n_head, steps, losses[0], losses[-1])
@@ -207,7 +175,6 @@ def _batches(items, batch_size: int, generator: torch.Generator):
 
 
 def _loss(student: nn.Module, teacher: nn.Module, batch, roi: bool) -> torch.Tensor:
-    """The relative error of the student's outputs against the teacher's on one batch."""
     if is_detectron2_model(student):
         images = student.preprocess_image(batch)
         with torch.no_grad():

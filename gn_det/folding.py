@@ -1,37 +1,17 @@
 """Train with GN, deploy without its cost: GroupNorm folded into the convolutions for inference.
 
-BatchNorm and FrozenBN fold into the preceding convolution and cost nothing at inference;
-GroupNorm normalises each image (and, in ROI heads, each region) at run time and cannot be
-folded as it is. :func:`fold_for_inference` turns a GN model into one without normalisation:
-
-1. **Statistics.** Each GroupNorm becomes a per-channel affine
-   (:class:`ChannelAffine`) that normalises with fixed statistics: the group mean and variance
-   of the layer's input pooled over the pixels of calibration images (for ROI-head layers, over
-   the regions the model looks at). Without images a data-free stand-in is used, stated as such:
-   mean 0 and variance 1, i.e. GN's affine alone, which is right only for inputs that are
-   already standardised.
-2. **Distillation** (optional, with images): the affine layers, and in an R-CNN's box and mask
-   heads the heads' weights, are trained so that the affine model's outputs match the GN
-   model's (``gn_det.distill``, teacher the GN model).
-3. **Folding.** An affine in a detectron2 ``Conv2d`` (conv → norm → activation) goes into the
-   convolution's weight and bias: ``W' = a W``, ``b' = a b + c``; the layer then has no norm at
-   all. An affine with no convolution before it (a torchvision-style ``conv; bn`` pair kept as
-   separate modules) stays an affine, which the report says.
-
-``include`` / ``exclude`` (module-name prefixes) choose what is folded; the rest keeps its
-GroupNorm (for example the ROI heads, whose per-region normalisation no fixed affine can
-replace). :func:`fold_frozen_batchnorm` folds FrozenBN the same way (the reference: what a
-FrozenBN detector costs at inference once folded).
-
-A folded model is an ordinary detectron2 model: it evaluates, traces and exports unchanged. A
-config builds its architecture with ``MODEL.NORM_CONVERSION.FOLDED`` (``gn_det.config``), so a
-folded checkpoint loads with nothing missing.
+Each GroupNorm becomes a fixed per-channel affine (statistics pooled over calibration images),
+distilled against the GN model, and folded into the detectron2 ``Conv2d`` before it. The steps,
+and what they cost in AP: docs/deployment.md.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -39,17 +19,11 @@ import torch
 from torch import nn
 
 from .convert import _as_prefixes, _matches
-from .inputs import forward_images
+from .inputs import eval_mode, forward_images, replace_module
 from .layers import ChannelAffine
 
-__all__ = [
-    "ChannelAffine",
-    "FoldReport",
-    "fold_for_inference",
-    "fold_frozen_batchnorm",
-    "folded_architecture",
-    "group_statistics",
-]
+__all__ = ["ChannelAffine", "FoldReport", "fold_for_inference", "fold_frozen_batchnorm",
+           "folded_architecture", "group_statistics"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +38,20 @@ class FoldReport:
     distillation: Optional[object] = None  # gn_det.DistillationResult
 
     def counts(self) -> Dict[str, int]:
-        found: Dict[str, int] = {}
-        for _, _, what in self.rows:
-            found[what] = found.get(what, 0) + 1
-        return found
+        return dict(collections.Counter(what for _, _, what in self.rows))
 
 
 def _group_norms(model: nn.Module, include: Tuple[str, ...],
                  exclude: Tuple[str, ...]) -> Dict[str, nn.GroupNorm]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.GroupNorm) and m.affine
             and (not include or _matches(name, include)) and not _matches(name, exclude)}
+
+
+def _conv_norms(model: nn.Module) -> dict:
+    """The detectron2 ``Conv2d`` layers of ``model`` by the name of their norm."""
+    from detectron2.layers import Conv2d
+
+    return {f"{n}.norm": m for n, m in model.named_modules() if isinstance(m, Conv2d)}
 
 
 def group_statistics(
@@ -94,16 +72,11 @@ def group_statistics(
         s[2] += grouped.pow(2).sum((0, 2))
         sums[name] = s
 
-    handles = [gn.register_forward_pre_hook(lambda m, i, name=name: hook(m, i, name))
-               for name, gn in layers.items()]
-    training = model.training
-    model.eval()
-    try:
+    with contextlib.ExitStack() as stack:
+        for name, gn in layers.items():
+            stack.callback(gn.register_forward_pre_hook(functools.partial(hook, name=name)).remove)
+        stack.enter_context(eval_mode(model))
         forward_images(model, images)
-    finally:
-        model.train(training)
-        for handle in handles:
-            handle.remove()
     stats = {}
     for name, (n, s, ss) in sums.items():
         if n[0] == 0:  # the layer never ran on these images (a head with no detections)
@@ -122,17 +95,10 @@ def _affine_from(gn: nn.GroupNorm, mean: torch.Tensor, variance: torch.Tensor) -
                          source=type(gn).__name__)
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
 def _fold_into_convs(model: nn.Module, names: Iterable[str]) -> Dict[str, str]:
     """Fold each :class:`ChannelAffine` named in ``names`` that is a detectron2 ``Conv2d``'s
     norm into that convolution; returns ``{name: what it became}``."""
-    from detectron2.layers import Conv2d
-
-    holders = {f"{n}.norm": m for n, m in model.named_modules() if isinstance(m, Conv2d)}
+    holders = _conv_norms(model)
     result = {}
     for name in names:
         conv = holders.get(name)
@@ -150,26 +116,20 @@ def _fold_into_convs(model: nn.Module, names: Iterable[str]) -> Dict[str, str]:
     return result
 
 
-def fold_for_inference(
-    model: nn.Module,
-    images=None,
-    *,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    distill_steps: int = 100,
-    distill_heads: str = "weights",
-    batch_size: int = 4,
-    progress: bool = True,
-) -> Tuple[nn.Module, FoldReport]:
+def fold_for_inference(model: nn.Module, images=None, *, include: Sequence[str] = (),
+                       exclude: Sequence[str] = (), distill_steps: int = 100,
+                       distill_heads: str = "weights", batch_size: int = 4,
+                       progress: bool = True) -> Tuple[nn.Module, FoldReport]:
     """
     A copy of ``model`` whose GroupNorm layers are fixed per-channel affines, distilled against
-    ``model`` and folded into their convolutions (module doc). ``model`` is not modified.
+    ``model`` and folded into their convolutions (docs/deployment.md); ``model`` is unchanged.
 
     Args:
         model: a model with ``nn.GroupNorm`` layers (converted or native), in any mode.
         images: calibration images as ``gn_det.calibrate`` takes them (detectron2 input dicts,
-            image tensors, or batch tensors for a plain module); None: data-free statistics and
-            no distillation.
+            image tensors, or batch tensors for a plain module); None: data-free statistics
+            (mean 0, variance 1: GN's affine alone, right only for standardised inputs) and no
+            distillation.
         include, exclude: module-name prefixes of the GN layers to fold (default all); the others
             stay GroupNorm.
         distill_steps: ``gn_det.distill`` steps after the statistics (0: none).
@@ -195,8 +155,7 @@ def fold_for_inference(
                          + (" among the included prefixes" if include or exclude else ""))
     if images is not None:
         stats = group_statistics(student, images, layers)
-        count = len(images) if hasattr(images, "__len__") else "the"
-        statistics = f"{count} images"
+        statistics = f"{len(images) if hasattr(images, '__len__') else 'the'} images"
     else:
         stats, statistics = {}, "data-free (mean 0, variance 1)"
         logger.warning("Folding GroupNorm without images: each layer's statistics are taken as "
@@ -205,7 +164,7 @@ def fold_for_inference(
     for name, gn in layers.items():
         mean, variance = stats.get(name, (torch.zeros(gn.num_groups, dtype=torch.float64),
                                           torch.ones(gn.num_groups, dtype=torch.float64)))
-        _replace(student, name, _affine_from(gn, mean.cpu(), variance.cpu()))
+        replace_module(student, name, _affine_from(gn, mean.cpu(), variance.cpu()))
     result = None
     if images is not None and distill_steps > 0:
         result = distill(student, model, images, steps=distill_steps, batch_size=batch_size,
@@ -223,17 +182,17 @@ def fold_for_inference(
 def fold_frozen_batchnorm(model: nn.Module) -> int:
     """Fold every detectron2 ``FrozenBatchNorm2d`` that is a ``Conv2d``'s norm into the
     convolution, in place (the inference form of a FrozenBN detector); returns how many."""
-    from detectron2.layers import Conv2d, FrozenBatchNorm2d
+    from detectron2.layers import FrozenBatchNorm2d
 
     names = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Conv2d) and isinstance(module.norm, FrozenBatchNorm2d):
-            frozen = module.norm
+    for name, conv in _conv_norms(model).items():
+        if isinstance(conv.norm, FrozenBatchNorm2d):
+            frozen = conv.norm
             scale = frozen.weight * (frozen.running_var + frozen.eps).rsqrt()
-            module.norm = ChannelAffine(frozen.num_features, scale,
-                                        frozen.bias - frozen.running_mean * scale,
-                                        source="FrozenBatchNorm2d")
-            names.append(f"{name}.norm")
+            conv.norm = ChannelAffine(frozen.num_features, scale,
+                                      frozen.bias - frozen.running_mean * scale,
+                                      source="FrozenBatchNorm2d")
+            names.append(name)
     return sum(1 for v in _fold_into_convs(model, names).values() if v == "folded into the conv")
 
 
@@ -243,19 +202,16 @@ def folded_architecture(model: nn.Module, *, include: Sequence[str] = (),
     computed: each selected GroupNorm that is a detectron2 ``Conv2d``'s norm is removed and the
     convolution gets a bias; any other selected GroupNorm becomes a :class:`ChannelAffine`. A
     folded checkpoint then loads into it with nothing missing. Returns ``model``."""
-    from detectron2.layers import Conv2d
-
     include, exclude = _as_prefixes(include, "include"), _as_prefixes(exclude, "exclude")
-    holders = {f"{n}.norm": m for n, m in model.named_modules() if isinstance(m, Conv2d)}
+    holders = _conv_norms(model)
     for name, gn in _group_norms(model, include, exclude).items():
         conv = holders.get(name)
         if conv is None:
-            _replace(model, name, ChannelAffine(gn.num_channels, gn.weight, gn.bias,
-                                                source=type(gn).__name__))
+            replace_module(model, name, ChannelAffine(gn.num_channels, gn.weight, gn.bias,
+                                                      source=type(gn).__name__))
             continue
         conv.norm = None
         if conv.bias is None:
-            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device,
-                                                 dtype=conv.weight.dtype),
+            conv.bias = nn.Parameter(conv.weight.new_zeros(conv.out_channels),
                                      requires_grad=conv.weight.requires_grad)
     return model

@@ -1,7 +1,5 @@
 """What gn_det's data-driven steps (calibrate, distill, fold) take as images, and how they run
-a detectron2 model on them.
-
-Images come as detectron2 input dicts (``{"image": (C, H, W) tensor}``), image tensors
+a model on them: detectron2 input dicts (``{"image": (C, H, W) tensor}``), image tensors
 (C, H, W) or batches (N, C, H, W), or lists of them; a plain ``nn.Module`` takes batch tensors
 (N, C, ...). :func:`input_items` turns either into one sliceable sequence.
 """
@@ -14,18 +12,34 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = [
-    "forward_images",
-    "heads_run_on_features",
-    "input_items",
-    "is_detectron2_model",
-    "sampled_regions",
-    "teacher_regions",
-]
+__all__ = ["eval_mode", "forward_images", "heads_run_on_features", "input_items",
+           "is_detectron2_model", "replace_module", "sampled_regions", "teacher_regions"]
 
 
 def is_detectron2_model(model: nn.Module) -> bool:
     return hasattr(model, "backbone") and hasattr(model, "preprocess_image")
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module):
+    """Put ``models`` in eval mode for the block (their modes restored after)."""
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` in ``root`` at the dotted ``name``; returns the module it replaces."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name)
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
 
 
 @contextlib.contextmanager
@@ -49,13 +63,11 @@ def sampled_regions(model: nn.Module, proposals: int, detections: int):
 
 
 def _what(item) -> str:
-    """An input, as the error messages name it: a tensor's shape, else its type."""
     return (f"a tensor of shape {tuple(item.shape)}" if isinstance(item, torch.Tensor)
             else type(item).__name__)
 
 
 def _detectron2_images(item) -> list:
-    """One input item of a detectron2 model as a list of input dicts."""
     if isinstance(item, dict):
         image = item.get("image")
         if not (isinstance(image, torch.Tensor) and image.dim() == 3):
@@ -67,10 +79,8 @@ def _detectron2_images(item) -> list:
         return [{"image": image} for image in (item if item.dim() == 4 else [item])]
     if isinstance(item, (list, tuple)):
         return [d for element in item for d in _detectron2_images(element)]
-    raise ValueError(
-        "detectron2 models take input dicts {'image': (C, H, W) tensor}, (C, H, W) or "
-        f"(N, C, H, W) tensors, or lists of them; got {_what(item)}"
-    )
+    raise ValueError("detectron2 models take input dicts {'image': (C, H, W) tensor}, (C, H, W) "
+                     f"or (N, C, H, W) tensors, or lists of them; got {_what(item)}")
 
 
 def input_items(model: nn.Module, inputs: Iterable):
@@ -109,10 +119,9 @@ def teacher_regions(teacher: nn.Module, images, features) -> tuple:
     return [p.proposal_boxes for p in proposals], [d.pred_boxes for d in detections]
 
 
+@torch.no_grad()
 def forward_images(model: nn.Module, images) -> None:
-    """Run ``model`` in inference on ``images`` (detectron2 input dicts or image tensors, or a
-    batch tensor for a plain module), one at a time."""
+    """Run ``model`` in inference on ``images`` (as :func:`input_items` takes them), one by one."""
     items = input_items(model, images)
-    with torch.no_grad():
-        for i in range(len(items)):
-            model([items[i]] if is_detectron2_model(model) else items[i : i + 1])
+    for i in range(len(items)):
+        model([items[i]] if is_detectron2_model(model) else items[i : i + 1])
