@@ -155,9 +155,10 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONUNBUFFERED=1 \
     DETECTRON2_DATASETS=/datasets
 
-# The project (tools/, configs/, the gn_det package) lives in the working directory, owned by
-# root and read-only for the training user; ./output points at /output (mount it) so that
-# relative OUTPUT_DIRs such as detectron2's default ./output land outside the container.
+# The project (tools/, configs/, the gn_det package; lab/ for lab/tools/gpu_smoke.py) lives in
+# the working directory, owned by root and read-only for the training user; ./output points at
+# /output (mount it) so that relative OUTPUT_DIRs such as detectron2's default ./output land
+# outside the container.
 WORKDIR /workspace/gn_det
 COPY . .
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \

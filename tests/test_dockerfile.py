@@ -258,6 +258,7 @@ def test_dockerignore_keeps_the_context_small():
     # what `pip install .` needs must stay in the context
     for kept in ("pyproject.toml", "README.md", "gn_det", "tools", "configs"):
         assert kept not in entries, kept
+    assert "lab" not in entries  # docs/docker.md runs lab/tools/gpu_smoke.py in the image
 
 
 def test_the_image_torch_is_inside_the_range_gn_det_claims(text):

@@ -21,14 +21,56 @@ def test_the_package_list_names_every_package_folder():
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """The wheel built from this checkout, installed with pip into a folder of its own."""
+def source(tmp_path_factory):
+    """A clean copy of this checkout: pip builds in the source tree, and a checkout's stale
+    build/ would put files in the wheel that the source no longer has."""
+    import shutil
+
+    source = tmp_path_factory.mktemp("source") / "gn_det"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "output*", "datasets"))
+    return source
+
+
+def test_the_sdist_holds_no_lab(source, tmp_path):
+    import tarfile
+
+    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path)!r})"],
+                   check=True, capture_output=True, cwd=source)
+    (sdist,) = tmp_path.glob("gn_det-*.tar.gz")
+    names = [name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name]
+    assert "gn_det/folding.py" in names and "configs/gn_mask_rcnn.yaml" in names
+    assert not [name for name in names if name.startswith(("lab/", "gn_det/studies"))]
+
+
+@pytest.fixture(scope="module")
+def wheel(source, tmp_path_factory):
+    """The wheel built from :func:`source`."""
     wheels = tmp_path_factory.mktemp("wheels")
-    site = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "--disable-pip-version-check", "-q", "-w", str(wheels), str(REPO)],
+                    "--disable-pip-version-check", "-q", "-w", str(wheels), str(source)],
                    check=True, capture_output=True, cwd=tmp_path_factory.mktemp("build"))
-    (wheel,) = wheels.glob("gn_det-*.whl")
+    (found,) = wheels.glob("gn_det-*.whl")
+    return found
+
+
+def test_the_wheel_holds_the_plugin_and_no_study_code(wheel):
+    """The lab (lab/: the studies, their harness gn_det_lab, scripts and tests) is never
+    installed: the wheel is the gn_det package, its configs and its metadata."""
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {"gn_det", wheel.name.split("-py")[0] + ".dist-info"}
+    assert "gn_det/configs/gn_mask_rcnn.yaml" in names
+    for name in names:
+        assert not name.startswith(("gn_det/studies/", "gn_det/lab/", "gn_det_lab/")), name
+        assert "study" not in name and "benchmark" not in name, name
+
+
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory):
+    """The wheel built from this checkout, installed with pip into a folder of its own."""
+    site = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
                     "-q", "--target", str(site), str(wheel)], check=True, capture_output=True)
     return site

@@ -15,4 +15,4 @@ dataloader.train.mapper.augmentations = [
 dataloader.train.total_batch_size = 16
 dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=1400, max_size=2333)]
 optimizer.lr = 0.025
-model.recompute = True  # activation memory at 1536^2 (docs/benchmarks.md)
+model.recompute = True  # activation memory at 1536^2 (lab/benchmarks.md)
