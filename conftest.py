@@ -36,7 +36,8 @@ def tiny_env(tmp_path_factory):
         "    torch.cuda.is_available = lambda: True\n"
         f"    torch.cuda.device_count = lambda: int(os.environ[{FAKE_GPUS!r}])\n"
         "from gn_det.data import register_shapes\n"
-        f"register_shapes('shapes_tiny', cache_dir={str(cache)!r}, image_size=(128, 128), num_train=4, num_val=2)\n"
+        f"register_shapes('shapes_tiny', cache_dir={str(cache)!r}, image_size=(128, 128), "
+        "num_train=4, num_val=2)\n"
     )
     from gn_det.data import register_shapes
 

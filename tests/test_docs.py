@@ -30,8 +30,13 @@ def _repository_files():
     """Every file of the repository (tracked, or new and not ignored) that is text."""
     import subprocess
 
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     for name in listed:
         path = ROOT / name
         if path.is_file() and path.suffix not in (".png", ".pkl", ".pth", ".whl"):
@@ -44,7 +49,9 @@ def _repository_files():
 def test_no_file_of_the_repository_names_a_path_outside_it():
     """A user who clones the repository finds everything a file refers to inside it: no team
     notes outside the repository, no machine's paths, no link that leaves the checkout."""
-    team_notes = re.compile("|".join([r"\bshared/" + "DESIGN", "DESIGN" + r"\.md", r"\.\./" + "shared"]))
+    team_notes = re.compile(
+        "|".join([r"\bshared/" + "DESIGN", "DESIGN" + r"\.md", r"\.\./" + "shared"])
+    )
     machine_paths = re.compile(r"(?<![\w.])/(?:" + "work|root" + r")/")
     found = []
     for path, text in _repository_files():

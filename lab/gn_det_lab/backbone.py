@@ -57,10 +57,13 @@ def evaluate_intervals(cfg, model, dataset: str, resamples: int = 200) -> dict:
         results = Path(out) / "coco_instances_results.json"
         if not results.is_file():  # detectron2 writes none when the model detects nothing
             results.write_text("[]")
-        intervals = bootstrap_coco_results(MetadataCatalog.get(dataset).json_file, str(results),
-                                           resamples=resamples)
-    return {kind: {"ap": i.ap, "low": i.low, "high": i.high} for kind, i in
-            (("box", intervals["bbox"]), ("mask", intervals["segm"]))}
+        intervals = bootstrap_coco_results(
+            MetadataCatalog.get(dataset).json_file, str(results), resamples=resamples
+        )
+    return {
+        kind: {"ap": i.ap, "low": i.low, "high": i.high}
+        for kind, i in (("box", intervals["bbox"]), ("mask", intervals["segm"]))
+    }
 
 
 def _evaluate(run_dir: Path, checkpoint: str, dataset: str, resamples: int) -> dict:
@@ -88,7 +91,11 @@ def checkpoint_intervals(run_dir, dataset: str, *, resamples: int = 200) -> List
     rows = []
     for iteration, name in sorted(checkpoints.items()):
         if name not in done:
-            done[name] = {"checkpoint": name, "iteration": iteration, **_evaluate(run_dir, name, dataset, resamples)}
+            done[name] = {
+                "checkpoint": name,
+                "iteration": iteration,
+                **_evaluate(run_dir, name, dataset, resamples),
+            }
             cache.write_text(json.dumps(list(done.values())))
         rows.append(done[name])
     return rows

@@ -40,8 +40,13 @@ def bn_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def evaluate_bn_modes(run_dir, *, datasets: Sequence[str] = (), precise_images: int = 200,
-                      modes: Sequence[str] = MODES) -> Dict[str, Dict[str, Tuple[float, float]]]:
+def evaluate_bn_modes(
+    run_dir,
+    *,
+    datasets: Sequence[str] = (),
+    precise_images: int = 200,
+    modes: Sequence[str] = MODES,
+) -> Dict[str, Dict[str, Tuple[float, float]]]:
     """Box and mask AP of the run in ``run_dir`` (its ``config.yaml`` and ``model_final.pth``)
     on each of ``datasets`` (default: the config's test datasets), under each of ``modes``:
     ``{mode: {dataset: (box AP, mask AP)}}``. ``precise`` recomputes the statistics over
@@ -68,11 +73,18 @@ def evaluate_bn_modes(run_dir, *, datasets: Sequence[str] = (), precise_images: 
         if len(cfg.DATASETS.TEST) == 1:
             results = {cfg.DATASETS.TEST[0]: results}
         # AP is NaN where the model detects nothing: 0, as in the run's own record.
-        return {name: tuple(0.0 if math.isnan(ap) else ap for ap in (float(r["bbox"]["AP"]),
-                                                                     float(r.get("segm", {}).get("AP", 0.0))))
-                for name, r in results.items()}
+        return {
+            name: tuple(
+                0.0 if math.isnan(ap) else ap
+                for ap in (float(r["bbox"]["AP"]), float(r.get("segm", {}).get("AP", 0.0)))
+            )
+            for name, r in results.items()
+        }
 
-    return {mode: evaluate(with_statistics(trained, mode, cfg, precise_images=precise_images)) for mode in modes}
+    return {
+        mode: evaluate(with_statistics(trained, mode, cfg, precise_images=precise_images))
+        for mode in modes
+    }
 
 
 def load_run(run_dir, checkpoint: str = "model_final.pth"):
@@ -85,7 +97,9 @@ def load_run(run_dir, checkpoint: str = "model_final.pth"):
 
     weights = Path(run_dir) / checkpoint
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: no such checkpoint (for model_final.pth: no finished run)")
+        raise FileNotFoundError(
+            f"{weights}: no such checkpoint (for model_final.pth: no finished run)"
+        )
     cfg = load_config(Path(run_dir) / "config.yaml")
     cfg.defrost()
     cfg.MODEL.DEVICE = "cpu"
@@ -95,7 +109,9 @@ def load_run(run_dir, checkpoint: str = "model_final.pth"):
     return cfg, model
 
 
-def with_statistics(model: nn.Module, mode: str, cfg=None, *, precise_images: int = 200) -> nn.Module:
+def with_statistics(
+    model: nn.Module, mode: str, cfg=None, *, precise_images: int = 200
+) -> nn.Module:
     """A copy of the detectron2 ``model`` in eval mode whose BN layers normalise with the
     ``mode``'s statistics (see the module's docstring); ``precise`` needs the run's ``cfg`` (its
     training data and ``SOLVER.IMS_PER_BATCH``)."""
@@ -108,11 +124,16 @@ def with_statistics(model: nn.Module, mode: str, cfg=None, *, precise_images: in
     model = copy.deepcopy(model)
     if mode == "precise":
         if cfg is None:
-            raise ValueError("precise statistics need the run's config (its training data and batch)")
+            raise ValueError(
+                "precise statistics need the run's config (its training data and batch)"
+            )
         model.train()  # the R-CNN's training forward: sampled proposals, as in training
         with EventStorage(), torch.no_grad():
-            update_bn_stats(model, iter(build_detection_train_loader(cfg)),
-                            num_iters=-(-precise_images // cfg.SOLVER.IMS_PER_BATCH))
+            update_bn_stats(
+                model,
+                iter(build_detection_train_loader(cfg)),
+                num_iters=-(-precise_images // cfg.SOLVER.IMS_PER_BATCH),
+            )
     elif mode == "batch":
         # Without running statistics a BN layer normalises with its batch's in eval mode too
         # (detectron2's inference sets eval mode; its test loader's batch is one image).

@@ -68,8 +68,16 @@ def _accumulate(coco_eval, image_positions: Sequence[int]) -> float:
     return _ap(resampled)
 
 
-def bootstrap_ap(coco_gt, coco_dt, iou_type: str, *, resamples: int = 200, level: float = 0.95,
-                 seed: int = 0, image_ids: Optional[List[int]] = None) -> APInterval:
+def bootstrap_ap(
+    coco_gt,
+    coco_dt,
+    iou_type: str,
+    *,
+    resamples: int = 200,
+    level: float = 0.95,
+    seed: int = 0,
+    image_ids: Optional[List[int]] = None,
+) -> APInterval:
     """AP of detections ``coco_dt`` against ``coco_gt`` (pycocotools ``COCO`` objects) and its
     bootstrap interval over images.
 
@@ -96,8 +104,9 @@ def bootstrap_ap(coco_gt, coco_dt, iou_type: str, *, resamples: int = 200, level
     return APInterval(ap, float(low), float(high), level, resamples, images)
 
 
-def bootstrap_coco_results(gt_json: str, results_json: str, iou_types=("bbox", "segm"),
-                           **kwargs) -> dict:
+def bootstrap_coco_results(
+    gt_json: str, results_json: str, iou_types=("bbox", "segm"), **kwargs
+) -> dict:
     """:func:`bootstrap_ap` for detectron2's ``coco_instances_results.json`` against the
     dataset's COCO json, for each of ``iou_types``; ``{iou_type: APInterval}``. No detections
     at all is AP 0 with interval [0, 0]."""
@@ -112,7 +121,9 @@ def bootstrap_coco_results(gt_json: str, results_json: str, iou_types=("bbox", "
         found = [r for r in results if iou_type != "segm" or "segmentation" in r]
         if not found:
             images = len(coco_gt.getImgIds())
-            out[iou_type] = APInterval(0.0, 0.0, 0.0, kwargs.get("level", 0.95), kwargs.get("resamples", 200), images)
+            out[iou_type] = APInterval(
+                0.0, 0.0, 0.0, kwargs.get("level", 0.95), kwargs.get("resamples", 200), images
+            )
             continue
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes(found)

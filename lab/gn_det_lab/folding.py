@@ -35,9 +35,17 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def affine_stage(model: nn.Module, images=None, *, include: Sequence[str] = (), exclude: Sequence[str] = (),
-                 distill_steps: int = 100, distill_heads: str = "weights", batch_size: int = 4,
-                 progress: bool = False) -> Tuple[nn.Module, Dict[str, str]]:
+def affine_stage(
+    model: nn.Module,
+    images=None,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    distill_steps: int = 100,
+    distill_heads: str = "weights",
+    batch_size: int = 4,
+    progress: bool = False,
+) -> Tuple[nn.Module, Dict[str, str]]:
     """A copy of ``model`` (eval mode) whose GroupNorm layers (those inside ``include``, all by
     default, and not inside ``exclude``: module-name prefixes) are fixed per-channel affines,
     distilled ``distill_steps`` steps against ``model`` when there are ``images``; and
@@ -47,22 +55,49 @@ def affine_stage(model: nn.Module, images=None, *, include: Sequence[str] = (), 
     from gn_det.folding import ChannelAffine, group_statistics
 
     student = copy.deepcopy(model).eval()
-    layers = {name: m for name, m in student.named_modules() if isinstance(m, nn.GroupNorm) and m.affine
-              and (not include or _inside(name, include)) and not _inside(name, exclude)}
+    layers = {
+        name: m
+        for name, m in student.named_modules()
+        if isinstance(m, nn.GroupNorm)
+        and m.affine
+        and (not include or _inside(name, include))
+        and not _inside(name, exclude)
+    }
     if not layers:
-        raise ValueError("the model has no GroupNorm layer with an affine to fold among the prefixes chosen")
+        raise ValueError(
+            "the model has no GroupNorm layer with an affine to fold among the prefixes chosen"
+        )
     stats = group_statistics(student, images, layers) if images is not None else {}
     for name, gn in layers.items():
-        mean, variance = stats.get(name, (torch.zeros(gn.num_groups, dtype=torch.float64),
-                                          torch.ones(gn.num_groups, dtype=torch.float64)))
+        mean, variance = stats.get(
+            name,
+            (
+                torch.zeros(gn.num_groups, dtype=torch.float64),
+                torch.ones(gn.num_groups, dtype=torch.float64),
+            ),
+        )
         per_group = gn.num_channels // gn.num_groups
-        scale = gn.weight.detach() / (variance.cpu().repeat_interleave(per_group) + gn.eps).sqrt().to(gn.weight)
+        scale = gn.weight.detach() / (
+            variance.cpu().repeat_interleave(per_group) + gn.eps
+        ).sqrt().to(gn.weight)
         shift = gn.bias.detach() - scale * mean.cpu().repeat_interleave(per_group).to(gn.weight)
-        _replace(student, name, ChannelAffine(gn.num_channels, scale, shift, source=type(gn).__name__))
+        _replace(
+            student, name, ChannelAffine(gn.num_channels, scale, shift, source=type(gn).__name__)
+        )
     if images is not None and distill_steps > 0:
-        distill(student, model, images, steps=distill_steps, batch_size=batch_size, heads=distill_heads,
-                progress=progress)
-    return student.eval(), {**{name: "affine (not folded)" for name in layers}, **kept_as_gn(student)}
+        distill(
+            student,
+            model,
+            images,
+            steps=distill_steps,
+            batch_size=batch_size,
+            heads=distill_heads,
+            progress=progress,
+        )
+    return student.eval(), {
+        **{name: "affine (not folded)" for name in layers},
+        **kept_as_gn(student),
+    }
 
 
 def kept_as_gn(model: nn.Module) -> Dict[str, str]:

@@ -35,13 +35,30 @@ from torch import nn
 
 from gn_det.data.shapes import SHAPE_CLASSES, ShapesSpec, render_shapes_image
 
-__all__ = ["PROXY", "PixelClassifier", "proxy_batch", "proxy_labels", "pretrain", "write_proxy_images"]
+__all__ = [
+    "PROXY",
+    "PixelClassifier",
+    "proxy_batch",
+    "proxy_labels",
+    "pretrain",
+    "write_proxy_images",
+]
 
 logger = logging.getLogger(__name__)
 
 #: The proxy classification task: the shapes generator at 96x96, 1-3 shapes, its own seed.
-PROXY = ShapesSpec(image_size=(96, 96), num_train=20000, num_val=1000, num_test=0, seed=11,
-                   min_instances=1, max_instances=3, min_scale=0.25, max_scale=0.7, max_clutter_lines=2)
+PROXY = ShapesSpec(
+    image_size=(96, 96),
+    num_train=20000,
+    num_val=1000,
+    num_test=0,
+    seed=11,
+    min_instances=1,
+    max_instances=3,
+    min_scale=0.25,
+    max_scale=0.7,
+    max_clutter_lines=2,
+)
 
 
 def proxy_labels(spec: ShapesSpec, split: str, index: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -105,22 +122,33 @@ class PixelClassifier(nn.Module):
         cfg.MODEL.RESNETS.OUT_FEATURES = list(self.LEVELS)
         cfg.MODEL.BACKBONE.FREEZE_AT = 0
         self.body = build_resnet_backbone(cfg, ShapeSpec(channels=3))
-        self.heads = nn.ModuleDict({k: nn.Conv2d(c, num_classes, 1) for k, c in self.LEVELS.items()})
-        self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1), False)
+        self.heads = nn.ModuleDict(
+            {k: nn.Conv2d(c, num_classes, 1) for k, c in self.LEVELS.items()}
+        )
+        self.register_buffer(
+            "pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1), False
+        )
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1), False)
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         features = self.body((rgb.flip(1) - self.pixel_mean) / self.pixel_std)  # RGB -> BGR
         logits = self.heads["res3"](features["res3"])
         for level in ("res4", "res5"):
-            logits = logits + F.interpolate(self.heads[level](features[level]), size=logits.shape[-2:],
-                                            mode="bilinear", align_corners=False)
+            logits = logits + F.interpolate(
+                self.heads[level](features[level]),
+                size=logits.shape[-2:],
+                mode="bilinear",
+                align_corners=False,
+            )
         return F.interpolate(logits, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
 
     def backbone_state(self) -> Dict[str, torch.Tensor]:
         """The body's weights under detectron2's ImageNet-pretrained names."""
-        return {k: v.detach().cpu().contiguous() for k, v in self.body.state_dict().items()
-                if not k.endswith("num_batches_tracked")}
+        return {
+            k: v.detach().cpu().contiguous()
+            for k, v in self.body.state_dict().items()
+            if not k.endswith("num_batches_tracked")
+        }
 
 
 def _parameter_groups(model: nn.Module, weight_decay: float) -> List[dict]:
@@ -130,11 +158,16 @@ def _parameter_groups(model: nn.Module, weight_decay: float) -> List[dict]:
         for name, p in module.named_parameters(recurse=False):
             norm = isinstance(module, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm))
             (no_decay if norm or name == "bias" else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 @torch.no_grad()
-def evaluate(model: PixelClassifier, spec: ShapesSpec, split: str = "val", batch: int = 50) -> Dict[str, float]:
+def evaluate(
+    model: PixelClassifier, spec: ShapesSpec, split: str = "val", batch: int = 50
+) -> Dict[str, float]:
     """On every image of ``split``, the model in eval mode: ``pixel_accuracy`` (all pixels),
     ``shape_accuracy`` (the pixels of shapes given their right class: background everywhere
     scores 0 here) and ``miou`` (mean intersection over union of the 5 classes)."""
@@ -145,18 +178,33 @@ def evaluate(model: PixelClassifier, spec: ShapesSpec, split: str = "val", batch
     for start in range(0, spec.num_images(split), batch):
         x, y = proxy_batch(spec, split, range(start, min(start + batch, spec.num_images(split))))
         predicted = model(x).argmax(1)
-        confusion += torch.bincount(y.flatten() * classes + predicted.flatten(), minlength=classes**2).view(classes, classes)
+        confusion += torch.bincount(
+            y.flatten() * classes + predicted.flatten(), minlength=classes**2
+        ).view(classes, classes)
     model.train(training)
     right = confusion.diag().double()
     union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
-    return {"pixel_accuracy": float(right.sum() / confusion.sum()),
-            "shape_accuracy": float(right[1:].sum() / confusion[1:].sum()),
-            "miou": float((right / union.clamp_min(1)).mean())}
+    return {
+        "pixel_accuracy": float(right.sum() / confusion.sum()),
+        "shape_accuracy": float(right[1:].sum() / confusion[1:].sum()),
+        "miou": float((right / union.clamp_min(1)).mean()),
+    }
 
 
-def pretrain(norm: str, output_dir, *, steps: int = 4000, batch_size: int = 32, lr: float = 0.02,
-             weight_decay: float = 1e-4, warmup: int = 100, eval_period: int = 250, seed: int = 0,
-             spec: ShapesSpec = PROXY, autocast: bool = True) -> dict:
+def pretrain(
+    norm: str,
+    output_dir,
+    *,
+    steps: int = 4000,
+    batch_size: int = 32,
+    lr: float = 0.02,
+    weight_decay: float = 1e-4,
+    warmup: int = 100,
+    eval_period: int = 250,
+    seed: int = 0,
+    spec: ShapesSpec = PROXY,
+    autocast: bool = True,
+) -> dict:
     """Train the :class:`PixelClassifier` with ``norm`` on ``spec``'s train split; write
     ``metrics.jsonl`` (loss every 10 steps, val metrics every ``eval_period``),
     ``backbone.pkl`` (the body, detectron2's ImageNet format) and ``result.json`` into
@@ -182,7 +230,11 @@ def pretrain(norm: str, output_dir, *, steps: int = 4000, batch_size: int = 32, 
     start = time.perf_counter()
     losses = []
     for step in range(1, steps + 1):
-        factor = step / warmup if step <= warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        factor = (
+            step / warmup
+            if step <= warmup
+            else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
         indices = rng.integers(0, spec.num_train, batch_size)
@@ -200,17 +252,35 @@ def pretrain(norm: str, output_dir, *, steps: int = 4000, batch_size: int = 32, 
         if step % 10 == 0:
             record = {"step": step, "loss": float(np.mean(losses[-10:])), "lr": lr * factor}
         if step % eval_period == 0 or step == steps:
-            record = {**(record or {"step": step}), **{f"val_{k}": v for k, v in evaluate(model, spec).items()},
-                      "seconds": time.perf_counter() - start}
+            record = {
+                **(record or {"step": step}),
+                **{f"val_{k}": v for k, v in evaluate(model, spec).items()},
+                "seconds": time.perf_counter() - start,
+            }
             logger.info("%s pretraining step %d: %s", norm, step, record)
         if record:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
     metrics.close()
-    save_checkpoint_file({"model": model.backbone_state(), "__author__": f"gn_det backbone study ({norm})",
-                          "matching_heuristics": True}, output_dir / "backbone.pkl", file_format="pkl",
-                         overwrite=True)
-    result = {"norm": norm, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "bf16": bf16,
-              "seconds": time.perf_counter() - start, **{f"val_{k}": v for k, v in evaluate(model, spec).items()}}
+    save_checkpoint_file(
+        {
+            "model": model.backbone_state(),
+            "__author__": f"gn_det backbone study ({norm})",
+            "matching_heuristics": True,
+        },
+        output_dir / "backbone.pkl",
+        file_format="pkl",
+        overwrite=True,
+    )
+    result = {
+        "norm": norm,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "bf16": bf16,
+        "seconds": time.perf_counter() - start,
+        **{f"val_{k}": v for k, v in evaluate(model, spec).items()},
+    }
     done.write_text(json.dumps(result))
     return result

@@ -12,15 +12,37 @@ __all__ = ["SMALL_MODEL_OPTS", "normalize_norm_statistics"]
 #: Overrides that shrink an R-50-FPN Mask R-CNN config (any of its norms) to the size of the
 #: shapes model: R-18, FPN and heads 64 wide, fewer proposals and sampled regions. The tools'
 #: smoke runs (the tests) build it in place of R-50: the same code paths, a fraction of the work.
-SMALL_MODEL_OPTS = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-                    "MODEL.FPN.OUT_CHANNELS", "64", "MODEL.ROI_BOX_HEAD.CONV_DIM", "64",
-                    "MODEL.ROI_BOX_HEAD.FC_DIM", "256", "MODEL.ROI_MASK_HEAD.CONV_DIM", "64",
-                    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "64",
-                    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
-                    "MODEL.RPN.PRE_NMS_TOPK_TEST", "200", "MODEL.RPN.POST_NMS_TOPK_TEST", "50"]
+SMALL_MODEL_OPTS = [
+    "MODEL.RESNETS.DEPTH",
+    "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "64",
+    "MODEL.FPN.OUT_CHANNELS",
+    "64",
+    "MODEL.ROI_BOX_HEAD.CONV_DIM",
+    "64",
+    "MODEL.ROI_BOX_HEAD.FC_DIM",
+    "256",
+    "MODEL.ROI_MASK_HEAD.CONV_DIM",
+    "64",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "64",
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE",
+    "64",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+    "200",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "100",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    "200",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "50",
+]
 
 
-def normalize_norm_statistics(model: nn.Module, batch: list, types: Tuple[Type[nn.Module], ...] = ()) -> None:
+def normalize_norm_statistics(
+    model: nn.Module, batch: list, types: Tuple[Type[nn.Module], ...] = ()
+) -> None:
     """Set the statistics of every norm of ``types`` (default: detectron2's FrozenBN) in a
     detectron2 model's backbone to those of its input on ``batch`` (one forward pass).
 
@@ -38,7 +60,9 @@ def normalize_norm_statistics(model: nn.Module, batch: list, types: Tuple[Type[n
         module.running_mean.copy_(x.mean((0, 2, 3)))
         module.running_var.copy_(x.var((0, 2, 3)))
 
-    hooks = [m.register_forward_pre_hook(set_statistics) for m in model.modules() if isinstance(m, types)]
+    hooks = [
+        m.register_forward_pre_hook(set_statistics) for m in model.modules() if isinstance(m, types)
+    ]
     try:
         with torch.no_grad():
             model.backbone(model.preprocess_image(batch).tensor)

@@ -15,12 +15,26 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def write_results(path, *, title: str, command: str, machine: str, columns: Sequence[str],
-                  rows: Sequence[Sequence[str]], data: Any) -> None:
+def write_results(
+    path,
+    *,
+    title: str,
+    command: str,
+    machine: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    data: Any,
+) -> None:
     """Write a results file atomically: what ``lab/tools/render_results.py`` renders (title,
     command, machine, columns, rows) and the data behind it."""
     from gn_det.checkpoint.io import write_text_atomically
 
-    result = {"title": title, "command": command, "machine": machine, "columns": list(columns),
-              "rows": [list(r) for r in rows], "data": data}
+    result = {
+        "title": title,
+        "command": command,
+        "machine": machine,
+        "columns": list(columns),
+        "rows": [list(r) for r in rows],
+        "data": data,
+    }
     write_text_atomically(path, json.dumps(result, indent=1, ensure_ascii=False) + "\n")

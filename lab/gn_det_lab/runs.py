@@ -1,10 +1,10 @@
 """Training runs for the studies: one ``gn-det train`` process per run, resumable.
 
-A study (``lab/tools/small_batch_study.py``, ``lab/tools/transfer_study.py --detector``) is a grid of
-training runs. Each runs in its own process (its own OUTPUT_DIR, logs, ``metrics.json`` and COCO
-evaluations), so runs are isolated and can go side by side; a run that finished is read back
-instead of retrained, and one that was stopped resumes from its last checkpoint (detectron2's
-``--resume``), so an interrupted study goes on where it stopped.
+A study (``lab/tools/small_batch_study.py``, ``lab/tools/transfer_study.py --detector``) is a
+grid of training runs. Each runs in its own process (its own OUTPUT_DIR, logs, ``metrics.json``
+and COCO evaluations), so runs are isolated and can go side by side; a run that finished is read
+back instead of retrained, and one that was stopped resumes from its last checkpoint
+(detectron2's ``--resume``), so an interrupted study goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["SMOKE_OPTS", "TRAIN_COMMAND", "evaluations", "finished_run", "logged_seconds", "threads_per_job",
-           "train_run"]
+__all__ = [
+    "SMOKE_OPTS",
+    "TRAIN_COMMAND",
+    "evaluations",
+    "finished_run",
+    "logged_seconds",
+    "threads_per_job",
+    "train_run",
+]
 
 #: ``gn-det train`` in this interpreter (the installed package's, not a checkout's tools/).
 TRAIN_COMMAND = (sys.executable, "-m", "gn_det.cli", "train")
@@ -29,12 +36,30 @@ _DONE = "run.json"
 #: Overrides that make a shapes run tiny, for the studies' smoke tests: 64-pixel images, few
 #: proposals, sampled regions and detections (the ROI heads are most of a small image's cost),
 #: data loaded in the training process.
-SMOKE_OPTS = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-              "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-              "TEST.DETECTIONS_PER_IMAGE", "5", "DATALOADER.NUM_WORKERS", "0",
-              "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "100", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
-              "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "20",
-              "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16"]
+SMOKE_OPTS = [
+    "INPUT.MIN_SIZE_TRAIN",
+    "(64,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "64",
+    "INPUT.MIN_SIZE_TEST",
+    "64",
+    "INPUT.MAX_SIZE_TEST",
+    "64",
+    "TEST.DETECTIONS_PER_IMAGE",
+    "5",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN",
+    "100",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "50",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST",
+    "100",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "20",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "16",
+]
 
 
 def threads_per_job(jobs: int) -> int:
@@ -71,8 +96,10 @@ def evaluations(run_dir, dataset: Optional[str] = None) -> List[Dict[str, float]
         if f"{prefix}bbox/AP" not in record:
             continue
         iteration = record["iteration"] if last is None else min(record["iteration"] + 1, last)
-        ap = {key: float(record.get(name, math.nan))
-              for key, name in (("box_ap", f"{prefix}bbox/AP"), ("mask_ap", f"{prefix}segm/AP"))}
+        ap = {
+            key: float(record.get(name, math.nan))
+            for key, name in (("box_ap", f"{prefix}bbox/AP"), ("mask_ap", f"{prefix}segm/AP"))
+        }
         found[iteration] = {key: 0.0 if math.isnan(value) else value for key, value in ap.items()}
     return [{"iteration": i, **found[i]} for i in sorted(found)]
 
@@ -83,8 +110,16 @@ def finished_run(run_dir) -> Optional[dict]:
     return json.loads(done.read_text()) if done.is_file() else None
 
 
-def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[int] = None,
-              datasets: Sequence[str] = (), processes: int = 1, keep_checkpoints: bool = False) -> dict:
+def train_run(
+    config: str,
+    opts: Sequence[str],
+    run_dir,
+    *,
+    threads: Optional[int] = None,
+    datasets: Sequence[str] = (),
+    processes: int = 1,
+    keep_checkpoints: bool = False,
+) -> dict:
     """Train (and evaluate) ``config`` with ``opts`` into ``run_dir`` in a child process.
 
     Returns a record with ``returncode``, ``seconds``, ``evaluations`` and the final
@@ -109,8 +144,17 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
     # A free port for the processes' rendezvous: detectron2's default is one per user, so two
     # multi-process runs at once (a --jobs 2 grid, a test beside a study) would collide on it.
     launch = ["--num-gpus", str(processes), "--dist-url", "auto"] if processes > 1 else []
-    command = [*TRAIN_COMMAND, "--config", config, "--resume", *launch, *opts, *test_opts,
-               "OUTPUT_DIR", str(run_dir)]
+    command = [
+        *TRAIN_COMMAND,
+        "--config",
+        config,
+        "--resume",
+        *launch,
+        *opts,
+        *test_opts,
+        "OUTPUT_DIR",
+        str(run_dir),
+    ]
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -120,11 +164,19 @@ def train_run(config: str, opts: Sequence[str], run_dir, *, threads: Optional[in
     with open(run_dir / "stdout.txt", "a") as log:
         returncode = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     seconds = time.perf_counter() - start
-    record = {"config": config, "opts": list(opts), "processes": processes, "returncode": returncode,
-              "seconds": seconds}
+    record = {
+        "config": config,
+        "opts": list(opts),
+        "processes": processes,
+        "returncode": returncode,
+        "seconds": seconds,
+    }
     if resumed_from:
-        record.update(resumed_from=resumed_from, process_seconds=seconds,
-                      seconds=max(seconds, logged_seconds(run_dir) or 0.0))
+        record.update(
+            resumed_from=resumed_from,
+            process_seconds=seconds,
+            seconds=max(seconds, logged_seconds(run_dir) or 0.0),
+        )
     # One test dataset: detectron2 reports it unprefixed; several: each under its name.
     names = datasets if len(datasets) > 1 else [None]
     curves = {name: evaluations(run_dir, name) for name in names}
@@ -173,7 +225,7 @@ def logged_seconds(run_dir) -> Optional[float]:
             processes[-1][2] = started.group(1) == "0"
     fresh = [i for i, (_, _, scratch) in enumerate(processes) if scratch]
     total = datetime.timedelta()
-    for first, last, _ in processes[fresh[-1] if fresh else 0:]:
+    for first, last, _ in processes[fresh[-1] if fresh else 0 :]:
         total += (last - first) % datetime.timedelta(days=366)  # a run across New Year
     return total.total_seconds()
 

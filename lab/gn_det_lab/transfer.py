@@ -1,10 +1,10 @@
 """Feature-level weight-transfer study: how close does each BN -> GN transfer keep a network?
 
-Used by ``lab/tools/transfer_study.py`` (lab/benchmarks.md, "Weight-transfer fidelity"): a torchvision
-ResNet-18 whose BN population statistics are computed on its own smooth random images; each
-transfer's student is compared with the BN teacher by the cosine of their stage outputs on
-held-out images, in two regimes: images that share their statistics, and images that each have
-their own brightness and contrast (which GN normalises away and BN keeps).
+Used by ``lab/tools/transfer_study.py`` (lab/benchmarks.md, "Weight-transfer fidelity"): a
+torchvision ResNet-18 whose BN population statistics are computed on its own smooth random
+images; each transfer's student is compared with the BN teacher by the cosine of their stage
+outputs on held-out images, in two regimes: images that share their statistics, and images that
+each have their own brightness and contrast (which GN normalises away and BN keeps).
 """
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ from torch import nn
 
 from gn_det import calibrate, convert_norm, distill
 
-__all__ = ["DetectorRow", "FidelityRow", "bn_teacher", "detector_zero_shot", "smooth_images", "stage_cosines",
-           "transfer_fidelity"]
+__all__ = [
+    "DetectorRow",
+    "FidelityRow",
+    "bn_teacher",
+    "detector_zero_shot",
+    "smooth_images",
+    "stage_cosines",
+    "transfer_fidelity",
+]
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -29,8 +36,9 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")
 @dataclasses.dataclass
 class FidelityRow:
     regime: str  # "shared statistics" or "per-image photometrics"
-    method: str  # "copy", "stats", "calibrate N", "calibrate N (output objective)", "calibrate N (local)",
-    #               "calibrate N + distill K"
+    # "copy", "stats", "calibrate N", "calibrate N (output objective)", "calibrate N (local)",
+    # "calibrate N + distill K"
+    method: str
     cosines: Dict[str, float]  # stage -> mean cosine to the teacher on held-out images
     seconds: float  # time the transfer took (calibration included)
 
@@ -38,8 +46,12 @@ class FidelityRow:
 def smooth_images(n: int, size: int, *, per_image_photometrics: bool, seed: int) -> torch.Tensor:
     """Smooth random RGB images; optionally each with its own brightness and contrast."""
     g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.rand(n, 3, size // 8, size // 8, generator=g), size=size,
-                      mode="bilinear", align_corners=False)
+    x = F.interpolate(
+        torch.rand(n, 3, size // 8, size // 8, generator=g),
+        size=size,
+        mode="bilinear",
+        align_corners=False,
+    )
     x = (x - 0.5) * 2
     if per_image_photometrics:
         x = x * (torch.rand(n, 1, 1, 1, generator=g) * 2.5 + 0.25)
@@ -86,7 +98,8 @@ def stage_cosines(student: nn.Module, teacher: nn.Module, images: torch.Tensor) 
     """Mean over images of the cosine between the two models' stage outputs."""
     a, b = _Stages(student)(images), _Stages(teacher)(images)
     return {
-        s: F.cosine_similarity(a[s].flatten(1), b[s].flatten(1), dim=1).mean().item() for s in STAGES
+        s: F.cosine_similarity(a[s].flatten(1), b[s].flatten(1), dim=1).mean().item()
+        for s in STAGES
     }
 
 
@@ -108,19 +121,34 @@ def transfer_fidelity(
         test = smooth_images(held_out, size, per_image_photometrics=photometric, seed=seed + 1)
         teacher = bn_teacher(data, seed=seed)
         methods = [("copy", "copy", 0, True, 0, None), ("stats", "stats", 0, True, 0, None)]
-        methods += [(f"calibrate {n}", "stats", n, True, 0, "activation") for n in calibration_counts]
-        methods += [(f"calibrate {n} (output objective)", "stats", n, True, 0, "output") for n in calibration_counts]
+        methods += [
+            (f"calibrate {n}", "stats", n, True, 0, "activation") for n in calibration_counts
+        ]
+        methods += [
+            (f"calibrate {n} (output objective)", "stats", n, True, 0, "output")
+            for n in calibration_counts
+        ]
         largest = max(calibration_counts)
         methods += [(f"calibrate {largest} (local)", "stats", largest, False, 0, "activation")]
-        methods += [(f"calibrate {largest} + distill {k}", "stats", largest, True, k, "activation")
-                    for k in distill_steps]
+        methods += [
+            (f"calibrate {largest} + distill {k}", "stats", largest, True, k, "activation")
+            for k in distill_steps
+        ]
         for name, transfer, count, sequential, steps, objective in methods:
             start = time.perf_counter()
             student = convert_norm(copy.deepcopy(teacher), transfer=transfer)
             if count:
-                calibration = smooth_images(count, size, per_image_photometrics=photometric, seed=seed + 2)
-                calibrate(student, teacher, [calibration], sequential=sequential, objective=objective,
-                          progress=False)
+                calibration = smooth_images(
+                    count, size, per_image_photometrics=photometric, seed=seed + 2
+                )
+                calibrate(
+                    student,
+                    teacher,
+                    [calibration],
+                    sequential=sequential,
+                    objective=objective,
+                    progress=False,
+                )
                 if steps:
                     distill(student, teacher, [calibration], steps=steps, progress=False)
             seconds = time.perf_counter() - start
@@ -193,28 +221,63 @@ def detector_zero_shot(
 
     def evaluate(cfg, model):
         results = Trainer.test(cfg, model)
-        return (float(results["bbox"]["AP"]), float(results.get("segm", {}).get("AP", float("nan"))))
+        return (
+            float(results["bbox"]["AP"]),
+            float(results.get("segm", {}).get("AP", float("nan"))),
+        )
 
     teacher_cfg = config(teacher_config)
     teacher = build_model(teacher_cfg)
     Checkpointer(teacher).load_weights(teacher_weights)
     teacher.eval()
     held_out = load_images(teacher_cfg, teacher_cfg.DATASETS.TEST[0], cosine_images)
-    rows = [DetectorRow("BN teacher", *evaluate(teacher_cfg, teacher),
-                        backbone_cosines(teacher, teacher, held_out), 0.0, "")]
+    rows = [
+        DetectorRow(
+            "BN teacher",
+            *evaluate(teacher_cfg, teacher),
+            backbone_cosines(teacher, teacher, held_out),
+            0.0,
+            "",
+        )
+    ]
     methods = [("copy", "copy", 0, 0, None, None), ("stats", "stats", 0, 0, None, None)]
     methods += [(f"calibrate {n}", "stats", n, 0, "activation", None) for n in calibration_counts]
-    methods += [(f"calibrate {distill_images} (output objective)", "stats", distill_images, 0, "output", None)]
-    methods += [(f"calibrate {distill_images} + distill {k}", "stats", distill_images, k, "activation", "weights")
-                for k in distill_steps]
-    methods += [(f"stats + distill {k} (GN affine only)", "stats", 0, k, None, "norms") for k in distill_steps]
+    methods += [
+        (
+            f"calibrate {distill_images} (output objective)",
+            "stats",
+            distill_images,
+            0,
+            "output",
+            None,
+        )
+    ]
+    methods += [
+        (
+            f"calibrate {distill_images} + distill {k}",
+            "stats",
+            distill_images,
+            k,
+            "activation",
+            "weights",
+        )
+        for k in distill_steps
+    ]
+    methods += [
+        (f"stats + distill {k} (GN affine only)", "stats", 0, k, None, "norms")
+        for k in distill_steps
+    ]
     methods += [(f"stats + distill {k}", "stats", 0, k, None, "weights") for k in distill_steps]
     for name, transfer, count, steps, objective, heads in methods:
         cfg = config(student_config, transfer)
         start = time.perf_counter()
         student = build_model(cfg)
         Checkpointer(student).load_weights(teacher_weights)  # the transfer happens on load
-        images = load_images(teacher_cfg, calibration_dataset, count or distill_images) if count or steps else []
+        images = (
+            load_images(teacher_cfg, calibration_dataset, count or distill_images)
+            if count or steps
+            else []
+        )
         if count:
             calibrate(student, teacher, images, objective=objective, progress=False)
         if steps:
@@ -222,7 +285,16 @@ def detector_zero_shot(
         seconds = time.perf_counter() - start
         student.eval()
         path = os.path.join(output_dir, name.replace(" ", "_") + ".pth")
-        save_checkpoint_file({"model": student.state_dict()}, path, file_format="pth", overwrite=True)
-        rows.append(DetectorRow(name, *evaluate(cfg, student), backbone_cosines(teacher, student, held_out),
-                                seconds, path))
+        save_checkpoint_file(
+            {"model": student.state_dict()}, path, file_format="pth", overwrite=True
+        )
+        rows.append(
+            DetectorRow(
+                name,
+                *evaluate(cfg, student),
+                backbone_cosines(teacher, student, held_out),
+                seconds,
+                path,
+            )
+        )
     return rows

@@ -12,7 +12,9 @@ def gn_run(tiny_env, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("gn_run")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PYTHONPATH", tiny_env["PYTHONPATH"])  # the child process registers shapes_tiny
+        patch.setenv(
+            "PYTHONPATH", tiny_env["PYTHONPATH"]
+        )  # the child process registers shapes_tiny
         record = train_run("shapes/gn.yaml", TINY, run_dir, threads=1)
     assert record["returncode"] == 0, (run_dir / "stdout.txt").read_text()[-2000:]
     return run_dir, record

@@ -21,10 +21,17 @@ def bn_run(tiny_env, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("bn_run")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PYTHONPATH", tiny_env["PYTHONPATH"])  # the child process registers shapes_tiny
+        patch.setenv(
+            "PYTHONPATH", tiny_env["PYTHONPATH"]
+        )  # the child process registers shapes_tiny
         # Every detection kept, so that the untrained model has some to evaluate.
-        record = train_run("shapes/bn.yaml", [*TINY, "SOLVER.IMS_PER_BATCH", "2", "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
-                                              "0.0"], run_dir, threads=1, datasets=["shapes_tiny_val"])
+        record = train_run(
+            "shapes/bn.yaml",
+            [*TINY, "SOLVER.IMS_PER_BATCH", "2", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"],
+            run_dir,
+            threads=1,
+            datasets=["shapes_tiny_val"],
+        )
     assert record["returncode"] == 0, (run_dir / "stdout.txt").read_text()[-2000:]
     return run_dir, record
 
@@ -108,7 +115,9 @@ def test_a_model_without_batchnorm_is_refused(gn_run):
 
 def test_tool_prints_a_table_and_refuses_an_unfinished_run(bn_run, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location(
-        "bn_statistics_study", Path(__file__).resolve().parent.parent / "tools" / "bn_statistics_study.py")
+        "bn_statistics_study",
+        Path(__file__).resolve().parent.parent / "tools" / "bn_statistics_study.py",
+    )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     run_dir, _ = bn_run

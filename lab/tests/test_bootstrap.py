@@ -17,15 +17,30 @@ def _coco(images: int, found: int):
     detection (scores in random order), the rest none. AP is then COCO's interpolated precision
     1 up to recall found/images and 0 after: (the recall thresholds up to it) / 101."""
     gt = COCO()
-    gt.dataset = {"images": [{"id": i, "height": 64, "width": 64} for i in range(images)],
-                  "annotations": [{"id": i + 1, "image_id": i, "category_id": 1, "bbox": [10, 10, 20, 20],
-                                   "area": 400.0, "iscrowd": 0} for i in range(images)],
-                  "categories": [{"id": 1, "name": "box"}]}
+    gt.dataset = {
+        "images": [{"id": i, "height": 64, "width": 64} for i in range(images)],
+        "annotations": [
+            {
+                "id": i + 1,
+                "image_id": i,
+                "category_id": 1,
+                "bbox": [10, 10, 20, 20],
+                "area": 400.0,
+                "iscrowd": 0,
+            }
+            for i in range(images)
+        ],
+        "categories": [{"id": 1, "name": "box"}],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
         scores = np.random.default_rng(0).permutation(found) / found
-        dt = gt.loadRes([{"image_id": i, "category_id": 1, "bbox": [10, 10, 20, 20], "score": float(s)}
-                         for i, s in zip(range(found), scores)])
+        dt = gt.loadRes(
+            [
+                {"image_id": i, "category_id": 1, "bbox": [10, 10, 20, 20], "score": float(s)}
+                for i, s in zip(range(found), scores)
+            ]
+        )
     return gt, dt
 
 
@@ -71,8 +86,13 @@ class _Oracle(torch.nn.Module):
             record = self.truth[item["file_name"]]
             size = (record["height"], record["width"])
             gt = annotations_to_instances(record["annotations"], size, mask_format="bitmask")
-            found = Instances(size, pred_boxes=gt.gt_boxes, pred_classes=gt.gt_classes,
-                              scores=torch.ones(len(gt)), pred_masks=gt.gt_masks.tensor)
+            found = Instances(
+                size,
+                pred_boxes=gt.gt_boxes,
+                pred_classes=gt.gt_classes,
+                scores=torch.ones(len(gt)),
+                pred_masks=gt.gt_masks.tensor,
+            )
             outputs.append({"instances": found})
         return outputs
 
@@ -85,7 +105,8 @@ def test_evaluate_intervals_runs_the_model_on_the_dataset_it_scores(tiny_env):
 
     cfg = load_config(resolve_config_name("shapes/gn.yaml"))
     cfg.merge_from_list(["DATASETS.TEST", "('shapes_tiny_train',)", "DATALOADER.NUM_WORKERS", "0"])
-    result = evaluate_intervals(cfg, _Oracle("shapes_tiny_train", "shapes_tiny_val").eval(), "shapes_tiny_val",
-                                resamples=20)
+    result = evaluate_intervals(
+        cfg, _Oracle("shapes_tiny_train", "shapes_tiny_val").eval(), "shapes_tiny_val", resamples=20
+    )
     for kind in ("box", "mask"):
         assert result[kind]["ap"] == pytest.approx(100.0, abs=1.0), (kind, result)

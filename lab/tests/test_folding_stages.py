@@ -18,7 +18,8 @@ def _net():
     net = nn.Sequential(
         Conv2d(3, 8, 3, padding=1, bias=False, norm=nn.GroupNorm(4, 8), activation=nn.ReLU()),
         Conv2d(8, 16, 3, padding=1, bias=False, norm=nn.GroupNorm(4, 16), activation=nn.ReLU()),
-        nn.Conv2d(16, 8, 1), nn.GroupNorm(2, 8),
+        nn.Conv2d(16, 8, 1),
+        nn.GroupNorm(2, 8),
     )
     with torch.no_grad():
         for m in net.modules():
@@ -30,25 +31,46 @@ def _net():
 
 def _images():
     g = torch.Generator().manual_seed(1)
-    return torch.rand(6, 3, 12, 12, generator=g) * torch.rand(6, 1, 1, 1, generator=g) * 3  # contrasts differ
+    return (
+        torch.rand(6, 3, 12, 12, generator=g) * torch.rand(6, 1, 1, 1, generator=g) * 3
+    )  # contrasts differ
 
 
 @pytest.mark.parametrize("steps", [0, 3])
 def test_the_stages_in_a_row_are_fold_for_inference(steps):
     net, images = _net(), _images()
     torch.manual_seed(0)
-    expected, report = fold_for_inference(net, images, distill_steps=steps, batch_size=2, progress=False)
+    expected, report = fold_for_inference(
+        net, images, distill_steps=steps, batch_size=2, progress=False
+    )
     torch.manual_seed(0)
     unfolded, outcome = affine_stage(net, images, distill_steps=steps, batch_size=2)
-    assert outcome == {"0.norm": "affine (not folded)", "1.norm": "affine (not folded)", "3": "affine (not folded)"}
+    assert outcome == {
+        "0.norm": "affine (not folded)",
+        "1.norm": "affine (not folded)",
+        "3": "affine (not folded)",
+    }
     assert isinstance(unfolded[0].norm, ChannelAffine) and isinstance(unfolded[3], ChannelAffine)
     folded = copy.deepcopy(unfolded)
-    assert fold_affines(folded) == {name: what for name, _, what in report.rows} == {
-        "0.norm": "folded into the conv", "1.norm": "folded into the conv", "3": "affine (no conv before it)"}
-    assert folded[0].norm is None and folded[0].bias is not None and isinstance(folded[3], ChannelAffine)
+    assert (
+        fold_affines(folded)
+        == {name: what for name, _, what in report.rows}
+        == {
+            "0.norm": "folded into the conv",
+            "1.norm": "folded into the conv",
+            "3": "affine (no conv before it)",
+        }
+    )
+    assert (
+        folded[0].norm is None
+        and folded[0].bias is not None
+        and isinstance(folded[3], ChannelAffine)
+    )
     with torch.no_grad():
         torch.testing.assert_close(folded(images), expected(images), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(folded(images), unfolded(images), rtol=1e-4, atol=1e-5)  # folding is exact
+        torch.testing.assert_close(
+            folded(images), unfolded(images), rtol=1e-4, atol=1e-5
+        )  # folding is exact
         if steps:  # distillation moved the affines away from the statistics' ones
             start, _ = affine_stage(net, images, distill_steps=0)
             assert not torch.allclose(start[0].norm.weight, unfolded[0].norm.weight)
@@ -58,11 +80,21 @@ def test_the_stages_in_a_row_are_fold_for_inference(steps):
 def test_a_partial_plan_keeps_gn_where_it_says_and_the_counts_say_so():
     net, images = _net(), _images()
     unfolded, outcome = affine_stage(net, images, exclude=["1"], distill_steps=0)
-    assert outcome == {"0.norm": "affine (not folded)", "3": "affine (not folded)", "1.norm": "kept as GN"}
+    assert outcome == {
+        "0.norm": "affine (not folded)",
+        "3": "affine (not folded)",
+        "1.norm": "kept as GN",
+    }
     assert isinstance(unfolded[1].norm, nn.GroupNorm)
     outcome = {**fold_affines(unfolded), **kept_as_gn(unfolded)}
-    assert layer_counts(outcome) == {"folded into the conv": 1, "affine (no conv before it)": 1, "kept as GN": 1}
-    torch.testing.assert_close(unfolded[1].weight, net[1].weight)  # an excluded layer's conv is not changed
+    assert layer_counts(outcome) == {
+        "folded into the conv": 1,
+        "affine (no conv before it)": 1,
+        "kept as GN": 1,
+    }
+    torch.testing.assert_close(
+        unfolded[1].weight, net[1].weight
+    )  # an excluded layer's conv is not changed
     expected, _ = fold_for_inference(net, images, exclude=["1"], distill_steps=0, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(unfolded(images), expected(images), rtol=1e-4, atol=1e-5)

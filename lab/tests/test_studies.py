@@ -20,8 +20,14 @@ def test_transfer_study_smoke(tmp_path, capsys):
     out = tmp_path / "fidelity.png"
     assert _tool("transfer_study").main(["--smoke", "--output", str(out)]) == 0
     table = capsys.readouterr().out
-    for method in ("copy", "stats", "calibrate 2", "calibrate 2 (output objective)", "calibrate 4 (local)",
-                   "calibrate 4 + distill 1"):
+    for method in (
+        "copy",
+        "stats",
+        "calibrate 2",
+        "calibrate 2 (output objective)",
+        "calibrate 4 (local)",
+        "calibrate 4 + distill 1",
+    ):
         assert f"| shared statistics | {method} |" in table
         assert f"| per-image photometrics | {method} |" in table
     assert Image.open(out).size == (800, 400)
@@ -30,8 +36,19 @@ def test_transfer_study_smoke(tmp_path, capsys):
 def test_small_batch_study_smoke(tmp_path, capsys):
     study = _tool("small_batch_study")
     out = tmp_path / "study"
-    argv = ["--smoke", "--output-dir", str(out), "--norms", "gn", "frozenbn", "--batches", "1", "2",
-            "--jobs", "2"]
+    argv = [
+        "--smoke",
+        "--output-dir",
+        str(out),
+        "--norms",
+        "gn",
+        "frozenbn",
+        "--batches",
+        "1",
+        "2",
+        "--jobs",
+        "2",
+    ]
     assert study.main(argv) == 0
     table = capsys.readouterr().out
     # 4 images seen in every cell; LR scaled linearly from the config's rate at 2 images.
@@ -39,7 +56,12 @@ def test_small_batch_study_smoke(tmp_path, capsys):
     assert "| GN | 2 | 1 | 2 | 0.0005 | 1 |" in table
     assert "| no norm (FrozenBN) | 2 | 1 | 2 | 0.001 | 1 |" in table  # its own config's LR
     assert Image.open(out / "small_batch.png").size == (900, 360)
-    cells = ("gn_b1_lr0.0005_s1", "gn_b2_lr0.0005_s1", "frozenbn_b1_lr0.001_s1", "frozenbn_b2_lr0.001_s1")
+    cells = (
+        "gn_b1_lr0.0005_s1",
+        "gn_b2_lr0.0005_s1",
+        "frozenbn_b1_lr0.001_s1",
+        "frozenbn_b2_lr0.001_s1",
+    )
     for cell in cells:
         record = json.loads((out / cell / "run.json").read_text())
         # Chosen on shapes_val, reported on the held-out shapes_test too: both evaluated.
@@ -53,10 +75,14 @@ def test_small_batch_study_smoke(tmp_path, capsys):
     capsys.readouterr()
     assert study.main(argv + ["--force", "--report-only", "--batches", "1", "2", "4"]) == 0
     captured = capsys.readouterr()
-    assert "gn at 4, LR 0.0005, seed 1: not run" in captured.err and "| GN | 4 |" not in captured.out
+    assert (
+        "gn at 4, LR 0.0005, seed 1: not run" in captured.err and "| GN | 4 |" not in captured.out
+    )
     assert not (out / "gn_b4_lr0.0005_s1").exists()
     # An LR sweep with two seeds reports mean ± half the spread, grouped per LR.
-    assert study.main(argv + ["--force", "--report-only", "--batches", "2", "--seeds", "1", "2"]) == 0
+    assert (
+        study.main(argv + ["--force", "--report-only", "--batches", "2", "--seeds", "1", "2"]) == 0
+    )
     assert "| GN | 2 | 1 | 2 | 0.0005 | 1 |" in capsys.readouterr().out  # seed 2 never ran
 
 
@@ -70,8 +96,24 @@ def test_small_batch_study_syncbn_and_high_resolution_cells(tmp_path, capsys):
     from detectron2.engine import default_argument_parser
 
     out = tmp_path / "study"
-    argv = ["--smoke", "--output-dir", str(out), "--norms", "syncbn", "bn", "--batches", "1", "--processes", "2",
-            "--data", "shapes_hr", "--lr-scaling", "sqrt", "--jobs", "2"]
+    argv = [
+        "--smoke",
+        "--output-dir",
+        str(out),
+        "--norms",
+        "syncbn",
+        "bn",
+        "--batches",
+        "1",
+        "--processes",
+        "2",
+        "--data",
+        "shapes_hr",
+        "--lr-scaling",
+        "sqrt",
+        "--jobs",
+        "2",
+    ]
     default_port = urlparse(default_argument_parser().parse_args([]).dist_url).port
     with socket.socket() as taken:
         taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -82,7 +124,9 @@ def test_small_batch_study_syncbn_and_high_resolution_cells(tmp_path, capsys):
             pass  # already taken, by a study running on this machine
         assert _tool("small_batch_study").main(argv) == 0
     table = capsys.readouterr().out
-    assert "| SyncBN | 1 | 2 | 2 | 0.0005 | 1 |" in table  # one BN batch of 2 images: the config's LR
+    assert (
+        "| SyncBN | 1 | 2 | 2 | 0.0005 | 1 |" in table
+    )  # one BN batch of 2 images: the config's LR
     assert "| BN | 1 | 1 | 4 | 0.000353553 | 1 |" in table  # 5e-4 / sqrt(2)
     run = out / "hr600_syncbn2_b1_lr0.0005_sqrt_s1"
     assert json.loads((run / "run.json").read_text())["processes"] == 2
@@ -96,11 +140,25 @@ def test_small_batch_study_syncbn_and_high_resolution_cells(tmp_path, capsys):
 def test_small_batch_schedule_is_fixed_in_images():
     study = _tool("small_batch_study")
     config = study.config_schedule("gn")
-    assert config == {"batch": 2, "base_lr": 0.0005, "images": 3600, "warmup_images": 200,
-                      "step_fractions": [1450 / 1800]}
+    assert config == {
+        "batch": 2,
+        "base_lr": 0.0005,
+        "images": 3600,
+        "warmup_images": 200,
+        "step_fractions": [1450 / 1800],
+    }
     assert study.schedule(config, 0.0005, 8, 3600) == [
-        "SOLVER.IMS_PER_BATCH", "8", "SOLVER.BASE_LR", "0.002", "SOLVER.MAX_ITER", "450",
-        "SOLVER.WARMUP_ITERS", "25", "SOLVER.STEPS", "(362,)"]
+        "SOLVER.IMS_PER_BATCH",
+        "8",
+        "SOLVER.BASE_LR",
+        "0.002",
+        "SOLVER.MAX_ITER",
+        "450",
+        "SOLVER.WARMUP_ITERS",
+        "25",
+        "SOLVER.STEPS",
+        "(362,)",
+    ]
     assert study.schedule(config, 0.001, 1, 3600)[3::2] == ["0.0005", "3600", "200", "(2900,)"]
     # Square-root scaling (Adam's rule): 4x the batch, 2x the LR.
     assert study.schedule(config, 0.0005, 8, 3600, "sqrt")[3] == "0.001"
@@ -112,29 +170,71 @@ def test_small_batch_schedule_is_fixed_in_images():
 
 def test_small_batch_best_lr_is_chosen_on_val():
     study = _tool("small_batch_study")
-    runs = [{"norm": "bn", "batch": 2, "processes": 1, "base_lr": lr, "seed": 1, "seconds": 60.0, "box_ap": val,
-             "mask_ap": val, "final": {"shapes_val": {"box_ap": val, "mask_ap": val},
-                                       "shapes_test": {"box_ap": test, "mask_ap": test}}}
-            for lr, val, test in ((0.001, 40.0, 50.0), (0.0005, 45.0, 44.0), (0.002, float("nan"), float("nan")))]
+    runs = [
+        {
+            "norm": "bn",
+            "batch": 2,
+            "processes": 1,
+            "base_lr": lr,
+            "seed": 1,
+            "seconds": 60.0,
+            "box_ap": val,
+            "mask_ap": val,
+            "final": {
+                "shapes_val": {"box_ap": val, "mask_ap": val},
+                "shapes_test": {"box_ap": test, "mask_ap": test},
+            },
+        }
+        for lr, val, test in (
+            (0.001, 40.0, 50.0),
+            (0.0005, 45.0, 44.0),
+            (0.002, float("nan"), float("nan")),
+        )
+    ]
     rows = study.summarize(runs)
     assert [r["base_lr"] for r in rows] == [0.0005, 0.001, 0.002]
     best = study.best_rows(rows)
-    assert len(best) == 1 and best[0]["base_lr"] == 0.0005 and best[0]["shapes_test/box_ap"] == (44.0, 0.0)
+    assert (
+        len(best) == 1
+        and best[0]["base_lr"] == 0.0005
+        and best[0]["shapes_test/box_ap"] == (44.0, 0.0)
+    )
 
 
-def test_small_batch_bn_statistics_points_are_seed_means_of_the_evaluated_cells(tmp_path, monkeypatch):
-    """--bn-statistics: lab/tools/bn_statistics_study.py's JSON, matched to the cells by run folder."""
+def test_small_batch_bn_statistics_points_are_seed_means_of_the_evaluated_cells(
+    tmp_path, monkeypatch
+):
+    """--bn-statistics: lab/tools/bn_statistics_study.py's JSON, matched to the cells by run
+    folder."""
     study = _tool("small_batch_study")
     monkeypatch.chdir(tmp_path)
-    cells = [{"norm": "bn", "batch": 1, "processes": 1, "seed": seed, "run_dir": str(tmp_path / f"bn_b1_s{seed}")}
-             for seed in (1, 2)] + [{"norm": "bn", "batch": 8, "processes": 1, "seed": 1, "run_dir": "bn_b8_s1"}]
-    found = {str(tmp_path / "bn_b1_s1"): {"modes": {"running": {"shapes_test": [60.0, 50.0]},
-                                                     "batch": {"shapes_test": [71.0, 60.0]},
-                                                     "precise": {"shapes_val": [1.0, 1.0]}}},
-             "bn_b1_s2": {"modes": {"batch": {"shapes_test": [73.0, 62.0]}}},  # relative, the same folder
-             "elsewhere": {"modes": {"batch": {"shapes_test": [0.0, 0.0]}}}}  # not a cell
+    cells = [
+        {
+            "norm": "bn",
+            "batch": 1,
+            "processes": 1,
+            "seed": seed,
+            "run_dir": str(tmp_path / f"bn_b1_s{seed}"),
+        }
+        for seed in (1, 2)
+    ] + [{"norm": "bn", "batch": 8, "processes": 1, "seed": 1, "run_dir": "bn_b8_s1"}]
+    found = {
+        str(tmp_path / "bn_b1_s1"): {
+            "modes": {
+                "running": {"shapes_test": [60.0, 50.0]},
+                "batch": {"shapes_test": [71.0, 60.0]},
+                "precise": {"shapes_val": [1.0, 1.0]},
+            }
+        },
+        "bn_b1_s2": {
+            "modes": {"batch": {"shapes_test": [73.0, 62.0]}}
+        },  # relative, the same folder
+        "elsewhere": {"modes": {"batch": {"shapes_test": [0.0, 0.0]}}},
+    }  # not a cell
     # The running mode is the cell's own evaluation and precise has no shapes_test: left out.
-    assert study.statistics_points(cells, found, "shapes_test") == {("bn", 1, "batch"): [(1, 72.0, 61.0)]}
+    assert study.statistics_points(cells, found, "shapes_test") == {
+        ("bn", 1, "batch"): [(1, 72.0, 61.0)]
+    }
 
 
 def test_benchmark_norms_smoke(tmp_path, gpu_host):
@@ -145,8 +245,19 @@ def test_benchmark_norms_smoke(tmp_path, gpu_host):
     import sys
 
     results, plot = tmp_path / "results.json", tmp_path / "norms.png"
-    command = [sys.executable, str(TOOLS / "benchmark_norms.py"), "--smoke", "--variants", "gn",
-               "--json", str(results), "--output", str(plot), "--profile", "gn"]
+    command = [
+        sys.executable,
+        str(TOOLS / "benchmark_norms.py"),
+        "--smoke",
+        "--variants",
+        "gn",
+        "--json",
+        str(results),
+        "--output",
+        str(plot),
+        "--profile",
+        "gn",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=gpu_host)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "naiveSyncBN / GN step time:" in done.stdout
@@ -177,12 +288,32 @@ def test_transfer_study_detector_smoke(tmp_path, capsys):
     teacher = tmp_path / "teacher.pth"
     torch.save({"model": build_model(cfg).state_dict()}, teacher)
     out, plot = tmp_path / "study", tmp_path / "finetune.png"
-    argv = ["--smoke", "--detector", str(teacher), "--output-dir", str(out), "--output", str(plot),
-            "--jobs", "2", "--runs", "distill", "bn"]  # the other runs differ only in options
+    argv = [
+        "--smoke",
+        "--detector",
+        str(teacher),
+        "--output-dir",
+        str(out),
+        "--output",
+        str(plot),
+        "--jobs",
+        "2",
+        "--runs",
+        "distill",
+        "bn",
+    ]  # the other runs differ only in options
     assert _tool("transfer_study").main(argv) == 0
     table = capsys.readouterr().out
-    for model in ("BN teacher", "copy", "stats", "calibrate 2", "calibrate 2 (output objective)",
-                  "calibrate 2 + distill 1", "stats + distill 1 (GN affine only)", "stats + distill 1"):
+    for model in (
+        "BN teacher",
+        "copy",
+        "stats",
+        "calibrate 2",
+        "calibrate 2 (output objective)",
+        "calibrate 2 + distill 1",
+        "stats + distill 1 (GN affine only)",
+        "stats + distill 1",
+    ):
         assert f"| {model} |" in table
     for run in ("GN from calibrate 2 + distill 1", "BN teacher at 2 images"):
         assert f"| {run} | 1 |" in table and f"| {run} | 2 |" in table  # evaluated every iteration
@@ -195,12 +326,27 @@ def test_benchmark_recompute_runs_and_recompute_keeps_less_for_backward():
     import subprocess
     import sys
 
-    command = [sys.executable, str(TOOLS / "benchmark_recompute.py"), "--config", "shapes/gn.yaml",
-               "--size", "64", "--batch", "1", "--repeats", "1", "--threads", "1"]
+    command = [
+        sys.executable,
+        str(TOOLS / "benchmark_recompute.py"),
+        "--config",
+        "shapes/gn.yaml",
+        "--size",
+        "64",
+        "--batch",
+        "1",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = {line.split()[0]: [float(v) for v in line.split()[1:]]
-            for line in done.stdout.splitlines() if line.split() and line.split()[0].endswith(("_s", "_mib"))}
+    rows = {
+        line.split()[0]: [float(v) for v in line.split()[1:]]
+        for line in done.stdout.splitlines()
+        if line.split() and line.split()[0].endswith(("_s", "_mib"))
+    }
     assert set(rows) == {"forward_s", "step_s", "saved_mib", "peak_rss_growth_mib"}
     off, on, ratio = rows["saved_mib"]
     assert 0 < on < off and ratio < 1
@@ -214,7 +360,13 @@ def test_profile_train_step_smoke(tiny_env, capsys):
     assert _tool("profile_train_step").main(argv) == 0
     out = capsys.readouterr().out
     assert "s per step" in out and "(bf16 autocast)" in out
-    for part in ("backward", "forward: backbone + FPN", "forward: RPN", "forward: mask head", "data"):
+    for part in (
+        "backward",
+        "forward: backbone + FPN",
+        "forward: RPN",
+        "forward: mask head",
+        "data",
+    ):
         assert part in out
     # The op table: the 5 ops of most self time.
     table = out.split("torch.profiler, 1 steps:")[1]
@@ -222,23 +374,41 @@ def test_profile_train_step_smoke(tiny_env, capsys):
 
 
 def test_train_run_resumes_a_stopped_run_from_its_last_checkpoint(tiny_env, tmp_path, monkeypatch):
-    """A run stopped after a checkpoint goes on from there; once finished it keeps model_final only."""
+    """A run stopped after a checkpoint goes on from there; once finished it keeps model_final
+    only."""
     import shutil
 
     from gn_det_lab.runs import SMOKE_OPTS, finished_run, train_run
 
-    monkeypatch.setenv("PYTHONPATH", tiny_env["PYTHONPATH"])  # evaluated on shapes_tiny_val: 2 images
+    monkeypatch.setenv(
+        "PYTHONPATH", tiny_env["PYTHONPATH"]
+    )  # evaluated on shapes_tiny_val: 2 images
     run = tmp_path / "run"
-    opts = [*SMOKE_OPTS, "SOLVER.IMS_PER_BATCH", "1", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
-            "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "('shapes_tiny_val',)"]
+    opts = [
+        *SMOKE_OPTS,
+        "SOLVER.IMS_PER_BATCH",
+        "1",
+        "SOLVER.WARMUP_ITERS",
+        "1",
+        "SOLVER.STEPS",
+        "()",
+        "TEST.EVAL_PERIOD",
+        "0",
+        "DATASETS.TEST",
+        "('shapes_tiny_val',)",
+    ]
     first = train_run("shapes/gn.yaml", [*opts, "SOLVER.MAX_ITER", "2"], run, threads=1)
     assert first["returncode"] == 0 and "resumed_from" not in first
     # Make it a run of 4 iterations stopped after the checkpoint of iteration 2 (index 1).
     shutil.copy(run / "model_final.pth", run / "model_0000001.pth")
     (run / "last_checkpoint").write_text("model_0000001.pth")
     (run / "run.json").unlink()
-    second = train_run("shapes/gn.yaml", [*opts, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100"],
-                       run, threads=1)
+    second = train_run(
+        "shapes/gn.yaml",
+        [*opts, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100"],
+        run,
+        threads=1,
+    )
     assert second["returncode"] == 0 and second["resumed_from"] == 2
     assert second["seconds"] >= second["process_seconds"]  # both processes' time, from log.txt
     assert "Starting training from iteration 2" in (run / "log.txt").read_text()
@@ -263,7 +433,8 @@ def test_logged_seconds_counts_the_processes_that_trained_what_the_run_has(tmp_p
         "[12/31 23:50:00] d2.utils.events INFO:  iter: 899\n"  # 50 minutes, then stopped
         "[01/01 00:30:00] detectron2 INFO: Rank of current process: 0. World size: 1\n"
         "[01/01 00:30:01] d2.engine.train_loop INFO: Starting training from iteration 900\n"
-        "[01/01 00:50:00] d2.evaluation.testing INFO: copypaste: 1.0\n")  # 20 minutes, over New Year
+        "[01/01 00:50:00] d2.evaluation.testing INFO: copypaste: 1.0\n"
+    )  # 20 minutes, over New Year
     assert logged_seconds(tmp_path) == 70 * 60
 
 
@@ -275,13 +446,35 @@ def test_gpu_smoke_runs_every_check_on_the_cpu(tmp_path):
     import sys
 
     results = tmp_path / "smoke.json"
-    done = subprocess.run([sys.executable, str(TOOLS / "gpu_smoke.py"), "--device", "cpu", "--small", "--iterations", "2",
-                           "--json", str(results)], capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(TOOLS / "gpu_smoke.py"),
+            "--device",
+            "cpu",
+            "--small",
+            "--iterations",
+            "2",
+            "--json",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     rows = json.loads(results.read_text())["rows"]
-    assert [r["check"] for r in rows] == ["train_amp", "train_amp_adamw_clip", "train_amp_recompute",
-                                          "memory_1_image", "ddp_2_processes", "calibrate_distill", "resume",
-                                          "export", "fold"]
+    assert [r["check"] for r in rows] == [
+        "train_amp",
+        "train_amp_adamw_clip",
+        "train_amp_recompute",
+        "memory_1_image",
+        "ddp_2_processes",
+        "calibrate_distill",
+        "resume",
+        "export",
+        "fold",
+    ]
     assert {r["status"] for r in rows} == {"PASS"}, rows
     assert "| ddp_2_processes | PASS |" in done.stdout and "gloo" in done.stdout
 
@@ -296,24 +489,56 @@ def test_backbone_study_smoke(tmp_path, capsys):
         result = json.loads((out / f"pretrain_{norm}" / "result.json").read_text())
         assert result["norm"] == norm.upper() and 0 <= result["val_miou"] <= 1
         assert (out / f"pretrain_{norm}" / "backbone.pkl").is_file()
-    assert study.main(["finetune", "--smoke", "--output-dir", str(out), "--starts", "distill", "gn_pretrained",
-                       "frozenbn", "--jobs", "2"]) == 0
-    assert (out / "distilled_bn_to_gn.pkl").is_file() and len(list((out / "proxy_images").glob("*.png"))) == 32
+    assert (
+        study.main(
+            [
+                "finetune",
+                "--smoke",
+                "--output-dir",
+                str(out),
+                "--starts",
+                "distill",
+                "gn_pretrained",
+                "frozenbn",
+                "--jobs",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (out / "distilled_bn_to_gn.pkl").is_file() and len(
+        list((out / "proxy_images").glob("*.png"))
+    ) == 32
     capsys.readouterr()
     plot, results = tmp_path / "route.png", tmp_path / "route.json"
-    assert study.main(["report", "--output-dir", str(out), "--plot", str(plot), "--json", str(results)]) == 0
+    assert (
+        study.main(
+            ["report", "--output-dir", str(out), "--plot", str(plot), "--json", str(results)]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
-    for start in ("BN-pretrained, FrozenBN (detectron2's classic)", "BN-pretrained, converted to GN: stats + distill",
-                  "GN-pretrained"):
+    for start in (
+        "BN-pretrained, FrozenBN (detectron2's classic)",
+        "BN-pretrained, converted to GN: stats + distill",
+        "GN-pretrained",
+    ):
         assert f"| shapes | {start} | 2 | 1 |" in table
     written = json.loads(results.read_text())
-    assert written["columns"][1] == "start" and len(written["rows"]) == 3  # lab/tools/render_results.py's format
-    assert written["command"].startswith("lab/tools/backbone_study.py pretrain --smoke")  # every stage, in order
+    assert (
+        written["columns"][1] == "start" and len(written["rows"]) == 3
+    )  # lab/tools/render_results.py's format
+    assert written["command"].startswith(
+        "lab/tools/backbone_study.py pretrain --smoke"
+    )  # every stage, in order
     assert "; lab/tools/backbone_study.py finetune --smoke" in written["command"]
     assert written["command"].endswith(str(results))
     assert all(r["box"]["low"] <= r["box"]["ap"] <= r["box"]["high"] for r in written["data"])
     pretraining = json.loads((tmp_path / "route_pretrain.json").read_text())
-    assert [row[0] for row in pretraining["rows"]] == ["R-18, BN", "R-18, GN"] and "| R-18, GN | 4 | 8 |" in table
+    assert [row[0] for row in pretraining["rows"]] == [
+        "R-18, BN",
+        "R-18, GN",
+    ] and "| R-18, GN | 4 | 8 |" in table
     assert Image.open(plot).size[0] > 0
     assert study.main(["report", "--output-dir", str(out), "--plot", str(plot)]) == 2  # no --force
 
@@ -322,28 +547,69 @@ def test_fold_study_smoke(gn_run, tmp_path, capsys):
     """lab/tools/fold_study.py: accuracy stage by stage on a 2-iteration GN run, timing of the
     variants, the report."""
     run = gn_run[0]
-    accuracy, timing, plot = tmp_path / "accuracy.json", tmp_path / "timing.json", tmp_path / "fold.png"
+    accuracy, timing, plot = (
+        tmp_path / "accuracy.json",
+        tmp_path / "timing.json",
+        tmp_path / "fold.png",
+    )
     tool = _tool("fold_study")  # in this process, where tiny_env registered shapes_tiny too
-    assert tool.main(["accuracy", "--smoke", "--run", str(run), "--dataset", "shapes_tiny_val", "--plans",
-                      "all folded", "ROI heads keep GN", "--json", str(accuracy)]) == 0
+    assert (
+        tool.main(
+            [
+                "accuracy",
+                "--smoke",
+                "--run",
+                str(run),
+                "--dataset",
+                "shapes_tiny_val",
+                "--plans",
+                "all folded",
+                "ROI heads keep GN",
+                "--json",
+                str(accuracy),
+            ]
+        )
+        == 0
+    )
     assert tool.main(["timing", "--smoke", "--json", str(timing)]) == 0
     rows = json.loads(accuracy.read_text())["rows"]
     assert [(r["plan"], r["stage"]) for r in rows] == [
-        ("GN (as trained)", "GN"), ("all folded", "affine from statistics"), ("all folded", "+ distill 1"),
-        ("all folded", "+ fold (deployed)"), ("ROI heads keep GN", "affine from statistics"),
-        ("ROI heads keep GN", "+ distill 1"), ("ROI heads keep GN", "+ fold (deployed)")]
+        ("GN (as trained)", "GN"),
+        ("all folded", "affine from statistics"),
+        ("all folded", "+ distill 1"),
+        ("all folded", "+ fold (deployed)"),
+        ("ROI heads keep GN", "affine from statistics"),
+        ("ROI heads keep GN", "+ distill 1"),
+        ("ROI heads keep GN", "+ fold (deployed)"),
+    ]
     assert rows[3]["layers"] == {"folded into the conv": rows[3]["layers"]["folded into the conv"]}
     assert "kept as GN" in rows[6]["layers"]
     variants = {(r["model"], r["variant"]) for r in json.loads(timing.read_text())["rows"]}
-    assert ("R-50-FPN 1333x800", "GN, all folded") in variants and ("shapes R-18-FPN 256x256", "FrozenBN folded") in variants
-    report = ["report", str(accuracy), "--timing", str(timing), "--plot", str(plot),
-              "--results", str(tmp_path / "folding"), "--commands", "the commands"]
+    assert ("R-50-FPN 1333x800", "GN, all folded") in variants and (
+        "shapes R-18-FPN 256x256",
+        "FrozenBN folded",
+    ) in variants
+    report = [
+        "report",
+        str(accuracy),
+        "--timing",
+        str(timing),
+        "--plot",
+        str(plot),
+        "--results",
+        str(tmp_path / "folding"),
+        "--commands",
+        "the commands",
+    ]
     capsys.readouterr()
     assert tool.main(report) == 0
     out = capsys.readouterr().out
     assert "| all folded | + fold (deployed) |" in out and "/ FrozenBN folded" in out
     assert Image.open(plot).size[0] > 0
-    for kind, count in (("accuracy", 7), ("timing", len(variants))):  # lab/tools/render_results.py's format
+    for kind, count in (
+        ("accuracy", 7),
+        ("timing", len(variants)),
+    ):  # lab/tools/render_results.py's format
         result = json.loads((tmp_path / f"folding_{kind}.json").read_text())
         assert result["command"] == "the commands" and len(result["rows"]) == count
         assert all(len(row) == len(result["columns"]) for row in result["rows"])

@@ -3,10 +3,10 @@
 batch, against a GN-pretrained backbone, FrozenBN and GN from scratch.
 
     lab/tools/backbone_study.py pretrain --output-dir output/backbone --norms bn gn --jobs 2
-    lab/tools/backbone_study.py finetune --output-dir output/backbone --starts frozenbn copy stats \\
-        distill gn_pretrained scratch --lr-factors 1 0.5 --seeds 1 --jobs 2
-    lab/tools/backbone_study.py report --output-dir output/backbone --plot lab/images/backbone_route.png \\
-        --json lab/results/backbone_route.json
+    lab/tools/backbone_study.py finetune --output-dir output/backbone --starts frozenbn copy \\
+        stats distill gn_pretrained scratch --lr-factors 1 0.5 --seeds 1 --jobs 2
+    lab/tools/backbone_study.py report --output-dir output/backbone \\
+        --plot lab/images/backbone_route.png --json lab/results/backbone_route.json
     lab/tools/backbone_study.py ... --smoke          # seconds per stage (tests)
 
 1. **pretrain** (``gn_det_lab.pretrain``): the shapes detector's R-18 body with a per-pixel
@@ -35,6 +35,7 @@ back, stopped ones resume.
 from __future__ import annotations
 
 import pathlib, sys  # noqa: E401  (lab/ on the path: gn_det_lab is not installed)
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse
@@ -57,8 +58,11 @@ SMOKE_PROXY = {"num_train": 64, "num_val": 16}
 
 def _weights(args) -> dict:
     root = Path(args.output_dir)
-    return {"bn": str(root / "pretrain_bn" / "backbone.pkl"), "gn": str(root / "pretrain_gn" / "backbone.pkl"),
-            "distilled": str(root / "distilled_bn_to_gn.pkl")}
+    return {
+        "bn": str(root / "pretrain_bn" / "backbone.pkl"),
+        "gn": str(root / "pretrain_gn" / "backbone.pkl"),
+        "distilled": str(root / "distilled_bn_to_gn.pkl"),
+    }
 
 
 def _proxy(args):
@@ -76,9 +80,15 @@ def pretrain_one(norm: str, args) -> dict:
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
     steps = 4 if args.smoke else args.pretrain_steps
-    return pretrain(norm.upper(), Path(args.output_dir) / f"pretrain_{norm}", steps=steps,
-                    eval_period=2 if args.smoke else args.pretrain_eval_period, warmup=2 if args.smoke else 100,
-                    batch_size=8 if args.smoke else 32, spec=_proxy(args))
+    return pretrain(
+        norm.upper(),
+        Path(args.output_dir) / f"pretrain_{norm}",
+        steps=steps,
+        eval_period=2 if args.smoke else args.pretrain_eval_period,
+        warmup=2 if args.smoke else 100,
+        batch_size=8 if args.smoke else 32,
+        spec=_proxy(args),
+    )
 
 
 def distill_backbone(args) -> str:
@@ -90,8 +100,22 @@ def distill_backbone(args) -> str:
     if Path(weights["distilled"]).is_file():
         return weights["distilled"]
     images = write_proxy_images(_proxy(args), "train", 32, Path(args.output_dir) / "proxy_images")
-    command = [sys.executable, "-m", "gn_det.cli", "convert", "--config", "shapes/bn.yaml", "--weights", weights["bn"],
-               "--transfer", "distill", "--calib-images-dir", str(images), "--output", weights["distilled"]]
+    command = [
+        sys.executable,
+        "-m",
+        "gn_det.cli",
+        "convert",
+        "--config",
+        "shapes/bn.yaml",
+        "--weights",
+        weights["bn"],
+        "--transfer",
+        "distill",
+        "--calib-images-dir",
+        str(images),
+        "--output",
+        weights["distilled"],
+    ]
     if args.smoke:
         command += ["--calib-images", "2", "--calib-distill-steps", "1", *SMOKE_OPTS[4:8]]
     subprocess.run(command, check=True)
@@ -103,9 +127,18 @@ def _schedule(config: str, batch: int, factor: float, iterations: int) -> list:
 
     solver = load_config(resolve_config_name(config)).SOLVER
     lr = solver.BASE_LR * math.sqrt(batch / solver.IMS_PER_BATCH) * factor
-    return ["SOLVER.IMS_PER_BATCH", str(batch), "SOLVER.BASE_LR", repr(lr), "SOLVER.MAX_ITER", str(iterations),
-            "SOLVER.WARMUP_ITERS", str(max(1, min(100, iterations // 10))),
-            "SOLVER.STEPS", f"({max(1, min(iterations - 1, round(iterations * 0.8)))},)"]
+    return [
+        "SOLVER.IMS_PER_BATCH",
+        str(batch),
+        "SOLVER.BASE_LR",
+        repr(lr),
+        "SOLVER.MAX_ITER",
+        str(iterations),
+        "SOLVER.WARMUP_ITERS",
+        str(max(1, min(100, iterations // 10))),
+        "SOLVER.STEPS",
+        f"({max(1, min(iterations - 1, round(iterations * 0.8)))},)",
+    ]
 
 
 CHILD = "GN_DET_BACKBONE_STUDY_CHILD"  # set for the processes the tool starts itself
@@ -135,22 +168,50 @@ def finetune_one(start: str, factor: float, seed: int, args) -> dict:
 
     train, val, large, short, long = DATA[args.data]
     iterations = 2 if args.smoke else args.iterations
-    run_dir = Path(args.output_dir) / cell_name(start, args.batch, iterations, factor, seed, args.data)
+    run_dir = Path(args.output_dir) / cell_name(
+        start, args.batch, iterations, factor, seed, args.data
+    )
     config, opts = start_config(start, _weights(args))
     period = iterations if args.smoke else args.eval_period
-    opts += [*_schedule(config, args.batch, factor, iterations), "SEED", str(seed),
-             "TEST.EVAL_PERIOD", str(period), "SOLVER.CHECKPOINT_PERIOD", str(period),
-             "DATASETS.TRAIN", f"('{train}',)"]
+    opts += [
+        *_schedule(config, args.batch, factor, iterations),
+        "SEED",
+        str(seed),
+        "TEST.EVAL_PERIOD",
+        str(period),
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(period),
+        "DATASETS.TRAIN",
+        f"('{train}',)",
+    ]
     if args.smoke:
         opts += SMOKE_OPTS
     elif args.data != "shapes":
-        opts += ["INPUT.MIN_SIZE_TRAIN", f"({short},)", "INPUT.MAX_SIZE_TRAIN", str(long),
-                 "INPUT.MIN_SIZE_TEST", str(short), "INPUT.MAX_SIZE_TEST", str(long)]
+        opts += [
+            "INPUT.MIN_SIZE_TRAIN",
+            f"({short},)",
+            "INPUT.MAX_SIZE_TRAIN",
+            str(long),
+            "INPUT.MIN_SIZE_TEST",
+            str(short),
+            "INPUT.MAX_SIZE_TEST",
+            str(long),
+        ]
     threads = args.threads or threads_per_job(args.jobs)
     # Seed 1's checkpoints make the curve on the large split; other seeds add their final point.
-    record = train_run(config, opts, run_dir, datasets=[val], threads=threads, keep_checkpoints=seed == 1)
-    cell = {"start": start, "batch": args.batch, "iterations": iterations, "lr_factor": factor, "seed": seed,
-            "data": args.data, "run_dir": str(run_dir), **record}
+    record = train_run(
+        config, opts, run_dir, datasets=[val], threads=threads, keep_checkpoints=seed == 1
+    )
+    cell = {
+        "start": start,
+        "batch": args.batch,
+        "iterations": iterations,
+        "lr_factor": factor,
+        "seed": seed,
+        "data": args.data,
+        "run_dir": str(run_dir),
+        **record,
+    }
     if record.get("returncode") == 0 and not math.isnan(record.get("box_ap", math.nan)):
         if args.smoke:  # the tests: in this process, one cell at a time, no interpreter to start
             from gn_det_lab.backbone import checkpoint_intervals
@@ -159,8 +220,21 @@ def finetune_one(start: str, factor: float, seed: int, args) -> dict:
                 checkpoint_intervals(run_dir, "shapes_val", resamples=20)
             return cell
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        subprocess.run([sys.executable, __file__, "intervals", "--run-dir", str(run_dir), "--dataset", large,
-                        "--resamples", str(args.resamples)], check=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "intervals",
+                "--run-dir",
+                str(run_dir),
+                "--dataset",
+                large,
+                "--resamples",
+                str(args.resamples),
+            ],
+            check=True,
+            env=env,
+        )
     return cell
 
 
@@ -186,26 +260,52 @@ def read_cells(args) -> list:
         iterations = int(parts[-3][1:])
         batch = int(parts[-4][1:])
         start = "_".join(parts[:-4])
-        cells.append({"start": start, "batch": batch, "iterations": iterations, "lr_factor": factor, "seed": seed,
-                      "data": data,
-                      "run_dir": str(run_dir), "record": record, "split": intervals[0].stem[len("intervals_"):],
-                      "curve": curve,
-                      "val": record["evaluations"]})
+        cells.append(
+            {
+                "start": start,
+                "batch": batch,
+                "iterations": iterations,
+                "lr_factor": factor,
+                "seed": seed,
+                "data": data,
+                "run_dir": str(run_dir),
+                "record": record,
+                "split": intervals[0].stem[len("intervals_") :],
+                "curve": curve,
+                "val": record["evaluations"],
+            }
+        )
     return cells
 
 
-PRETRAIN_COLUMNS = ["backbone", "steps", "batch", "val pixel accuracy", "val shape accuracy", "val mIoU",
-                    "mIoU, last 1,000 steps", "minutes"]
+PRETRAIN_COLUMNS = [
+    "backbone",
+    "steps",
+    "batch",
+    "val pixel accuracy",
+    "val shape accuracy",
+    "val mIoU",
+    "mIoU, last 1,000 steps",
+    "minutes",
+]
 
 
 def read_pretraining(output_dir) -> dict:
-    """norm -> (result.json, the validation points of metrics.jsonl) of each finished pretraining."""
+    """norm -> (result.json, the validation points of metrics.jsonl) of each finished
+    pretraining."""
     found = {}
     for norm in ("bn", "gn"):
         run = Path(output_dir) / f"pretrain_{norm}"
         if (run / "result.json").is_file():
-            points = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-            found[norm] = (json.loads((run / "result.json").read_text()), [p for p in points if "val_miou" in p])
+            points = [
+                json.loads(line)
+                for line in (run / "metrics.jsonl").read_text().splitlines()
+                if line.strip()
+            ]
+            found[norm] = (
+                json.loads((run / "result.json").read_text()),
+                [p for p in points if "val_miou" in p],
+            )
     return found
 
 
@@ -214,9 +314,18 @@ def pretrain_rows(pretraining: dict) -> list:
     for norm, (result, points) in pretraining.items():
         before = [p for p in points if p["step"] <= result["steps"] - 1000]
         rise = f"{before[-1]['val_miou']:.3f} → {result['val_miou']:.3f}" if before else "—"
-        rows.append([f"R-18, {result['norm']}", f"{result['steps']:,}", str(result["batch_size"]),
-                     f"{result['val_pixel_accuracy']:.3f}", f"{result['val_shape_accuracy']:.3f}",
-                     f"{result['val_miou']:.3f}", rise, f"{result['seconds'] / 60:.0f}"])
+        rows.append(
+            [
+                f"R-18, {result['norm']}",
+                f"{result['steps']:,}",
+                str(result["batch_size"]),
+                f"{result['val_pixel_accuracy']:.3f}",
+                f"{result['val_shape_accuracy']:.3f}",
+                f"{result['val_miou']:.3f}",
+                rise,
+                f"{result['seconds'] / 60:.0f}",
+            ]
+        )
     return rows
 
 
@@ -228,46 +337,90 @@ def summarize(cells: list) -> list:
 
     groups = {}
     for c in cells:
-        groups.setdefault((c["data"], c["start"], c["batch"], c["iterations"]), {}).setdefault(c["lr_factor"], []).append(c)
+        groups.setdefault((c["data"], c["start"], c["batch"], c["iterations"]), {}).setdefault(
+            c["lr_factor"], []
+        ).append(c)
     rows = []
     for (data, start, batch, iterations), by_factor in groups.items():
+
         def val_box(runs):
             return statistics.mean(r["record"]["box_ap"] for r in runs)
 
         factor, runs = max(by_factor.items(), key=lambda kv: val_box(kv[1]))
         runs = sorted(runs, key=lambda r: r["seed"])
         final = [r["curve"][-1] for r in runs]
-        row = {"data": data, "start": start, "description": STARTS[start][2], "batch": batch,
-               "iterations": iterations, "lr_factor": factor,
-               "lr_factors_tried": sorted(by_factor), "seeds": [r["seed"] for r in runs],
-               "split": runs[0]["split"],
-               "val_box_ap": runs[0]["record"]["box_ap"], "val_mask_ap": runs[0]["record"]["mask_ap"],
-               "minutes": statistics.mean(r["record"]["seconds"] for r in runs) / 60,
-               "curve": runs[0]["curve"],
-               "other_seeds": [{"seed": r["seed"], "box": f["box"]["ap"], "mask": f["mask"]["ap"]}
-                               for r, f in zip(runs[1:], final[1:])],
-               "mean": {kind: statistics.mean(f[kind]["ap"] for f in final) for kind in ("box", "mask")}}
+        row = {
+            "data": data,
+            "start": start,
+            "description": STARTS[start][2],
+            "batch": batch,
+            "iterations": iterations,
+            "lr_factor": factor,
+            "lr_factors_tried": sorted(by_factor),
+            "seeds": [r["seed"] for r in runs],
+            "split": runs[0]["split"],
+            "val_box_ap": runs[0]["record"]["box_ap"],
+            "val_mask_ap": runs[0]["record"]["mask_ap"],
+            "minutes": statistics.mean(r["record"]["seconds"] for r in runs) / 60,
+            "curve": runs[0]["curve"],
+            "other_seeds": [
+                {"seed": r["seed"], "box": f["box"]["ap"], "mask": f["mask"]["ap"]}
+                for r, f in zip(runs[1:], final[1:])
+            ],
+            "mean": {
+                kind: statistics.mean(f[kind]["ap"] for f in final) for kind in ("box", "mask")
+            },
+        }
         for kind in ("box", "mask"):
             row[kind] = dict(final[0][kind])
         rows.append(row)
     order = list(STARTS)
-    return sorted(rows, key=lambda r: (r["data"], r["batch"], r["iterations"], order.index(r["start"])))
+    return sorted(
+        rows, key=lambda r: (r["data"], r["batch"], r["iterations"], order.index(r["start"]))
+    )
 
 
-COLUMNS = ["data", "start", "iterations", "LR ×", "box AP [95 % interval], seed 1",
-           "mask AP [95 % interval], seed 1", "other seeds: box / mask AP", "mean over seeds: box / mask AP",
-           "box / mask AP, val, seed 1", "minutes per run"]
+COLUMNS = [
+    "data",
+    "start",
+    "iterations",
+    "LR ×",
+    "box AP [95 % interval], seed 1",
+    "mask AP [95 % interval], seed 1",
+    "other seeds: box / mask AP",
+    "mean over seeds: box / mask AP",
+    "box / mask AP, val, seed 1",
+    "minutes per run",
+]
 
 
 def table_rows(rows: list) -> list:
     """The table's cells, as the markdown table prints them."""
     out = []
     for r in rows:
-        cells = [f"{r[k]['ap']:.1f} [{r[k]['low']:.1f}, {r[k]['high']:.1f}]" for k in ("box", "mask")]
-        others = "; ".join(f"seed {o['seed']}: {o['box']:.1f} / {o['mask']:.1f}" for o in r["other_seeds"]) or "—"
+        cells = [
+            f"{r[k]['ap']:.1f} [{r[k]['low']:.1f}, {r[k]['high']:.1f}]" for k in ("box", "mask")
+        ]
+        others = (
+            "; ".join(
+                f"seed {o['seed']}: {o['box']:.1f} / {o['mask']:.1f}" for o in r["other_seeds"]
+            )
+            or "—"
+        )
         mean = f"{r['mean']['box']:.1f} / {r['mean']['mask']:.1f}" if r["other_seeds"] else "—"
-        out.append([r["data"], r["description"], f"{r['iterations']:,}", f"{r['lr_factor']:g}", *cells, others, mean,
-                    f"{r['val_box_ap']:.1f} / {r['val_mask_ap']:.1f}", f"{r['minutes']:.0f}"])
+        out.append(
+            [
+                r["data"],
+                r["description"],
+                f"{r['iterations']:,}",
+                f"{r['lr_factor']:g}",
+                *cells,
+                others,
+                mean,
+                f"{r['val_box_ap']:.1f} / {r['val_mask_ap']:.1f}",
+                f"{r['minutes']:.0f}",
+            ]
+        )
     return out
 
 
@@ -283,11 +436,19 @@ def plot(rows: list, path: str, *, overwrite: bool, pretraining: dict = None) ->
     figure = Figure(figsize=(10, 3.8 * panels), layout="constrained")
     axes = figure.subplots(panels, 2, squeeze=False)
     if pretraining:
-        for ax, key, label in zip(axes[-1], ("val_miou", "val_shape_accuracy"), ("mIoU", "shape accuracy")):
+        for ax, key, label in zip(
+            axes[-1], ("val_miou", "val_shape_accuracy"), ("mIoU", "shape accuracy")
+        ):
             for norm, (result, points) in pretraining.items():  # colours apart from the starts'
-                ax.plot([p["step"] for p in points], [p[key] for p in points], marker="s", markersize=3,
-                        color="black" if norm == "bn" else "gray", linestyle="-" if norm == "bn" else "--",
-                        label=f"{result['norm']}-pretrained: {result[key]:.3f}")
+                ax.plot(
+                    [p["step"] for p in points],
+                    [p[key] for p in points],
+                    marker="s",
+                    markersize=3,
+                    color="black" if norm == "bn" else "gray",
+                    linestyle="-" if norm == "bn" else "--",
+                    label=f"{result['norm']}-pretrained: {result[key]:.3f}",
+                )
             ax.set_title(f"pretraining on the proxy task: validation {label}", fontsize=10)
             ax.set_xlabel("pretraining steps (32 images each)")
             ax.set_ylabel(label)
@@ -301,10 +462,20 @@ def plot(rows: list, path: str, *, overwrite: bool, pretraining: dict = None) ->
                 low = [p[kind]["ap"] - p[kind]["low"] for p in row["curve"]]
                 high = [p[kind]["high"] - p[kind]["ap"] for p in row["curve"]]
                 label = f"{row['description']}: {y[-1]:.1f} box / {row['mask']['ap']:.1f} mask"
-                ax.errorbar(x, y, yerr=[low, high], marker="o", markersize=3, capsize=2, color=f"C{index}",
-                            label=label if kind == "box" else None)
+                ax.errorbar(
+                    x,
+                    y,
+                    yerr=[low, high],
+                    marker="o",
+                    markersize=3,
+                    capsize=2,
+                    color=f"C{index}",
+                    label=label if kind == "box" else None,
+                )
                 for other in row["other_seeds"]:  # the other seeds' final AP
-                    ax.plot([x[-1] + 60], [other[kind]], marker="x", markersize=6, color=f"C{index}")
+                    ax.plot(
+                        [x[-1] + 60], [other[kind]], marker="x", markersize=6, color=f"C{index}"
+                    )
             split = next(r["split"] for r in rows if r["data"] == data)
             ax.set_title(f"{kind} AP, {split} (95 % intervals; ×: seed 2)", fontsize=10)
             ax.set_xlabel("fine-tuning iterations (1 image each)")
@@ -316,14 +487,19 @@ def plot(rows: list, path: str, *, overwrite: bool, pretraining: dict = None) ->
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("stage", choices=("pretrain", "finetune", "report", "intervals"))
     parser.add_argument("--output-dir", default="output/backbone")
     parser.add_argument("--norms", nargs="+", default=["bn", "gn"], choices=("bn", "gn"))
     parser.add_argument("--pretrain-steps", type=int, default=4000)
     parser.add_argument("--pretrain-eval-period", type=int, default=500)
-    parser.add_argument("--starts", nargs="+", default=["frozenbn", "copy", "stats", "distill", "gn_pretrained", "scratch"])
+    parser.add_argument(
+        "--starts",
+        nargs="+",
+        default=["frozenbn", "copy", "stats", "distill", "gn_pretrained", "scratch"],
+    )
     parser.add_argument("--data", default="shapes", choices=sorted(DATA))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3600)
@@ -332,8 +508,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--resamples", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per run (default: the cores shared out over --jobs)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per run (default: the cores shared out over --jobs)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny everything (tests)")
     parser.add_argument("--plot", help="report: the PNG to write")
     parser.add_argument("--json", help="report: the JSON to write")
@@ -359,9 +539,17 @@ def main(argv=None) -> int:
 
         def one(norm):  # each norm in its own process, its share of the cores
             threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
-            command = [sys.executable, __file__, *(a for a in (argv or sys.argv[1:])), "--norms", norm]
+            command = [
+                sys.executable,
+                __file__,
+                *(a for a in (argv or sys.argv[1:])),
+                "--norms",
+                norm,
+            ]
             env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **{CHILD: "1"})
-            return subprocess.run(command, check=True, env=env, capture_output=True, text=True).stdout
+            return subprocess.run(
+                command, check=True, env=env, capture_output=True, text=True
+            ).stdout
 
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             for result in pool.map(one, args.norms):
@@ -373,9 +561,13 @@ def main(argv=None) -> int:
         jobs = [(s, f, seed) for seed in args.seeds for f in args.lr_factors for s in args.starts]
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             for cell in pool.map(lambda job: finetune_one(*job, args), jobs):
-                print(f"{cell_name(cell['start'], cell['batch'], cell['iterations'], cell['lr_factor'], cell['seed'], cell['data'])}: "
-                      f"box / mask AP on the validation split {cell.get('box_ap', math.nan):.1f} / "
-                      f"{cell.get('mask_ap', math.nan):.1f}", flush=True)
+                keys = ("start", "batch", "iterations", "lr_factor", "seed", "data")
+                print(
+                    f"{cell_name(*(cell[k] for k in keys))}: "
+                    f"box / mask AP on the validation split {cell.get('box_ap', math.nan):.1f} / "
+                    f"{cell.get('mask_ap', math.nan):.1f}",
+                    flush=True,
+                )
         return 0
     rows = summarize(read_cells(args))
     if not rows:
@@ -396,15 +588,30 @@ def main(argv=None) -> int:
     if args.json:
         commands = Path(args.output_dir) / COMMANDS
         ran = commands.read_text().splitlines() if commands.is_file() else []
-        made = {"command": "; ".join(dict.fromkeys([*ran, command_line(argv)])),
-                "machine": f"{os.cpu_count()} CPU cores; one thread per run"}
-        write_results(args.json, title="The backbone route: fine-tuning at 1 image per batch from each start",
-                      columns=COLUMNS, rows=table_rows(rows), data=rows, **made)
+        made = {
+            "command": "; ".join(dict.fromkeys([*ran, command_line(argv)])),
+            "machine": f"{os.cpu_count()} CPU cores; one thread per run",
+        }
+        write_results(
+            args.json,
+            title="The backbone route: fine-tuning at 1 image per batch from each start",
+            columns=COLUMNS,
+            rows=table_rows(rows),
+            data=rows,
+            **made,
+        )
         if pretraining:  # beside it: <json>_pretrain.json
-            write_results(str(Path(args.json).with_suffix("")) + "_pretrain.json",
-                          title="The backbone route: pretraining on the proxy task", columns=PRETRAIN_COLUMNS,
-                          rows=pretrain_rows(pretraining), **made,
-                          data={norm: {"result": r, "curve": points} for norm, (r, points) in pretraining.items()})
+            write_results(
+                str(Path(args.json).with_suffix("")) + "_pretrain.json",
+                title="The backbone route: pretraining on the proxy task",
+                columns=PRETRAIN_COLUMNS,
+                rows=pretrain_rows(pretraining),
+                **made,
+                data={
+                    norm: {"result": r, "curve": points}
+                    for norm, (r, points) in pretraining.items()
+                },
+            )
     return 0
 
 

@@ -29,6 +29,7 @@ Four parts, each printed as a markdown table:
 from __future__ import annotations
 
 import pathlib, sys  # noqa: E401  (lab/ on the path: gn_det_lab is not installed)
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse
@@ -44,8 +45,14 @@ from gn_det_lab.memory import MEASURE_ENV, peak_rss_mib, reset_peak_rss, rss_mib
 from gn_det_lab.random_weights import SMALL_MODEL_OPTS, normalize_norm_statistics
 
 REFERENCE = "frozenbn_4conv1fc"
-_4CONV1FC = ["MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead", "MODEL.ROI_BOX_HEAD.NUM_CONV", "4",
-             "MODEL.ROI_BOX_HEAD.NUM_FC", "1"]
+_4CONV1FC = [
+    "MODEL.ROI_BOX_HEAD.NAME",
+    "FastRCNNConvFCHead",
+    "MODEL.ROI_BOX_HEAD.NUM_CONV",
+    "4",
+    "MODEL.ROI_BOX_HEAD.NUM_FC",
+    "1",
+]
 _NAIVE_SYNC = [f"MODEL.{k}.NORM" for k in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")]
 # name -> (config: gn_det name, or "zoo:" + a detectron2 model-zoo path; overrides)
 VARIANTS = {
@@ -55,7 +62,10 @@ VARIANTS = {
     "gn": ("gn_mask_rcnn.yaml", []),
     "gn_native": ("zoo:Misc/mask_rcnn_R_50_FPN_3x_gn.yaml", []),
     "gn_recompute": ("gn_mask_rcnn.yaml", ["MODEL.NORM_CONVERSION.RECOMPUTE", "True"]),
-    "naive_syncbn": ("mask_rcnn_R_50_FPN_bn.yaml", [x for k in _NAIVE_SYNC for x in (k, "naiveSyncBN")]),
+    "naive_syncbn": (
+        "mask_rcnn_R_50_FPN_bn.yaml",
+        [x for k in _NAIVE_SYNC for x in (k, "naiveSyncBN")],
+    ),
 }
 TIMED = [v for v in VARIANTS if v != "naive_syncbn"]  # naiveSyncBN is BN in one process
 DISTRIBUTED = ("gn", "naive_syncbn")
@@ -79,15 +89,38 @@ def build_cfg(variant: str, args):
     from gn_det.config import load_config, resolve_config_name
 
     name, overrides = VARIANTS[variant]
-    path = model_zoo.get_config_file(name[4:]) if name.startswith("zoo:") else resolve_config_name(name)
+    path = (
+        model_zoo.get_config_file(name[4:])
+        if name.startswith("zoo:")
+        else resolve_config_name(name)
+    )
     cfg = load_config(path)
-    cfg.merge_from_list((SMALL_MODEL_OPTS if args.smoke else []) + overrides + [
-        "MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "SOLVER.BASE_LR", "1e-4",
-        "INPUT.MIN_SIZE_TRAIN", f"({args.size},)", "INPUT.MAX_SIZE_TRAIN", str(args.max_size),
-        "INPUT.MIN_SIZE_TEST", str(args.size), "INPUT.MAX_SIZE_TEST", str(args.max_size),
-        "INPUT.RANDOM_FLIP", "none", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
-        "TEST.DETECTIONS_PER_IMAGE", "100",
-    ])
+    cfg.merge_from_list(
+        (SMALL_MODEL_OPTS if args.smoke else [])
+        + overrides
+        + [
+            "MODEL.WEIGHTS",
+            "",
+            "MODEL.DEVICE",
+            args.device,
+            "SOLVER.BASE_LR",
+            "1e-4",
+            "INPUT.MIN_SIZE_TRAIN",
+            f"({args.size},)",
+            "INPUT.MAX_SIZE_TRAIN",
+            str(args.max_size),
+            "INPUT.MIN_SIZE_TEST",
+            str(args.size),
+            "INPUT.MAX_SIZE_TEST",
+            str(args.max_size),
+            "INPUT.RANDOM_FLIP",
+            "none",
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+            "0.0",
+            "TEST.DETECTIONS_PER_IMAGE",
+            "100",
+        ]
+    )
     return cfg
 
 
@@ -106,7 +139,8 @@ def build(variant: str, args, batch):
 
 
 def load_batch(args, count: int):
-    """``count`` training inputs (images + instances) from ``args.dataset``, mapped as in training."""
+    """``count`` training inputs (images + instances) from ``args.dataset``, mapped as in
+    training."""
     from detectron2.data import DatasetCatalog, DatasetMapper
 
     import gn_det.data  # noqa: F401  (registers the shapes datasets)
@@ -168,13 +202,19 @@ def time_variants(args) -> dict:
     for v in variants:  # warm-up: first-call allocations, momentum buffers
         measure(v, record=False)
     for round_ in range(args.repeats):
-        order = variants[round_ % len(variants):] + variants[:round_ % len(variants)]
+        order = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]
         for v in order:
             measure(v, record=True)
-        print(f"round {round_ + 1}/{args.repeats}: " + ", ".join(
-            f"{v} {samples[v]['step_2'][-1]:.2f} s" for v in variants), file=sys.stderr, flush=True)
-    return {v: {k: statistics.median(s) for k, s in samples[v].items()} | {"samples": samples[v]}
-            for v in variants}
+        print(
+            f"round {round_ + 1}/{args.repeats}: "
+            + ", ".join(f"{v} {samples[v]['step_2'][-1]:.2f} s" for v in variants),
+            file=sys.stderr,
+            flush=True,
+        )
+    return {
+        v: {k: statistics.median(s) for k, s in samples[v].items()} | {"samples": samples[v]}
+        for v in variants
+    }
 
 
 def memory_worker(variant: str, args) -> dict:
@@ -204,8 +244,11 @@ def memory_worker(variant: str, args) -> dict:
     del losses, loss
     train_step(model, optimizer, batch)
     _sync(args.device)
-    result = {"variant": variant, "saved_mib": saved_bytes / 2**20,
-              "peak_rss_growth_mib": peak_rss_mib() - base_rss}
+    result = {
+        "variant": variant,
+        "saved_mib": saved_bytes / 2**20,
+        "peak_rss_growth_mib": peak_rss_mib() - base_rss,
+    }
     if args.device == "cuda":
         result["cuda_peak_growth_mib"] = torch.cuda.max_memory_allocated() / 2**20 - base
     return result
@@ -218,7 +261,10 @@ def memory_variants(args) -> dict:
     for v in [v for v in TIMED if v in args.variants]:
         out = subprocess.run(
             [sys.executable, __file__, "--memory-worker", v, *_shared_flags(args)],
-            check=True, capture_output=True, text=True, env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
         ).stdout
         results[v] = json.loads(out.strip().splitlines()[-1])
         print(f"memory {v}: {results[v]}", file=sys.stderr, flush=True)
@@ -250,9 +296,13 @@ def _distributed_worker(args, out_path: str) -> None:
     slowest = comm.gather({v: s for v, s in samples.items()}, dst=0)
     if rank == 0:
         # A step ends when the slower process ends it: the per-round maximum over processes.
-        per_round = {v: [max(r[v][i] for r in slowest) for i in range(args.repeats)] for v in DISTRIBUTED}
+        per_round = {
+            v: [max(r[v][i] for r in slowest) for i in range(args.repeats)] for v in DISTRIBUTED
+        }
         with open(out_path, "w") as f:
-            json.dump({v: {"step": statistics.median(s), "samples": s} for v, s in per_round.items()}, f)
+            json.dump(
+                {v: {"step": statistics.median(s), "samples": s} for v, s in per_round.items()}, f
+            )
 
 
 def distributed(args) -> dict:
@@ -293,10 +343,14 @@ def layer_bandwidth(args) -> dict:
         times = {}
         for name, fn in (("copy", copy), ("group_norm", group_norm), ("frozen_bn", frozen_bn)):
             fn()
-            times[name] = statistics.median(_timed(fn, args.device) for _ in range(args.layer_repeats))
+            times[name] = statistics.median(
+                _timed(fn, args.device) for _ in range(args.layer_repeats)
+            )
         nbytes = dy.numel() * dy.element_size()
         results[stage] = {
-            "shape": list(shape), "mib": nbytes / 2**20, **{f"{k}_ms": v * 1e3 for k, v in times.items()},
+            "shape": list(shape),
+            "mib": nbytes / 2**20,
+            **{f"{k}_ms": v * 1e3 for k, v in times.items()},
             "copy_gbps": 2 * nbytes / times["copy"] / 1e9,
             "group_norm_gbps": 5 * nbytes / times["group_norm"] / 1e9,
             "frozen_bn_gbps": 4 * nbytes / times["frozen_bn"] / 1e9,
@@ -306,7 +360,6 @@ def layer_bandwidth(args) -> dict:
 
 def profile_step(variant: str, args, rows: int = 12) -> str:
     """torch.profiler's table of one 2-image training step of ``variant`` (after a warm-up)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     batch = load_batch(args, 2)
@@ -320,13 +373,26 @@ def profile_step(variant: str, args, rows: int = 12) -> str:
     total = sum(e.self_cpu_time_total for e in averages)
     lines = [f"| {variant}: op | self time (s) | share |", "|---|---|---|"]
     for e in sorted(averages, key=lambda e: -e.self_cpu_time_total)[:rows]:
-        lines.append(f"| {e.key} | {e.self_cpu_time_total / 1e6:.2f} | {e.self_cpu_time_total / total:.1%} |")
+        lines.append(
+            f"| {e.key} | {e.self_cpu_time_total / 1e6:.2f} | {e.self_cpu_time_total / total:.1%} |"
+        )
     return "\n".join(lines)
 
 
 def _shared_flags(args) -> list:
-    return ["--size", str(args.size), "--max-size", str(args.max_size), "--dataset", args.dataset,
-            "--device", args.device, "--repeats", str(args.repeats), *(["--smoke"] if args.smoke else [])]
+    return [
+        "--size",
+        str(args.size),
+        "--max-size",
+        str(args.max_size),
+        "--dataset",
+        args.dataset,
+        "--device",
+        args.device,
+        "--repeats",
+        str(args.repeats),
+        *(["--smoke"] if args.smoke else []),
+    ]
 
 
 def report(results: dict) -> str:
@@ -334,35 +400,62 @@ def report(results: dict) -> str:
     timing, memory = results.get("timing", {}), results.get("memory", {})
     if timing:
         ref = timing[REFERENCE]
-        lines += ["| variant | step, 1 image (s) | ratio | step, 2 images (s) | ratio | "
-                  "inference, 1 image (s) | ratio |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| variant | step, 1 image (s) | ratio | step, 2 images (s) | ratio | "
+            "inference, 1 image (s) | ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for v, t in timing.items():
-            lines.append(f"| {v} | " + " | ".join(
-                f"{t[k]:.2f} | {t[k] / ref[k]:.3f}" for k in ("step_1", "step_2", "inference")) + " |")
+            lines.append(
+                f"| {v} | "
+                + " | ".join(
+                    f"{t[k]:.2f} | {t[k] / ref[k]:.3f}" for k in ("step_1", "step_2", "inference")
+                )
+                + " |"
+            )
         if "gn" in timing and "gn_native" in timing:
-            lines.append(f"\nconverted GN / native GN, step at 2 images: "
-                         f"{timing['gn']['step_2'] / timing['gn_native']['step_2']:.3f}")
+            lines.append(
+                f"\nconverted GN / native GN, step at 2 images: "
+                f"{timing['gn']['step_2'] / timing['gn_native']['step_2']:.3f}"
+            )
     if memory:
         ref = memory[REFERENCE]
-        lines += ["", "| variant | saved for backward (MiB) | ratio | peak RSS growth, 2 steps (MiB) | ratio |"
-                  + (" CUDA peak growth (MiB) | ratio |" if "cuda_peak_growth_mib" in ref else ""),
-                  "|---|---|---|---|---|" + ("---|---|" if "cuda_peak_growth_mib" in ref else "")]
+        lines += [
+            "",
+            "| variant | saved for backward (MiB) | ratio | peak RSS growth, 2 steps (MiB) "
+            "| ratio |"
+            + (" CUDA peak growth (MiB) | ratio |" if "cuda_peak_growth_mib" in ref else ""),
+            "|---|---|---|---|---|" + ("---|---|" if "cuda_peak_growth_mib" in ref else ""),
+        ]
         for v, m in memory.items():
-            keys = ["saved_mib", "peak_rss_growth_mib"] + (["cuda_peak_growth_mib"] if "cuda_peak_growth_mib" in m else [])
-            lines.append(f"| {v} | " + " | ".join(f"{m[k]:.0f} | {m[k] / ref[k]:.3f}" for k in keys) + " |")
+            keys = ["saved_mib", "peak_rss_growth_mib"] + (
+                ["cuda_peak_growth_mib"] if "cuda_peak_growth_mib" in m else []
+            )
+            lines.append(
+                f"| {v} | " + " | ".join(f"{m[k]:.0f} | {m[k] / ref[k]:.3f}" for k in keys) + " |"
+            )
     if "distributed" in results:
         d = results["distributed"]
         lines += ["", "| 2 processes, 1 image each | step (s) |", "|---|---|"]
         lines += [f"| {v} | {d[v]['step']:.2f} |" for v in DISTRIBUTED]
-        lines.append(f"\nnaiveSyncBN / GN step time: {d['naive_syncbn']['step'] / d['gn']['step']:.3f}")
+        lines.append(
+            f"\nnaiveSyncBN / GN step time: {d['naive_syncbn']['step'] / d['gn']['step']:.3f}"
+        )
     if "layer" in results:
-        lines += ["", "| stage | shape | MiB | copy (ms) | GN fwd+bwd (ms) | GN / copy time | copy GB/s | "
-                  "GN effective GB/s | of copy | FrozenBN affine fwd+bwd (ms) |", "|---" * 10 + "|"]
+        lines += [
+            "",
+            "| stage | shape | MiB | copy (ms) | GN fwd+bwd (ms) | GN / copy time | copy GB/s | "
+            "GN effective GB/s | of copy | FrozenBN affine fwd+bwd (ms) |",
+            "|---" * 10 + "|",
+        ]
         for stage, r in results["layer"].items():
-            lines.append(f"| {stage} | {'x'.join(map(str, r['shape']))} | {r['mib']:.0f} | {r['copy_ms']:.1f} | "
-                         f"{r['group_norm_ms']:.1f} | {r['group_norm_ms'] / r['copy_ms']:.1f} | "
-                         f"{r['copy_gbps']:.1f} | {r['group_norm_gbps']:.1f} | "
-                         f"{r['group_norm_gbps'] / r['copy_gbps']:.2f} | {r['frozen_bn_ms']:.1f} |")
+            lines.append(
+                f"| {stage} | {'x'.join(map(str, r['shape']))} | {r['mib']:.0f} | "
+                f"{r['copy_ms']:.1f} | "
+                f"{r['group_norm_ms']:.1f} | {r['group_norm_ms'] / r['copy_ms']:.1f} | "
+                f"{r['copy_gbps']:.1f} | {r['group_norm_gbps']:.1f} | "
+                f"{r['group_norm_gbps'] / r['copy_gbps']:.2f} | {r['frozen_bn_ms']:.1f} |"
+            )
     return "\n".join(lines)
 
 
@@ -373,8 +466,11 @@ def plot(results: dict, path: str, *, force: bool) -> None:
 
     timing, memory = results["timing"], results.get("memory", {})
     variants = list(timing)
-    panels = [("step_1", "training step, 1 image"), ("step_2", "training step, 2 images"),
-              ("inference", "inference, 1 image")]
+    panels = [
+        ("step_1", "training step, 1 image"),
+        ("step_2", "training step, 2 images"),
+        ("inference", "inference, 1 image"),
+    ]
     if memory:
         panels.append(("peak_rss_growth_mib", "peak training memory, 2 images"))
     figure = Figure(figsize=(3.2 * len(panels), 3.6), layout="constrained")
@@ -387,8 +483,14 @@ def plot(results: dict, path: str, *, force: bool) -> None:
         ax.invert_yaxis()
         ax.axvline(1.0, color="k", linewidth=0.8)
         for i, value in enumerate(values):
-            ax.annotate(f"{value:.2f}", (value, i), xytext=(3, 0), textcoords="offset points",
-                        va="center", fontsize=8)
+            ax.annotate(
+                f"{value:.2f}",
+                (value, i),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+            )
         ax.set_xlim(0, max(values) * 1.2)
         ax.set_title(f"{title}\n(/ {REFERENCE})", fontsize=9)
         ax.tick_params(labelsize=8)
@@ -398,28 +500,54 @@ def plot(results: dict, path: str, *, force: bool) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=800, help="short side (default 800)")
-    parser.add_argument("--max-size", type=int, default=1333, help="long side at most (default 1333)")
-    parser.add_argument("--dataset", default="shapes_hr_train",
-                        help="images (default shapes_hr_train: 1200x1600, so 800x1066 at 800)")
+    parser.add_argument(
+        "--max-size", type=int, default=1333, help="long side at most (default 1333)"
+    )
+    parser.add_argument(
+        "--dataset",
+        default="shapes_hr_train",
+        help="images (default shapes_hr_train: 1200x1600, so 800x1066 at 800)",
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     parser.add_argument("--layer-repeats", type=int, default=10)
-    parser.add_argument("--variants", nargs="+", choices=TIMED, default=TIMED,
-                        help=f"variants to time and measure ({REFERENCE} is always included)")
-    parser.add_argument("--parts", nargs="*", choices=("timing", "memory", "distributed", "layer"),
-                        default=["timing", "memory", "distributed", "layer"])
-    parser.add_argument("--profile", nargs="+", choices=TIMED, default=[], metavar="VARIANT",
-                        help="also print torch.profiler's top operators of one training step of "
-                        "these variants")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=TIMED,
+        default=TIMED,
+        help=f"variants to time and measure ({REFERENCE} is always included)",
+    )
+    parser.add_argument(
+        "--parts",
+        nargs="*",
+        choices=("timing", "memory", "distributed", "layer"),
+        default=["timing", "memory", "distributed", "layer"],
+    )
+    parser.add_argument(
+        "--profile",
+        nargs="+",
+        choices=TIMED,
+        default=[],
+        metavar="VARIANT",
+        help="also print torch.profiler's top operators of one training step of these variants",
+    )
     parser.add_argument("--json", default=None, help="write all results here")
-    parser.add_argument("--reuse", default=None, metavar="JSON",
-                        help="an earlier run's --json: its results of the parts not run now are "
-                        "reported with these (e.g. memory, which contention does not change, "
-                        "measured while other jobs ran)")
+    parser.add_argument(
+        "--reuse",
+        default=None,
+        metavar="JSON",
+        help="an earlier run's --json: its results of the parts not run now are "
+        "reported with these (e.g. memory, which contention does not change, "
+        "measured while other jobs ran)",
+    )
     parser.add_argument("--output", default=None, help="PNG of the timing and memory ratios")
     parser.add_argument("--force", action="store_true", help="overwrite --output / --json")
-    parser.add_argument("--smoke", action="store_true",
-                        help="64-pixel images, 1 round, the models shrunk to R-18 size (tests)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="64-pixel images, 1 round, the models shrunk to R-18 size (tests)",
+    )
     parser.add_argument("--memory-worker", choices=TIMED, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
@@ -440,8 +568,11 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-          f"{args.dataset} at short side {args.size}", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+        f"{args.dataset} at short side {args.size}",
+        flush=True,
+    )
     results = {}
     if args.reuse:
         with open(args.reuse) as f:
@@ -460,8 +591,11 @@ def main(argv=None) -> int:
     if args.json:
         from gn_det.visualize import write_atomic
 
-        write_atomic(args.json, lambda f: f.write(json.dumps(results, indent=1).encode()),
-                     overwrite=args.force)
+        write_atomic(
+            args.json,
+            lambda f: f.write(json.dumps(results, indent=1).encode()),
+            overwrite=args.force,
+        )
     if args.output and "timing" in results:
         plot(results, args.output, force=args.force)
         print(f"Wrote {args.output}")

@@ -13,6 +13,7 @@ before the step; workers run with ``MALLOC_MMAP_THRESHOLD_`` so RSS follows live
 """
 
 import pathlib, sys  # noqa: E401  (lab/ on the path: gn_det_lab is not installed)
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse
@@ -83,21 +84,40 @@ def main(argv=None) -> int:
     for repeat in range(args.repeats):
         for variant in VARIANTS:
             out = subprocess.run(
-                [sys.executable, __file__, "--worker", variant, "--config", args.config,
-                 "--size", str(args.size), "--batch", str(args.batch),
-                 "--threads", str(args.threads)],
-                check=True, capture_output=True, text=True, env={**os.environ, **MEASURE_ENV},
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    variant,
+                    "--config",
+                    args.config,
+                    "--size",
+                    str(args.size),
+                    "--batch",
+                    str(args.batch),
+                    "--threads",
+                    str(args.threads),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, **MEASURE_ENV},
             ).stdout
             result = json.loads(out.strip().splitlines()[-1])
             results[variant].append(result)
-            print(f"[{repeat + 1}/{args.repeats}] recompute {variant}: " + ", ".join(
-                f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)), flush=True)
+            print(
+                f"[{repeat + 1}/{args.repeats}] recompute {variant}: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if isinstance(v, float)),
+                flush=True,
+            )
 
     keys = ("forward_s", "step_s", "saved_mib", "peak_rss_growth_mib")
     median = {v: {k: statistics.median(r[k] for r in results[v]) for k in keys} for v in VARIANTS}
     losses = {v: results[v][0]["loss"] for v in VARIANTS}
-    print(f"\n{args.config}: backbone + FPN, {args.batch}x3x{args.size}x{args.size}, "
-          f"median of {args.repeats} (loss off {losses['off']:.6f}, on {losses['on']:.6f})")
+    print(
+        f"\n{args.config}: backbone + FPN, {args.batch}x3x{args.size}x{args.size}, "
+        f"median of {args.repeats} (loss off {losses['off']:.6f}, on {losses['on']:.6f})"
+    )
     print(f"{'':22s}{'off':>10s}{'on':>10s}{'on/off':>9s}")
     for k in keys:
         off, on = median["off"][k], median["on"][k]

@@ -14,6 +14,7 @@ population statistics was; if neither does, the weights themselves are worse.
 """
 
 import pathlib, sys  # noqa: E401  (lab/ on the path: gn_det_lab is not installed)
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse
@@ -28,13 +29,23 @@ from gn_det_lab.bn_statistics import MODES, evaluate_bn_modes
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="finished run folders (config.yaml, model_final.pth)")
-    parser.add_argument("--datasets", nargs="+", default=None,
-                        help="evaluate on these (default: each run's DATASETS.TEST)")
+    parser.add_argument(
+        "runs", nargs="+", help="finished run folders (config.yaml, model_final.pth)"
+    )
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=None,
+        help="evaluate on these (default: each run's DATASETS.TEST)",
+    )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--precise-images", type=int, default=200,
-                        help="training images for the precise statistics (default 200, detectron2's "
-                             "TEST.PRECISE_BN.NUM_ITER at 1 image per batch)")
+    parser.add_argument(
+        "--precise-images",
+        type=int,
+        default=200,
+        help="training images for the precise statistics (default 200, detectron2's "
+        "TEST.PRECISE_BN.NUM_ITER at 1 image per batch)",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--force", action="store_true", help="overwrite --json")
     args = parser.parse_args(argv)
@@ -49,15 +60,20 @@ def main(argv=None) -> int:
     results = {}
     for run in args.runs:
         start = time.perf_counter()
-        found = evaluate_bn_modes(run, datasets=args.datasets or (), precise_images=args.precise_images,
-                                  modes=args.modes)
+        found = evaluate_bn_modes(
+            run, datasets=args.datasets or (), precise_images=args.precise_images, modes=args.modes
+        )
         results[run] = {"modes": found, "seconds": time.perf_counter() - start}
-    datasets = list(dict.fromkeys(d for r in results.values() for m in r["modes"].values() for d in m))
+    datasets = list(
+        dict.fromkeys(d for r in results.values() for m in r["modes"].values() for d in m)
+    )
     print("| run | statistics | " + " | ".join(f"box / mask AP {d}" for d in datasets) + " |")
     print("|---|---|" + "---|" * len(datasets))
     for run, result in results.items():
         for mode, found in result["modes"].items():
-            cells = [" / ".join(f"{ap:.1f}" for ap in found[d]) if d in found else "–" for d in datasets]
+            cells = [
+                " / ".join(f"{ap:.1f}" for ap in found[d]) if d in found else "–" for d in datasets
+            ]
             print(f"| {Path(run).name} | {mode} | " + " | ".join(cells) + " |")
     if args.json:
         write_text_atomically(args.json, json.dumps(results, indent=1))

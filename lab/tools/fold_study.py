@@ -26,6 +26,7 @@ and GroupNorm's share of a GN inference in ``torch.profiler``.
 from __future__ import annotations
 
 import pathlib, sys  # noqa: E401  (lab/ on the path: gn_det_lab is not installed)
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse
@@ -36,7 +37,9 @@ import time
 from pathlib import Path
 
 #: plan -> module-name prefixes whose GroupNorm stays GroupNorm.
-FPN = tuple(f"backbone.fpn_{kind}{level}" for kind in ("lateral", "output") for level in (2, 3, 4, 5))
+FPN = tuple(
+    f"backbone.fpn_{kind}{level}" for kind in ("lateral", "output") for level in (2, 3, 4, 5)
+)
 PLANS = {
     "all folded": (),
     "ROI heads keep GN": ("roi_heads",),
@@ -67,30 +70,59 @@ def accuracy(args) -> dict:
         cfg.INPUT.MIN_SIZE_TEST = cfg.INPUT.MAX_SIZE_TEST = 64
     dataset = args.dataset
     images = load_images(cfg, cfg.DATASETS.TRAIN[0], args.images)
-    rows = [{"plan": "GN (as trained)", "stage": "GN", "seconds": 0.0,
-             **evaluate_intervals(cfg, model, dataset, args.resamples)}]
+    rows = [
+        {
+            "plan": "GN (as trained)",
+            "stage": "GN",
+            "seconds": 0.0,
+            **evaluate_intervals(cfg, model, dataset, args.resamples),
+        }
+    ]
     print(json.dumps(rows[-1]), flush=True)
     for plan in args.plans:
         exclude = PLANS[plan]
-        for stage, steps in (("affine from statistics", 0), (f"+ distill {args.distill_steps}", args.distill_steps)):
+        for stage, steps in (
+            ("affine from statistics", 0),
+            (f"+ distill {args.distill_steps}", args.distill_steps),
+        ):
             torch.manual_seed(0)
             start = time.perf_counter()
-            student, outcome = affine_stage(model, images, exclude=exclude, distill_steps=steps,
-                                            batch_size=args.batch_size)
+            student, outcome = affine_stage(
+                model, images, exclude=exclude, distill_steps=steps, batch_size=args.batch_size
+            )
             seconds = time.perf_counter() - start
-            rows.append({"plan": plan, "stage": stage, "seconds": seconds, "layers": layer_counts(outcome),
-                         **evaluate_intervals(cfg, student, dataset, args.resamples)})
+            rows.append(
+                {
+                    "plan": plan,
+                    "stage": stage,
+                    "seconds": seconds,
+                    "layers": layer_counts(outcome),
+                    **evaluate_intervals(cfg, student, dataset, args.resamples),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
         # The deployed model: the distilled affines folded into their convolutions.
         start = time.perf_counter()
         outcome = fold_affines(student)
         seconds += time.perf_counter() - start
-        rows.append({"plan": plan, "stage": "+ fold (deployed)", "seconds": seconds,
-                     "layers": layer_counts({**outcome, **kept_as_gn(student)}),
-                     **evaluate_intervals(cfg, student, dataset, args.resamples)})
+        rows.append(
+            {
+                "plan": plan,
+                "stage": "+ fold (deployed)",
+                "seconds": seconds,
+                "layers": layer_counts({**outcome, **kept_as_gn(student)}),
+                **evaluate_intervals(cfg, student, dataset, args.resamples),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-    return {"run": str(args.run), "dataset": dataset, "images": args.images, "distill_steps": args.distill_steps,
-            "threads": torch.get_num_threads(), "rows": rows}
+    return {
+        "run": str(args.run),
+        "dataset": dataset,
+        "images": args.images,
+        "distill_steps": args.distill_steps,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
 
 
 def _variants(args):
@@ -105,9 +137,23 @@ def _variants(args):
 
     def built(config, *extra):
         cfg = load_config(resolve_config_name(config))
-        small = SMALL_MODEL_OPTS if args.smoke and not config.startswith("shapes/") else []  # R-50 at R-18 size
-        cfg.merge_from_list([*small, "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
-                             "0.0", "TEST.DETECTIONS_PER_IMAGE", "100", *extra])
+        small = (
+            SMALL_MODEL_OPTS if args.smoke and not config.startswith("shapes/") else []
+        )  # R-50 at R-18 size
+        cfg.merge_from_list(
+            [
+                *small,
+                "MODEL.WEIGHTS",
+                "",
+                "MODEL.DEVICE",
+                "cpu",
+                "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+                "0.0",
+                "TEST.DETECTIONS_PER_IMAGE",
+                "100",
+                *extra,
+            ]
+        )
         torch.manual_seed(0)
         return build_model(cfg).eval()
 
@@ -119,7 +165,11 @@ def _variants(args):
         if args.smoke:
             size = (64, 96)
         image = torch.rand(3, *size, generator=torch.Generator().manual_seed(0)) * 255
-        head = ["MODEL.ROI_BOX_HEAD.NUM_CONV", "4", "MODEL.ROI_BOX_HEAD.NUM_FC", "1"] if "R-50" in scale else []
+        head = (
+            ["MODEL.ROI_BOX_HEAD.NUM_CONV", "4", "MODEL.ROI_BOX_HEAD.NUM_FC", "1"]
+            if "R-50" in scale
+            else []
+        )
         frozen = built(config_frozen, *head)
         normalize_norm_statistics(frozen, [{"image": image}], (FrozenBatchNorm2d,))
         fold_frozen_batchnorm(frozen)
@@ -127,7 +177,9 @@ def _variants(args):
         gn = built(config_gn)
         found[(scale, "GN")] = (gn, image)
         for plan, exclude in PLANS.items():
-            folded, _ = fold_for_inference(gn, [{"image": image}], exclude=exclude, distill_steps=0, progress=False)
+            folded, _ = fold_for_inference(
+                gn, [{"image": image}], exclude=exclude, distill_steps=0, progress=False
+            )
             found[(scale, f"GN, {plan}")] = (folded, image)
     return found
 
@@ -144,7 +196,7 @@ def timing(args) -> dict:
         for model, image in variants.values():  # warm-up
             model([{"image": image}])
         for round_ in range(args.repeats):
-            for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
+            for key in keys[round_ % len(keys) :] + keys[: round_ % len(keys)]:
                 model, image = variants[key]
                 start = time.perf_counter()
                 model([{"image": image}])
@@ -164,15 +216,35 @@ def timing(args) -> dict:
         reference = statistics.median(samples[(scale, "FrozenBN folded")])
         for (s, name), values in samples.items():
             if s == scale:
-                rows.append({"model": scale, "variant": name, "seconds": statistics.median(values),
-                             "ratio": statistics.median(values) / reference,
-                             "round_ratios": [v / r for v, r in zip(values, samples[(scale, "FrozenBN folded")])],
-                             "samples": values})
-    return {"threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows, "group_norm_share": shares}
+                rows.append(
+                    {
+                        "model": scale,
+                        "variant": name,
+                        "seconds": statistics.median(values),
+                        "ratio": statistics.median(values) / reference,
+                        "round_ratios": [
+                            v / r for v, r in zip(values, samples[(scale, "FrozenBN folded")])
+                        ],
+                        "samples": values,
+                    }
+                )
+    return {
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "rows": rows,
+        "group_norm_share": shares,
+    }
 
 
-ACCURACY_COLUMNS = ["model", "plan", "stage", "box AP [95 % interval]", "mask AP [95 % interval]",
-                    "of GN's box / mask", "seconds"]
+ACCURACY_COLUMNS = [
+    "model",
+    "plan",
+    "stage",
+    "box AP [95 % interval]",
+    "mask AP [95 % interval]",
+    "of GN's box / mask",
+    "seconds",
+]
 TIMING_COLUMNS = ["model", "variant", "inference per image (s)", "/ FrozenBN folded"]
 
 
@@ -182,19 +254,28 @@ def accuracy_rows(run: dict) -> list:
     name = f"{Path(run['run']).name} ({run['dataset']})"
     out = []
     for row in run["rows"]:
-        cells = [f"{row[k]['ap']:.1f} [{row[k]['low']:.1f}, {row[k]['high']:.1f}]" for k in ("box", "mask")]
-        kept = " / ".join(f"{row[k]['ap'] / gn[k]['ap']:.1%}" if gn[k]["ap"] > 0 else "—" for k in ("box", "mask"))
+        cells = [
+            f"{row[k]['ap']:.1f} [{row[k]['low']:.1f}, {row[k]['high']:.1f}]"
+            for k in ("box", "mask")
+        ]
+        kept = " / ".join(
+            f"{row[k]['ap'] / gn[k]['ap']:.1%}" if gn[k]["ap"] > 0 else "—" for k in ("box", "mask")
+        )
         out.append([name, row["plan"], row["stage"], *cells, kept, f"{row['seconds']:.0f}"])
     return out
 
 
 def timing_rows(timing_data: dict) -> list:
-    return [[r["model"], r["variant"], f"{r['seconds']:.3f}", f"{r['ratio']:.3f}"] for r in timing_data["rows"]]
+    return [
+        [r["model"], r["variant"], f"{r['seconds']:.3f}", f"{r['ratio']:.3f}"]
+        for r in timing_data["rows"]
+    ]
 
 
 def report(args) -> int:
-    """Tables (printed), the plot, and lab/tools/render_results.py's files ``<results>_accuracy.json``
-    and ``<results>_timing.json`` (title, command, machine, columns, rows, and the data)."""
+    """Tables (printed), the plot, and lab/tools/render_results.py's files
+    ``<results>_accuracy.json`` and ``<results>_timing.json`` (title, command, machine, columns,
+    rows, and the data)."""
     import os
 
     from gn_det_lab.results import markdown_table, write_results
@@ -205,8 +286,11 @@ def report(args) -> int:
     lines = [markdown_table(ACCURACY_COLUMNS, accuracy_table), ""] if runs else []
     if timing_data:
         lines.append(markdown_table(TIMING_COLUMNS, timing_rows(timing_data)))
-        lines += ["", "GroupNorm's share of a GN inference (torch.profiler, self CPU time): "
-                  + ", ".join(f"{k} {v:.1%}" for k, v in timing_data["group_norm_share"].items())]
+        lines += [
+            "",
+            "GroupNorm's share of a GN inference (torch.profiler, self CPU time): "
+            + ", ".join(f"{k} {v:.1%}" for k, v in timing_data["group_norm_share"].items()),
+        ]
     print("\n".join(lines))
     outputs = [args.plot] if args.plot else []
     if args.results:
@@ -220,12 +304,24 @@ def report(args) -> int:
     if args.results:
         machine = f"{os.cpu_count()} CPU cores, torch {__import__('torch').__version__}"
         commands = args.commands or "lab/tools/fold_study.py " + " ".join(sys.argv[1:])
-        write_results(f"{args.results}_accuracy.json", title="Folding GN for inference: AP stage by stage and plan "
-                      "by plan", command=commands, machine=machine, columns=ACCURACY_COLUMNS, rows=accuracy_table,
-                      data=runs)
-        write_results(f"{args.results}_timing.json", title="Folding GN for inference: inference time per image, "
-                      "/ FrozenBN folded", command=commands, machine=machine, columns=TIMING_COLUMNS,
-                      rows=timing_rows(timing_data) if timing_data else [], data=timing_data)
+        write_results(
+            f"{args.results}_accuracy.json",
+            title="Folding GN for inference: AP stage by stage and plan by plan",
+            command=commands,
+            machine=machine,
+            columns=ACCURACY_COLUMNS,
+            rows=accuracy_table,
+            data=runs,
+        )
+        write_results(
+            f"{args.results}_timing.json",
+            title="Folding GN for inference: inference time per image, / FrozenBN folded",
+            command=commands,
+            machine=machine,
+            columns=TIMING_COLUMNS,
+            rows=timing_rows(timing_data) if timing_data else [],
+            data=timing_data,
+        )
     return 0
 
 
@@ -248,8 +344,15 @@ def _plot(run: dict, timing_data: dict, path: str) -> None:
             if x is None:
                 continue
             ap = row[kind]
-            ax.errorbar([x], [ap["ap"]], yerr=[[ap["ap"] - ap["low"]], [ap["high"] - ap["ap"]]], marker="o",
-                        capsize=3, color=f"C{k}", label=f"{name}: {ap['ap']:.1f}")
+            ax.errorbar(
+                [x],
+                [ap["ap"]],
+                yerr=[[ap["ap"] - ap["low"]], [ap["high"] - ap["ap"]]],
+                marker="o",
+                capsize=3,
+                color=f"C{k}",
+                label=f"{name}: {ap['ap']:.1f}",
+            )
         ax.axvline(1.0, color="gray", linestyle=":", linewidth=1)
         ax.set_xlabel(f"inference time / FrozenBN folded\n({scale}, CPU)")
         ax.set_ylabel(f"{kind} AP on {run['dataset']}")
@@ -259,8 +362,9 @@ def _plot(run: dict, timing_data: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("stage", choices=("accuracy", "timing", "report"))
     parser.add_argument("inputs", nargs="*", metavar="ACCURACY_JSON", help="report: accuracy JSONs")
     parser.add_argument("--run", help="accuracy: a trained GN run's folder")
@@ -274,9 +378,14 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="accuracy / timing: where to write the results")
     parser.add_argument("--timing", help="report: the timing JSON")
     parser.add_argument("--plot", help="report: the PNG (AP against inference time)")
-    parser.add_argument("--results", help="report: PREFIX of the results files PREFIX_accuracy.json and "
-                        "PREFIX_timing.json (lab/tools/render_results.py's format)")
-    parser.add_argument("--commands", help="report: the commands that made the inputs, recorded in --results")
+    parser.add_argument(
+        "--results",
+        help="report: PREFIX of the results files PREFIX_accuracy.json and "
+        "PREFIX_timing.json (lab/tools/render_results.py's format)",
+    )
+    parser.add_argument(
+        "--commands", help="report: the commands that made the inputs, recorded in --results"
+    )
     parser.add_argument("--force", action="store_true", help="report: replace --plot / --results")
     parser.add_argument("--smoke", action="store_true", help="tiny everything (tests)")
     args = parser.parse_args(argv)

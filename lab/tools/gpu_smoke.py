@@ -34,6 +34,7 @@ Exit code 0 when nothing failed (skipped checks say why), 1 otherwise.
 from __future__ import annotations
 
 import pathlib, sys  # noqa: E401  (lab/ on the path: gn_det_lab is not installed)
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse
@@ -50,12 +51,27 @@ import warnings
 
 import torch
 
-from gn_det.engine import (CPUAutocastTrainer, CUDAAMPTrainer, TrainLoop, build_optimizer, cpu_bfloat16_supported,
-                           launch)
+from gn_det.engine import (
+    CPUAutocastTrainer,
+    CUDAAMPTrainer,
+    TrainLoop,
+    build_optimizer,
+    cpu_bfloat16_supported,
+    launch,
+)
 from gn_det_lab.random_weights import SMALL_MODEL_OPTS
 
-CHECKS = ("train_amp", "train_amp_adamw_clip", "train_amp_recompute", "memory_1_image",
-          "ddp_2_processes", "calibrate_distill", "resume", "export", "fold")
+CHECKS = (
+    "train_amp",
+    "train_amp_adamw_clip",
+    "train_amp_recompute",
+    "memory_1_image",
+    "ddp_2_processes",
+    "calibrate_distill",
+    "resume",
+    "export",
+    "fold",
+)
 
 
 def trainer_class(amp: bool, device: str):
@@ -77,12 +93,26 @@ def _cfg(name: str, args, *overrides: str):
     from gn_det.config import load_config, resolve_config_name
 
     cfg = load_config(resolve_config_name(name))
-    cfg.merge_from_list([
-        *(SMALL_MODEL_OPTS if args.small else []),
-        "MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "SOLVER.BASE_LR", "1e-3",
-        "SOLVER.AMP.ENABLED", "True", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
-        "MODEL.RPN.POST_NMS_TOPK_TEST", "100", "TEST.DETECTIONS_PER_IMAGE", "20", *overrides,
-    ])
+    cfg.merge_from_list(
+        [
+            *(SMALL_MODEL_OPTS if args.small else []),
+            "MODEL.WEIGHTS",
+            "",
+            "MODEL.DEVICE",
+            args.device,
+            "SOLVER.BASE_LR",
+            "1e-3",
+            "SOLVER.AMP.ENABLED",
+            "True",
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+            "0.0",
+            "MODEL.RPN.POST_NMS_TOPK_TEST",
+            "100",
+            "TEST.DETECTIONS_PER_IMAGE",
+            "20",
+            *overrides,
+        ]
+    )
     return cfg
 
 
@@ -103,8 +133,12 @@ def _inputs(args, count: int, seed: int = 0) -> list:
         masks = torch.zeros(3, h, w, dtype=torch.bool)
         for m, (a, b, c, d) in zip(masks, boxes.round().long().tolist()):
             m[b:d, a:c] = True
-        instances = Instances((h, w), gt_boxes=Boxes(boxes), gt_classes=torch.tensor([1, 2, 3]),
-                              gt_masks=BitMasks(masks))
+        instances = Instances(
+            (h, w),
+            gt_boxes=Boxes(boxes),
+            gt_classes=torch.tensor([1, 2, 3]),
+            gt_masks=BitMasks(masks),
+        )
         out.append({"image": image, "instances": instances, "height": h, "width": w})
     return out
 
@@ -159,17 +193,35 @@ def check_train_amp(args, *overrides: str) -> str:
     losses = _losses(trainer, args.iterations)
     if not all(math.isfinite(x) for x in losses):
         raise AssertionError(f"non-finite loss: {losses}")
-    scale = f", loss scale {trainer.grad_scaler.get_scale():g}" if hasattr(trainer, "grad_scaler") else ""
-    return f"{type(trainer).__name__}, {type(trainer.optimizer).__name__}, losses " + \
-        " ".join(f"{x:.3f}" for x in losses) + scale
+    scale = (
+        f", loss scale {trainer.grad_scaler.get_scale():g}"
+        if hasattr(trainer, "grad_scaler")
+        else ""
+    )
+    return (
+        f"{type(trainer).__name__}, {type(trainer.optimizer).__name__}, losses "
+        + " ".join(f"{x:.3f}" for x in losses)
+        + scale
+    )
 
 
 def check_train_amp_adamw_clip(args) -> str:
     """AdamW (fused where available) + norm clipping at 1.0: the clip must see unscaled
     gradients. A hook before the clip records the largest gradient norm it saw."""
-    cfg = _cfg("gn_mask_rcnn.yaml", args, "SOLVER.OPTIMIZER", "AdamW", "SOLVER.BASE_LR", "1e-4",
-               "SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm",
-               "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1.0")
+    cfg = _cfg(
+        "gn_mask_rcnn.yaml",
+        args,
+        "SOLVER.OPTIMIZER",
+        "AdamW",
+        "SOLVER.BASE_LR",
+        "1e-4",
+        "SOLVER.CLIP_GRADIENTS.ENABLED",
+        "True",
+        "SOLVER.CLIP_GRADIENTS.CLIP_TYPE",
+        "norm",
+        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE",
+        "1.0",
+    )
     batches = [_inputs(args, args.images, seed=i) for i in range(args.iterations)]
     trainer = _trainer(cfg, _model(cfg, batches[0]), batches)
     norms = []
@@ -187,11 +239,15 @@ def check_train_amp_adamw_clip(args) -> str:
     scale = trainer.grad_scaler.get_scale() if hasattr(trainer, "grad_scaler") else 1.0
     finite = [n for n in norms if math.isfinite(n)]
     if scale > 1 and finite and max(finite) > scale / 16:
-        raise AssertionError(f"the clip saw gradient norms up to {max(finite):g}, of the order of "
-                             f"the loss scale {scale:g}: scaled gradients")
+        raise AssertionError(
+            f"the clip saw gradient norms up to {max(finite):g}, of the order of "
+            f"the loss scale {scale:g}: scaled gradients"
+        )
     fused = trainer.optimizer.defaults.get("fused")
-    return (f"{type(trainer).__name__}, AdamW fused={fused}, largest per-parameter gradient norm "
-            f"before the clip {max(finite) if finite else float('nan'):.3g} (loss scale {scale:g})")
+    return (
+        f"{type(trainer).__name__}, AdamW fused={fused}, largest per-parameter gradient norm "
+        f"before the clip {max(finite) if finite else float('nan'):.3g} (loss scale {scale:g})"
+    )
 
 
 def _step_memory(cfg, args) -> dict:
@@ -221,18 +277,23 @@ def _step_memory(cfg, args) -> dict:
 def check_memory_1_image(args) -> str:
     fp32 = ["SOLVER.AMP.ENABLED", "False"]
     variants = {
-        "frozenbn_4conv1fc": ("mask_rcnn_R_50_FPN_frozenbn.yaml",
-                              ["MODEL.ROI_BOX_HEAD.NUM_CONV", "4", "MODEL.ROI_BOX_HEAD.NUM_FC", "1"]),
+        "frozenbn_4conv1fc": (
+            "mask_rcnn_R_50_FPN_frozenbn.yaml",
+            ["MODEL.ROI_BOX_HEAD.NUM_CONV", "4", "MODEL.ROI_BOX_HEAD.NUM_FC", "1"],
+        ),
         "gn": ("gn_mask_rcnn.yaml", []),
         "gn_recompute": ("gn_mask_rcnn.yaml", ["MODEL.NORM_CONVERSION.RECOMPUTE", "True"]),
     }
-    measured = {name: _step_memory(_cfg(config, args, *fp32, *extra), args)
-                for name, (config, extra) in variants.items()}
+    measured = {
+        name: _step_memory(_cfg(config, args, *fp32, *extra), args)
+        for name, (config, extra) in variants.items()
+    }
     key = "peak_growth_mib" if args.device == "cuda" else "saved_mib"
     if not measured["gn_recompute"][key] < measured["gn"][key]:
         raise AssertionError(f"recompute did not lower {key}: {measured}")
-    return "; ".join(f"{name} " + ", ".join(f"{k} {v:.0f}" for k, v in m.items())
-                     for name, m in measured.items())
+    return "; ".join(
+        f"{name} " + ", ".join(f"{k} {v:.0f}" for k, v in m.items()) for name, m in measured.items()
+    )
 
 
 def _ddp_worker(args, out_path: str) -> None:
@@ -245,12 +306,19 @@ def _ddp_worker(args, out_path: str) -> None:
     if args.device == "cpu":  # the 2 processes share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
     rank = comm.get_rank()
-    batch = _inputs(args, 2)[rank: rank + 1]
+    batch = _inputs(args, 2)[rank : rank + 1]
     result = {"backend": dist.get_backend()}
     for name, config, extra in [
         ("gn", "gn_mask_rcnn.yaml", []),
-        ("naive_syncbn", "mask_rcnn_R_50_FPN_bn.yaml",
-         [x for k in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD") for x in (f"MODEL.{k}.NORM", "naiveSyncBN")]),
+        (
+            "naive_syncbn",
+            "mask_rcnn_R_50_FPN_bn.yaml",
+            [
+                x
+                for k in ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD")
+                for x in (f"MODEL.{k}.NORM", "naiveSyncBN")
+            ],
+        ),
     ]:
         cfg = _cfg(config, args, "SOLVER.AMP.ENABLED", "False", *extra)
         model = create_ddp_model(_model(cfg, batch), broadcast_buffers=False)
@@ -275,7 +343,9 @@ def check_ddp_2_processes(args) -> str:
         if len(ranks[0][name]) != 2 or not all(math.isfinite(x) for x in ranks[0][name]):
             raise AssertionError(f"{name}: losses {ranks[0][name]}")
     return f"{len(ranks)} processes, {ranks[0]['backend']}; " + "; ".join(
-        f"{name} losses " + " ".join(f"{x:.3f}" for x in ranks[0][name]) for name in ("gn", "naive_syncbn"))
+        f"{name} losses " + " ".join(f"{x:.3f}" for x in ranks[0][name])
+        for name in ("gn", "naive_syncbn")
+    )
 
 
 def check_calibrate_distill(args) -> str:
@@ -295,8 +365,10 @@ def check_calibrate_distill(args) -> str:
     if not all(math.isfinite(float(x)) for x in result.losses):
         raise AssertionError(f"distillation loss not finite: {result.losses}")
     device = {p.device.type for p in student.parameters()}
-    return (f"{len(fits)} layers calibrated on {', '.join(sorted(device))}, mean relative error "
-            f"{before:.3f} -> {after:.3f}; {len(result.losses)} distillation steps, finite losses")
+    return (
+        f"{len(fits)} layers calibrated on {', '.join(sorted(device))}, mean relative error "
+        f"{before:.3f} -> {after:.3f}; {len(result.losses)} distillation steps, finite losses"
+    )
 
 
 def check_resume(args) -> str:
@@ -311,7 +383,8 @@ def check_resume(args) -> str:
             os.makedirs(run)
             model = _model(cfg, batches[0])
             first = (TrainLoop if saved_by == "float32" else trainer_class(True, args.device))(
-                model, batches, build_optimizer(cfg, model))
+                model, batches, build_optimizer(cfg, model)
+            )
             _losses(first, 2)
             Checkpointer(model, run, trainer=first).save("model_0000001", iteration=first.iter)
 
@@ -324,11 +397,16 @@ def check_resume(args) -> str:
                 if not torch.equal(p, q):
                     raise AssertionError("resumed weights differ from the saved ones")
             states = [s for s in resumed.optimizer.state.values() if "momentum_buffer" in s]
-            if not states or any(s["momentum_buffer"].device != p.device
-                                 for s, p in zip(states, model.parameters())):
+            if not states or any(
+                s["momentum_buffer"].device != p.device for s, p in zip(states, model.parameters())
+            ):
                 raise AssertionError("optimizer state missing or not on the model's device")
             _losses(resumed, 1)
-            scale = f" (loss scale {resumed.grad_scaler.get_scale():g})" if hasattr(resumed, "grad_scaler") else ""
+            scale = (
+                f" (loss scale {resumed.grad_scaler.get_scale():g})"
+                if hasattr(resumed, "grad_scaler")
+                else ""
+            )
             notes.append(f"{saved_by} run resumed under {type(resumed).__name__}{scale}")
     return "; ".join(notes)
 
@@ -351,20 +429,26 @@ def check_export(args) -> str:
         exported = adapter.outputs_schema(traced(image))
     difference = (exported.pred_boxes.tensor - eager.pred_boxes.tensor).abs().max().item()
     if len(exported) != len(eager) or difference > 1e-2:
-        raise AssertionError(f"traced output differs from eager: {len(exported)} vs {len(eager)} "
-                             f"detections, boxes up to {difference:g} apart")
+        raise AssertionError(
+            f"traced output differs from eager: {len(exported)} vs {len(eager)} "
+            f"detections, boxes up to {difference:g} apart"
+        )
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
     try:
         import onnx  # noqa: F401
     except ImportError:
-        return f"TorchScript ok (boxes within {difference:.2g}); ONNX skipped: onnx is not installed"
+        return (
+            f"TorchScript ok (boxes within {difference:.2g}); ONNX skipped: onnx is not installed"
+        )
     onnx_file = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(adapter, (image,), onnx_file, opset_version=16, dynamo=False)
-    return (f"TorchScript {buffer.getbuffer().nbytes / 2**20:.0f} MiB, boxes within {difference:.2g} "
-            f"of eager; ONNX {onnx_file.getbuffer().nbytes / 2**20:.0f} MiB")
+    return (
+        f"TorchScript {buffer.getbuffer().nbytes / 2**20:.0f} MiB, boxes within {difference:.2g} "
+        f"of eager; ONNX {onnx_file.getbuffer().nbytes / 2**20:.0f} MiB"
+    )
 
 
 def check_fold(args) -> str:
@@ -373,9 +457,13 @@ def check_fold(args) -> str:
     cfg = _cfg("gn_mask_rcnn.yaml", args, "SOLVER.AMP.ENABLED", "False")
     images = [{"image": d["image"].to(args.device)} for d in _inputs(args, 2)]
     model = _model(cfg, _inputs(args, 1)).eval()
-    folded, report = fold_for_inference(model, images, distill_steps=2, batch_size=1, progress=False)
+    folded, report = fold_for_inference(
+        model, images, distill_steps=2, batch_size=1, progress=False
+    )
     counts = report.counts()
-    if counts.get("folded into the conv", 0) == 0 or any(isinstance(m, torch.nn.GroupNorm) for m in folded.modules()):
+    if counts.get("folded into the conv", 0) == 0 or any(
+        isinstance(m, torch.nn.GroupNorm) for m in folded.modules()
+    ):
         raise AssertionError(f"nothing folded, or GroupNorm left: {counts}")
 
     def seconds(m):
@@ -389,15 +477,20 @@ def check_fold(args) -> str:
         return (time.perf_counter() - start) / 3
 
     gn_time, folded_time = seconds(model), seconds(folded)
-    return (f"{counts['folded into the conv']} layers folded on {args.device}; inference {folded_time:.3f} s "
-            f"against GN's {gn_time:.3f} s ({folded_time / gn_time:.2f}x)")
+    return (
+        f"{counts['folded into the conv']} layers folded on {args.device}; "
+        f"inference {folded_time:.3f} s "
+        f"against GN's {gn_time:.3f} s ({folded_time / gn_time:.2f}x)"
+    )
 
 
 def run(args) -> list:
     functions = {
         "train_amp": check_train_amp,
         "train_amp_adamw_clip": check_train_amp_adamw_clip,
-        "train_amp_recompute": lambda a: check_train_amp(a, "MODEL.NORM_CONVERSION.RECOMPUTE", "True"),
+        "train_amp_recompute": lambda a: check_train_amp(
+            a, "MODEL.NORM_CONVERSION.RECOMPUTE", "True"
+        ),
         "memory_1_image": check_memory_1_image,
         "ddp_2_processes": check_ddp_2_processes,
         "calibrate_distill": check_calibrate_distill,
@@ -417,35 +510,55 @@ def run(args) -> list:
             status, detail = "FAIL", f"{type(e).__name__}: {lines[-1] if lines else ''}"
             if args.debug:
                 traceback.print_exc()
-        rows.append({"check": name, "status": status, "seconds": round(time.perf_counter() - start, 1),
-                     "detail": detail})
+        rows.append(
+            {
+                "check": name,
+                "status": status,
+                "seconds": round(time.perf_counter() - start, 1),
+                "detail": detail,
+            }
+        )
         print(f"{status} {name} ({rows[-1]['seconds']} s): {detail}", file=sys.stderr, flush=True)
     return rows
 
 
 def table(rows: list, args) -> str:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    lines = [f"gn_det GPU smoke: {device}, torch {torch.__version__}, {args.width}x{args.height}, "
-             + ("R-18-sized models, " if args.small else "") + f"{args.images} image(s) per step", "",
-             "| check | result | seconds | detail |", "|---|---|---|---|"]
+    lines = [
+        f"gn_det GPU smoke: {device}, torch {torch.__version__}, {args.width}x{args.height}, "
+        + ("R-18-sized models, " if args.small else "")
+        + f"{args.images} image(s) per step",
+        "",
+        "| check | result | seconds | detail |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {r['check']} | {r['status']} | {r['seconds']} | {r['detail']} |" for r in rows]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("cuda", "cpu"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--width", type=int, help="image width (default 1333 on CUDA, 160 on CPU)")
     parser.add_argument("--height", type=int, help="image height (default 800 on CUDA, 128 on CPU)")
     parser.add_argument("--images", type=int, default=1, help="images per training step")
-    parser.add_argument("--iterations", type=int, default=3, help="training steps per training check")
+    parser.add_argument(
+        "--iterations", type=int, default=3, help="training steps per training check"
+    )
     parser.add_argument("--checks", nargs="+", choices=CHECKS, default=list(CHECKS))
     parser.add_argument("--json", help="also write the rows as JSON to this file")
-    parser.add_argument("--small", action="store_true",
-                        help="every model shrunk to R-18 with 64-wide FPN and heads (the CPU tests)")
-    parser.add_argument("--debug", action="store_true", help="print the traceback of a failed check")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="every model shrunk to R-18 with 64-wide FPN and heads (the CPU tests)",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="print the traceback of a failed check"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch.cuda.is_available() is False here")
@@ -461,7 +574,9 @@ def main(argv=None) -> int:
     print(table(rows, args))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump(
+                {"device": args.device, "torch": torch.__version__, "rows": rows}, f, indent=1
+            )
     return 1 if any(r["status"] == "FAIL" for r in rows) else 0
 
 

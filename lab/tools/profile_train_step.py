@@ -67,14 +67,17 @@ def main(argv=None) -> int:
     times = collections.defaultdict(float)
     for name, label in PARTS.items():
         _timed(model.get_submodule(name), label, times)
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast else contextlib.nullcontext()
+    )
     profiler = contextlib.ExitStack()
     with EventStorage(), profiler:
         for step in range(args.iters + 2):
             if step == 2:
                 if args.ops:
-                    ops = profiler.enter_context(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]))
+                    ops = profiler.enter_context(
+                        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                    )
                 times.clear()
                 start = time.perf_counter()
             tick = time.perf_counter()
@@ -92,8 +95,10 @@ def main(argv=None) -> int:
             optimizer.step()
             times["optimizer step"] += time.perf_counter() - tick
         total = time.perf_counter() - start  # before the profiler's teardown
-    print(f"{args.config} {' '.join(args.opts)}{' (bf16 autocast)' if args.autocast else ''}: "
-          f"{total / args.iters:.3f} s per step ({torch.get_num_threads()} threads)")
+    print(
+        f"{args.config} {' '.join(args.opts)}{' (bf16 autocast)' if args.autocast else ''}: "
+        f"{total / args.iters:.3f} s per step ({torch.get_num_threads()} threads)"
+    )
     for label, seconds in sorted(times.items(), key=lambda item: -item[1]):
         print(f"  {label:28s} {seconds / args.iters * 1000:8.1f} ms")
     if args.ops:

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """The results tables of the README, docs/ and lab/, rendered from the result files in lab/results.
 
-    lab/tools/render_results.py            # rewrite every results table in README.md, docs/*.md, lab/*.md
-    lab/tools/render_results.py --check    # exit 1, naming them, if any table differs from its file
-    lab/tools/render_results.py --figures  # also redraw the figures drawn from results files (FIGURES)
+    lab/tools/render_results.py            # rewrite the tables of README.md, docs/*.md, lab/*.md
+    lab/tools/render_results.py --check    # exit 1, naming them, if a table differs from its file
+    lab/tools/render_results.py --figures  # also redraw the figures drawn from results (FIGURES)
 
 A results table in Markdown sits between two comments that name its file::
 
@@ -17,12 +17,13 @@ and ``lab/results/small_batch_grid.json`` holds what it shows::
      "columns": ["norm", "images/batch", ...], "rows": [["BN", "8", ...], ...]}
 
 A cell is its text (as the table prints it), a list of texts and references joined, or a
-reference to a cell of another results file, ``{"from": "small_batch_grid", "where": {"norm": "GN", "images/batch": "1"},
-"column": "box / mask AP shapes_test"}`` (its emphasis dropped), so that a number quoted in a
-summary (the README's results table) is the number of the study that measured it, and goes
-stale with it. ``where`` matches the source's cells as they print, emphasis included. The study
-and benchmark tools write their results files themselves (``lab/tools/backbone_study.py report
---json``); older studies' files hold the tables their tools printed then.
+reference to a cell of another results file, ``{"from": "small_batch_grid", "where": {"norm":
+"GN", "images/batch": "1"}, "column": "box / mask AP shapes_test"}`` (its emphasis dropped), so
+that a number quoted in a summary (the README's results table) is the number of the study that
+measured it, and goes stale with it. ``where`` matches the source's cells as they print,
+emphasis included. The study and benchmark tools write their results files themselves
+(``lab/tools/backbone_study.py report --json``); older studies' files hold the tables their
+tools printed then.
 """
 
 from __future__ import annotations
@@ -59,9 +60,14 @@ def _cell(value, cache: Dict[str, dict]) -> str:
     source = load(value["from"], cache)
     columns = source["columns"]
     if columns.count(value["column"]) != 1:
-        raise ValueError(f"{value}: {value['from']} has {columns.count(value['column'])} columns named so, not 1")
-    matches = [row for row in source["rows"]
-               if all(_cell(row[columns.index(k)], cache) == v for k, v in value["where"].items())]
+        raise ValueError(
+            f"{value}: {value['from']} has {columns.count(value['column'])} columns named so, not 1"
+        )
+    matches = [
+        row
+        for row in source["rows"]
+        if all(_cell(row[columns.index(k)], cache) == v for k, v in value["where"].items())
+    ]
     if len(matches) != 1:
         raise ValueError(f"{value}: {len(matches)} rows of {value['from']} match, not 1")
     quoted = _cell(matches[0][columns.index(value["column"])], cache)
@@ -76,13 +82,19 @@ def render(name: str, cache: Dict[str, dict] = None) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in result["rows"]:
         if len(row) != len(columns):
-            raise ValueError(f"{name}: a row has {len(row)} cells for {len(columns)} columns: {row}")
+            raise ValueError(
+                f"{name}: a row has {len(row)} cells for {len(columns)} columns: {row}"
+            )
         lines.append("| " + " | ".join(_cell(v, cache) for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 
 def documents() -> List[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "lab").glob("*.md"))]
+    return [
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        *sorted((ROOT / "lab").glob("*.md")),
+    ]
 
 
 def stale() -> List[str]:
@@ -110,7 +122,8 @@ def rewrite() -> List[str]:
 
 
 def _numbers(text: str) -> List[float]:
-    """The numbers of a cell as it prints ("**71.9 / 71.4** (test 78.4 / 78.7)" -> 71.9, 71.4, ...)."""
+    """The numbers of a cell as it prints ("**71.9 / 71.4** (test 78.4 / 78.7)" -> 71.9, 71.4,
+    ...)."""
     return [float(n.replace(",", "")) for n in re.findall(r"-?\d[\d,]*\.?\d*", text)]
 
 
@@ -130,7 +143,9 @@ def _figure_norm_costs(axes_figure):
         x = [i + (k - (len(variants) - 1) / 2) * width for i in range(3)]
         time_ax.bar(x, values, width, label=variant, color=f"C{k}")
     time_ax.axhline(1.0, color="black", linewidth=0.8)
-    time_ax.set_xticks(range(3), ["training step\n1 image", "training step\n2 images", "inference\n1 image"])
+    time_ax.set_xticks(
+        range(3), ["training step\n1 image", "training step\n2 images", "inference\n1 image"]
+    )
     time_ax.set_ylim(0.8, 1.2)
     time_ax.set_ylabel("time / FrozenBN-same-head")
     time_ax.set_title("time, medians of 17 interleaved rounds (CPU)", fontsize=10)
@@ -143,8 +158,14 @@ def _figure_norm_costs(axes_figure):
     memory_ax.invert_yaxis()
     memory_ax.axvline(1.0, color="black", linewidth=0.8)
     for i, value in enumerate(peaks):
-        memory_ax.text(value + 0.03, i, f"{value:.2f}", va="center", fontsize=8,
-                       bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+        memory_ax.text(
+            value + 0.03,
+            i,
+            f"{value:.2f}",
+            va="center",
+            fontsize=8,
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+        )
     memory_ax.set_xlim(0, max(peaks) * 1.2)
     memory_ax.set_xlabel("peak training memory / FrozenBN-same-head")
     memory_ax.set_title("memory, 2 images of 800x1066 (one run each)", fontsize=10)
@@ -156,12 +177,21 @@ def _figure_bn8_plateau(axes_figure):
     figure, axes = axes_figure(1, 2, (9, 3.2))
     result = load("bn8_plateau")
     images = [_numbers(v)[0] for v in _column(result, "images seen")]
-    series = {"LR 1e-3 (square-root scaling)": _column(result, result["columns"][1]),
-              "LR 2e-3 (linear scaling)": _column(result, result["columns"][2])}
+    series = {
+        "LR 1e-3 (square-root scaling)": _column(result, result["columns"][1]),
+        "LR 2e-3 (linear scaling)": _column(result, result["columns"][2]),
+    }
     for ax, which, title in zip(axes, (0, 1), ("box AP", "mask AP")):
         for k, (label, cells) in enumerate(series.items()):
             values = [_numbers(c)[which] for c in cells]
-            ax.plot(images, values, marker="o", markersize=3, color=f"C{k}", label=f"{label}: {values[-1]:.1f}")
+            ax.plot(
+                images,
+                values,
+                marker="o",
+                markersize=3,
+                color=f"C{k}",
+                label=f"{label}: {values[-1]:.1f}",
+            )
         ax.axvline(11600, color="gray", linestyle=":", linewidth=1)
         ax.set_ylim(0, 80)
         ax.set_xlabel("images seen (LR x0.1 at the dotted line)")
@@ -180,8 +210,13 @@ def _figure_norm_comparison(axes_figure):
         early = _numbers(row[4])
         final = _numbers(row[2])[0]
         values = [*early, final]
-        ax.plot([600, 1200, 1800], values, marker="o", color=f"C{k}",
-                label=f"{row[0]}, LR {row[1].strip('*')}: {final:.1f}")
+        ax.plot(
+            [600, 1200, 1800],
+            values,
+            marker="o",
+            color=f"C{k}",
+            label=f"{row[0]}, LR {row[1].strip('*')}: {final:.1f}",
+        )
     ax.set_ylim(0, 80)
     ax.set_xlabel("iterations (2 images each; LR x0.1 at 1,450)")
     ax.set_title("box AP on shapes_val, each norm at its best LR", fontsize=10)
@@ -214,7 +249,9 @@ def draw_figures() -> List[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is stale")
+    parser.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 if a table is stale"
+    )
     parser.add_argument("--figures", action="store_true", help="also redraw the figures of FIGURES")
     args = parser.parse_args(argv)
     if args.check:

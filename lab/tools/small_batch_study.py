@@ -16,13 +16,14 @@ images); the learning rate is the config's rate at its 2 images per batch, or ea
 in images, at the configs' fractions. The study in lab/benchmarks.md (each cell to the plateau
 of BN at 8 images per batch: 14,400 images):
 
-    lab/tools/small_batch_study.py --output-dir output/small_batch --images 14400 --eval-period 1800 \
-        --lr-scaling sqrt --norms bn gn --batches 8 1 2 4 --seeds 1 2 --jobs 2
+    lab/tools/small_batch_study.py --output-dir output/small_batch --images 14400 \
+        --eval-period 1800 --lr-scaling sqrt --norms bn gn --batches 8 1 2 4 --seeds 1 2 --jobs 2
 
 Each cell is one ``gn-det train`` process (its own OUTPUT_DIR, metrics.json and COCO
-evaluations, ``gn_det_lab.runs``), evaluated on ``shapes_val`` (every ``--eval-period`` images and at the end) and, at the end, on
-the held-out ``shapes_test``; a cell that already finished is read, not rerun, and one that was
-stopped resumes from its last checkpoint (one per evaluation), so a grid can run across sessions.
+evaluations, ``gn_det_lab.runs``), evaluated on ``shapes_val`` (every ``--eval-period`` images
+and at the end) and, at the end, on the held-out ``shapes_test``; a cell that already finished
+is read, not rerun, and one that was stopped resumes from its last checkpoint (one per
+evaluation), so a grid can run across sessions.
 ``--jobs 2`` runs two cells at a time, one thread each.
 
 Prints a markdown table (per norm, batch and LR: box and mask AP on both splits, mean and
@@ -33,6 +34,7 @@ its best LR on ``shapes_val``) and ``results.json`` in ``--output-dir``.
 from __future__ import annotations
 
 import pathlib, sys  # noqa: E401  (lab/ on the path: gn_det_lab is not installed)
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse
@@ -56,23 +58,36 @@ def config_schedule(norm: str) -> dict:
 
     solver = load_config(resolve_config_name(f"shapes/{norm}.yaml")).SOLVER
     batch = solver.IMS_PER_BATCH
-    return {"batch": batch, "base_lr": solver.BASE_LR, "images": solver.MAX_ITER * batch,
-            "warmup_images": solver.WARMUP_ITERS * batch,
-            "step_fractions": [step / solver.MAX_ITER for step in solver.STEPS]}
+    return {
+        "batch": batch,
+        "base_lr": solver.BASE_LR,
+        "images": solver.MAX_ITER * batch,
+        "warmup_images": solver.WARMUP_ITERS * batch,
+        "step_fractions": [step / solver.MAX_ITER for step in solver.STEPS],
+    }
 
 
-def schedule(config: dict, base_lr: float, batch: int, images: int, scaling: str = "linear") -> list:
+def schedule(
+    config: dict, base_lr: float, batch: int, images: int, scaling: str = "linear"
+) -> list:
     """detectron2 overrides for ``batch`` images per batch and ``images`` images seen, with
     ``base_lr`` the rate at the config's batch, scaled with the batch ``linear``-ly (Goyal et al.
     2017, for SGD) or by its square root (``sqrt``: Malladi et al. 2022, for Adam)."""
     iterations = max(1, images // batch)
     steps = [min(round(iterations * f), iterations - 1) for f in config["step_fractions"]]
     steps = [s for s in steps if s >= 1]
-    return ["SOLVER.IMS_PER_BATCH", str(batch),
-            "SOLVER.BASE_LR", repr(scaled_lr(base_lr, batch / config["batch"], scaling)),
-            "SOLVER.MAX_ITER", str(iterations),
-            "SOLVER.WARMUP_ITERS", str(max(1, config["warmup_images"] // batch)),
-            "SOLVER.STEPS", f"({''.join(f'{s},' for s in steps)})"]
+    return [
+        "SOLVER.IMS_PER_BATCH",
+        str(batch),
+        "SOLVER.BASE_LR",
+        repr(scaled_lr(base_lr, batch / config["batch"], scaling)),
+        "SOLVER.MAX_ITER",
+        str(iterations),
+        "SOLVER.WARMUP_ITERS",
+        str(max(1, config["warmup_images"] // batch)),
+        "SOLVER.STEPS",
+        f"({''.join(f'{s},' for s in steps)})",
+    ]
 
 
 def scaled_lr(base_lr: float, ratio: float, scaling: str) -> float:
@@ -99,16 +114,38 @@ def run_cell(norm: str, batch: int, base_lr: float, seed: int, args, config: dic
     step_images = batch * processes
     # A checkpoint at every evaluation (every 1,200 images without): a stopped cell resumes.
     period = max(1, (args.eval_period or 1200) // step_images)
-    opts = [*schedule(config, base_lr, step_images, images, args.lr_scaling), "SEED", str(seed),
-            "TEST.EVAL_PERIOD", str(period if args.eval_period else 0), "SOLVER.CHECKPOINT_PERIOD", str(period),
-            *(SMOKE_OPTS if args.smoke else [])]
+    opts = [
+        *schedule(config, base_lr, step_images, images, args.lr_scaling),
+        "SEED",
+        str(seed),
+        "TEST.EVAL_PERIOD",
+        str(period if args.eval_period else 0),
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(period),
+        *(SMOKE_OPTS if args.smoke else []),
+    ]
     if args.data == "shapes_hr":
         size = 64 if args.smoke else args.hr_size
-        opts += ["DATASETS.TRAIN", "('shapes_hr_train',)", "INPUT.MIN_SIZE_TRAIN", f"({size},)",
-                 "INPUT.MAX_SIZE_TRAIN", str(size * 4 // 3), "INPUT.MIN_SIZE_TEST", str(size),
-                 "INPUT.MAX_SIZE_TEST", str(size * 4 // 3)]
-    record = train_run(f"shapes/{norm}.yaml", opts, run_dir, datasets=args.splits, processes=processes,
-                       threads=max(1, threads_per_job(args.jobs) // processes))
+        opts += [
+            "DATASETS.TRAIN",
+            "('shapes_hr_train',)",
+            "INPUT.MIN_SIZE_TRAIN",
+            f"({size},)",
+            "INPUT.MAX_SIZE_TRAIN",
+            str(size * 4 // 3),
+            "INPUT.MIN_SIZE_TEST",
+            str(size),
+            "INPUT.MAX_SIZE_TEST",
+            str(size * 4 // 3),
+        ]
+    record = train_run(
+        f"shapes/{norm}.yaml",
+        opts,
+        run_dir,
+        datasets=args.splits,
+        processes=processes,
+        threads=max(1, threads_per_job(args.jobs) // processes),
+    )
     return {**cell, **record}
 
 
@@ -119,9 +156,16 @@ def summarize(cells, splits=SPLITS) -> list:
         groups.setdefault((c["norm"], c["batch"], c["processes"], c["base_lr"]), []).append(c)
     rows = []
     for (norm, batch, processes, base_lr), runs in sorted(
-            groups.items(), key=lambda kv: (list(NORMS).index(kv[0][0]), *kv[0][1:])):
-        row = {"norm": norm, "batch": batch, "processes": processes, "base_lr": base_lr, "seeds": len(runs),
-               "minutes": statistics.mean(r["seconds"] for r in runs) / 60}
+        groups.items(), key=lambda kv: (list(NORMS).index(kv[0][0]), *kv[0][1:])
+    ):
+        row = {
+            "norm": norm,
+            "batch": batch,
+            "processes": processes,
+            "base_lr": base_lr,
+            "seeds": len(runs),
+            "minutes": statistics.mean(r["seconds"] for r in runs) / 60,
+        }
         for split in splits:
             for key in ("box_ap", "mask_ap"):
                 values = [r.get("final", {}).get(split, {}).get(key, math.nan) for r in runs]
@@ -144,9 +188,12 @@ def best_rows(rows, splits=SPLITS) -> list:
     return list(best.values())
 
 
-#: How ``--bn-statistics`` lines are drawn: (line style, label) per mode of lab/tools/bn_statistics_study.py.
-BN_STATISTICS = {"precise": (":", "precise statistics at test"),
-                 "batch": ("--", "each test image's statistics")}
+#: How ``--bn-statistics`` lines are drawn: (line style, label) per mode of
+#: lab/tools/bn_statistics_study.py.
+BN_STATISTICS = {
+    "precise": (":", "precise statistics at test"),
+    "batch": ("--", "each test image's statistics"),
+}
 
 
 def statistics_points(cells, found: dict, split: str) -> dict:
@@ -155,12 +202,19 @@ def statistics_points(cells, found: dict, split: str) -> dict:
     ``mode`` (its ``running`` mode is the cell's own evaluation, so it is left out)."""
     groups, found = {}, {str(Path(run).resolve()): result for run, result in found.items()}
     for cell in cells:
-        for mode, results in found.get(str(Path(cell["run_dir"]).resolve()), {}).get("modes", {}).items():
+        for mode, results in (
+            found.get(str(Path(cell["run_dir"]).resolve()), {}).get("modes", {}).items()
+        ):
             if mode in BN_STATISTICS and split in results:
                 key = (cell["norm"], cell["processes"], mode)
                 groups.setdefault(key, {}).setdefault(cell["batch"], []).append(results[split])
-    return {key: [(batch, *(sum(ap) / len(ap) for ap in zip(*aps))) for batch, aps in sorted(by_batch.items())]
-            for key, by_batch in groups.items()}
+    return {
+        key: [
+            (batch, *(sum(ap) / len(ap) for ap in zip(*aps)))
+            for batch, aps in sorted(by_batch.items())
+        ]
+        for key, by_batch in groups.items()
+    }
 
 
 def _label(norm: str, processes: int) -> str:
@@ -177,19 +231,38 @@ def _plot(rows, path, *, images: int, split: str, overwrite: bool, statistics=No
     every_batch = sorted({r["batch"] for r in rows})
     for ax, key, title in zip(axes, ("box_ap", "mask_ap"), ("box AP", "mask AP")):
         for index, norm in enumerate(NORMS):
-            found = {r["batch"]: (*r[f"{split}/{key}"], r["processes"]) for r in rows if r["norm"] == norm}
+            found = {
+                r["batch"]: (*r[f"{split}/{key}"], r["processes"])
+                for r in rows
+                if r["norm"] == norm
+            }
             if found:
                 # A batch size the norm has no cell at is a gap in its line, not a straight segment.
-                means, spreads, _ = zip(*(found.get(b, (math.nan, math.nan, 1)) for b in every_batch))
-                ax.errorbar(every_batch, means, yerr=[s / 2 for s in spreads], marker="o", capsize=3,
-                            color=f"C{index}", label=_label(norm, next(iter(found.values()))[2]))
+                means, spreads, _ = zip(
+                    *(found.get(b, (math.nan, math.nan, 1)) for b in every_batch)
+                )
+                ax.errorbar(
+                    every_batch,
+                    means,
+                    yerr=[s / 2 for s in spreads],
+                    marker="o",
+                    capsize=3,
+                    color=f"C{index}",
+                    label=_label(norm, next(iter(found.values()))[2]),
+                )
         for (norm, processes, mode), points in (statistics or {}).items():
             if len(points) < 2:
                 continue  # one batch size: a table entry, not a line
             style, what = BN_STATISTICS[mode]
             batches, box, mask = zip(*points)
-            ax.plot(batches, box if key == "box_ap" else mask, style, marker=".", color=f"C{list(NORMS).index(norm)}",
-                    label=f"{_label(norm, processes)}, {what}")
+            ax.plot(
+                batches,
+                box if key == "box_ap" else mask,
+                style,
+                marker=".",
+                color=f"C{list(NORMS).index(norm)}",
+                label=f"{_label(norm, processes)}, {what}",
+            )
         ax.set_xscale("log", base=2)
         ax.set_xticks(every_batch, [str(b) for b in every_batch])
         ax.set_xlabel("images per batch (per process)")
@@ -197,7 +270,9 @@ def _plot(rows, path, *, images: int, split: str, overwrite: bool, statistics=No
         ax.grid(alpha=0.3)
         ax.set_title(f"{title}, {split}, {images} images seen", fontsize=10)
     if statistics:
-        figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
+        figure.legend(
+            *axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8
+        )
     else:
         axes[0].legend()
     save_figure(figure, path, overwrite=overwrite)
@@ -214,33 +289,74 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", default=None, help="PNG to write (default: in --output-dir)")
     parser.add_argument("--norms", nargs="+", choices=list(NORMS), default=list(NORMS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
-    parser.add_argument("--base-lrs", nargs="+", type=float, default=None,
-                        help="LRs at the configs' batch, each a cell (default: each config's own)")
-    parser.add_argument("--lr-scaling", choices=("linear", "sqrt"), default="linear",
-                        help="how the LR follows the batch (default linear; sqrt: cells named *_sqrt_s*)")
-    parser.add_argument("--data", choices=("shapes", "shapes_hr"), default="shapes",
-                        help="train on shapes_train (256x256) or shapes_hr_train (1200x1600, resized)")
-    parser.add_argument("--hr-size", type=int, default=600, help="--data shapes_hr: short side (default 600)")
+    parser.add_argument(
+        "--base-lrs",
+        nargs="+",
+        type=float,
+        default=None,
+        help="LRs at the configs' batch, each a cell (default: each config's own)",
+    )
+    parser.add_argument(
+        "--lr-scaling",
+        choices=("linear", "sqrt"),
+        default="linear",
+        help="how the LR follows the batch (default linear; sqrt: cells named *_sqrt_s*)",
+    )
+    parser.add_argument(
+        "--data",
+        choices=("shapes", "shapes_hr"),
+        default="shapes",
+        help="train on shapes_train (256x256) or shapes_hr_train (1200x1600, resized)",
+    )
+    parser.add_argument(
+        "--hr-size", type=int, default=600, help="--data shapes_hr: short side (default 600)"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
-    parser.add_argument("--processes", type=int, default=2,
-                        help="SyncBN's processes, each of --batches images (default 2)")
-    parser.add_argument("--images", type=int, default=None,
-                        help="images seen per run (default: the configs' MAX_ITER x IMS_PER_BATCH)")
-    parser.add_argument("--eval-period", type=int, default=1200,
-                        help="evaluate shapes_val every this many images (0: only at the end)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="SyncBN's processes, each of --batches images (default 2)",
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="images seen per run (default: the configs' MAX_ITER x IMS_PER_BATCH)",
+    )
+    parser.add_argument(
+        "--eval-period",
+        type=int,
+        default=1200,
+        help="evaluate shapes_val every this many images (0: only at the end)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="cells run at a time (default 1)")
     parser.add_argument("--force", action="store_true", help="overwrite --plot")
-    parser.add_argument("--smoke", action="store_true", help="tiny images and 4 images seen (tests)")
-    parser.add_argument("--bn-statistics", nargs="+", default=(), metavar="JSON",
-                        help="lab/tools/bn_statistics_study.py --json outputs: plot their cells' precise and "
-                             "per-image statistics too")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: report and plot the cells that finished")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny images and 4 images seen (tests)"
+    )
+    parser.add_argument(
+        "--bn-statistics",
+        nargs="+",
+        default=(),
+        metavar="JSON",
+        help="lab/tools/bn_statistics_study.py --json outputs: plot their cells' precise and "
+        "per-image statistics too",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report and plot the cells that finished",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.images, args.eval_period = min(args.images or 4, 4), 0
-    if (min(args.batches) < 1 or args.jobs < 1 or args.processes < 1
-            or (args.images is not None and args.images < 1)):
+    if (
+        min(args.batches) < 1
+        or args.jobs < 1
+        or args.processes < 1
+        or (args.images is not None and args.images < 1)
+    ):
         parser.error("--batches, --jobs, --processes and --images must be positive")
     if args.base_lrs is not None and min(args.base_lrs) <= 0:
         parser.error("--base-lrs must be positive")
@@ -255,36 +371,63 @@ def main(argv=None) -> int:
     configs = {norm: config_schedule(norm) for norm in args.norms}
     # Seed by seed, so that a grid stopped midway has whole seeds; within one, batch by batch in
     # the order given (--batches 8 1 2 4: the ends first).
-    grid = [(norm, batch, lr, seed) for seed in args.seeds for batch in dict.fromkeys(args.batches)
-            for norm in args.norms for lr in (args.base_lrs or [configs[norm]["base_lr"]])]
+    grid = [
+        (norm, batch, lr, seed)
+        for seed in args.seeds
+        for batch in dict.fromkeys(args.batches)
+        for norm in args.norms
+        for lr in (args.base_lrs or [configs[norm]["base_lr"]])
+    ]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         cells = list(pool.map(lambda g: run_cell(*g, args, configs[g[0]]), grid))
     for (norm, batch, lr, seed), cell in zip(grid, cells):
         if cell is None:
-            print(f"{norm} at {batch}, LR {lr:g}, seed {seed}: not run (--report-only)", file=sys.stderr)
+            print(
+                f"{norm} at {batch}, LR {lr:g}, seed {seed}: not run (--report-only)",
+                file=sys.stderr,
+            )
     cells = [c for c in cells if c is not None]
     (Path(args.output_dir) / "results.json").write_text(json.dumps(cells, indent=1))
     rows = summarize(cells, args.splits)
     val, test = args.splits
-    print(f"| norm | images/batch | processes | iterations | LR | seeds | box AP {val} | mask AP {val} | "
-          f"box AP {test} | mask AP {test} | minutes per run |")
+    print(
+        f"| norm | images/batch | processes | iterations | LR | seeds | box AP {val} | "
+        f"mask AP {val} | "
+        f"box AP {test} | mask AP {test} | minutes per run |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         config = configs[row["norm"]]
         images = args.images or config["images"]
         step_images = row["batch"] * row["processes"]
         lr = scaled_lr(row["base_lr"], step_images / config["batch"], args.lr_scaling)
-        print(f"| {NORMS[row['norm']]} | {row['batch']} | {row['processes']} | {images // step_images} | {lr:g} | "
-              f"{row['seeds']} | {_cell(row, val, 'box_ap')} | {_cell(row, val, 'mask_ap')} | "
-              f"{_cell(row, test, 'box_ap')} | {_cell(row, test, 'mask_ap')} | {row['minutes']:.1f} |")
+        print(
+            f"| {NORMS[row['norm']]} | {row['batch']} | {row['processes']} | "
+            f"{images // step_images} | {lr:g} | "
+            f"{row['seeds']} | {_cell(row, val, 'box_ap')} | {_cell(row, val, 'mask_ap')} | "
+            f"{_cell(row, test, 'box_ap')} | {_cell(row, test, 'mask_ap')} | {row['minutes']:.1f} |"
+        )
     for c in cells:
         if "failure" in c:
-            print(f"{c['run_dir']}: failed ({c['failure']}); see {c['run_dir']}/stdout.txt", file=sys.stderr)
+            print(
+                f"{c['run_dir']}: failed ({c['failure']}); see {c['run_dir']}/stdout.txt",
+                file=sys.stderr,
+            )
     images = args.images or max(config["images"] for config in configs.values())
-    found = {run: result for path in args.bn_statistics for run, result in json.loads(Path(path).read_text()).items()}
+    found = {
+        run: result
+        for path in args.bn_statistics
+        for run, result in json.loads(Path(path).read_text()).items()
+    }
     statistics = statistics_points(cells, found, test) if found else None
-    _plot(best_rows(rows, args.splits), plot, images=images, split=test, overwrite=args.force,
-          statistics=statistics)
+    _plot(
+        best_rows(rows, args.splits),
+        plot,
+        images=images,
+        split=test,
+        overwrite=args.force,
+        statistics=statistics,
+    )
     print(f"Wrote {plot}")
     return 0
 

@@ -29,6 +29,7 @@ Detector level (the shapes Mask R-CNN; a BN teacher trained at 8 images per batc
 """
 
 import pathlib, sys  # noqa: E401  (lab/ on the path: gn_det_lab is not installed)
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import argparse
@@ -60,7 +61,10 @@ def _plot(rows, path):
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     width = 0.8 / len(regimes)
     for i, regime in enumerate(regimes):
-        values = [next(r.cosines["layer4"] for r in rows if r.regime == regime and r.method == m) for m in methods]
+        values = [
+            next(r.cosines["layer4"] for r in rows if r.regime == regime and r.method == m)
+            for m in methods
+        ]
         ax.bar([j + i * width for j in range(len(methods))], values, width, label=regime)
     ax.set_xticks([j + width * (len(regimes) - 1) / 2 for j in range(len(methods))])
     ax.set_xticklabels(methods, rotation=20, ha="right")
@@ -77,8 +81,15 @@ def finetune_runs(rows, args) -> dict:
     by_method = {r.method: r for r in rows}
     calibrated = f"calibrate {args.finetune_calibration}"
     distilled = f"{calibrated} + distill {args.distill_steps[0]}" if args.distill_steps else None
-    common = ["SOLVER.MAX_ITER", str(args.finetune_iters), "TEST.EVAL_PERIOD", str(args.eval_period),
-              "SEED", "1", *(SMOKE_OPTS if args.smoke else [])]
+    common = [
+        "SOLVER.MAX_ITER",
+        str(args.finetune_iters),
+        "TEST.EVAL_PERIOD",
+        str(args.eval_period),
+        "SEED",
+        "1",
+        *(SMOKE_OPTS if args.smoke else []),
+    ]
     finetune = ["MODEL.WEIGHTS", None, *FINETUNE_OPTS]
     runs = {  # name -> (label, config, options)
         "copy": ("GN from copy", "shapes/gn.yaml", finetune),
@@ -88,13 +99,19 @@ def finetune_runs(rows, args) -> dict:
         "bn": ("BN teacher at 2 images", "shapes/bn.yaml", finetune),
         "scratch": ("GN from scratch", "shapes/gn.yaml", ["MODEL.WEIGHTS", "", *SCRATCH_OPTS]),
     }
-    weights = {"copy": by_method["copy"].weights, "stats": by_method["stats"].weights,
-               "calibrate": by_method[calibrated].weights, "bn": args.detector}
+    weights = {
+        "copy": by_method["copy"].weights,
+        "stats": by_method["stats"].weights,
+        "calibrate": by_method[calibrated].weights,
+        "bn": args.detector,
+    }
     if distilled:
         weights["distill"] = by_method[distilled].weights
-    runs = {label: (config, [weights.get(name) if o is None else o for o in opts])
-            for name, (label, config, opts) in runs.items()
-            if name in args.runs and (name != "distill" or distilled)}
+    runs = {
+        label: (config, [weights.get(name) if o is None else o for o in opts])
+        for name, (label, config, opts) in runs.items()
+        if name in args.runs and (name != "distill" or distilled)
+    }
     threads = threads_per_job(args.jobs)
 
     def run(item):
@@ -113,8 +130,13 @@ def _plot_finetune(rows, runs, path, *, force: bool) -> None:
     teacher = zero_shot["BN teacher"]
     figure = Figure(figsize=(10, 4), layout="constrained")
     for ax, key, title in zip(figure.subplots(1, 2), ("box_ap", "mask_ap"), ("box AP", "mask AP")):
-        ax.axhline(getattr(teacher, key), color="k", linestyle="--", linewidth=1,
-                   label="BN teacher (8 images per batch)")
+        ax.axhline(
+            getattr(teacher, key),
+            color="k",
+            linestyle="--",
+            linewidth=1,
+            label="BN teacher (8 images per batch)",
+        )
         for index, (label, record) in enumerate(runs.items()):
             points = [(e["iteration"], e[key]) for e in record["evaluations"]]
             start = label.removeprefix("GN from ")
@@ -140,19 +162,30 @@ def detector_main(args) -> int:
     counts = (2,) if args.smoke else tuple(args.calibration_images)
     if args.finetune_calibration not in counts:
         args.finetune_calibration = counts[len(counts) // 2]
-    rows = detector_zero_shot(args.detector, os.path.join(args.output_dir, "zero_shot"),
-                              calibration_counts=counts, distill_steps=args.distill_steps,
-                              distill_images=args.finetune_calibration, cosine_images=2 if args.smoke else 16,
-                              opts=SMOKE_OPTS if args.smoke else ())
+    rows = detector_zero_shot(
+        args.detector,
+        os.path.join(args.output_dir, "zero_shot"),
+        calibration_counts=counts,
+        distill_steps=args.distill_steps,
+        distill_images=args.finetune_calibration,
+        cosine_images=2 if args.smoke else 16,
+        opts=SMOKE_OPTS if args.smoke else (),
+    )
     teacher = rows[0]
     levels = list(teacher.cosines)
-    print("| model | box AP | mask AP | box AP / teacher's | " + " | ".join(f"cos {l}" for l in levels)
-          + " | seconds |")
+    print(
+        "| model | box AP | mask AP | box AP / teacher's | "
+        + " | ".join(f"cos {level}" for level in levels)
+        + " | seconds |"
+    )
     print("|---|---|---|---|" + "---|" * len(levels) + "---|")
     for r in rows:
         ratio = r.box_ap / teacher.box_ap if teacher.box_ap else float("nan")
-        print(f"| {r.method} | {r.box_ap:.1f} | {r.mask_ap:.1f} | {ratio:.2f} | "
-              + " | ".join(f"{r.cosines[l]:.3f}" for l in levels) + f" | {r.seconds:.1f} |")
+        print(
+            f"| {r.method} | {r.box_ap:.1f} | {r.mask_ap:.1f} | {ratio:.2f} | "
+            + " | ".join(f"{r.cosines[level]:.3f}" for level in levels)
+            + f" | {r.seconds:.1f} |"
+        )
     runs = finetune_runs(rows, args)
     print("\n| fine-tuned at 2 images per batch | iteration | box AP | mask AP |")
     print("|---|---|---|---|")
@@ -175,22 +208,40 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite --output")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
     detector = parser.add_argument_group("detector level")
-    detector.add_argument("--detector", metavar="TEACHER_WEIGHTS", default=None,
-                          help="run the detector-level study from this BN teacher (shapes/bn.yaml)")
+    detector.add_argument(
+        "--detector",
+        metavar="TEACHER_WEIGHTS",
+        default=None,
+        help="run the detector-level study from this BN teacher (shapes/bn.yaml)",
+    )
     detector.add_argument("--output-dir", default="output/transfer_study")
     detector.add_argument("--calibration-images", type=int, nargs="+", default=[8, 32, 128])
-    detector.add_argument("--finetune-calibration", type=int, default=32,
-                          help="which calibrated student is fine-tuned (default 32 images)")
-    detector.add_argument("--distill-steps", type=int, nargs="*", default=[100, 300],
-                          help="also calibrate on --finetune-calibration images, then distill this "
-                          "many steps (gn_det.distill); one zero-shot row each (default 100 300)")
+    detector.add_argument(
+        "--finetune-calibration",
+        type=int,
+        default=32,
+        help="which calibrated student is fine-tuned (default 32 images)",
+    )
+    detector.add_argument(
+        "--distill-steps",
+        type=int,
+        nargs="*",
+        default=[100, 300],
+        help="also calibrate on --finetune-calibration images, then distill this "
+        "many steps (gn_det.distill); one zero-shot row each (default 100 300)",
+    )
     detector.add_argument("--finetune-iters", type=int, default=200)
     detector.add_argument("--eval-period", type=int, default=50)
     detector.add_argument("--jobs", type=int, default=1, help="fine-tuning runs at a time")
-    detector.add_argument("--runs", nargs="*", default=list(FINETUNE_RUNS), choices=FINETUNE_RUNS,
-                          help="fine-tuning runs (default all; none: zero-shot only): GN from copy, "
-                          "stats, calibrate, distill (the first --distill-steps row), scratch; BN "
-                          "teacher at 2 images (bn)")
+    detector.add_argument(
+        "--runs",
+        nargs="*",
+        default=list(FINETUNE_RUNS),
+        choices=FINETUNE_RUNS,
+        help="fine-tuning runs (default all; none: zero-shot only): GN from copy, "
+        "stats, calibrate, distill (the first --distill-steps row), scratch; BN "
+        "teacher at 2 images (bn)",
+    )
     args = parser.parse_args(argv)
     if args.output and os.path.exists(args.output) and not args.force:
         parser.error(f"{args.output} exists; pass --force to overwrite")
@@ -199,13 +250,20 @@ def main(argv=None) -> int:
             args.finetune_iters, args.eval_period = 2, 1
             args.distill_steps = args.distill_steps[:1] and [1]
         return detector_main(args)
-    kwargs = dict(size=32, population=16, held_out=4, calibration_counts=(2, 4), distill_steps=(1,)) if args.smoke else {}
+    kwargs = (
+        dict(size=32, population=16, held_out=4, calibration_counts=(2, 4), distill_steps=(1,))
+        if args.smoke
+        else {}
+    )
     rows = transfer_fidelity(**kwargs)
     print("| regime | method | " + " | ".join(STAGES) + " | seconds |")
     print("|---|---|" + "---|" * len(STAGES) + "---|")
     for r in rows:
-        print(f"| {r.regime} | {r.method} | " + " | ".join(f"{r.cosines[s]:.3f}" for s in STAGES)
-              + f" | {r.seconds:.1f} |")
+        print(
+            f"| {r.regime} | {r.method} | "
+            + " | ".join(f"{r.cosines[s]:.3f}" for s in STAGES)
+            + f" | {r.seconds:.1f} |"
+        )
     if args.output:
         _plot(rows, args.output)
     return 0
