@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 DEMO_DIR ?= output/demo
 
-.PHONY: install test demo clean
+.PHONY: install test lint demo clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ $(STAMP): $(REQS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff (pinned in requirements/base.txt) with the settings of pyproject.toml.
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # The main job: GN Mask R-CNN (R-18-FPN) trained from scratch on the embedded shapes dataset,
 # CPU, 2 images per batch (configs/shapes/gn_demo.yaml), then COCO evaluation on the held-out

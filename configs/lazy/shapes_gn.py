@@ -6,7 +6,7 @@ from detectron2.config import LazyCall as L
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 from detectron2.solver import WarmupParamScheduler
 
-from .mask_rcnn_R_50_FPN_100ep_LSJ_gn import dataloader, lr_multiplier, model, optimizer, train
+from .mask_rcnn_R_50_FPN_100ep_LSJ_gn import dataloader, model, optimizer, train
 
 body = model.model  # detectron2's model config, under the conversion wrapper
 body.backbone.bottom_up.stages.depth = 18
@@ -22,11 +22,13 @@ image_size = 256
 dataloader.train.dataset.names = "shapes_train"
 dataloader.test.dataset.names = "shapes_val"
 dataloader.train.mapper.augmentations = [
-    L(T.ResizeScale)(min_scale=0.5, max_scale=1.5, target_height=image_size, target_width=image_size),
+    L(T.ResizeScale)(min_scale=0.5, max_scale=1.5, target_height=image_size,
+                     target_width=image_size),
     L(T.FixedSizeCrop)(crop_size=(image_size, image_size)),
     L(T.RandomFlip)(horizontal=True),
 ]
-dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=image_size, max_size=image_size)]
+dataloader.test.mapper.augmentations = [
+    L(T.ResizeShortestEdge)(short_edge_length=image_size, max_size=image_size)]
 dataloader.train.total_batch_size = 2
 dataloader.train.num_workers = 1
 dataloader.test.num_workers = 1
@@ -41,7 +43,8 @@ train.output_dir = "./output/lazy_shapes_gn"
 optimizer.lr = 0.02
 optimizer.weight_decay = 1e-4
 lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[350], num_updates=train.max_iter),
+    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[350],
+                                         num_updates=train.max_iter),
     warmup_length=100 / train.max_iter,
     warmup_factor=0.067,
 )
