@@ -80,7 +80,7 @@ def checkpoint_intervals(run_dir, dataset: str, *, resamples: int = 200) -> List
     {...}}]``. Cached in ``run_dir/intervals_<dataset>.json``: a checkpoint already there is
     not evaluated again.
     """
-    from gn_det.config import load_config
+    from gn_det.cli.config_files import load_config
 
     run_dir = Path(run_dir)
     cache = run_dir / f"intervals_{dataset}.json"

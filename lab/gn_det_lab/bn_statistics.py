@@ -93,7 +93,7 @@ def load_run(run_dir, checkpoint: str = "model_final.pth"):
     from detectron2.modeling import build_model
 
     from gn_det.checkpoint import Checkpointer
-    from gn_det.config import load_config
+    from gn_det.cli.config_files import load_config
 
     weights = Path(run_dir) / checkpoint
     if not weights.is_file():

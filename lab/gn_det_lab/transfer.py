@@ -205,7 +205,7 @@ def detector_zero_shot(
     from gn_det import load_images
     from gn_det.checkpoint import Checkpointer
     from gn_det.checkpoint.io import save_checkpoint_file
-    from gn_det.config import load_config, resolve_config_name
+    from gn_det.cli.config_files import load_config, resolve_config_name
     from gn_det.engine import Trainer
     from gn_det.report import backbone_cosines
 

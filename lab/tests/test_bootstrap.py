@@ -100,7 +100,7 @@ class _Oracle(torch.nn.Module):
 def test_evaluate_intervals_runs_the_model_on_the_dataset_it_scores(tiny_env):
     """The split evaluated is the one named, whatever the config's DATASETS.TEST says (the model
     was once run on DATASETS.TEST and scored against the named split's ground truth: AP ~0)."""
-    from gn_det.config import load_config, resolve_config_name
+    from gn_det.cli.config_files import load_config, resolve_config_name
     from gn_det_lab.backbone import evaluate_intervals
 
     cfg = load_config(resolve_config_name("shapes/gn.yaml"))

@@ -280,7 +280,7 @@ def test_transfer_study_detector_smoke(tmp_path, capsys):
     import torch
     from detectron2.modeling import build_model
 
-    from gn_det.config import load_config, resolve_config_name
+    from gn_det.cli.config_files import load_config, resolve_config_name
 
     cfg = load_config(resolve_config_name("shapes/bn.yaml"))
     cfg.MODEL.DEVICE = "cpu"

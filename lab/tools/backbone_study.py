@@ -123,7 +123,7 @@ def distill_backbone(args) -> str:
 
 
 def _schedule(config: str, batch: int, factor: float, iterations: int) -> list:
-    from gn_det.config import load_config, resolve_config_name
+    from gn_det.cli.config_files import load_config, resolve_config_name
 
     solver = load_config(resolve_config_name(config)).SOLVER
     lr = solver.BASE_LR * math.sqrt(batch / solver.IMS_PER_BATCH) * factor

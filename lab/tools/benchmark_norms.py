@@ -86,7 +86,7 @@ def _quiet() -> None:
 def build_cfg(variant: str, args):
     from detectron2 import model_zoo
 
-    from gn_det.config import load_config, resolve_config_name
+    from gn_det.cli.config_files import load_config, resolve_config_name
 
     name, overrides = VARIANTS[variant]
     path = (
@@ -306,7 +306,7 @@ def _distributed_worker(args, out_path: str) -> None:
 
 
 def distributed(args) -> dict:
-    from gn_det.engine import launch  # gloo for --device cpu even on a GPU host
+    from gn_det.cli.train import launch  # gloo for --device cpu even on a GPU host
 
     with tempfile.TemporaryDirectory() as folder:
         out_path = os.path.join(folder, "distributed.json")

@@ -34,7 +34,8 @@ def measure(config: str, size: int, batch: int, recompute: bool, threads: int) -
     import torch
     from detectron2.modeling import build_backbone
 
-    from gn_det.config import convert_model_by_config, load_config, resolve_config_name
+    from gn_det.config import convert_model_by_config
+    from gn_det.cli.config_files import load_config, resolve_config_name
     from gn_det_lab.memory import SavedForBackward
 
     if threads:

@@ -131,7 +131,7 @@ def _variants(args):
     from detectron2.layers import FrozenBatchNorm2d
     from detectron2.modeling import build_model
 
-    from gn_det.config import load_config, resolve_config_name
+    from gn_det.cli.config_files import load_config, resolve_config_name
     from gn_det.folding import fold_for_inference, fold_frozen_batchnorm
     from gn_det_lab.random_weights import SMALL_MODEL_OPTS, normalize_norm_statistics
 

@@ -51,14 +51,8 @@ import warnings
 
 import torch
 
-from gn_det.engine import (
-    CPUAutocastTrainer,
-    CUDAAMPTrainer,
-    TrainLoop,
-    build_optimizer,
-    cpu_bfloat16_supported,
-    launch,
-)
+from gn_det.cli.train import launch
+from gn_det.engine import TrainLoop, build_optimizer, training_loop_class
 from gn_det_lab.random_weights import SMALL_MODEL_OPTS
 
 CHECKS = (
@@ -74,23 +68,12 @@ CHECKS = (
 )
 
 
-def trainer_class(amp: bool, device: str):
-    """The training loop ``gn-det train`` runs for ``SOLVER.AMP.ENABLED`` on ``device`` (gn_det's
-    choice, restated on its public names): TrainLoop without AMP; with it, CUDAAMPTrainer on
-    CUDA, bfloat16 autocast on a CPU that has native bfloat16, float32 on one that has not."""
-    if not amp:
-        return TrainLoop
-    if torch.device(device).type == "cuda":
-        return CUDAAMPTrainer
-    return CPUAutocastTrainer if cpu_bfloat16_supported() else TrainLoop
-
-
 class Skip(Exception):
     """A check that cannot run here (its reason is the message)."""
 
 
 def _cfg(name: str, args, *overrides: str):
-    from gn_det.config import load_config, resolve_config_name
+    from gn_det.cli.config_files import load_config, resolve_config_name
 
     cfg = load_config(resolve_config_name(name))
     cfg.merge_from_list(
@@ -158,7 +141,7 @@ def _model(cfg, batch):
 
 
 def _trainer(cfg, model, batches):
-    loop = trainer_class(cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE)
+    loop = training_loop_class(cfg.SOLVER.AMP.ENABLED, cfg.MODEL.DEVICE)
     return loop(model, batches, build_optimizer(cfg, model))
 
 
@@ -382,9 +365,8 @@ def check_resume(args) -> str:
             run = os.path.join(folder, saved_by)
             os.makedirs(run)
             model = _model(cfg, batches[0])
-            first = (TrainLoop if saved_by == "float32" else trainer_class(True, args.device))(
-                model, batches, build_optimizer(cfg, model)
-            )
+            loop = TrainLoop if saved_by == "float32" else training_loop_class(True, args.device)
+            first = loop(model, batches, build_optimizer(cfg, model))
             _losses(first, 2)
             Checkpointer(model, run, trainer=first).save("model_0000001", iteration=first.iter)
 

@@ -23,7 +23,7 @@ from detectron2.data import build_detection_train_loader
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from gn_det.config import load_config, merge_overrides, resolve_config_name
+from gn_det.cli.config_files import load_config, merge_overrides, resolve_config_name
 from gn_det.engine import build_optimizer
 
 PARTS = {

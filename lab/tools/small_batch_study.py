@@ -54,7 +54,7 @@ HR_SPLITS = ("shapes_hr_val", "shapes_hr_test")
 
 def config_schedule(norm: str) -> dict:
     """The config's own schedule: batch, LR, and warmup, LR drop and length in images."""
-    from gn_det.config import load_config, resolve_config_name
+    from gn_det.cli.config_files import load_config, resolve_config_name
 
     solver = load_config(resolve_config_name(f"shapes/{norm}.yaml")).SOLVER
     batch = solver.IMS_PER_BATCH
