@@ -38,35 +38,22 @@ def _param_state(module: nn.Module, dims: Optional[int]) -> NormState:
     )
 
 
-@NORM_SOURCES.register(nn.BatchNorm1d)
-@NORM_SOURCES.register(nn.LazyBatchNorm1d)  # refused while uninitialised, by convert_norm
-def _read_bn1d(module: nn.BatchNorm1d) -> NormState:
-    return _param_state(module, dims=1)
+def _reader(dims: Optional[int]):
+    return lambda module: _param_state(module, dims)
 
 
-@NORM_SOURCES.register(nn.BatchNorm2d)
-@NORM_SOURCES.register(nn.LazyBatchNorm2d)  # refused while uninitialised, by convert_norm
-def _read_bn2d(module: nn.BatchNorm2d) -> NormState:
-    # detectron2.layers.BatchNorm2d is torch.nn.BatchNorm2d itself.
-    return _param_state(module, dims=2)
+# The spatial rank each type expects (None: any). detectron2.layers.BatchNorm2d is torch's own;
+# lazy modules are refused by convert_norm while uninitialised.
+for _types, _dims in (((nn.BatchNorm1d, nn.LazyBatchNorm1d), 1),
+                      ((nn.BatchNorm2d, nn.LazyBatchNorm2d, NaiveSyncBatchNorm), 2),
+                      ((nn.BatchNorm3d, nn.LazyBatchNorm3d), 3),
+                      ((nn.SyncBatchNorm,), None)):
+    for _type in _types:
+        NORM_SOURCES.register(_type)(_reader(_dims))
 
 
-@NORM_SOURCES.register(nn.BatchNorm3d)
-@NORM_SOURCES.register(nn.LazyBatchNorm3d)  # refused while uninitialised, by convert_norm
-def _read_bn3d(module: nn.BatchNorm3d) -> NormState:
-    return _param_state(module, dims=3)
-
-
-@NORM_SOURCES.register(nn.SyncBatchNorm)
-def _read_sync_bn(module: nn.SyncBatchNorm) -> NormState:
-    return _param_state(module, dims=None)
-
-
-@NORM_SOURCES.register(NaiveSyncBatchNorm)
-def _read_naive_sync_bn(module: NaiveSyncBatchNorm) -> NormState:
-    return _param_state(module, dims=2)
-
-
+@NORM_SOURCES.register(TorchvisionFrozenBatchNorm2d, name="torchvision.FrozenBatchNorm2d")
+@NORM_SOURCES.register(FrozenBatchNorm2d)
 def _frozen_state(module: nn.Module) -> NormState:
     return NormState(
         num_features=module.weight.numel(),
@@ -79,16 +66,6 @@ def _frozen_state(module: nn.Module) -> NormState:
         trainable=False,
         dims=2,
     )
-
-
-@NORM_SOURCES.register(FrozenBatchNorm2d)
-def _read_frozen_bn(module: FrozenBatchNorm2d) -> NormState:
-    return _frozen_state(module)
-
-
-@NORM_SOURCES.register(TorchvisionFrozenBatchNorm2d, name="torchvision.FrozenBatchNorm2d")
-def _read_torchvision_frozen_bn(module: TorchvisionFrozenBatchNorm2d) -> NormState:
-    return _frozen_state(module)
 
 
 @torch.no_grad()

@@ -45,12 +45,13 @@ class NormSpec:
     Attributes:
         target: ``"GN"`` or a BN-family target (``"FrozenBN"``, ``"BN"``, ``"SyncBN"``,
             ``"naiveSyncBN"``); see ``gn_det.NORM_TARGETS``.
-        num_groups, dim_per_group: group choice for GN (``gn_det.resolve_num_groups``).
+        num_groups, dim_per_group: GN's groups (default 32, Wu & He 2018), or channels per
+            group instead (``gn_det.resolve_num_groups``).
         eps: eps of the new layers; ``None`` keeps each source layer's eps.
         transfer: ``"stats"`` or ``"copy"`` (``gn_det.transfer``); GN targets only.
         include: module-name prefixes to convert (empty: everything).
         exclude: module-name prefixes to leave alone; wins over ``include``.
-        sources: registered source names to convert (empty: every registered type).
+        sources: source names (``gn_det.NORM_SOURCES.names()``) to convert (empty: all).
     """
 
     target: str = "GN"
@@ -108,36 +109,15 @@ def convert_norm(
     already are the target, and norm types not in ``gn_det.NORM_SOURCES``, are left alone,
     so converting twice changes nothing.
 
-    Args:
-        module: any ``nn.Module``; it may itself be a norm layer.
-        target: ``"GN"``, ``"FrozenBN"``, ``"BN"``, ``"SyncBN"`` or ``"naiveSyncBN"``.
-        num_groups: GroupNorm groups (default 32, Wu & He 2018).
-        dim_per_group: channels per group; overrides ``num_groups`` when given.
-        eps: eps of the new layers; ``None`` keeps each source layer's eps.
-        transfer: ``"stats"`` (default, data-free, uses the BN running statistics) or ``"copy"``
-            (γ and β only, what detectron2 does); affects GN targets.
-        include: module-name prefixes (``"backbone"``, ``"roi_heads.mask_head"``) to convert;
-            default everything.
-        exclude: module-name prefixes to leave alone.
-        sources: source names (``gn_det.NORM_SOURCES.names()``) to convert; default all.
-
-    Returns:
-        The converted module. A summary of the changes is logged; ``gn_det.describe_norms``
-        tabulates every norm layer afterwards.
+    The options are :class:`NormSpec`'s (``module`` may itself be a norm layer); ``transfer``
+    ``"stats"`` uses the BN running statistics, ``"copy"`` γ and β only (what detectron2 does).
+    A summary is logged; ``gn_det.describe_norms`` tabulates the layers afterwards.
 
     Raises:
         ValueError: unknown target, transfer or source name, or bad group/eps values.
     """
-    spec = NormSpec(
-        target=target,
-        num_groups=num_groups,
-        dim_per_group=dim_per_group,
-        eps=eps,
-        transfer=transfer,
-        include=include,
-        exclude=exclude,
-        sources=sources,
-    )
+    spec = NormSpec(target=target, num_groups=num_groups, dim_per_group=dim_per_group, eps=eps,
+                    transfer=transfer, include=include, exclude=exclude, sources=sources)
     return convert_norm_by_spec(module, spec)
 
 

@@ -26,12 +26,9 @@ class ConvertedGroupNorm(nn.GroupNorm):
     """
     ``nn.GroupNorm`` that also loads BatchNorm-format state, transferring it on the way in.
 
-    It computes exactly what ``nn.GroupNorm`` computes and saves exactly what it saves (``weight``,
-    ``bias``), so detectron2's native GN models load its checkpoints. On load, a state that
-    carries BN statistics (``running_mean``, ``running_var``, ``num_batches_tracked`` next to
-    ``weight``, ``bias``) is turned into a GN affine with this layer's ``transfer``, so every
-    loader — ``load_state_dict``, detectron2's ``DetectionCheckpointer`` — transfers BN-trained
-    weights. This is the hook detectron2's ``FrozenBatchNorm2d`` uses for old checkpoint formats.
+    It computes and saves exactly what ``nn.GroupNorm`` does, so detectron2's native GN models
+    load its checkpoints; a state that carries BN statistics becomes a GN affine on load (with
+    ``transfer``), so every loader transfers BN-trained weights (``FrozenBatchNorm2d``'s hook).
 
     Args:
         num_groups, num_channels, eps, affine, device, dtype: as for ``nn.GroupNorm``.
@@ -58,24 +55,16 @@ class ConvertedGroupNorm(nn.GroupNorm):
         self.source_eps = source_eps
         self.source = source
 
-    def load_bn_state(
-        self,
-        weight: Optional[torch.Tensor],
-        bias: Optional[torch.Tensor],
-        running_mean: Optional[torch.Tensor],
-        running_var: Optional[torch.Tensor],
-    ) -> None:
+    def _transferred(self, weight, bias, running_mean, running_var):
+        return transfer_bn_to_gn(weight, bias, running_mean, running_var,
+                                 num_groups=self.num_groups, bn_eps=self.source_eps,
+                                 gn_eps=self.eps, transfer=self.transfer)
+
+    def load_bn_state(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      running_mean: Optional[torch.Tensor],
+                      running_var: Optional[torch.Tensor]) -> None:
         """Set this layer's affine from BN tensors, using its ``transfer``; keeps requires_grad."""
-        new_weight, new_bias = transfer_bn_to_gn(
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            num_groups=self.num_groups,
-            bn_eps=self.source_eps,
-            gn_eps=self.eps,
-            transfer=self.transfer,
-        )
+        new_weight, new_bias = self._transferred(weight, bias, running_mean, running_var)
         if self.affine:
             with torch.no_grad():
                 self.weight.copy_(new_weight)
@@ -93,14 +82,8 @@ class ConvertedGroupNorm(nn.GroupNorm):
                 if name != "num_batches_tracked"
             )
             if shapes_fit and self.affine:
-                weight, bias = transfer_bn_to_gn(
-                    *(_as_tensor(bn_state[n]) for n in ("weight", "bias")),
-                    *(_as_tensor(bn_state[n]) for n in ("running_mean", "running_var")),
-                    num_groups=self.num_groups,
-                    bn_eps=self.source_eps,
-                    gn_eps=self.eps,
-                    transfer=self.transfer,
-                )
+                names = ("weight", "bias", "running_mean", "running_var")
+                weight, bias = self._transferred(*(_as_tensor(bn_state[n]) for n in names))
                 state_dict[keys["weight"]] = weight
                 state_dict[keys["bias"]] = bias
             else:
@@ -125,9 +108,8 @@ def _as_tensor(value) -> Optional[torch.Tensor]:
 
 @NORM_TARGETS.register("GN", produces=(nn.GroupNorm, ConvertedGroupNorm))
 def _build_group_norm(state: NormState, spec: NormSpec, layer_name: str) -> nn.Module:
-    groups = resolve_num_groups(
-        state.num_features, spec.num_groups, spec.dim_per_group, layer_name=layer_name
-    )
+    groups = resolve_num_groups(state.num_features, spec.num_groups, spec.dim_per_group,
+                                layer_name=layer_name)
     norm = ConvertedGroupNorm(
         groups,
         state.num_features,
@@ -139,11 +121,8 @@ def _build_group_norm(state: NormState, spec: NormSpec, layer_name: str) -> nn.M
         **state.factory_kwargs,
     )
     if not norm.affine and spec.transfer == "stats" and state.running_mean is not None:
-        logger.info(
-            "'%s': affine-free BatchNorm becomes affine-free GroupNorm; its running statistics "
-            "have no GN counterpart to transfer into.",
-            layer_name,
-        )
+        logger.info("'%s': affine-free BatchNorm becomes affine-free GroupNorm; its running "
+                    "statistics have no GN counterpart to transfer into.", layer_name)
     norm.load_bn_state(state.weight, state.bias, state.running_mean, state.running_var)
     if norm.affine:
         norm.weight.requires_grad_(state.trainable)

@@ -74,7 +74,7 @@ def test_offline_a_url_is_one_line_naming_it_and_where_to_put_the_file(offline):
 
 def test_convert_and_train_take_urls_through_the_cache(offline, capsys, monkeypatch, tmp_path):
     from gn_det.cli import main
-    from gn_det.engine import launch_from_args
+    from gn_det.cli.train import launch_from_args
 
     assert main(["convert", "--weights", URL, "--output", str(tmp_path / "out.pth")]) == 2
     err = capsys.readouterr().err.strip()

@@ -129,7 +129,7 @@ MALFORMED = {
 def test_a_malformed_config_is_one_line_naming_the_file_in_every_command(
     name, tmp_path, capsys, monkeypatch
 ):
-    from gn_det.engine import launch_from_args
+    from gn_det.cli.train import launch_from_args
 
     text, message = MALFORMED[name]
     config = tmp_path / name

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from detectron2.utils import comm
 
 import gn_det
-from gn_det.engine import create_ddp_model, launch
+from gn_det.cli.train import launch
+from gn_det.engine import create_ddp_model
 from models import resnet18_fpn_backbone
 
 STEPS, LR = 3, 0.05

@@ -268,7 +268,7 @@ def test_an_interrupted_checkpoint_save_leaves_the_previous_checkpoint(tmp_path,
 def test_a_bad_config_is_one_line_and_exit_2_before_any_model_is_built(
     argv, message, capsys, monkeypatch, tmp_path
 ):
-    from gn_det.engine import launch_from_args
+    from gn_det.cli.train import launch_from_args
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(
@@ -489,7 +489,7 @@ def test_amp_clips_the_unscaled_gradients_with_fused_adamw(monkeypatch):
 def test_a_cuda_config_on_a_host_without_a_usable_gpu_is_one_line_and_exit_2(
     capsys, monkeypatch, tmp_path
 ):
-    from gn_det.engine import launch_from_args
+    from gn_det.cli.train import launch_from_args
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
