@@ -22,7 +22,7 @@ from .convert import _as_prefixes, _matches
 from .inputs import eval_mode, forward_images, replace_module
 from .layers import ChannelAffine
 
-__all__ = ["ChannelAffine", "FoldReport", "fold_for_inference", "fold_frozen_batchnorm",
+__all__ = ["ChannelAffine", "FoldReport", "fold_for_inference",
            "folded_architecture", "group_statistics"]
 
 logger = logging.getLogger(__name__)
@@ -177,23 +177,6 @@ def fold_for_inference(model: nn.Module, images=None, *, include: Sequence[str] 
     logger.info("Folded for inference: %s (statistics: %s).",
                 ", ".join(f"{v} {k}" for k, v in report.counts().items()), statistics)
     return student.eval(), report
-
-
-def fold_frozen_batchnorm(model: nn.Module) -> int:
-    """Fold every detectron2 ``FrozenBatchNorm2d`` that is a ``Conv2d``'s norm into the
-    convolution, in place (the inference form of a FrozenBN detector); returns how many."""
-    from detectron2.layers import FrozenBatchNorm2d
-
-    names = []
-    for name, conv in _conv_norms(model).items():
-        if isinstance(conv.norm, FrozenBatchNorm2d):
-            frozen = conv.norm
-            scale = frozen.weight * (frozen.running_var + frozen.eps).rsqrt()
-            conv.norm = ChannelAffine(frozen.num_features, scale,
-                                      frozen.bias - frozen.running_mean * scale,
-                                      source="FrozenBatchNorm2d")
-            names.append(name)
-    return sum(1 for v in _fold_into_convs(model, names).values() if v == "folded into the conv")
 
 
 def folded_architecture(model: nn.Module, *, include: Sequence[str] = (),

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from detectron2.layers import Conv2d, FrozenBatchNorm2d
+from detectron2.layers import Conv2d
 from detectron2.modeling import build_model
 from torch import nn
 
@@ -12,10 +12,8 @@ from gn_det.cli.config_files import load_config, resolve_config_name
 from gn_det.folding import (
     ChannelAffine,
     fold_for_inference,
-    fold_frozen_batchnorm,
     group_statistics,
 )
-from models import randomize_norm_state
 
 
 def _net():
@@ -151,16 +149,6 @@ def test_distillation_trains_the_affines_towards_the_gn_model():
             return ((model(images) - net(images)).pow(2).sum() / net(images).pow(2).sum()).item()
 
     assert error(distilled) < error(plain)
-
-
-def test_frozen_batchnorm_folds_exactly():
-    torch.manual_seed(0)
-    conv = Conv2d(3, 6, 3, padding=1, bias=False, norm=FrozenBatchNorm2d(6), activation=nn.ReLU())
-    randomize_norm_state(conv.norm)
-    reference = copy.deepcopy(conv)
-    assert fold_frozen_batchnorm(nn.Sequential(conv)) == 1 and conv.norm is None
-    x = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(conv(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
 def _shapes_gn(folded=False, exclude=()):

@@ -131,6 +131,22 @@ def fold_affines(model: nn.Module) -> Dict[str, str]:
     return result
 
 
+def fold_frozen_batchnorm(model: nn.Module) -> int:
+    """Fold every detectron2 ``FrozenBatchNorm2d`` that is a ``Conv2d``'s norm into the
+    convolution, in place (the inference form of a FrozenBN detector: the timing study's
+    reference); returns how many."""
+    from detectron2.layers import Conv2d, FrozenBatchNorm2d
+    from gn_det.folding import ChannelAffine
+
+    for conv in model.modules():
+        if isinstance(conv, Conv2d) and isinstance(conv.norm, FrozenBatchNorm2d):
+            frozen = conv.norm
+            scale = frozen.weight * (frozen.running_var + frozen.eps).rsqrt()
+            conv.norm = ChannelAffine(frozen.num_features, scale,
+                                      frozen.bias - frozen.running_mean * scale)
+    return sum(1 for what in fold_affines(model).values() if what == "folded into the conv")
+
+
 def layer_counts(outcome: Dict[str, str]) -> Dict[str, int]:
     """How many layers became what (the study's ``layers`` column), from ``{name: what}``."""
     found: Dict[str, int] = {}

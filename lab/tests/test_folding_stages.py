@@ -5,11 +5,13 @@ import copy
 
 import pytest
 import torch
-from detectron2.layers import Conv2d
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import nn
 
 from gn_det.folding import ChannelAffine, fold_for_inference
-from gn_det_lab.folding import affine_stage, fold_affines, kept_as_gn, layer_counts
+from gn_det_lab.folding import (affine_stage, fold_affines, fold_frozen_batchnorm, kept_as_gn,
+                                layer_counts)
+from models import randomize_norm_state
 
 
 def _net():
@@ -109,3 +111,13 @@ def test_without_images_the_affine_is_gns_own():
     unfolded, _ = affine_stage(net, None, distill_steps=5)
     torch.testing.assert_close(unfolded[0].norm.weight, net[0].norm.weight / (1 + 1e-5) ** 0.5)
     torch.testing.assert_close(unfolded[0].norm.bias, net[0].norm.bias)
+
+
+def test_frozen_batchnorm_folds_exactly():
+    torch.manual_seed(0)
+    conv = Conv2d(3, 6, 3, padding=1, bias=False, norm=FrozenBatchNorm2d(6), activation=nn.ReLU())
+    randomize_norm_state(conv.norm)
+    reference = copy.deepcopy(conv)
+    assert fold_frozen_batchnorm(nn.Sequential(conv)) == 1 and conv.norm is None
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(conv(x), reference(x), rtol=1e-5, atol=1e-5)

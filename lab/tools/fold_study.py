@@ -132,7 +132,8 @@ def _variants(args):
     from detectron2.modeling import build_model
 
     from gn_det.cli.config_files import load_config, resolve_config_name
-    from gn_det.folding import fold_for_inference, fold_frozen_batchnorm
+    from gn_det.folding import fold_for_inference
+    from gn_det_lab.folding import fold_frozen_batchnorm
     from gn_det_lab.random_weights import SMALL_MODEL_OPTS, normalize_norm_statistics
 
     def built(config, *extra):
