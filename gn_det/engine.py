@@ -13,6 +13,7 @@ from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from . import _deprecated
@@ -189,6 +190,8 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg: CfgNode):
         TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()  # as DefaultTrainer does, for a caller that set up no logging
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
