@@ -5,6 +5,7 @@ from typing import Iterable
 
 import torch
 from detectron2 import model_zoo
+from detectron2.layers import Conv2d
 from detectron2.modeling import build_backbone, build_model
 from detectron2.utils.events import EventStorage
 from torch import nn
@@ -150,3 +151,21 @@ def randomize_norm_state(model, seed: int = 1):
                 m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
                 m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
     return model
+
+
+def gn_folding_net():
+    """conv-GN-ReLU twice (detectron2 Conv2d), then a conv with a separate GN after it: the
+    small net the folding tests (plugin and lab) fold."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        Conv2d(3, 8, 3, padding=1, bias=False, norm=nn.GroupNorm(4, 8), activation=nn.ReLU()),
+        Conv2d(8, 16, 3, padding=1, bias=False, norm=nn.GroupNorm(4, 16), activation=nn.ReLU()),
+        nn.Conv2d(16, 8, 1),
+        nn.GroupNorm(2, 8),
+    )
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    return net.eval()

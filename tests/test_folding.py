@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from detectron2.layers import Conv2d
 from detectron2.modeling import build_model
 from torch import nn
 
@@ -14,29 +13,13 @@ from gn_det.folding import (
     fold_for_inference,
     group_statistics,
 )
-
-
-def _net():
-    """conv-GN-ReLU twice (detectron2 Conv2d), then a conv with a separate GN after it."""
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        Conv2d(3, 8, 3, padding=1, bias=False, norm=nn.GroupNorm(4, 8), activation=nn.ReLU()),
-        Conv2d(8, 16, 3, padding=1, bias=False, norm=nn.GroupNorm(4, 16), activation=nn.ReLU()),
-        nn.Conv2d(16, 8, 1),
-        nn.GroupNorm(2, 8),
-    )
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.GroupNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-    return net.eval()
+from models import gn_folding_net
 
 
 def test_a_group_norm_whose_statistics_do_not_change_folds_exactly():
     """The same image every time: its group statistics are the population's, so the fixed
     affine is GN itself, and folded into the convolutions it still is."""
-    net = _net()
+    net = gn_folding_net()
     x = torch.rand(1, 3, 12, 12) * 4 - 1
     folded, report = fold_for_inference(net, torch.cat([x, x, x]), distill_steps=0)
     with torch.no_grad():
@@ -71,7 +54,7 @@ def _unfused(net, stats):
 
 
 def test_folding_into_the_conv_equals_the_unfused_affine_and_the_statistics_are_pooled():
-    net = _net()
+    net = gn_folding_net()
     images = torch.rand(5, 3, 12, 12) * torch.rand(5, 1, 1, 1) * 3  # images differ in contrast
     layers = {n: m for n, m in net.named_modules() if isinstance(m, nn.GroupNorm)}
     stats = group_statistics(net, images, layers)
@@ -96,7 +79,7 @@ def test_folding_into_the_conv_equals_the_unfused_affine_and_the_statistics_are_
 
 
 def test_data_free_folding_is_gns_affine_and_says_so(gn_det_logs):
-    net = _net()
+    net = gn_folding_net()
     folded, report = fold_for_inference(net, None)
     assert report.statistics == "data-free (mean 0, variance 1)" and report.distillation is None
     scale = net[0].norm.weight / (1 + 1e-5) ** 0.5
@@ -106,7 +89,7 @@ def test_data_free_folding_is_gns_affine_and_says_so(gn_det_logs):
 
 
 def test_partial_plans_touch_only_what_they_name():
-    net = _net()
+    net = gn_folding_net()
     images = torch.rand(3, 3, 12, 12)
     folded, report = fold_for_inference(net, images, exclude=["1"], distill_steps=0)
     assert (
@@ -133,7 +116,7 @@ def test_partial_plans_touch_only_what_they_name():
 
 
 def test_distillation_trains_the_affines_towards_the_gn_model():
-    net = _net()
+    net = gn_folding_net()
     g = torch.Generator().manual_seed(1)
     images = (
         torch.rand(8, 3, 12, 12, generator=g) * torch.rand(8, 1, 1, 1, generator=g) * 4

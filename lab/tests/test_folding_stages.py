@@ -11,24 +11,7 @@ from torch import nn
 from gn_det.folding import ChannelAffine, fold_for_inference
 from gn_det_lab.folding import (affine_stage, fold_affines, fold_frozen_batchnorm, kept_as_gn,
                                 layer_counts)
-from models import randomize_norm_state
-
-
-def _net():
-    """conv-GN-ReLU twice (detectron2 Conv2d), then a conv with a separate GN after it."""
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        Conv2d(3, 8, 3, padding=1, bias=False, norm=nn.GroupNorm(4, 8), activation=nn.ReLU()),
-        Conv2d(8, 16, 3, padding=1, bias=False, norm=nn.GroupNorm(4, 16), activation=nn.ReLU()),
-        nn.Conv2d(16, 8, 1),
-        nn.GroupNorm(2, 8),
-    )
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.GroupNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-    return net.eval()
+from models import gn_folding_net, randomize_norm_state
 
 
 def _images():
@@ -40,7 +23,7 @@ def _images():
 
 @pytest.mark.parametrize("steps", [0, 3])
 def test_the_stages_in_a_row_are_fold_for_inference(steps):
-    net, images = _net(), _images()
+    net, images = gn_folding_net(), _images()
     torch.manual_seed(0)
     expected, report = fold_for_inference(
         net, images, distill_steps=steps, batch_size=2, progress=False
@@ -80,7 +63,7 @@ def test_the_stages_in_a_row_are_fold_for_inference(steps):
 
 
 def test_a_partial_plan_keeps_gn_where_it_says_and_the_counts_say_so():
-    net, images = _net(), _images()
+    net, images = gn_folding_net(), _images()
     unfolded, outcome = affine_stage(net, images, exclude=["1"], distill_steps=0)
     assert outcome == {
         "0.norm": "affine (not folded)",
@@ -107,7 +90,7 @@ def test_a_partial_plan_keeps_gn_where_it_says_and_the_counts_say_so():
 
 
 def test_without_images_the_affine_is_gns_own():
-    net = _net()
+    net = gn_folding_net()
     unfolded, _ = affine_stage(net, None, distill_steps=5)
     torch.testing.assert_close(unfolded[0].norm.weight, net[0].norm.weight / (1 + 1e-5) ** 0.5)
     torch.testing.assert_close(unfolded[0].norm.bias, net[0].norm.bias)
