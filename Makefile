@@ -47,8 +47,8 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(PY) tools/train_net.py --config shapes/gn_demo.yaml OUTPUT_DIR $(DEMO_DIR)
 	$(PY) tools/visualize.py --weights $(DEMO_DIR)/model_final.pth --dataset shapes_test --num-images 4 --force
-	$(PY) tools/plot_metrics.py $(DEMO_DIR) --labels "GN (make demo)" --output $(DEMO_DIR)/metrics.png --force
-	$(PY) tools/print_results.py $(DEMO_DIR)
+	$(PY) lab/tools/plot_metrics.py $(DEMO_DIR) --labels "GN (make demo)" --output $(DEMO_DIR)/metrics.png --force
+	$(PY) lab/tools/print_results.py $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,5 +1,4 @@
-"""``tools/visualize.py`` (:func:`visualize_main`) and ``tools/plot_metrics.py``
-(:func:`plot_metrics_main`), over :mod:`gn_det.visualize`."""
+"""``tools/visualize.py`` (:func:`visualize_main`), over :mod:`gn_det.visualize`."""
 
 from __future__ import annotations
 
@@ -12,10 +11,9 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-from ..visualize import (PANEL_SETS, default_visualize_dir, plot_metrics, read_metrics,
-                         visualize_predictions)
+from ..visualize import default_visualize_dir, visualize_predictions
 
-__all__ = ["plot_metrics_main", "visualize_main"]
+__all__ = ["visualize_main"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,45 +113,4 @@ def visualize_main(argv: Optional[List[str]] = None) -> int:
         return 2
     for path in paths:
         print(f"Wrote {path}")
-    return 0
-
-
-def plot_metrics_main(argv: Optional[List[str]] = None) -> int:
-    """``tools/plot_metrics.py``; returns the exit code (2 with a one-line message on bad input)."""
-    parser = argparse.ArgumentParser(prog="tools/plot_metrics.py", description="Plot the losses, "
-                                     "learning rate and AP of one or more detectron2 runs (their "
-                                     "metrics.json) overlaid in one PNG.", epilog="Example: "
-                                     "tools/plot_metrics.py output/shapes_bn output/shapes_gn "
-                                     "--labels BN GN --output norm_comparison.png")
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                        help="a run's OUTPUT_DIR (holding metrics.json), or a metrics.json")
-    parser.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
-                        help="legend names, one per run (default: the folder names)")
-    parser.add_argument("--output", required=True, metavar="PNG", help="the image to write")
-    parser.add_argument("--dpi", type=int, default=100,
-                        help="pixels per inch (default 100; a panel is 4x3 in)")
-    parser.add_argument("--panels", choices=PANEL_SETS, default="all",
-                        help="all (AP first, then losses and the learning rate), ap, or losses")
-    parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    if args.labels is not None and len(args.labels) != len(args.runs):
-        parser.error(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
-    if args.dpi < 1:
-        parser.error("--dpi must be >= 1")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    labels = args.labels or [None] * len(args.runs)
-    try:
-        runs = [read_metrics(run, label) for run, label in zip(args.runs, labels)]
-        for run, path in zip(runs, args.runs):
-            if not run.series:
-                logger.warning("%s: no values to plot (did the run log anything?).", path)
-        width, height = plot_metrics(runs, args.output, dpi=args.dpi, overwrite=args.force,
-                                     panels=args.panels)
-    except (OSError, ValueError) as e:
-        if args.debug:
-            raise
-        print(f"tools/plot_metrics.py: error: {e}", file=sys.stderr)
-        return 2
-    print(f"Wrote {args.output} ({width}x{height}, {len(runs)} runs)")
     return 0

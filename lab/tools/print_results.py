@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Print a run's final box AP and mask AP from detectron2's metrics.json.
 
-tools/print_results.py output/demo
+lab/tools/print_results.py output/demo
 """
 
 import argparse
+import pathlib
 import sys
 
-from gn_det.visualize import read_metrics
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from gn_det_lab.curves import read_metrics  # noqa: E402
 
 
 def main(argv=None) -> int:
