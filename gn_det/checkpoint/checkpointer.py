@@ -15,7 +15,7 @@ from typing import Any
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .io import save_checkpoint_file, write_text_atomically
-from .weights import read_weights, state_for_model
+from .weights import fit_summary, read_weights, state_for_model
 
 __all__ = ["Checkpointer"]
 
@@ -37,14 +37,25 @@ class Checkpointer(DetectionCheckpointer):
         weights = read_weights(filename)
         logger.info("Loading %s (%s, from %s).", filename, weights.kind, weights.author)
         # Named for the model in _load_model; the rest (optimizer, ...) is for resuming.
-        return {**weights.extra, "model": weights.state, "__gn_det_weights__": weights}
+        return {**weights.extra, "model": weights.state,
+                "__gn_det_weights__": (filename, weights)}
 
     def _load_model(self, checkpoint):
-        weights = checkpoint.pop("__gn_det_weights__", None)
+        """detectron2's, then one line on what the file set, or ``CheckpointError`` when it
+        sets too little of the backbone (:func:`~gn_det.checkpoint.weights.fit_summary`)."""
+        filename, weights = checkpoint.pop("__gn_det_weights__", (None, None))
         if weights is not None:
             checkpoint["model"] = state_for_model(weights, self.model)
             checkpoint["matching_heuristics"] = False  # done, with BN statistics kept
-        return super()._load_model(checkpoint)
+        incompatible = super()._load_model(checkpoint)
+        if filename is not None:
+            logger.info(fit_summary(self.model.state_dict(), incompatible.missing_keys,
+                                    [k for k, *_ in incompatible.incorrect_shapes], filename))
+        return incompatible
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        """Each key at DEBUG: ``_load_model`` has said it in one line (fvcore warns per key)."""
+        logger.debug("Keys not loaded: %s", incompatible)
 
     def save(self, name: str, **kwargs: Any) -> None:
         """detectron2's ``save`` (model, checkpointables, ``kwargs`` into ``<name>.pth``, then the

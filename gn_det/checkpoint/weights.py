@@ -25,6 +25,7 @@ __all__ = [
     "BOTTOM_UP_PREFIX",
     "Weights",
     "first_shape_mismatches",
+    "fit_summary",
     "norm_layers_in",
     "read_weights",
     "state_for_model",
@@ -186,6 +187,47 @@ def first_shape_mismatches(
         return None
     more = f" (+{len(mismatches) - limit} more)" if len(mismatches) > limit else ""
     return "; ".join(mismatches[:limit]) + more
+
+
+#: The share of the backbone body's values (its tensors' elements) a checkpoint must set, as a
+#: fraction: fine-tuning sets all of it (heads missing or of other shapes); a new backbone
+#: layer (deformable offsets) costs a few per cent; another architecture's checkpoint whose
+#: names and some shapes coincide (an R-50 into an R-18) sets about half (docs/troubleshooting.md).
+MIN_BACKBONE_SHARE = 0.9
+
+
+def _first_modules(keys, depth: Optional[int] = None, limit: int = 3) -> str:
+    modules = list(dict.fromkeys(".".join(k.split(".")[:-1][:depth]) for k in keys))
+    more = f" (+{len(modules) - limit} more)" if len(modules) > limit else ""
+    return ", ".join(modules[:limit]) + more
+
+
+def fit_summary(model_state: Dict[str, torch.Tensor], missing: List[str],
+                other_shapes: List[str], path: str) -> str:
+    """One line on what a checkpoint at ``path`` set of a model (its ``model_state``), given the
+    keys it left ``missing`` and those it had in ``other_shapes``. Raises ``CheckpointError``
+    when it sets less than :data:`MIN_BACKBONE_SHARE` of the backbone body (the model's
+    ``backbone.bottom_up.``, else ``backbone.``, else all of it)."""
+    not_set = set(missing) | set(other_shapes)
+    prefix = next((p for p in (BOTTOM_UP_PREFIX, "backbone.")
+                   if any(k.startswith(p) for k in model_state)), "")
+    body = [k for k in model_state if k.startswith(prefix)]
+    share = (sum(model_state[k].numel() for k in body if k not in not_set)
+             / max(sum(model_state[k].numel() for k in body), 1))
+    sets = (f"{path}: sets {len(model_state) - len(not_set & set(model_state))} of the model's "
+            f"{len(model_state)} tensors and {share:.0%} of its backbone's values")
+    if share < MIN_BACKBONE_SHARE:
+        first = _first_modules([k for k in body if k in not_set])
+        raise CheckpointError(f"{sets} ({prefix.rstrip('.') or 'the model'}; gn_det loads one that "
+                              f"sets at least {MIN_BACKBONE_SHARE:.0%}): first not set: {first}; "
+                              "is it the checkpoint of another config's model?")
+    missing = [k for k in missing if k not in other_shapes]
+    parts = [sets]
+    if other_shapes:
+        parts.append(f"of other shapes, left as built: {_first_modules(other_shapes)}")
+    if missing:
+        parts.append(f"{len(missing)} not in the checkpoint ({_first_modules(missing, 1)})")
+    return "; ".join(parts)
 
 
 _C2_NORM = re.compile(r"^(?P<layer>.+)_(?P<kind>bn|gn)_s$")

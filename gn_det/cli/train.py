@@ -1,8 +1,9 @@
 """``gn-det train`` (and ``tools/train_net.py``): detectron2's training command line on
 gn_det's :class:`~gn_det.engine.Trainer`, single- or multi-GPU, multi-node, or under torchrun.
 
-Every input is checked before a process starts or a model is built (:func:`launch_from_args`):
-a bad config, override, dataset or weights file is one line on stderr and exit code 2.
+Every input is checked before a process starts (:func:`launch_from_args`): a bad config,
+override or dataset is one line on stderr and exit code 2, and so is a weights file that cannot
+be read or does not fit (loaded once into a CPU copy of the model to find out).
 """
 
 from __future__ import annotations
@@ -210,20 +211,24 @@ def launch(main_func, num_processes: int, *, device: str, num_machines: int = 1,
                                  timeout=timeout)
 
 
-def _check_weights(weights: str, key: str = "MODEL.WEIGHTS") -> None:
-    """A local file must exist; a URL is fetched into detectron2's download cache now, once,
-    before the processes start (each would otherwise fail on its own when offline)."""
+def _check_weights(weights: str, key: str, build_model, output_dir: str, resume: bool) -> None:
+    """Load the file training would start from (``weights``, or with ``resume`` the last
+    checkpoint in ``output_dir``) into ``build_model()``, a CPU copy of the model, before any
+    process starts: a file that is missing, unreadable, of an unsupported format, that does not
+    fit (:func:`~gn_det.checkpoint.weights.fit_summary`) or holds impossible values is refused
+    here; a URL is fetched into detectron2's download cache once, not by each process."""
     from ..checkpoint.io import CheckpointError
-    from ..checkpoint.remote import is_url, local_weights_path
+    from ..checkpoint.remote import is_url
 
+    last = Checkpointer(None, save_dir=output_dir)
+    if resume and last.has_checkpoint():
+        weights, key = last.get_checkpoint_file(), "--resume"
     if not weights:
         return
-    if not is_url(weights):
-        if not os.path.isfile(weights):
-            raise _InputError(f"{key}: no such file {weights!r}")
-        return
+    if not is_url(weights) and not os.path.isfile(weights):
+        raise _InputError(f"{key}: no such file {weights!r}")
     try:
-        local_weights_path(weights)
+        Checkpointer(build_model()).load_weights(weights)
     except CheckpointError as e:
         raise _InputError(f"{key}: {e}") from e
 
@@ -253,21 +258,25 @@ def check_device(device: str, key: str = "MODEL.DEVICE", processes: int = 1) -> 
 
 
 def _check_yaml_config(args: argparse.Namespace) -> None:
+    from detectron2.modeling import build_model
+
     from ..data import check_dataset_files
+    from ..modeling.meta_arch import routed_copy
 
     cfg = load_config(args.config_file, allow_unsafe_yaml=args.allow_unsafe_yaml)
     merge_overrides(cfg, args.opts)
     datasets = [] if args.eval_only else list(cfg.DATASETS.TRAIN)
     for name in datasets + list(cfg.DATASETS.TEST):
         check_dataset_files(name)
-    if not args.resume or args.eval_only:
-        _check_weights(cfg.MODEL.WEIGHTS)
     args.device = cfg.MODEL.DEVICE
     check_device(args.device, "MODEL.DEVICE", _processes_per_machine(args))
+    cfg.MODEL.DEVICE = "cpu"
+    _check_weights(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", lambda: build_model(routed_copy(cfg)),
+                   cfg.OUTPUT_DIR, args.resume)
 
 
 def _check_lazy_config(args: argparse.Namespace) -> None:
-    from detectron2.config import LazyConfig
+    from detectron2.config import LazyConfig, instantiate
 
     from omegaconf import OmegaConf
 
@@ -292,10 +301,10 @@ def _check_lazy_config(args: argparse.Namespace) -> None:
     except (KeyError, ValueError, AttributeError) as e:
         raise ConfigError(f"{args.config_file}: {type(e).__name__}: {e}") from e
     _check_lazy_datasets(cfg)
-    if not args.resume or args.eval_only:
-        _check_weights(cfg.train.get("init_checkpoint", "") or "", "train.init_checkpoint")
     args.device = cfg.train.get("device", "cuda")
     check_device(args.device, "train.device", _processes_per_machine(args))
+    _check_weights(cfg.train.get("init_checkpoint", "") or "", "train.init_checkpoint",
+                   lambda: instantiate(cfg.model), cfg.train.get("output_dir", ""), args.resume)
 
 
 def _processes_per_machine(args: argparse.Namespace) -> int:
@@ -313,7 +322,7 @@ def _under_external_launcher() -> bool:
 
 def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Resolve ``--config`` and check the config, its overrides, its datasets' files and
-    ``MODEL.WEIGHTS`` — before any process starts or any model is built."""
+    ``MODEL.WEIGHTS`` — before any process starts."""
     if args.config and args.config_file:
         raise _InputError("give --config or --config-file, not both")
     if not (args.config or args.config_file):

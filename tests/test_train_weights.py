@@ -1,0 +1,103 @@
+"""``gn-det train`` and its weights: every bad checkpoint is one line and exit code 2 before any
+process starts; the ordinary fine-tuning cases load with a one-line summary."""
+
+import logging
+
+import pytest
+import torch
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.modeling.backbone import build_resnet_backbone
+
+from gn_det.cli.config_files import load_config, resolve_config_name
+from gn_det.cli.train import launch_from_args
+from gn_det.modeling.meta_arch import routed_copy
+
+SHAPES = ["--config", "shapes/gn.yaml"]  # an R-18 + FPN Mask R-CNN, converted to GN
+
+
+def _cpu_config(name):
+    cfg = load_config(str(resolve_config_name(name)))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Checkpoint files: the shapes model's own, its backbone body alone, an R-50's tensors under
+    the R-18's names (what of an R-50 checkpoint can reach it), and broken ones."""
+    folder = tmp_path_factory.mktemp("weights")
+    state = build_model(routed_copy(_cpu_config("shapes/gn.yaml"))).state_dict()
+    body = {k: v for k, v in state.items() if k.startswith("backbone.bottom_up.")}
+    r50 = build_resnet_backbone(_cpu_config("mask_rcnn_R_50_FPN_bn.yaml"), ShapeSpec(channels=3))
+    r50 = {f"backbone.bottom_up.{k}": v.half() for k, v in r50.state_dict().items()}
+    paths = {name: folder / f"{name}.pth" for name in ("shapes", "body", "r50", "list")}
+    torch.save({"model": state}, paths["shapes"])
+    torch.save({"model": body}, paths["body"])
+    torch.save({"model": {k: v for k, v in r50.items() if k in state}}, paths["r50"])
+    torch.save([1, 2], paths["list"])
+    paths["text"] = folder / "weights.txt"
+    paths["text"].write_text("not a checkpoint\n")
+    paths["truncated"] = folder / "truncated.pth"
+    paths["truncated"].write_bytes(paths["body"].read_bytes()[:4096])
+    paths["missing"] = folder / "missing.pth"
+    return paths
+
+
+@pytest.fixture
+def no_training(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("gn_det.cli.train.launch", lambda *a, **k: pytest.fail("launched"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("eval_only", [False, True])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("text", "unknown checkpoint format"),
+        ("truncated", "truncated or corrupt"),
+        ("list", "holds a list, expected a dict"),
+        ("missing", "no such file"),
+        ("r50", "sets 43 of the model's 112 tensors and 56% of its backbone's values "
+                "(backbone.bottom_up; gn_det loads one that sets at least 90%): first not set: "
+                "backbone.bottom_up.res2.0.conv1, "),
+    ],
+)
+def test_a_bad_checkpoint_is_one_line_and_exit_2_before_training(
+    name, message, eval_only, files, no_training, capsys
+):
+    argv = SHAPES + ["--eval-only"] * eval_only + ["MODEL.WEIGHTS", str(files[name])]
+    with pytest.raises(SystemExit) as exit_:
+        launch_from_args(argv, prog="gn-det train")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gn-det train: error: MODEL.WEIGHTS: ") and message in err, err
+    assert len(err.splitlines()) == 1, err
+    assert list(no_training.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize(
+    "name, overrides, summary",
+    [
+        # A new class count: the predictors' shapes differ, everything else loads.
+        ("shapes", ["MODEL.ROI_HEADS.NUM_CLASSES", "7"],
+         "sets 106 of the model's 112 tensors and 100% of its backbone's values; of other "
+         "shapes, left as built: roi_heads.box_predictor.cls_score, "
+         "roi_heads.box_predictor.bbox_pred, roi_heads.mask_head.predictor"),
+        # An ImageNet backbone into a detector: the FPN and the heads are missing.
+        ("body", [], "sets 60 of the model's 112 tensors and 100% of its backbone's values; "
+                     "52 not in the checkpoint (backbone, proposal_generator, roi_heads)"),
+    ],
+)
+def test_fine_tuning_checkpoints_load_with_a_one_line_summary(
+    name, overrides, summary, files, monkeypatch, gn_det_logs
+):
+    gn_det_logs.set_level(logging.DEBUG, logger="fvcore")
+    launched = []
+    monkeypatch.setattr("gn_det.cli.train.launch", lambda *a, **k: launched.append(a))
+    launch_from_args(SHAPES + ["MODEL.WEIGHTS", str(files[name]), *overrides])
+    assert len(launched) == 1
+    lines = [r.getMessage() for r in gn_det_logs.records if r.levelno >= logging.INFO]
+    assert f"{files[name]}: {summary}" in lines
+    assert not [line for line in lines if "Skip loading" in line or "not found" in line]
