@@ -565,6 +565,30 @@ def test_torchrun_joins_with_the_configs_backend_detectron2s_timeout_and_any_lau
     assert exit_.value.code == 2
 
 
+@pytest.mark.parametrize("local_world_size", [None, "2"])
+def test_a_local_rank_past_the_processes_per_machine_is_one_line_and_exit_2(
+    local_world_size, monkeypatch, capsys
+):
+    """LOCAL_RANK=3 with one process per machine (--num-gpus 1, no LOCAL_WORLD_SIZE) would put
+    the model on cuda:3 and wrap DDP with device_ids=[0]."""
+    from gn_det.cli import train as engine
+
+    monkeypatch.setattr(engine, "_torchrun_worker", lambda *a: pytest.fail("joined"))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    if local_world_size:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world_size)
+    with pytest.raises(SystemExit) as exit_:
+        engine.launch_from_args(["--config", "shapes/gn.yaml"], prog="gn-det train")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    source = "LOCAL_WORLD_SIZE" if local_world_size else "--num-gpus, as LOCAL_WORLD_SIZE is not"
+    assert err.startswith(f"gn-det train: error: LOCAL_RANK=3 is not below the processes per "
+                          f"machine ({local_world_size or 1}, from {source}")
+    assert len(err.splitlines()) == 1, err
+
+
 def test_a_run_resumes_under_another_trainer_with_todays_optimizer_and_a_fresh_scaler(
     monkeypatch, gn_det_logs
 ):

@@ -156,13 +156,16 @@ class _InputError(Exception):
 
 def _local_world_size(world_size: int, num_gpus: int) -> int:
     """Processes per machine under an external launcher: ``LOCAL_WORLD_SIZE`` (torchrun sets
-    it), else ``--num-gpus`` (detectron2's meaning: processes per machine)."""
-    value = os.environ.get("LOCAL_WORLD_SIZE")
+    it), else ``--num-gpus`` (detectron2's meaning: processes per machine); ``LOCAL_RANK`` must
+    be below it."""
+    value, local_rank = os.environ.get("LOCAL_WORLD_SIZE"), int(os.environ["LOCAL_RANK"])
     local = int(value) if value else num_gpus
-    if local < 1 or world_size % local:
+    problem = (f"WORLD_SIZE={world_size} is not a multiple of" if local < 1 or world_size % local
+               else f"LOCAL_RANK={local_rank} is not below" if not 0 <= local_rank < local
+               else "")
+    if problem:  # a rank past the local world would wrap DDP on another rank's GPU
         raise _InputError(
-            f"WORLD_SIZE={world_size} is not a multiple of the processes per machine "
-            f"({local}, from "
+            f"{problem} the processes per machine ({local}, from "
             + ("LOCAL_WORLD_SIZE" if value else "--num-gpus, as LOCAL_WORLD_SIZE is not set")
             + "): set LOCAL_WORLD_SIZE, or pass --num-gpus with the processes each machine runs"
         )
