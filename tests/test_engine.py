@@ -565,6 +565,14 @@ def test_torchrun_joins_with_the_configs_backend_detectron2s_timeout_and_any_lau
     assert exit_.value.code == 2
 
 
+def test_train_help_says_config_file_takes_a_name():
+    from gn_det.cli.train import argument_parser
+
+    help_text = " ".join(argument_parser("gn-det train").format_help().split())
+    assert "--config-file NAME a config: a path, else one of gn_det's configs" in help_text
+    assert "detectron2's model zoo" in help_text and "path to config file" not in help_text
+
+
 @pytest.mark.parametrize("local_world_size", [None, "2"])
 def test_a_local_rank_past_the_processes_per_machine_is_one_line_and_exit_2(
     local_world_size, monkeypatch, capsys

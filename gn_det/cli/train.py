@@ -47,10 +47,14 @@ def argument_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = default_argument_parser(epilog="Example: gn-det train --config gn_mask_rcnn.yaml "
                                      "--num-gpus 8")
     parser.prog = prog or parser.prog
+    config_file = parser._option_string_actions["--config-file"]  # detectron2's: a path
+    config_file.metavar = "NAME"
+    config_file.help = ("a config: a path, else one of gn_det's configs (gn_mask_rcnn.yaml, "
+                        "shapes/gn.yaml; .yaml may be left off), else one of detectron2's model "
+                        "zoo (COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml), from any "
+                        "directory")
     parser.add_argument("--config", metavar="NAME", default="",
-                        help="a config by name, looked up in gn_det's configs from any directory "
-                        "(gn_mask_rcnn.yaml, shapes/gn.yaml); or a path. Alternative to "
-                        "--config-file.")
+                        help="the same as --config-file")
     parser.add_argument("--allow-unsafe-yaml", action="store_true",
                         help="accept configs that need yaml.unsafe_load (they can run code when "
                         "loaded)")
