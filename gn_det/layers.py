@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
+from .checkpoint.errors import CorruptValuesError
 from .groups import resolve_num_groups
 from .registry import NORM_TARGETS, NormState
 from .transfer import check_transfer, transfer_bn_to_gn
@@ -55,16 +56,24 @@ class ConvertedGroupNorm(nn.GroupNorm):
         self.source_eps = source_eps
         self.source = source
 
-    def _transferred(self, weight, bias, running_mean, running_var):
-        return transfer_bn_to_gn(weight, bias, running_mean, running_var,
-                                 num_groups=self.num_groups, bn_eps=self.source_eps,
-                                 gn_eps=self.eps, transfer=self.transfer)
+    def _transferred(self, layer_name, weight, bias, running_mean, running_var):
+        _check_values(layer_name, weight=weight, bias=bias, running_mean=running_mean,
+                      running_var=running_var)
+        new_weight, new_bias = transfer_bn_to_gn(
+            weight, bias, running_mean, running_var, num_groups=self.num_groups,
+            bn_eps=self.source_eps, gn_eps=self.eps, transfer=self.transfer)
+        _check_values(layer_name, **{"transferred weight": new_weight,
+                                     "transferred bias": new_bias})
+        return new_weight, new_bias
 
     def load_bn_state(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                      running_mean: Optional[torch.Tensor],
-                      running_var: Optional[torch.Tensor]) -> None:
-        """Set this layer's affine from BN tensors, using its ``transfer``; keeps requires_grad."""
-        new_weight, new_bias = self._transferred(weight, bias, running_mean, running_var)
+                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                      layer_name: str = "GroupNorm") -> None:
+        """Set this layer's affine from BN tensors, using its ``transfer``; keeps requires_grad.
+        Raises :class:`~gn_det.checkpoint.errors.CorruptValuesError` naming ``layer_name`` for
+        impossible BN state (non-finite values, a negative ``running_var``), writing nothing."""
+        new_weight, new_bias = self._transferred(layer_name, weight, bias, running_mean,
+                                                 running_var)
         if self.affine:
             with torch.no_grad():
                 self.weight.copy_(new_weight)
@@ -83,7 +92,8 @@ class ConvertedGroupNorm(nn.GroupNorm):
             )
             if shapes_fit and self.affine:
                 names = ("weight", "bias", "running_mean", "running_var")
-                weight, bias = self._transferred(*(_as_tensor(bn_state[n]) for n in names))
+                weight, bias = self._transferred(prefix[:-1] or "GroupNorm",
+                                                 *(_as_tensor(bn_state[n]) for n in names))
                 state_dict[keys["weight"]] = weight
                 state_dict[keys["bias"]] = bias
             else:
@@ -97,6 +107,19 @@ class ConvertedGroupNorm(nn.GroupNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, transfer={self.transfer}"
+
+
+def _check_values(layer_name: str, **tensors: Optional[torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
+        if tensor is None or tensor.is_meta:  # a meta tensor has no values to check
+            continue
+        bad = ~torch.isfinite(tensor) | (tensor < 0 if name == "running_var" else False)
+        if bad.any():
+            raise CorruptValuesError(
+                f"'{layer_name}': {int(bad.sum())} of the {tensor.numel()} values of its {name} "
+                f"are {'negative or ' * (name == 'running_var')}not finite (the first: "
+                f"{tensor[bad][0].item():g}); corrupt BatchNorm state, refused: a GroupNorm "
+                "transferred from it would compute NaN or inf")
 
 
 def _as_tensor(value) -> Optional[torch.Tensor]:
@@ -123,7 +146,8 @@ def _build_group_norm(state: NormState, spec: NormSpec, layer_name: str) -> nn.M
     if not norm.affine and spec.transfer == "stats" and state.running_mean is not None:
         logger.info("'%s': affine-free BatchNorm becomes affine-free GroupNorm; its running "
                     "statistics have no GN counterpart to transfer into.", layer_name)
-    norm.load_bn_state(state.weight, state.bias, state.running_mean, state.running_var)
+    norm.load_bn_state(state.weight, state.bias, state.running_mean, state.running_var,
+                       layer_name)
     if norm.affine:
         norm.weight.requires_grad_(state.trainable)
         norm.bias.requires_grad_(state.trainable)

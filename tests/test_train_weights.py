@@ -25,7 +25,7 @@ def _cpu_config(name):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """Checkpoint files: the shapes model's own, its backbone body alone, an R-50's tensors under
-    the R-18's names (what of an R-50 checkpoint can reach it), and broken ones."""
+    the R-18's names (what of an R-50 checkpoint can reach it), and broken or corrupt ones."""
     folder = tmp_path_factory.mktemp("weights")
     state = build_model(routed_copy(_cpu_config("shapes/gn.yaml"))).state_dict()
     body = {k: v for k, v in state.items() if k.startswith("backbone.bottom_up.")}
@@ -36,6 +36,12 @@ def files(tmp_path_factory):
     torch.save({"model": body}, paths["body"])
     torch.save({"model": {k: v for k, v in r50.items() if k in state}}, paths["r50"])
     torch.save([1, 2], paths["list"])
+    # An ImageNet-style BN backbone with an impossible statistic, transferred into GN on load.
+    bn = build_model(_cpu_config("shapes/bn.yaml")).state_dict()
+    bn = {k: v for k, v in bn.items() if k.startswith("backbone.bottom_up.")}
+    bn["backbone.bottom_up.res4.1.conv2.norm.running_var"][3] = -2.0
+    paths["corrupt"] = folder / "corrupt.pth"
+    torch.save({"model": bn}, paths["corrupt"])
     paths["text"] = folder / "weights.txt"
     paths["text"].write_text("not a checkpoint\n")
     paths["truncated"] = folder / "truncated.pth"
@@ -59,6 +65,8 @@ def no_training(monkeypatch, tmp_path):
         ("truncated", "truncated or corrupt"),
         ("list", "holds a list, expected a dict"),
         ("missing", "no such file"),
+        ("corrupt", "'backbone.bottom_up.res4.1.conv2.norm': 1 of the 256 values of its "
+                    "running_var are negative or not finite (the first: -2)"),
         ("r50", "sets 43 of the model's 112 tensors and 56% of its backbone's values "
                 "(backbone.bottom_up; gn_det loads one that sets at least 90%): first not set: "
                 "backbone.bottom_up.res2.0.conv1, "),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "UnsafeCheckpointError"]
+__all__ = ["CheckpointError", "CorruptValuesError", "UnsafeCheckpointError"]
 
 
 class CheckpointError(ValueError):
@@ -11,6 +11,11 @@ class CheckpointError(ValueError):
 
 class UnsafeCheckpointError(CheckpointError):
     """The file would run code / build objects outside the allow-list."""
+
+
+class CorruptValuesError(CheckpointError):
+    """Weights no trained layer can have (a non-finite value, a negative variance); str(e) is one
+    line: "'<layer>': <problem>"."""
 
 
 def _one_line(text: str, limit: int = 300) -> str:
