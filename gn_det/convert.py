@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Tuple, Union
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from .groups import check_group_args
+from .groups import asked_groups, check_group_args, is_fallback
 from .registry import NORM_SOURCES, NORM_TARGETS
 from .transfer import check_transfer
 
@@ -124,16 +124,24 @@ def convert_norm(
 def convert_norm_by_spec(module: nn.Module, spec: NormSpec) -> nn.Module:
     """:func:`convert_norm` with a ready :class:`NormSpec`."""
     counts: collections.Counter = collections.Counter()
-    converted = _convert(module, "", spec, counts)
+    fallbacks: list = []
+    converted = _convert(module, "", spec, counts, fallbacks)
     if counts:
         summary = ", ".join(f"{n} {src} → {spec.target}" for src, n in sorted(counts.items()))
         logger.info("Converted %d norm layers (%s).", sum(counts.values()), summary)
     else:
         logger.info("No norm layers converted to %s.", spec.target)
+    if fallbacks:  # one line; each layer at DEBUG (resolve_num_groups)
+        more = f" (+{len(fallbacks) - 3} more)" if len(fallbacks) > 3 else ""
+        logger.warning("GroupNorm: %d layers have channels that %s does not split; they use %s "
+                       "groups, the largest divisor below (first: %s%s; each at DEBUG).",
+                       len(fallbacks), asked_groups(spec.num_groups, spec.dim_per_group),
+                       ", ".join(map(str, sorted({g for _, g in fallbacks}))),
+                       ", ".join(name for name, _ in fallbacks[:3]), more)
     return converted
 
 
-def _convert(module: nn.Module, name: str, spec: NormSpec, counts) -> nn.Module:
+def _convert(module: nn.Module, name: str, spec: NormSpec, counts, fallbacks) -> nn.Module:
     builder, produces = NORM_TARGETS.get(spec.target)
     reader = NORM_SOURCES.lookup(module)
     if reader is not None and type(module) not in produces and spec.selects(name, module):
@@ -144,10 +152,13 @@ def _convert(module: nn.Module, name: str, spec: NormSpec, counts) -> nn.Module:
         new = builder(state, spec, layer_name)
         new.train(module.training)
         counts[type(module).__name__] += 1
+        if isinstance(new, nn.GroupNorm) and is_fallback(new.num_channels, new.num_groups,
+                                                         spec.num_groups, spec.dim_per_group):
+            fallbacks.append((layer_name, new.num_groups))
         return new
     for child_name, child in module.named_children():
         full_name = f"{name}.{child_name}" if name else child_name
-        new_child = _convert(child, full_name, spec, counts)
+        new_child = _convert(child, full_name, spec, counts, fallbacks)
         if new_child is not child:
             module.add_module(child_name, new_child)
     return module

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-__all__ = ["check_group_args", "resolve_num_groups"]
+__all__ = ["asked_groups", "check_group_args", "is_fallback", "resolve_num_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +31,29 @@ def resolve_num_groups(channels: int, num_groups: int = 32, dim_per_group: Optio
 
     The requested G is ``num_groups``, or C // ``dim_per_group`` (at least 1) when that is given,
     capped at C (one channel per group: InstanceNorm). Returns G itself when it divides C,
-    otherwise the largest divisor of C below G (groups get *larger*, never smaller, than asked)
-    with a warning naming ``layer_name``. ``ValueError`` if an argument is not a positive integer.
+    otherwise the largest divisor of C below G (groups get *larger*, never smaller, than asked),
+    logged at DEBUG naming ``layer_name`` (:func:`gn_det.convert_norm` sums such layers up in one
+    warning). ``ValueError`` if an argument is not a positive integer.
     """
     _check_positive_int("channels", channels)
     check_group_args(num_groups, dim_per_group)
     by_size = dim_per_group is not None
     requested = min(max(channels // dim_per_group, 1) if by_size else num_groups, channels)
     groups = next(g for g in range(requested, 0, -1) if channels % g == 0)
-    if not (channels % dim_per_group == 0 if by_size else groups == num_groups):
-        asked = f"dim_per_group={dim_per_group}" if by_size else f"num_groups={num_groups}"
-        logger.warning("GroupNorm%s: %d channels cannot be split as %s; using %d groups of %d "
-                       "channels.", f" at '{layer_name}'" if layer_name else "", channels, asked,
-                       groups, channels // groups)
+    if is_fallback(channels, groups, num_groups, dim_per_group):
+        logger.debug("GroupNorm%s: %d channels cannot be split as %s; using %d groups of %d "
+                     "channels.", f" at '{layer_name}'" if layer_name else "", channels,
+                     asked_groups(num_groups, dim_per_group), groups, channels // groups)
     return groups
+
+
+def asked_groups(num_groups: int = 32, dim_per_group: Optional[int] = None) -> str:
+    """The group request in words: ``"num_groups=32"`` or ``"dim_per_group=16"``."""
+    return (f"dim_per_group={dim_per_group}" if dim_per_group is not None
+            else f"num_groups={num_groups}")
+
+
+def is_fallback(channels: int, groups: int, num_groups: int = 32,
+                dim_per_group: Optional[int] = None) -> bool:
+    """Whether ``groups`` for ``channels`` channels differs from the request (a fallback)."""
+    return channels % dim_per_group != 0 if dim_per_group is not None else groups != num_groups

@@ -1,6 +1,9 @@
-import pytest
+import logging
 
-from gn_det import resolve_num_groups
+import pytest
+from torch import nn
+
+from gn_det import convert_norm, resolve_num_groups
 
 
 @pytest.mark.parametrize(
@@ -17,13 +20,31 @@ def test_exact_split_does_not_warn(gn_det_logs):
     assert not gn_det_logs.records
 
 
-def test_fallback_warns_and_names_the_layer(gn_det_logs):
+def test_fallback_is_logged_at_debug_naming_the_layer(caplog):
+    caplog.set_level(logging.DEBUG, logger="gn_det")
     assert resolve_num_groups(48, layer_name="roi_heads.box_head.conv1.norm") == 24
-    (record,) = gn_det_logs.records
-    assert record.levelname == "WARNING"
+    (record,) = caplog.records
+    assert record.levelname == "DEBUG"
     assert "roi_heads.box_head.conv1.norm" in record.getMessage()
     assert "48 channels" in record.getMessage()
     assert "24 groups" in record.getMessage()
+
+
+def test_convert_norm_sums_the_fallbacks_up_in_one_warning(caplog):
+    """EfficientNet and MobileNet widths (16, 24, 40, 80, ...) are not multiples of 32: one
+    warning line for the conversion, not one per layer."""
+    caplog.set_level(logging.DEBUG, logger="gn_det")
+    widths = [48, 64, 40, 80, 24, 96, 16]
+    net = nn.Sequential(*[nn.BatchNorm2d(c) for c in widths])
+    convert_norm(net)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        "GroupNorm: 5 layers have channels that num_groups=32 does not split; they use 16, 20, "
+        "24 groups, the largest divisor below (first: 0, 2, 3 (+2 more); each at DEBUG)."
+    ]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert [m.split("'")[1] for m in debug if "cannot be split" in m] == ["0", "2", "3", "4", "6"]
+    assert [m.num_groups for m in net] == [24, 32, 20, 20, 24, 32, 16]
 
 
 @pytest.mark.parametrize(
@@ -34,9 +55,10 @@ def test_dim_per_group_overrides_num_groups(channels, dim_per_group, expected):
     assert resolve_num_groups(channels, num_groups=32, dim_per_group=dim_per_group) == expected
 
 
-def test_more_groups_than_channels_is_capped(gn_det_logs):
+def test_more_groups_than_channels_is_capped(caplog):
+    caplog.set_level(logging.DEBUG, logger="gn_det")
     assert resolve_num_groups(16, 32) == 16
-    assert gn_det_logs.records
+    assert "16 channels cannot be split as num_groups=32" in caplog.text
 
 
 @pytest.mark.parametrize(
