@@ -109,3 +109,17 @@ def test_fine_tuning_checkpoints_load_with_a_one_line_summary(
     lines = [r.getMessage() for r in gn_det_logs.records if r.levelno >= logging.INFO]
     assert f"{files[name]}: {summary}" in lines
     assert not [line for line in lines if "Skip loading" in line or "not found" in line]
+
+
+def test_resume_checks_the_checkpoint_it_would_resume_from(files, no_training, capsys):
+    out = no_training / "out"
+    out.mkdir()
+    (out / "model_0000009.pth").write_bytes(files["truncated"].read_bytes())
+    (out / "last_checkpoint").write_text("model_0000009.pth")
+    argv = SHAPES + ["--resume", "OUTPUT_DIR", str(out), "MODEL.WEIGHTS", str(files["body"])]
+    with pytest.raises(SystemExit) as exit_:
+        launch_from_args(argv, prog="gn-det train")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"gn-det train: error: --resume: {out}/model_0000009.pth: truncated or corrupt " \
+                  "zip archive (File is not a zip file)\n"
