@@ -197,7 +197,7 @@ MIN_BACKBONE_SHARE = 0.9
 
 
 def _first_modules(keys, depth: Optional[int] = None, limit: int = 3) -> str:
-    modules = list(dict.fromkeys(".".join(k.split(".")[:-1][:depth]) for k in keys))
+    modules = list(dict.fromkeys(".".join(k.split(".")[:-1][:depth]) or k for k in keys))
     more = f" (+{len(modules) - limit} more)" if len(modules) > limit else ""
     return ", ".join(modules[:limit]) + more
 

@@ -234,10 +234,15 @@ def _check_weights(weights: str, key: str, build_model, output_dir: str, resume:
         return
     if not is_url(weights) and not os.path.isfile(weights):
         raise _InputError(f"{key}: no such file {weights!r}")
+    gn_det_logger = logging.getLogger("gn_det")
+    level = gn_det_logger.level
+    gn_det_logger.setLevel(logging.ERROR)  # what loading says, each process says in its log
     try:
         Checkpointer(build_model()).load_weights(weights)
     except CheckpointError as e:
         raise _InputError(f"{key}: {e}") from e
+    finally:
+        gn_det_logger.setLevel(level)
 
 
 def check_device(device: str, key: str = "MODEL.DEVICE", processes: int = 1) -> None:
