@@ -35,6 +35,9 @@ def files(tmp_path_factory):
     paths = {name: folder / f"{name}.pth" for name in ("shapes", "body", "r50", "list")}
     torch.save({"model": state}, paths["shapes"])
     torch.save({"model": body}, paths["body"])
+    paths["body_without_stem_norm"] = folder / "body_without_stem_norm.pth"
+    torch.save({"model": {k: v for k, v in body.items() if ".stem.conv1.norm." not in k}},
+               paths["body_without_stem_norm"])
     torch.save({"model": {k: v for k, v in r50.items() if k in state}}, paths["r50"])
     torch.save([1, 2], paths["list"])
     # An ImageNet-style BN backbone with an impossible statistic, transferred into GN on load.
@@ -96,9 +99,13 @@ def test_a_bad_checkpoint_is_one_line_and_exit_2_before_training(
          "sets 106 of the model's 112 tensors and 100% of its backbone's values; of other "
          "shapes, left as built: roi_heads.box_predictor.cls_score, "
          "roi_heads.box_predictor.bbox_pred, roi_heads.mask_head.predictor"),
-        # An ImageNet backbone into a detector: the FPN and the heads are missing.
-        ("body", [], logging.WARNING,
+        # An ImageNet backbone into a detector: the FPN and the heads are missing, as expected.
+        ("body", [], logging.INFO,
          "sets 60 of the model's 112 tensors and 100% of its backbone's values; 52 not in the "
+         "checkpoint (backbone, proposal_generator, roi_heads)"),
+        # Part of the backbone left as built: loaded (over 90%), with a warning.
+        ("body_without_stem_norm", [], logging.WARNING,
+         "sets 58 of the model's 112 tensors and 100% of its backbone's values; 54 not in the "
          "checkpoint (backbone, proposal_generator, roi_heads)"),
     ],
 )

@@ -48,11 +48,10 @@ class Checkpointer(DetectionCheckpointer):
             checkpoint["model"] = state_for_model(weights, self.model)
             checkpoint["matching_heuristics"] = False  # done, with BN statistics kept
         incompatible = super()._load_model(checkpoint)
-        if filename is not None:  # a warning when some of the model is left as built
-            other_shapes = [k for k, *_ in incompatible.incorrect_shapes]
-            level = logging.WARNING if incompatible.missing_keys or other_shapes else logging.INFO
-            logger.log(level, fit_summary(self.model.state_dict(), incompatible.missing_keys,
-                                          other_shapes, filename))
+        if filename is not None:  # heads missing (an ImageNet backbone) are no cause to warn
+            line, partial = fit_summary(self.model.state_dict(), incompatible.missing_keys,
+                                        [k for k, *_ in incompatible.incorrect_shapes], filename)
+            logger.log(logging.WARNING if partial else logging.INFO, line)
         return incompatible
 
     def _log_incompatible_keys(self, incompatible) -> None:

@@ -203,11 +203,12 @@ def _first_modules(keys, depth: Optional[int] = None, limit: int = 3) -> str:
 
 
 def fit_summary(model_state: Dict[str, torch.Tensor], missing: List[str],
-                other_shapes: List[str], path: str) -> str:
+                other_shapes: List[str], path: str) -> Tuple[str, bool]:
     """One line on what a checkpoint at ``path`` set of a model (its ``model_state``), given the
-    keys it left ``missing`` and those it had in ``other_shapes``. Raises ``CheckpointError``
-    when it sets less than :data:`MIN_BACKBONE_SHARE` of the backbone body (the model's
-    ``backbone.bottom_up.``, else ``backbone.``, else all of it)."""
+    keys it left ``missing`` and those it had in ``other_shapes``, and whether it left part of
+    the backbone body (the model's ``backbone.bottom_up.``, else ``backbone.``, else all of it)
+    or a tensor of another shape as built. Raises ``CheckpointError`` when it sets less than
+    :data:`MIN_BACKBONE_SHARE` of the backbone body."""
     not_set = set(missing) | set(other_shapes)
     prefix = next((p for p in (BOTTOM_UP_PREFIX, "backbone.")
                    if any(k.startswith(p) for k in model_state)), "")
@@ -227,7 +228,7 @@ def fit_summary(model_state: Dict[str, torch.Tensor], missing: List[str],
         parts.append(f"of other shapes, left as built: {_first_modules(other_shapes)}")
     if missing:
         parts.append(f"{len(missing)} not in the checkpoint ({_first_modules(missing, 1)})")
-    return "; ".join(parts)
+    return "; ".join(parts), bool(other_shapes) or any(k in not_set for k in body)
 
 
 _C2_NORM = re.compile(r"^(?P<layer>.+)_(?P<kind>bn|gn)_s$")
