@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Tuple, Union
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from .groups import asked_groups, check_group_args, is_fallback
+from .groups import check_group_args, is_fallback
 from .registry import NORM_SOURCES, NORM_TARGETS
 from .transfer import check_transfer
 
@@ -133,9 +133,11 @@ def convert_norm_by_spec(module: nn.Module, spec: NormSpec) -> nn.Module:
         logger.info("No norm layers converted to %s.", spec.target)
     if fallbacks:  # one line; each layer at DEBUG (resolve_num_groups)
         more = f" (+{len(fallbacks) - 3} more)" if len(fallbacks) > 3 else ""
+        asked = (f"dim_per_group={spec.dim_per_group}" if spec.dim_per_group
+                 else f"num_groups={spec.num_groups}")
         logger.warning("GroupNorm: %d layers have channels that %s does not split; they use %s "
                        "groups, the largest divisor below (first: %s%s; each at DEBUG).",
-                       len(fallbacks), asked_groups(spec.num_groups, spec.dim_per_group),
+                       len(fallbacks), asked,
                        ", ".join(map(str, sorted({g for _, g in fallbacks}))),
                        ", ".join(name for name, _ in fallbacks[:3]), more)
     return converted

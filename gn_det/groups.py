@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-__all__ = ["asked_groups", "check_group_args", "is_fallback", "resolve_num_groups"]
+__all__ = ["check_group_args", "is_fallback", "resolve_num_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +41,11 @@ def resolve_num_groups(channels: int, num_groups: int = 32, dim_per_group: Optio
     requested = min(max(channels // dim_per_group, 1) if by_size else num_groups, channels)
     groups = next(g for g in range(requested, 0, -1) if channels % g == 0)
     if is_fallback(channels, groups, num_groups, dim_per_group):
+        asked = f"dim_per_group={dim_per_group}" if by_size else f"num_groups={num_groups}"
         logger.debug("GroupNorm%s: %d channels cannot be split as %s; using %d groups of %d "
-                     "channels.", f" at '{layer_name}'" if layer_name else "", channels,
-                     asked_groups(num_groups, dim_per_group), groups, channels // groups)
+                     "channels.", f" at '{layer_name}'" if layer_name else "", channels, asked,
+                     groups, channels // groups)
     return groups
-
-
-def asked_groups(num_groups: int = 32, dim_per_group: Optional[int] = None) -> str:
-    """The group request in words: ``"num_groups=32"`` or ``"dim_per_group=16"``."""
-    return (f"dim_per_group={dim_per_group}" if dim_per_group is not None
-            else f"num_groups={num_groups}")
 
 
 def is_fallback(channels: int, groups: int, num_groups: int = 32,
