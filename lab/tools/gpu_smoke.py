@@ -258,8 +258,9 @@ def check_train_amp_adamw_clip(args) -> str:
     if _fused_adamw_expected(args.device) and not fused:
         raise AssertionError(
             f"the AdamW of gn_det's build_optimizer is not fused on {args.device} "
-            f"(torch {torch.__version__} has a fused AdamW there): "
-            f"{type(trainer.optimizer).__name__} with defaults {trainer.optimizer.defaults}"
+            f"(torch {torch.__version__} has a fused AdamW there): fused="
+            f"{trainer.optimizer.defaults.get('fused')}, "
+            f"foreach={trainer.optimizer.defaults.get('foreach')}"
         )
     norms = []
     step = type(trainer.optimizer).step
