@@ -87,9 +87,9 @@ def test_cuda_is_the_default_and_a_host_without_one_exits_2(smoke, monkeypatch, 
     ran = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(smoke, "run", lambda args: ran.append(args) or [])
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as exited:
         smoke.main(["--checks", "fold"])
-    assert exit.value.code == 2 and not ran
+    assert exited.value.code == 2 and not ran
     assert "--device cpu" in capsys.readouterr().err
 
 
