@@ -604,7 +604,8 @@ def test_fold_study_smoke(gn_run, tmp_path, capsys):
     capsys.readouterr()
     assert tool.main(report) == 0
     out = capsys.readouterr().out
-    assert "| all folded | + fold (deployed) |" in out and "/ FrozenBN folded" in out
+    assert "| all folded | + fold (deployed) |" in out and "/ FrozenBN folded (medians)" in out
+    assert "(one round)" in out  # --smoke times one round: no interquartile range
     assert Image.open(plot).size[0] > 0
     for kind, count in (
         ("accuracy", 7),

@@ -246,7 +246,13 @@ ACCURACY_COLUMNS = [
     "of GN's box / mask",
     "seconds",
 ]
-TIMING_COLUMNS = ["model", "variant", "inference per image (s)", "/ FrozenBN folded"]
+TIMING_COLUMNS = [
+    "model",
+    "variant",
+    "inference per image (s)",
+    "/ FrozenBN folded (medians)",
+    "per round: median [interquartile range]",
+]
 
 
 def accuracy_rows(run: dict) -> list:
@@ -267,8 +273,18 @@ def accuracy_rows(run: dict) -> list:
 
 
 def timing_rows(timing_data: dict) -> list:
+    """The ratio of the medians, and the round-by-round ratios (each round times every variant
+    once, in rotating order), which pair the variants on the machine's state at that moment."""
+
+    def per_round(ratios):
+        if len(ratios) < 2:
+            return f"{ratios[0]:.3f} (one round)"
+        low, median, high = statistics.quantiles(ratios, n=4)
+        return f"{median:.3f} [{low:.3f}, {high:.3f}]"
+
     return [
-        [r["model"], r["variant"], f"{r['seconds']:.3f}", f"{r['ratio']:.3f}"]
+        [r["model"], r["variant"], f"{r['seconds']:.3f}", f"{r['ratio']:.3f}",
+         per_round(r["round_ratios"])]
         for r in timing_data["rows"]
     ]
 
