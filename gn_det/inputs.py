@@ -85,8 +85,9 @@ def _detectron2_images(item) -> list:
 
 def input_items(model: nn.Module, inputs: Iterable):
     """The inputs as one sliceable sequence of images: detectron2 input dicts for a detectron2
-    model, else the tensors concatenated along the batch (empty if none). ``inputs`` may be one
-    batch tensor (N, C, ...) or an iterable of them (of dicts, for detectron2 models)."""
+    model (which moves them to its device), else the tensors concatenated along the batch, on
+    the model's device (empty if none). ``inputs`` may be one batch tensor (N, C, ...) or an
+    iterable of them (of dicts, for detectron2 models)."""
     if is_detectron2_model(model):
         return _detectron2_images(inputs if isinstance(inputs, (torch.Tensor, dict))
                                   else list(inputs))
@@ -98,7 +99,8 @@ def input_items(model: nn.Module, inputs: Iterable):
     if len({tensor.shape[1:] for tensor in tensors}) > 1:
         raise ValueError("input batches differ in their per-sample shape (C, ...): "
                          + ", ".join(str(tuple(tensor.shape)) for tensor in tensors))
-    return torch.cat(tensors) if tensors else []
+    device = next((p.device for p in model.parameters()), None)
+    return torch.cat(tensors).to(device) if tensors else []
 
 
 def heads_run_on_features(model: nn.Module) -> bool:

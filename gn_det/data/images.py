@@ -3,25 +3,30 @@ a registered dataset, or of any folder of JPEG / PNG files (no annotations neede
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
+import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
+from PIL import Image, ImageOps
 
 __all__ = ["IMAGE_SUFFIXES", "image_files", "load_images"]
 
 #: What a folder of images may hold (case-insensitive).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
+logger = logging.getLogger(__name__)
 
-def image_files(folder: Union[str, os.PathLike], num_images: int) -> List[Path]:
-    """The first ``num_images`` JPEG / PNG files below ``folder`` (recursively), in a stable
-    order: sorted by their path relative to ``folder``.
+
+def image_files(folder: Union[str, os.PathLike], num_images: Optional[int] = None) -> List[Path]:
+    """The first ``num_images`` (default all) JPEG / PNG files below ``folder`` (recursively),
+    in a stable order: sorted by their path relative to ``folder``.
 
     Raises:
         ValueError: ``folder`` is not a folder, or holds no such image.
@@ -37,9 +42,20 @@ def image_files(folder: Union[str, os.PathLike], num_images: int) -> List[Path]:
     return files[:num_images]
 
 
+def _read_image(file_name: str, image_format: str) -> np.ndarray:
+    """detectron2's ``read_image``, except that a 16-bit image (PIL modes ``I;16``, ``I``) is
+    scaled to 8 bits (65535 -> 255) where PIL's conversion would clip it at 255."""
+    with Image.open(file_name) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I"):
+            scaled = np.asarray(image, dtype=np.float64).clip(0, 65535) / 257
+            image = Image.fromarray(scaled.round().astype(np.uint8))
+        return detection_utils.convert_PIL_to_numpy(image, image_format)
+
+
 def _model_input(file_name: str, cfg: CfgNode, resize: T.Augmentation) -> Dict:
     try:
-        image = detection_utils.read_image(file_name, format=cfg.INPUT.FORMAT)
+        image = _read_image(file_name, cfg.INPUT.FORMAT)
     except Exception as e:  # PIL's UnidentifiedImageError, truncated files, permissions
         raise ValueError(f"{file_name}: cannot be read as an image "
                          f"({type(e).__name__}: {e})") from e
@@ -58,19 +74,35 @@ def load_images(cfg: CfgNode, source: Union[str, os.PathLike], num_images: int) 
         source: a folder of JPEG / PNG files (a path; searched recursively, in sorted order:
             :func:`image_files`), or the name of a registered detectron2 dataset.
 
+    Files that cannot be read as images (truncated, not images) are skipped, named in one
+    warning, and the next ones taken; fewer than ``num_images`` are returned if no more are
+    readable. Grayscale, RGBA, palette and 16-bit images are converted to ``INPUT.FORMAT``.
+
     Raises:
-        ValueError: no images, a file that is not an image, a number below 1.
+        ValueError: no readable image, a number below 1.
         KeyError: ``source`` is neither a folder nor a registered dataset.
     """
     if num_images < 1:
         raise ValueError(f"the number of images must be at least 1, got {num_images}")
     if isinstance(source, os.PathLike) or os.path.isdir(str(source)):
-        files = [str(p) for p in image_files(source, num_images)]
+        files = [str(p) for p in image_files(source)]
     else:
-        records = DatasetCatalog.get(source)[:num_images]
-        if not records:
+        files = [record["file_name"] for record in DatasetCatalog.get(source)]
+        if not files:
             raise ValueError(f"dataset {source!r} has no images")
-        files = [record["file_name"] for record in records]
     resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST],
                                   cfg.INPUT.MAX_SIZE_TEST)
-    return [_model_input(f, cfg, resize) for f in files]
+    images, unreadable = [], []
+    for file_name in files:
+        if len(images) == num_images:
+            break
+        try:
+            images.append(_model_input(file_name, cfg, resize))
+        except ValueError as e:
+            unreadable.append(str(e))
+    if not images:
+        raise ValueError(f"{source}: no readable image: {'; '.join(unreadable)}")
+    if unreadable:
+        logger.warning("Skipped %d unreadable file(s) in %s: %s", len(unreadable), source,
+                       "; ".join(unreadable))
+    return images
