@@ -202,9 +202,9 @@ def convert_model_by_config(model: nn.Module, cfg: CfgNode) -> nn.Module:
 
     ``FOLDED`` then gives the model the structure of ``gn-det convert --to folded``'s output
     (:func:`gn_det.folding.folded_architecture`, GroupNorm layers under ``FOLDED_EXCLUDE``
-    kept), and ``RECOMPUTE`` applies :func:`gn_det.enable_recompute` to the GroupNorm layers
-    left — also those the model was built with (detectron2's native GN configs), whether or
-    not ``ENABLED`` is set.
+    kept; a :class:`ConfigError` if the model has no GroupNorm), and ``RECOMPUTE`` applies
+    :func:`gn_det.enable_recompute` to the GroupNorm layers left — also those the model was
+    built with (detectron2's native GN configs), whether or not ``ENABLED`` is set.
     """
     spec = norm_spec_from_config(cfg)
     if spec is not None:
@@ -213,6 +213,10 @@ def convert_model_by_config(model: nn.Module, cfg: CfgNode) -> nn.Module:
     if node is not None and node.get("FOLDED", False):
         from .folding import folded_architecture
 
+        if not any(isinstance(m, nn.GroupNorm) for m in model.modules()):
+            raise ConfigError("MODEL.NORM_CONVERSION.FOLDED True folds GroupNorm layers, but this "
+                              "model has none: set MODEL.NORM_CONVERSION.ENABLED True (TARGET GN) "
+                              "to convert its norms first")
         folded_architecture(model, exclude=tuple(node.get("FOLDED_EXCLUDE", ())))
     if node is not None and node.get("RECOMPUTE", False):
         enable_recompute(model)

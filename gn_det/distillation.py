@@ -138,8 +138,8 @@ def distill(student: nn.Module, teacher: nn.Module, inputs: Iterable, *, steps: 
             optimizer.step()
             losses.append(loss.item())
     n_affine, n_head = (sum(p.numel() for p in ps) for ps in (trained, head_parameters))
-    logger.info("Distilled %d GN affine and %d head parameters in %d steps: loss %.4f -> %.4f.",
-                n_affine, n_head, steps, losses[0], losses[-1])
+    logger.info("Distilled %d GN affine and %d head parameters in %d steps on %d images: "
+                "loss %.4f -> %.4f.", n_affine, n_head, steps, len(items), losses[0], losses[-1])
     trained_heads = "weights" if head_parameters else "norms" if roi else "none"
     return DistillationResult(losses, n_affine + n_head, trained_heads)
 
@@ -157,7 +157,8 @@ def _parameters_to_train(student: nn.Module, teacher: nn.Module, heads: str) -> 
                if isinstance(m, (ConvertedGroupNorm, ChannelAffine)) and getattr(m, "affine", True)
                for p in (m.weight, m.bias) if p.requires_grad]
     if not trained:
-        raise ValueError("student has no trainable layers converted by gn_det to distill")
+        raise ValueError("student has no trainable layers converted by gn_det to distill (those "
+                         "converted from FrozenBN stay frozen); calibration fits those too")
     affine = set(map(id, trained))
     head_parameters = [p for part in parts[1:] if heads == "weights" for p in part.parameters()
                        if p.requires_grad and id(p) not in affine]

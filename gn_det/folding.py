@@ -22,10 +22,20 @@ from .convert import _as_prefixes, _matches
 from .inputs import eval_mode, forward_images, replace_module
 from .layers import ChannelAffine
 
-__all__ = ["ChannelAffine", "FoldReport", "fold_for_inference",
+__all__ = ["ChannelAffine", "FOLD_PLAN_KEY", "FoldReport", "fold_for_inference", "fold_plan",
            "folded_architecture", "group_statistics"]
 
 logger = logging.getLogger(__name__)
+
+#: Where a folded model keeps its :func:`fold_plan` (an attribute) and its checkpoint (metadata).
+FOLD_PLAN_KEY = "fold_plan"
+NOT_FOLDED = "MODEL.NORM_CONVERSION.FOLDED False"
+
+
+def fold_plan(exclude: Sequence[str] = (), include: Sequence[str] = ()) -> str:
+    """What a fold kept as GroupNorm, as the config keys that build its structure say it."""
+    return (f"MODEL.NORM_CONVERSION.FOLDED True FOLDED_EXCLUDE {sorted(set(exclude))}"
+            + (f" (folding only {sorted(set(include))})" if include else ""))
 
 
 @dataclasses.dataclass
@@ -174,6 +184,7 @@ def fold_for_inference(model: nn.Module, images=None, *, include: Sequence[str] 
     rows += [(n, type(m).__name__, "kept as GN") for n, m in student.named_modules()
              if isinstance(m, nn.GroupNorm)]
     report = FoldReport(rows, statistics, result)
+    setattr(student, FOLD_PLAN_KEY, fold_plan(exclude, include))
     logger.info("Folded for inference: %s (statistics: %s).",
                 ", ".join(f"{v} {k}" for k, v in report.counts().items()), statistics)
     return student.eval(), report
@@ -184,7 +195,8 @@ def folded_architecture(model: nn.Module, *, include: Sequence[str] = (),
     """Give ``model`` the structure :func:`fold_for_inference` leaves, in place, with no weights
     computed: each selected GroupNorm that is a detectron2 ``Conv2d``'s norm is removed and the
     convolution gets a bias; any other selected GroupNorm becomes a :class:`ChannelAffine`. A
-    folded checkpoint then loads into it with nothing missing. Returns ``model``."""
+    folded checkpoint then loads into it with nothing missing, if its :func:`fold_plan` (the
+    ``fold_plan`` attribute ``model`` gets) is the same. Returns ``model``."""
     include, exclude = _as_prefixes(include, "include"), _as_prefixes(exclude, "exclude")
     holders = _conv_norms(model)
     for name, gn in _group_norms(model, include, exclude).items():
@@ -197,4 +209,5 @@ def folded_architecture(model: nn.Module, *, include: Sequence[str] = (),
         if conv.bias is None:
             conv.bias = nn.Parameter(conv.weight.new_zeros(conv.out_channels),
                                      requires_grad=conv.weight.requires_grad)
+    setattr(model, FOLD_PLAN_KEY, fold_plan(exclude, include))
     return model

@@ -161,3 +161,106 @@ def test_a_malformed_config_is_one_line_naming_the_file_in_every_command(
         assert code == 2, (command, err)
         assert len(err.splitlines()) == 1 and str(config) in err and message in err, (command, err)
     assert not (tmp_path / "out.pth").exists()
+
+
+def _flags(parser):
+    return sorted(
+        {o for a in parser._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+    )
+
+
+def test_docs_cli_md_lists_every_flag_of_every_command():
+    """docs/cli.md names each flag argparse knows, for convert, inspect and train."""
+    import re
+
+    from gn_det.cli import _parser
+    from gn_det.cli.train import argument_parser
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    parser = _parser()
+    commands = next(a for a in parser._actions if hasattr(a, "choices") and a.choices).choices
+    parsers = {"convert": commands["convert"], "inspect": commands["inspect"]}
+    parsers["train"] = argument_parser()
+    missing = [
+        f"{command} {flag}"
+        for command, p in parsers.items()
+        for flag in _flags(p)
+        if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", doc)
+    ]
+    assert missing == []
+    assert {"--device", "--allow-unsafe-yaml"} <= set(_flags(commands["inspect"]))
+
+
+def test_help_offers_only_what_each_command_accepts(capsys):
+    """inspect --help offers no calibrate or distill (it refuses them); convert --help names
+    the default config of --to folded beside the source config's."""
+    for command in ("inspect", "convert"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        if command == "inspect":
+            assert "{copy,stats}" in out and "distill" not in out and "calibrate" not in out
+        else:
+            default = "(default mask_rcnn_R_50_FPN_bn.yaml; with --to folded, gn_mask_rcnn.yaml)"
+            assert default in out
+
+
+def test_a_cuda_device_without_a_gpu_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """--device cuda or MODEL.DEVICE cuda on the command line, where no GPU is usable: train's
+    one line, exit 2, nothing written. A config file's CUDA device (detectron2's default) means
+    the CPU there, and convert says where it ran."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "bn.pth"
+    for argv, key in (
+        (["inspect", "--config", SYNCBN, "--device", "cuda"], "--device"),
+        (["inspect", "--config", SYNCBN, "MODEL.DEVICE", "cuda:1"], "MODEL.DEVICE"),
+        (["convert", "--config", "shapes/bn.yaml", "--weights", str(weights), "--output", "o.pth",
+          "--device", "cuda"], "--device"),
+        (["convert", "--config", "shapes/bn.yaml", "--weights", str(weights), "--output", "o.pth",
+          "MODEL.DEVICE", "cuda"], "MODEL.DEVICE"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{key} is 'cuda" in err, err
+        assert "but no CUDA GPU is usable here" in err and f"add {key} cpu" in err
+    assert list(tmp_path.iterdir()) == []
+
+    from detectron2.modeling import build_model
+
+    from gn_det.cli.config_files import load_config, resolve_config_name
+
+    cfg = load_config(resolve_config_name("shapes/bn.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    assert main(["convert", "--config", "shapes/bn.yaml", "--weights", str(weights), "--output",
+                 "o.pth", "MODEL.NORM_CONVERSION.ENABLED", "False"]) == 0
+    assert main(["convert", "--config", "shapes/bn.yaml", "--weights", str(weights), "--output",
+                 "p.pth", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" s on cpu, verified") == 2
+
+
+def test_unsafe_yaml_is_accepted_by_every_command_with_the_flag(tmp_path, capsys, monkeypatch):
+    """A user's config on detectron2's RetinaNet base (a Python tag: eval on load) needs
+    --allow-unsafe-yaml in inspect and convert (as in train); the model zoo's own RetinaNet
+    configs load without it, and without fvcore's warning about unsafe_load."""
+    base = model_zoo.get_config_file("Base-RetinaNet.yaml")
+    config = tmp_path / "my_retinanet.yaml"
+    config.write_text(f"_BASE_: {base}\nMODEL:\n  DEVICE: cpu\n")
+    for allow in ([], ["--allow-unsafe-yaml"]):
+        assert main(["inspect", "--config", str(config), *allow]) == (2 if not allow else 0)
+        captured = capsys.readouterr()
+        if not allow:
+            assert len(captured.err.strip().splitlines()) == 1
+            assert "needs unsafe YAML" in captured.err and "--allow-unsafe-yaml" in captured.err
+        else:
+            assert "FrozenBatchNorm2d       53" in captured.out
+    assert main(["convert", "--config", str(config), "--weights", str(config), "--output",
+                 str(tmp_path / "o.pth"), "--allow-unsafe-yaml"]) == 2
+    assert "needs unsafe YAML" not in capsys.readouterr().err  # past the config: the weights
+    assert main(["inspect", "--config", "COCO-Detection/retinanet_R_50_FPN_1x.yaml"]) == 0
+    captured = capsys.readouterr()
+    assert "FrozenBatchNorm2d       53" in captured.out and captured.err == ""

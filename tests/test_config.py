@@ -333,3 +333,19 @@ def test_the_r101_config_has_the_input_settings_of_msra_weights():
     ]
     torchvision = load_config(resolve_config_name("gn_mask_rcnn.yaml"))
     assert (torchvision.INPUT.FORMAT, torchvision.MODEL.RESNETS.STRIDE_IN_1X1) == ("RGB", False)
+
+
+def test_folded_on_a_model_without_group_norm_is_a_one_line_config_error():
+    """FOLDED folds GroupNorm: a BN config without conversion to GN is refused when the model is
+    built (it used to build the BN model, unfolded, without a word); detectron2's native GN
+    config folds without ENABLED."""
+    cfg = load_config(resolve_config_name("shapes/bn.yaml"))
+    merge_overrides(cfg, ["MODEL.NORM_CONVERSION.FOLDED", "True"])
+    with pytest.raises(ConfigError, match="FOLDED True folds GroupNorm layers, but this model has "
+                       "none: set MODEL.NORM_CONVERSION.ENABLED True"):
+        gn_det.build_model(cfg)
+    merge_overrides(cfg, ["MODEL.NORM_CONVERSION.ENABLED", "True"])
+    assert not any(isinstance(m, nn.GroupNorm) for m in gn_det.build_model(cfg).modules())
+    native = load_config(model_zoo.get_config_file("Misc/mask_rcnn_R_50_FPN_3x_gn.yaml"))
+    merge_overrides(native, ["MODEL.NORM_CONVERSION.FOLDED", "True", "MODEL.DEVICE", "cpu"])
+    assert gn_det.build_model(native).fold_plan.endswith("FOLDED_EXCLUDE []")

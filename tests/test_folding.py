@@ -1,6 +1,7 @@
 """gn_det.folding: GroupNorm folded into the convolutions for inference."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -204,3 +205,43 @@ def test_the_folded_detector_traces_and_runs_in_onnxruntime():
         for n in onnx.load_from_string(buffer.getvalue()).graph.node
         if "Normalization" in n.op_type
     ]
+
+
+def test_a_folded_checkpoint_records_its_fold_plan_and_loads_only_into_that_structure(
+    tmp_path, capsys
+):
+    """gn-det convert --to folded records FOLDED_EXCLUDE in the checkpoint (pth and safetensors;
+    pkl keeps no metadata and is refused); a model built with other FOLDED / FOLDED_EXCLUDE
+    refuses it in one line instead of loading what fits, and a folded model refuses a checkpoint
+    that is not folded. A folded model's own checkpoints (resuming) carry its plan."""
+    from gn_det.checkpoint import Checkpointer
+    from gn_det.checkpoint.io import CheckpointError
+    from gn_det.cli import main
+
+    _, gn = _shapes_gn()
+    source = tmp_path / "gn.pth"
+    torch.save({"model": gn.state_dict()}, source)
+
+    def convert(output):
+        return main(["convert", "--to", "folded", "--config", "shapes/gn.yaml", "--weights",
+                     str(source), "--fold-exclude", "roi_heads", "--output", str(output),
+                     "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+                     "DATASETS.TRAIN", "('coco_2017_train',)"])  # data-free: no images here
+
+    assert convert(tmp_path / "folded.pkl") == 2
+    assert "written as pth or safetensors" in capsys.readouterr().err
+    plan = "MODEL.NORM_CONVERSION.FOLDED True FOLDED_EXCLUDE ['roi_heads']"
+    for name in ("folded.pth", "folded.safetensors"):
+        assert convert(tmp_path / name) == 0
+        _, fits = _shapes_gn(folded=True, exclude=["roi_heads"])
+        assert Checkpointer(fits).load_weights(str(tmp_path / name)).missing_keys == []
+        for folded, built in ((True, "FOLDED True FOLDED_EXCLUDE []"), (False, "FOLDED False")):
+            _, model = _shapes_gn(folded=folded)
+            message = f"written for {plan}, but the model is built with " \
+                f"MODEL.NORM_CONVERSION.{built}; load it"
+            with pytest.raises(CheckpointError, match=re.escape(message)):
+                Checkpointer(model).load_weights(str(tmp_path / name))
+    with pytest.raises(CheckpointError, match=r"written for MODEL.NORM_CONVERSION.FOLDED False"):
+        Checkpointer(fits).load_weights(str(source))
+    Checkpointer(fits, save_dir=str(tmp_path)).save("resumable")
+    Checkpointer(fits).load_weights(str(tmp_path / "resumable.pth"))

@@ -14,8 +14,10 @@ from typing import Any
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .io import save_checkpoint_file, write_text_atomically
-from .weights import fit_summary, read_weights, state_for_model
+from .io import CheckpointError, load_safetensors_metadata, save_checkpoint_file
+from .io import write_text_atomically
+from .remote import local_weights_path
+from .weights import Weights, fit_summary, read_weights, state_for_model
 
 __all__ = ["Checkpointer"]
 
@@ -35,6 +37,7 @@ class Checkpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str):
         weights = read_weights(filename)
+        _check_fold_plan(filename, weights, self.model)
         logger.info("Loading %s (%s, from %s).", filename, weights.kind, weights.author)
         # Named for the model in _load_model; the rest (optimizer, ...) is for resuming.
         return {**weights.extra, "model": weights.state,
@@ -63,7 +66,10 @@ class Checkpointer(DetectionCheckpointer):
         ``last_checkpoint`` tag), each file written atomically; a no-op off the main process."""
         if not self.save_dir or not self.save_to_disk:
             return
-        data = {"model": self.model.state_dict(),
+        from ..folding import FOLD_PLAN_KEY
+
+        plan = getattr(self.model, FOLD_PLAN_KEY, None)
+        data = {"model": self.model.state_dict(), **({FOLD_PLAN_KEY: plan} if plan else {}),
                 **{key: obj.state_dict() for key, obj in self.checkpointables.items()}, **kwargs}
         save_file = os.path.join(self.save_dir, f"{name}.pth")
         self.logger.info("Saving checkpoint to %s", save_file)
@@ -74,3 +80,17 @@ class Checkpointer(DetectionCheckpointer):
         """Point ``last_checkpoint`` (what ``--resume`` reads) at a saved file, atomically."""
         write_text_atomically(os.path.join(self.save_dir, "last_checkpoint"),
                               last_filename_basename)
+
+
+def _check_fold_plan(path: str, weights: Weights, model) -> None:
+    """Refuse a checkpoint folded otherwise than ``model`` (:func:`gn_det.folding.fold_plan`), which
+    fvcore would load as far as it fits, warning of keys not found: a wrong model."""
+    from ..folding import FOLD_PLAN_KEY, NOT_FOLDED
+
+    recorded = weights.extra.get(FOLD_PLAN_KEY)
+    if weights.kind == "safetensors":
+        recorded = load_safetensors_metadata(local_weights_path(path)).get(FOLD_PLAN_KEY)
+    recorded, built = recorded or NOT_FOLDED, getattr(model, FOLD_PLAN_KEY, NOT_FOLDED)
+    if recorded != built:
+        raise CheckpointError(f"{path}: written for {recorded}, but the model is built with "
+                              f"{built}; load it with the config keys it was written for")

@@ -41,6 +41,7 @@ __all__ = [
     "FILE_FORMATS",
     "INPUT_CONVENTION_KEYS",
     "check_input_conventions",
+    "check_output",
     "FoldResult",
     "convert_checkpoint",
     "fold_checkpoint",
@@ -79,11 +80,11 @@ def format_for_output(output: Path, requested: Optional[str]) -> str:
     return requested or by_extension or "pth"
 
 
-def _cpu_config(cfg: CfgNode, **norm_conversion) -> CfgNode:
-    """A copy of ``cfg`` building on the CPU without weights, ``MODEL.NORM_CONVERSION`` updated."""
+def _model_config(cfg: CfgNode, device: str, **norm_conversion) -> CfgNode:
+    """A copy of ``cfg`` building on ``device`` without weights, its NORM_CONVERSION updated."""
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = "cpu", ""
+    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = device, ""
     cfg.MODEL.NORM_CONVERSION.update(norm_conversion)
     return cfg
 
@@ -117,9 +118,10 @@ def check_input_conventions(source_cfg: CfgNode, target_cfg: CfgNode) -> None:
         )
 
 
-def _source_model(path: str, cfg: CfgNode) -> Tuple[Weights, nn.Module, str]:
-    """The weights at ``path``, the model ``cfg`` builds with them loaded, and their scope:
-    "detector" if they fill more than its backbone, else "backbone"."""
+def _source_model(path: str, cfg: CfgNode) -> Tuple[Weights, nn.Module, str, List[str]]:
+    """The weights at ``path``, the model ``cfg`` builds with them loaded, their scope:
+    "detector" if they fill more than its backbone, else "backbone", and the model's BN
+    statistics (``running_mean``) they did not set."""
     weights = read_weights(path)
     model = build_model(cfg).eval()
     state = state_for_model(weights, model)
@@ -136,10 +138,12 @@ def _source_model(path: str, cfg: CfgNode) -> Tuple[Weights, nn.Module, str]:
         )
     model.load_state_dict({k: state[k] for k in matched}, strict=False)
     detector = any(not k.startswith(BOTTOM_UP_PREFIX) for k in fitted)
-    return weights, model, "detector" if detector else "backbone"
+    no_statistics = [k for k in model_keys if k.endswith(".running_mean") and k not in state
+                     and (detector or k.startswith(BOTTOM_UP_PREFIX))]
+    return weights, model, "detector" if detector else "backbone", no_statistics
 
 
-def _output_object(model: nn.Module, scope: str, file_format: str) -> dict:
+def _output_object(model: nn.Module, scope: str, file_format: str, metadata: dict) -> dict:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     heuristics = scope == "backbone"
     if heuristics:
@@ -147,7 +151,7 @@ def _output_object(model: nn.Module, scope: str, file_format: str) -> dict:
                  if k.startswith(BOTTOM_UP_PREFIX)}
     if file_format == "safetensors":  # its metadata holds strings only
         heuristics = str(heuristics)
-    return {"model": state, "__author__": "gn_det", "matching_heuristics": heuristics}
+    return {"model": state, "__author__": "gn_det", "matching_heuristics": heuristics, **metadata}
 
 
 def _verify(target: nn.Module, converted: nn.Module, file: Path, scope: str) -> Tuple[int, int]:
@@ -171,15 +175,15 @@ def _verify(target: nn.Module, converted: nn.Module, file: Path, scope: str) -> 
 
 
 def _write_verified(model: nn.Module, target: nn.Module, output_path: Path, scope: str,
-                    file_format: str, overwrite: bool) -> Tuple[int, int]:
-    """Write ``model``'s state beside ``output_path``, and rename it into place once ``target``
-    loads it; returns (keys matched, keys expected)."""
+                    file_format: str, overwrite: bool, metadata: dict) -> Tuple[int, int]:
+    """Write ``model``'s state (and ``metadata`` beside it) next to ``output_path``, and rename
+    it into place once ``target`` loads it; returns (keys matched, keys expected)."""
     fd, temporary = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".verify",
                                      dir=output_path.parent)
     os.close(fd)
     os.unlink(temporary)
     try:
-        save_checkpoint_file(_output_object(model, scope, file_format), temporary,
+        save_checkpoint_file(_output_object(model, scope, file_format, metadata), temporary,
                              file_format=file_format)
         matched = _verify(target, model, Path(temporary), scope)
         if output_path.exists() and not overwrite:
@@ -192,9 +196,17 @@ def _write_verified(model: nn.Module, target: nn.Module, output_path: Path, scop
     return matched
 
 
-def _check_output(output: str, file_format: Optional[str], overwrite: bool) -> Tuple[Path, str]:
+def check_output(output: str, file_format: Optional[str], overwrite: bool,
+                 folded: bool = False) -> Tuple[Path, str]:
+    """The output path and its format; CheckpointError if it cannot be written (a folder, an
+    existing file without ``overwrite``, a missing folder, a folded checkpoint as pkl)."""
     output_path = Path(output)
     file_format = format_for_output(output_path, file_format)
+    if output_path.is_dir():
+        raise CheckpointError(f"{output_path}: is a folder; --output names the file to write")
+    if folded and file_format == "pkl":
+        raise CheckpointError(f"{output_path}: a folded checkpoint is written as pth or "
+                              "safetensors, whose metadata keep its fold plan")
     if output_path.exists() and not overwrite:
         raise CheckpointError(f"{output_path}: exists; pass --force to overwrite")
     if not output_path.parent.is_dir():
@@ -227,20 +239,22 @@ def fold_checkpoint(weights_path: str, output: str, cfg: CfgNode, *, images=None
     with ``MODEL.NORM_CONVERSION.FOLDED`` (and ``FOLDED_EXCLUDE``). Raises CheckpointError (a
     bad input or output, weights that do not fit, no GroupNorm to fold), writing nothing.
     """
-    from ..folding import fold_for_inference
+    from ..folding import FOLD_PLAN_KEY, fold_for_inference, fold_plan
 
     start = time.perf_counter()
-    output_path, file_format = _check_output(output, file_format, overwrite)
-    weights, source, scope = _source_model(weights_path, _cpu_config(cfg, FOLDED=False))
+    output_path, file_format = check_output(output, file_format, overwrite, folded=True)
+    device = cfg.MODEL.DEVICE
+    weights, source, scope, _ = _source_model(weights_path,
+                                              _model_config(cfg, device, FOLDED=False))
     try:
         folded, report = fold_for_inference(
             source, images, exclude=exclude,
             distill_steps=distill_steps if images is not None else 0)
     except ValueError as e:
         raise CheckpointError(f"{weights_path}: {e}") from e
-    target = build_model(_cpu_config(cfg, FOLDED=True, FOLDED_EXCLUDE=list(exclude)))
+    target = build_model(_model_config(cfg, device, FOLDED=True, FOLDED_EXCLUDE=list(exclude)))
     keys_matched, keys_expected = _write_verified(folded, target, output_path, scope, file_format,
-                                                  overwrite)
+                                                  overwrite, {FOLD_PLAN_KEY: fold_plan(exclude)})
     return FoldResult(output_path, weights.kind, report, keys_matched, keys_expected,
                       time.perf_counter() - start, source, target)
 
@@ -300,24 +314,33 @@ def convert_checkpoint(
             distilled on the backbone's outputs alone (``"none"``).
     """
     start = time.perf_counter()
-    output_path, file_format = _check_output(output, file_format, overwrite)
+    output_path, file_format = check_output(output, file_format, overwrite)
     if target_cfg is not None:
         check_input_conventions(source_cfg, target_cfg)
-    weights, source, scope = _source_model(weights_path, _cpu_config(source_cfg, ENABLED=False))
+    device = source_cfg.MODEL.DEVICE
+    weights, source, scope, no_statistics = _source_model(
+        weights_path, _model_config(source_cfg, device, ENABLED=False))
     converted = convert_norm_by_spec(copy.deepcopy(source), spec)
-    fits, transfer = _fit(converted, source, spec.transfer, calibration_inputs, least_squares,
-                          distill_steps, "none" if scope == "backbone" else distill_heads)
+    transfer = spec.transfer
+    if transfer == "stats" and no_statistics:
+        transfer += (f" (the checkpoint has no BN statistics for {len(no_statistics)} layers, "
+                     f"e.g. {no_statistics[0][:-len('.running_mean')]}: for them, as copy)")
+    try:
+        fits, transfer = _fit(converted, source, transfer, calibration_inputs, least_squares,
+                              distill_steps, "none" if scope == "backbone" else distill_heads)
+    except ValueError as e:  # nothing to calibrate or distill in this model
+        raise CheckpointError(f"{weights_path}: {e}") from e
     rows = [r for r in describe_norms(converted) if r.source]
     conversions = collections.Counter((r.source, r.type) for r in rows)
     groups = collections.Counter(r.groups for r in rows if r.groups)
     if target_cfg is None:
-        target_cfg = _cpu_config(
-            source_cfg, ENABLED=True, TARGET=spec.target, TRANSFER=spec.transfer,
+        target_cfg = _model_config(
+            source_cfg, device, ENABLED=True, TARGET=spec.target, TRANSFER=spec.transfer,
             NUM_GROUPS=spec.num_groups, DIM_PER_GROUP=spec.dim_per_group or 0,
             EPS=spec.eps or 0.0, INCLUDE=list(spec.include), EXCLUDE=list(spec.exclude))
-    target = build_model(_cpu_config(target_cfg))
+    target = build_model(_model_config(target_cfg, device))
     keys_matched, keys_expected = _write_verified(converted, target, output_path, scope,
-                                                  file_format, overwrite)
+                                                  file_format, overwrite, {})
     return ConversionResult(
         output=output_path,
         input_kind=weights.kind,

@@ -2,9 +2,9 @@
 
     gn-det train [--config NAME | --config-file FILE] [--num-gpus N ...] [KEY VALUE ...]
     gn-det convert --weights IN --output OUT [--config-file SRC.yaml] [--target-config DST.yaml]
-                   [--to GN] [--transfer copy|stats] [--num-groups 32 | --dim-per-group N]
-                   [--format pth|pkl|safetensors] [--force] [--verify-images N] [--debug]
-    gn-det inspect (--config-file X | --weights Y) [--to GN] [KEY VALUE ...]
+                   [--to GN|folded] [--transfer copy|stats|calibrate|distill] [--device D]
+                   [--format pth|pkl|safetensors] [--force] [--verify-images N] [--debug] ...
+    gn-det inspect (--config-file X | --weights Y) [--to GN] [--device D] [KEY VALUE ...]
 
 Bad input (missing, corrupt or unsafe file, a checkpoint that does not fit, a bad config key,
 conflicting flags) exits with code 2 and one line naming the file and the problem; ``--debug``
@@ -23,26 +23,34 @@ from typing import List, Optional
 from .. import __version__
 from ..distillation import HEADS
 from ..transfer import TRANSFERS
-from .commands import DEFAULT_SOURCE_CONFIG, UsageError, cmd_convert, cmd_inspect
+from .commands import (DEFAULT_FOLD_CONFIG, DEFAULT_SOURCE_CONFIG, UsageError, cmd_convert,
+                       cmd_inspect)
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
 
-def _add_conversion_flags(parser, folded: bool = False) -> None:
+def _add_conversion_flags(parser, convert: bool = False) -> None:
     parser.add_argument("--to", default=None, metavar="TARGET",
                         help="norm to convert to: GN (default), FrozenBN, BN, SyncBN or naiveSyncBN"
                         + ("; or folded: a GN model in its inference form, GroupNorm folded "
-                           "into the convolutions (gn_det.folding)" if folded else ""))
+                           "into the convolutions (gn_det.folding)" if convert else ""))
     groups = parser.add_mutually_exclusive_group()
     groups.add_argument("--num-groups", type=int, default=None, help="GN groups (default 32)")
     groups.add_argument("--dim-per-group", type=int, default=None,
                         help="GN channels per group, instead of --num-groups")
-    parser.add_argument("--transfer", default=None, choices=TRANSFERS + ("calibrate", "distill"),
-                        help="BN -> GN weight transfer (default stats: uses BN running statistics; "
-                        "calibrate: stats, then a least-squares fit on images; distill: stats, "
-                        "then feature distillation on images, what keeps most of a detector's AP; "
-                        "these two for convert only)")
+    parser.add_argument("--transfer", default=None,
+                        choices=TRANSFERS + (("calibrate", "distill") if convert else ()),
+                        help="BN -> GN weight transfer (default stats: uses BN running statistics"
+                        + ("; calibrate: stats, then a least-squares fit on images; distill: "
+                           "stats, then feature distillation on images, what keeps most of a "
+                           "detector's AP" if convert else "") + ")")
+    parser.add_argument("--device", default=None,
+                        help="where the model runs (cpu, cuda, cuda:1); default: the config's "
+                        "MODEL.DEVICE, the CPU where that is CUDA and no GPU is usable")
+    parser.add_argument("--allow-unsafe-yaml", action="store_true",
+                        help="load a config that needs unsafe YAML (it runs code on load); "
+                        "detectron2's own model-zoo configs need no flag")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,12 +88,13 @@ def _add_convert_parser(sub) -> None:
     convert.add_argument("--config-file", "--config", dest="config_file", default=None,
                          metavar="SRC",
                          help=f"config the weights were trained with: a path, one of gn_det's "
-                         f"configs or of detectron2's model zoo (default {DEFAULT_SOURCE_CONFIG})")
+                         f"configs or of detectron2's model zoo (default {DEFAULT_SOURCE_CONFIG}; "
+                         f"with --to folded, {DEFAULT_FOLD_CONFIG})")
     convert.add_argument("--target-config", default=None, metavar="DST",
                          help="config that must load the output (default: the source config with "
                          "conversion on); its MODEL.NORM_CONVERSION, if enabled, decides the "
                          "conversion")
-    _add_conversion_flags(convert, folded=True)
+    _add_conversion_flags(convert, convert=True)
     convert.add_argument("--fold-exclude", nargs="+", default=[], metavar="PREFIX",
                          help="with --to folded: module-name prefixes whose GroupNorm stays "
                          "(e.g. roi_heads); the config loads the result with FOLDED_EXCLUDE set so")
@@ -157,10 +166,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from ..checkpoint.io import CheckpointError
+    from ..config import ConfigError
 
     try:
         return args.func(args)
-    except (UsageError, CheckpointError, OSError) as e:
+    except (UsageError, CheckpointError, ConfigError, OSError) as e:
         if args.debug:
             raise
         print(f"gn-det {args.command}: error: {e}", file=sys.stderr)

@@ -18,7 +18,8 @@ class UsageError(Exception):
     """A problem with the user's input: reported in one line, exit code 2."""
 
 
-def _load_cfg(name: str, overrides: List[str] = ()):
+def _load_cfg(name: str, overrides: List[str] = (), *, device: Optional[str] = None,
+              allow_unsafe_yaml: bool = False):
     from ..config import ConfigError
     from .config_files import UnsafeConfigError, load_config, merge_overrides, resolve_config_name
 
@@ -27,16 +28,35 @@ def _load_cfg(name: str, overrides: List[str] = ()):
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, allow_unsafe_yaml=allow_unsafe_yaml)
     except (UnsafeConfigError, ConfigError) as e:
         raise UsageError(str(e)) from e
     try:
         merge_overrides(cfg, overrides)
     except ConfigError as e:
         raise UsageError(f"{path}: {e}") from e
-    cfg.MODEL.DEVICE = "cpu"
+    try:
+        cfg.MODEL.DEVICE = _device(cfg, device, overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from e
     cfg.MODEL.WEIGHTS = ""
     return cfg
+
+
+def _device(cfg, requested: Optional[str], overrides: List[str]) -> str:
+    """``--device``, else ``MODEL.DEVICE``: refused as ``train`` refuses it when given on the
+    command line as CUDA with no usable GPU; a config file's CUDA (detectron2's default) then
+    means the CPU."""
+    import torch
+
+    from .train import check_device
+
+    device = requested or cfg.MODEL.DEVICE
+    explicit = requested is not None or "MODEL.DEVICE" in list(overrides)[::2]
+    if explicit or torch.cuda.is_available() or not device.startswith("cuda"):
+        check_device(device, "--device" if requested else "MODEL.DEVICE")
+        return device
+    return "cpu"
 
 
 def _spec(args, *, required: bool):
@@ -76,7 +96,8 @@ def cmd_inspect(args) -> int:
     from ..report import describe_norms, format_norm_table
 
     spec = _spec(args, required=False)
-    cfg = _load_cfg(args.config_file, args.opts)
+    cfg = _load_cfg(args.config_file, args.opts, device=args.device,
+                    allow_unsafe_yaml=args.allow_unsafe_yaml)
     if spec is not None:  # --to replaces the config's own conversion
         cfg.MODEL.NORM_CONVERSION.ENABLED = False
     model = build_model(cfg)
@@ -90,7 +111,7 @@ def _cmd_fold(args) -> int:
     """``gn-det convert --to folded``: a GN checkpoint in its inference form (gn_det.folding)."""
     from tabulate import tabulate
 
-    from ..checkpoint.convert import fold_checkpoint
+    from ..checkpoint.convert import check_output, fold_checkpoint
 
     conflicting = [f for f, v in (("--target-config", args.target_config),
                                   ("--transfer", args.transfer),
@@ -103,7 +124,9 @@ def _cmd_fold(args) -> int:
     steps = 100 if args.calib_distill_steps is None else args.calib_distill_steps
     if steps < 0:
         raise UsageError(f"--calib-distill-steps must be 0 or more, got {steps}")
-    cfg = _load_cfg(args.config_file or DEFAULT_FOLD_CONFIG, args.opts)
+    check_output(args.output, args.format, args.force, folded=True)
+    cfg = _load_cfg(args.config_file or DEFAULT_FOLD_CONFIG, args.opts, device=args.device,
+                    allow_unsafe_yaml=args.allow_unsafe_yaml)
     images = None
     try:
         source = _image_source(cfg, args.calib_dataset, args.calib_images_dir, "calib",
@@ -115,13 +138,14 @@ def _cmd_fold(args) -> int:
               "inputs", file=sys.stderr)
     else:
         images = _images(cfg, source, args.calib_images if args.calib_images is not None else 32,
-                         "--calib-images")
+                         "--calib-images", "--to folded")
     result = fold_checkpoint(args.weights, args.output, cfg, images=images,
                              exclude=args.fold_exclude, distill_steps=steps,
                              file_format=args.format, overwrite=args.force)
     report = result.report
     print(f"Wrote {result.output}: the GN model folded for inference, from a {result.input_kind} "
-          f"checkpoint ({result.seconds:.1f} s, verified against MODEL.NORM_CONVERSION.FOLDED True"
+          f"checkpoint ({result.seconds:.1f} s on {cfg.MODEL.DEVICE}, verified against "
+          "MODEL.NORM_CONVERSION.FOLDED True"
           + (f" FOLDED_EXCLUDE {list(args.fold_exclude)}" if args.fold_exclude else "") + ").")
     print(tabulate(sorted(report.counts().items()), headers=["GroupNorm layers", "count"]))
     distilled = (f"; distilled {len(report.distillation.losses)} steps, loss "
@@ -133,18 +157,19 @@ def _cmd_fold(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from tabulate import tabulate
-
     if args.to == "folded":
         return _cmd_fold(args)
     if args.fold_exclude:
         raise UsageError("--fold-exclude goes with --to folded")
 
-    from ..checkpoint.convert import convert_checkpoint
+    from ..checkpoint.convert import check_output, convert_checkpoint
     from ..config import norm_spec_from_config
 
-    source_cfg = _load_cfg(args.config_file or DEFAULT_SOURCE_CONFIG, args.opts)
-    target_cfg = _load_cfg(args.target_config) if args.target_config else None
+    check_output(args.output, args.format, args.force)
+    source_cfg = _load_cfg(args.config_file or DEFAULT_SOURCE_CONFIG, args.opts,
+                           device=args.device, allow_unsafe_yaml=args.allow_unsafe_yaml)
+    target_cfg = _load_cfg(args.target_config, device=source_cfg.MODEL.DEVICE,
+                           allow_unsafe_yaml=args.allow_unsafe_yaml) if args.target_config else None
     if target_cfg is not None:
         from ..checkpoint.convert import check_input_conventions
 
@@ -181,34 +206,44 @@ def cmd_convert(args) -> int:
                                f"--transfer {method}")
         calibration_inputs = _images(source_cfg, source,
                                      args.calib_images if args.calib_images is not None else 32,
-                                     "--calib-images")
+                                     "--calib-images", f"--transfer {method}")
     if not args.verify_images and (args.verify_dataset or args.verify_images_dir):
         raise UsageError("--verify-dataset and --verify-images-dir go with --verify-images N")
-    verify_source = None
+    verify_source = verify_inputs = None
     if args.verify_images:
         verify_source = _image_source(source_cfg, args.verify_dataset, args.verify_images_dir,
                                       "verify", "--verify-images")
+        verify_inputs = _images(source_cfg, verify_source, args.verify_images, "--verify-images",
+                                "--verify-images")
 
     result = convert_checkpoint(args.weights, args.output, source_cfg, spec, target_cfg=target_cfg,
                                 file_format=args.format, overwrite=args.force,
                                 calibration_inputs=calibration_inputs,
                                 least_squares=method == "calibrate", distill_steps=steps,
                                 distill_heads=args.calib_distill_heads or "weights")
+    _print_conversion(result, source_cfg.MODEL.DEVICE)
+    if args.verify_images:
+        _print_agreement(result, verify_source, verify_inputs)
+    return 0
+
+
+def _print_conversion(result, device: str) -> None:
+    from tabulate import tabulate
+
     print(f"Wrote {result.output}: {result.scope} checkpoint from a {result.input_kind} checkpoint "
-          f"({result.seconds:.1f} s, verified against the target model).")
+          f"({result.seconds:.1f} s on {device}, verified against the target model).")
     table = [[src, dst, n] for (src, dst), n in sorted(result.conversions.items())]
     print(tabulate(table, headers=["converted from", "to", "layers"]))
     print(f"transfer: {result.transfer}    groups: "
           + (", ".join(f"{g} (x{n})" for g, n in sorted(result.groups.items())) or "-")
-          + f"    keys matched: {result.keys_matched}/{result.keys_expected}")
+          + f"    keys matched: {result.keys_matched}/{result.keys_expected}"
+          + (" of the backbone (a backbone checkpoint has no heads: they start as built)"
+             if result.scope == "backbone" else ""))
     if result.fits:
         before = sum(f.error_before for f in result.fits) / len(result.fits)
         after = sum(f.error_after for f in result.fits) / len(result.fits)
-        print(f"calibration: {len(result.fits)} layers on {len(calibration_inputs)} images, "
-              f"mean relative error per layer {before:.4f} -> {after:.4f}")
-    if args.verify_images:
-        _print_agreement(args, source_cfg, result, verify_source)
-    return 0
+        print(f"calibration: {len(result.fits)} layers, mean relative error per layer "
+              f"{before:.4f} -> {after:.4f}")
 
 
 def _image_source(cfg, dataset: Optional[str], folder: Optional[str], flag: str, purpose: str):
@@ -239,20 +274,24 @@ def _image_source(cfg, dataset: Optional[str], folder: Optional[str], flag: str,
     return names[0]
 
 
-def _images(cfg, source, count: int, flag: str):
+def _images(cfg, source, count: int, flag: str, purpose: str):
+    """``count`` images of ``source`` (fewer if no more are readable), their number printed."""
     from ..data import load_images  # importing gn_det.data registers the shapes datasets
 
     if count < 1:
         raise UsageError(f"{flag} must be >= 1, got {count}")
     try:
-        return load_images(cfg, source, count)
+        images = load_images(cfg, source, count)
     except KeyError as e:
         raise UsageError(f"dataset {source!r} is not registered ({e})") from e
     except ValueError as e:
         raise UsageError(str(e)) from e
+    print(f"{purpose}: {len(images)} images of {source}" + (
+        f" ({flag} {count}: no more readable there)" if len(images) < count else ""))
+    return images
 
 
-def _print_agreement(args, source_cfg, result, source) -> None:
+def _print_agreement(result, source, inputs) -> None:
     import copy
 
     from tabulate import tabulate
@@ -260,7 +299,6 @@ def _print_agreement(args, source_cfg, result, source) -> None:
     from ..report import backbone_cosines
     from ..convert import convert_norm_by_spec
 
-    inputs = _images(source_cfg, source, args.verify_images, "--verify-images")
     cosines = backbone_cosines(result.source_model, result.target_model, inputs)
     columns = [cosines]
     headers = ["stage", f"cosine ({result.transfer})"]

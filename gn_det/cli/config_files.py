@@ -5,6 +5,7 @@ them, ``KEY VALUE`` overrides; each problem one line naming the file and the key
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import warnings
@@ -228,9 +229,13 @@ def load_config(path: Union[str, Path], *, allow_unsafe_yaml: bool = False) -> C
     trusted = allow_unsafe_yaml or _in_model_zoo(path)
     _check_yaml_files(path.resolve(), trusted)
     cfg = get_cfg()
+    fvcore_log = logging.getLogger("fvcore.common.config")  # would warn of the unsafe load allowed
+    disabled, fvcore_log.disabled = fvcore_log.disabled, trusted
     try:
         cfg.merge_from_file(str(path), allow_unsafe=trusted)
     except (KeyError, ValueError, AssertionError, TypeError, AttributeError) as e:
         raise ConfigError(f"{path}: {_explain(cfg, e)}") from e
+    finally:
+        fvcore_log.disabled = disabled
     check_config(cfg)
     return route_meta_architecture(cfg)
