@@ -224,7 +224,7 @@ def test_a_folded_checkpoint_records_its_fold_plan_and_loads_only_into_that_stru
 
     def convert(output):
         return main(["convert", "--to", "folded", "--config", "shapes/gn.yaml", "--weights",
-                     str(source), "--fold-exclude", "roi_heads", "--output", str(output),
+                     str(source), "--output", str(output), "--fold-exclude", "roi_heads",
                      "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
                      "DATASETS.TRAIN", "('coco_2017_train',)"])  # data-free: no images here
 

@@ -198,8 +198,7 @@ def _write_verified(model: nn.Module, target: nn.Module, output_path: Path, scop
 
 def check_output(output: str, file_format: Optional[str], overwrite: bool,
                  folded: bool = False) -> Tuple[Path, str]:
-    """The output path and its format; CheckpointError if it cannot be written (a folder, an
-    existing file without ``overwrite``, a missing folder, a folded checkpoint as pkl)."""
+    """The output path and its format; CheckpointError if it cannot be written there."""
     output_path = Path(output)
     file_format = format_for_output(output_path, file_format)
     if output_path.is_dir():

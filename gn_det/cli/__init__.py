@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import warnings
 from typing import List, Optional
@@ -161,6 +162,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "convert" and args.verify_images < 0:
         parser.error("--verify-images must be >= 0")
+    if args.command == "convert":  # --fold-exclude's nargs="+" took the KEY VALUE after it too
+        keys = [i for i, p in enumerate(args.fold_exclude) if re.fullmatch(r"[A-Z_]+(\.\w+)+", p)]
+        args.opts = args.fold_exclude[keys[0]:] + args.opts if keys else args.opts
+        args.fold_exclude = args.fold_exclude[:keys[0]] if keys else args.fold_exclude
     # Deprecation chatter from detectron2's imports, not actionable by a CLI user.
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")

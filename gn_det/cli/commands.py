@@ -44,9 +44,8 @@ def _load_cfg(name: str, overrides: List[str] = (), *, device: Optional[str] = N
 
 
 def _device(cfg, requested: Optional[str], overrides: List[str]) -> str:
-    """``--device``, else ``MODEL.DEVICE``: refused as ``train`` refuses it when given on the
-    command line as CUDA with no usable GPU; a config file's CUDA (detectron2's default) then
-    means the CPU."""
+    """``--device``, else ``MODEL.DEVICE``: refused as by ``train`` if given as CUDA with no usable
+    GPU; a config file's CUDA (detectron2's default) then means the CPU."""
     import torch
 
     from .train import check_device
@@ -275,7 +274,6 @@ def _image_source(cfg, dataset: Optional[str], folder: Optional[str], flag: str,
 
 
 def _images(cfg, source, count: int, flag: str, purpose: str):
-    """``count`` images of ``source`` (fewer if no more are readable), their number printed."""
     from ..data import load_images  # importing gn_det.data registers the shapes datasets
 
     if count < 1:
