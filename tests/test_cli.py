@@ -264,3 +264,20 @@ def test_unsafe_yaml_is_accepted_by_every_command_with_the_flag(tmp_path, capsys
     assert main(["inspect", "--config", "COCO-Detection/retinanet_R_50_FPN_1x.yaml"]) == 0
     captured = capsys.readouterr()
     assert "FrozenBatchNorm2d       53" in captured.out and captured.err == ""
+
+
+def test_a_checkpoint_without_bn_statistics_says_stats_was_copy(tmp_path, capsys):
+    """A GN checkpoint re-converted as if it were BN has no BN statistics: the summary says so
+    (the stats transfer is then copy for those layers), instead of a bare 'transfer: stats'."""
+    import torch
+    from detectron2.modeling import build_model
+
+    from gn_det.cli.config_files import load_config, resolve_config_name
+
+    cfg = load_config(resolve_config_name("shapes/gn.yaml"))
+    torch.save({"model": build_model(cfg).state_dict()}, tmp_path / "gn.pth")
+    assert main(["convert", "--config", "shapes/bn.yaml", "--weights", str(tmp_path / "gn.pth"),
+                 "--output", str(tmp_path / "again.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "transfer: stats (the checkpoint has no BN statistics for " in out
+    assert ": for them, as copy)" in out
