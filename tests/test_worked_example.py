@@ -165,6 +165,10 @@ def test_the_worked_example_runs_as_written(route, cache, images, tiny_env, tmp_
             assert result.stdout.rstrip().endswith("ConvertedGroupNorm       69")
         if run[1] == "convert":
             assert "distill 2 steps" in result.stdout and "keys matched" in result.stdout
+            assert "2 images of" in result.stdout and " s on cpu, verified" in result.stdout
+            if "R-50.pkl" in " ".join(run):  # a backbone: one line says the heads are not in it
+                assert "of the backbone (a backbone checkpoint has no heads" in result.stdout
+                assert "not found in the checkpoint" not in result.stderr
             output = tmp_path / run[run.index("--output") + 1]
             assert output.is_file()
         if run[1] == "train":
