@@ -140,3 +140,14 @@ def test_resume_checks_the_checkpoint_it_would_resume_from(files, no_training, c
     err = capsys.readouterr().err
     assert err == f"gn-det train: error: --resume: {out}/model_0000009.pth: truncated or corrupt " \
                   "zip archive (File is not a zip file)\n"
+
+
+def test_folded_without_group_norm_is_one_line_and_exit_2_before_training(no_training, capsys):
+    argv = ["--config", "shapes/bn.yaml", "MODEL.NORM_CONVERSION.FOLDED", "True"]
+    with pytest.raises(SystemExit) as exit_:
+        launch_from_args(argv, prog="gn-det train")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gn-det train: error: MODEL.NORM_CONVERSION.FOLDED True folds "), err
+    assert len(err.splitlines()) == 1, err
+    assert list(no_training.iterdir()) == []  # nothing written

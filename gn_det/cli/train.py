@@ -283,6 +283,8 @@ def _check_yaml_config(args: argparse.Namespace) -> None:
     args.device = cfg.MODEL.DEVICE
     check_device(args.device, "MODEL.DEVICE", _processes_per_machine(args))
     cfg.MODEL.DEVICE = "cpu"
+    if cfg.MODEL.NORM_CONVERSION.FOLDED:  # a fold plan the model cannot take: refused as built
+        build_model(routed_copy(cfg))
     _check_weights(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", lambda: build_model(routed_copy(cfg)),
                    cfg.OUTPUT_DIR, args.resume)
 
