@@ -260,7 +260,7 @@ def check_device(device: str, key: str = "MODEL.DEVICE", processes: int = 1) -> 
         raise ConfigError(
             f"{key} is {device!r}, but no CUDA GPU is usable here ({build}): check that the GPUs "
             "are visible (docker run --gpus all, CUDA_VISIBLE_DEVICES, nvidia-smi) and that the "
-            f"NVIDIA driver supports that CUDA; to train on the CPU on purpose, add {key} cpu"
+            f"NVIDIA driver supports that CUDA; to run on the CPU on purpose, add {key} cpu"
         )
     if processes > torch.cuda.device_count():
         raise ConfigError(
