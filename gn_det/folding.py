@@ -22,8 +22,8 @@ from .convert import _as_prefixes, _matches
 from .inputs import eval_mode, forward_images, replace_module
 from .layers import ChannelAffine
 
-__all__ = ["ChannelAffine", "FOLD_PLAN_KEY", "FoldReport", "fold_for_inference", "fold_plan",
-           "folded_architecture", "group_statistics"]
+__all__ = ["ChannelAffine", "FOLD_PLAN_KEY", "FoldReport", "fold_for_inference", "fold_into_convs",
+           "fold_plan", "folded_architecture", "group_statistics"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,12 @@ def fold_plan(exclude: Sequence[str] = (), include: Sequence[str] = ()) -> str:
     """What a fold kept as GroupNorm, as the config keys that build its structure say it."""
     return (f"MODEL.NORM_CONVERSION.FOLDED True FOLDED_EXCLUDE {sorted(set(exclude))}"
             + (f" (folding only {sorted(set(include))})" if include else ""))
+
+
+def fold_plan_metadata(model: nn.Module) -> dict:
+    """What a checkpoint of ``model`` records of its fold: ``{FOLD_PLAN_KEY: plan}``, or ``{}``."""
+    plan = getattr(model, FOLD_PLAN_KEY, None)
+    return {FOLD_PLAN_KEY: plan} if plan else {}
 
 
 @dataclasses.dataclass
@@ -105,7 +111,7 @@ def _affine_from(gn: nn.GroupNorm, mean: torch.Tensor, variance: torch.Tensor) -
                          source=type(gn).__name__)
 
 
-def _fold_into_convs(model: nn.Module, names: Iterable[str]) -> Dict[str, str]:
+def fold_into_convs(model: nn.Module, names: Iterable[str]) -> Dict[str, str]:
     """Fold each :class:`ChannelAffine` named in ``names`` that is a detectron2 ``Conv2d``'s
     norm into that convolution; returns ``{name: what it became}``."""
     holders = _conv_norms(model)
@@ -179,7 +185,7 @@ def fold_for_inference(model: nn.Module, images=None, *, include: Sequence[str] 
     if images is not None and distill_steps > 0:
         result = distill(student, model, images, steps=distill_steps, batch_size=batch_size,
                          heads=distill_heads, progress=progress)
-    outcome = _fold_into_convs(student, layers)
+    outcome = fold_into_convs(student, layers)
     rows = [(name, type(layers[name]).__name__, outcome[name]) for name in layers]
     rows += [(n, type(m).__name__, "kept as GN") for n, m in student.named_modules()
              if isinstance(m, nn.GroupNorm)]

@@ -14,9 +14,7 @@ from typing import Any
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .io import CheckpointError, load_safetensors_metadata, save_checkpoint_file
-from .io import write_text_atomically
-from .remote import local_weights_path
+from .io import CheckpointError, save_checkpoint_file, write_text_atomically
 from .weights import Weights, fit_summary, read_weights, state_for_model
 
 __all__ = ["Checkpointer"]
@@ -66,10 +64,9 @@ class Checkpointer(DetectionCheckpointer):
         ``last_checkpoint`` tag), each file written atomically; a no-op off the main process."""
         if not self.save_dir or not self.save_to_disk:
             return
-        from ..folding import FOLD_PLAN_KEY
+        from ..folding import fold_plan_metadata
 
-        plan = getattr(self.model, FOLD_PLAN_KEY, None)
-        data = {"model": self.model.state_dict(), **({FOLD_PLAN_KEY: plan} if plan else {}),
+        data = {"model": self.model.state_dict(), **fold_plan_metadata(self.model),
                 **{key: obj.state_dict() for key, obj in self.checkpointables.items()}, **kwargs}
         save_file = os.path.join(self.save_dir, f"{name}.pth")
         self.logger.info("Saving checkpoint to %s", save_file)
@@ -87,10 +84,8 @@ def _check_fold_plan(path: str, weights: Weights, model) -> None:
     fvcore would load as far as it fits, warning of keys not found: a wrong model."""
     from ..folding import FOLD_PLAN_KEY, NOT_FOLDED
 
-    recorded = weights.extra.get(FOLD_PLAN_KEY)
-    if weights.kind == "safetensors":
-        recorded = load_safetensors_metadata(local_weights_path(path)).get(FOLD_PLAN_KEY)
-    recorded, built = recorded or NOT_FOLDED, getattr(model, FOLD_PLAN_KEY, NOT_FOLDED)
+    recorded = weights.extra.get(FOLD_PLAN_KEY) or NOT_FOLDED
+    built = getattr(model, FOLD_PLAN_KEY, NOT_FOLDED)
     if recorded != built:
         raise CheckpointError(f"{path}: written for {recorded}, but the model is built with "
                               f"{built}; load it with the config keys it was written for")

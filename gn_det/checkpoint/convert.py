@@ -80,11 +80,12 @@ def format_for_output(output: Path, requested: Optional[str]) -> str:
     return requested or by_extension or "pth"
 
 
-def _model_config(cfg: CfgNode, device: str, **norm_conversion) -> CfgNode:
-    """A copy of ``cfg`` building on ``device`` without weights, its NORM_CONVERSION updated."""
+def _model_config(cfg: CfgNode, device: Optional[str] = None, **norm_conversion) -> CfgNode:
+    """A copy of ``cfg`` building without weights (on ``device``, else its own), its
+    NORM_CONVERSION updated."""
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = device, ""
+    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = device or cfg.MODEL.DEVICE, ""
     cfg.MODEL.NORM_CONVERSION.update(norm_conversion)
     return cfg
 
@@ -143,7 +144,9 @@ def _source_model(path: str, cfg: CfgNode) -> Tuple[Weights, nn.Module, str, Lis
     return weights, model, "detector" if detector else "backbone", no_statistics
 
 
-def _output_object(model: nn.Module, scope: str, file_format: str, metadata: dict) -> dict:
+def _output_object(model: nn.Module, scope: str, file_format: str) -> dict:
+    from ..folding import fold_plan_metadata
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     heuristics = scope == "backbone"
     if heuristics:
@@ -151,7 +154,8 @@ def _output_object(model: nn.Module, scope: str, file_format: str, metadata: dic
                  if k.startswith(BOTTOM_UP_PREFIX)}
     if file_format == "safetensors":  # its metadata holds strings only
         heuristics = str(heuristics)
-    return {"model": state, "__author__": "gn_det", "matching_heuristics": heuristics, **metadata}
+    return {"model": state, "__author__": "gn_det", "matching_heuristics": heuristics,
+            **fold_plan_metadata(model)}
 
 
 def _verify(target: nn.Module, converted: nn.Module, file: Path, scope: str) -> Tuple[int, int]:
@@ -175,15 +179,15 @@ def _verify(target: nn.Module, converted: nn.Module, file: Path, scope: str) -> 
 
 
 def _write_verified(model: nn.Module, target: nn.Module, output_path: Path, scope: str,
-                    file_format: str, overwrite: bool, metadata: dict) -> Tuple[int, int]:
-    """Write ``model``'s state (and ``metadata`` beside it) next to ``output_path``, and rename
-    it into place once ``target`` loads it; returns (keys matched, keys expected)."""
+                    file_format: str, overwrite: bool) -> Tuple[int, int]:
+    """Write ``model``'s state beside ``output_path``, and rename it into place once ``target``
+    loads it; returns (keys matched, keys expected)."""
     fd, temporary = tempfile.mkstemp(prefix=f".{output_path.name}.", suffix=".verify",
                                      dir=output_path.parent)
     os.close(fd)
     os.unlink(temporary)
     try:
-        save_checkpoint_file(_output_object(model, scope, file_format, metadata), temporary,
+        save_checkpoint_file(_output_object(model, scope, file_format), temporary,
                              file_format=file_format)
         matched = _verify(target, model, Path(temporary), scope)
         if output_path.exists() and not overwrite:
@@ -238,22 +242,20 @@ def fold_checkpoint(weights_path: str, output: str, cfg: CfgNode, *, images=None
     with ``MODEL.NORM_CONVERSION.FOLDED`` (and ``FOLDED_EXCLUDE``). Raises CheckpointError (a
     bad input or output, weights that do not fit, no GroupNorm to fold), writing nothing.
     """
-    from ..folding import FOLD_PLAN_KEY, fold_for_inference, fold_plan
+    from ..folding import fold_for_inference
 
     start = time.perf_counter()
     output_path, file_format = check_output(output, file_format, overwrite, folded=True)
-    device = cfg.MODEL.DEVICE
-    weights, source, scope, _ = _source_model(weights_path,
-                                              _model_config(cfg, device, FOLDED=False))
+    weights, source, scope, _ = _source_model(weights_path, _model_config(cfg, FOLDED=False))
     try:
         folded, report = fold_for_inference(
             source, images, exclude=exclude,
             distill_steps=distill_steps if images is not None else 0)
     except ValueError as e:
         raise CheckpointError(f"{weights_path}: {e}") from e
-    target = build_model(_model_config(cfg, device, FOLDED=True, FOLDED_EXCLUDE=list(exclude)))
+    target = build_model(_model_config(cfg, FOLDED=True, FOLDED_EXCLUDE=list(exclude)))
     keys_matched, keys_expected = _write_verified(folded, target, output_path, scope, file_format,
-                                                  overwrite, {FOLD_PLAN_KEY: fold_plan(exclude)})
+                                                  overwrite)
     return FoldResult(output_path, weights.kind, report, keys_matched, keys_expected,
                       time.perf_counter() - start, source, target)
 
@@ -316,9 +318,8 @@ def convert_checkpoint(
     output_path, file_format = check_output(output, file_format, overwrite)
     if target_cfg is not None:
         check_input_conventions(source_cfg, target_cfg)
-    device = source_cfg.MODEL.DEVICE
     weights, source, scope, no_statistics = _source_model(
-        weights_path, _model_config(source_cfg, device, ENABLED=False))
+        weights_path, _model_config(source_cfg, ENABLED=False))
     converted = convert_norm_by_spec(copy.deepcopy(source), spec)
     transfer = spec.transfer
     if transfer == "stats" and no_statistics:
@@ -334,12 +335,12 @@ def convert_checkpoint(
     groups = collections.Counter(r.groups for r in rows if r.groups)
     if target_cfg is None:
         target_cfg = _model_config(
-            source_cfg, device, ENABLED=True, TARGET=spec.target, TRANSFER=spec.transfer,
+            source_cfg, ENABLED=True, TARGET=spec.target, TRANSFER=spec.transfer,
             NUM_GROUPS=spec.num_groups, DIM_PER_GROUP=spec.dim_per_group or 0,
             EPS=spec.eps or 0.0, INCLUDE=list(spec.include), EXCLUDE=list(spec.exclude))
-    target = build_model(_model_config(target_cfg, device))
+    target = build_model(_model_config(target_cfg, source_cfg.MODEL.DEVICE))  # beside the source
     keys_matched, keys_expected = _write_verified(converted, target, output_path, scope,
-                                                  file_format, overwrite, {})
+                                                  file_format, overwrite)
     return ConversionResult(
         output=output_path,
         input_kind=weights.kind,

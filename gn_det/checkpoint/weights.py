@@ -47,7 +47,8 @@ class Weights:
         heuristics: the names need detectron2's suffix matching (ImageNet backbones, Caffe2).
         c2_names: the names are Caffe2/Detectron's (``res2_0_branch2a_w``).
         author: ``__author__`` of model-zoo files, else the kind.
-        extra: the rest of a detectron2 training checkpoint (optimizer, ...), for resuming.
+        extra: the rest of a detectron2 training checkpoint (optimizer, ...), for resuming, or of
+            a safetensors file's metadata (a folded checkpoint's ``fold_plan``).
     """
 
     state: Dict[str, torch.Tensor]
@@ -119,6 +120,8 @@ def read_weights(path: str) -> Weights:
             "safetensors",
             heuristics=metadata.get("matching_heuristics") == "True",
             author=metadata.get("__author__", "safetensors"),
+            extra={k: v for k, v in metadata.items()
+                   if k not in ("matching_heuristics", "__author__")},
         )
     return Weights(state, "detectron2", author="detectron2")
 

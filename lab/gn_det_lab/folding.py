@@ -109,26 +109,10 @@ def fold_affines(model: nn.Module) -> Dict[str, str]:
     """Fold, in place, every ``ChannelAffine`` of ``model`` that is a detectron2 ``Conv2d``'s norm
     into that convolution (the conv gets a bias and no norm); returns ``{name: what it became}``
     for every affine: ``"folded into the conv"`` or ``"affine (no conv before it)"``."""
-    from detectron2.layers import Conv2d
-    from gn_det.folding import ChannelAffine
+    from gn_det.folding import ChannelAffine, fold_into_convs
 
-    holders = {f"{n}.norm": m for n, m in model.named_modules() if isinstance(m, Conv2d)}
-    result = {}
-    for name, affine in list(model.named_modules()):
-        if not isinstance(affine, ChannelAffine):
-            continue
-        conv = holders.get(name)
-        if conv is None:
-            result[name] = "affine (no conv before it)"
-            continue
-        with torch.no_grad():
-            a, c = affine.weight.detach(), affine.bias.detach()
-            conv.weight.mul_(a.view(-1, *([1] * (conv.weight.dim() - 1))))
-            bias = c if conv.bias is None else conv.bias.detach() * a + c
-            conv.bias = nn.Parameter(bias.clone(), requires_grad=conv.weight.requires_grad)
-        conv.norm = None
-        result[name] = "folded into the conv"
-    return result
+    return fold_into_convs(model, [n for n, m in model.named_modules()
+                                   if isinstance(m, ChannelAffine)])
 
 
 def fold_frozen_batchnorm(model: nn.Module) -> int:
