@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -283,10 +284,10 @@ def _check_yaml_config(args: argparse.Namespace) -> None:
     args.device = cfg.MODEL.DEVICE
     check_device(args.device, "MODEL.DEVICE", _processes_per_machine(args))
     cfg.MODEL.DEVICE = "cpu"
+    cpu_model = functools.cache(lambda: build_model(routed_copy(cfg)))  # built once, if at all
     if cfg.MODEL.NORM_CONVERSION.FOLDED:  # a fold plan the model cannot take: refused as built
-        build_model(routed_copy(cfg))
-    _check_weights(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", lambda: build_model(routed_copy(cfg)),
-                   cfg.OUTPUT_DIR, args.resume)
+        cpu_model()
+    _check_weights(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS", cpu_model, cfg.OUTPUT_DIR, args.resume)
 
 
 def _check_lazy_config(args: argparse.Namespace) -> None:
