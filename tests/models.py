@@ -1,8 +1,5 @@
 """Small models and tiny training settings shared by the tests."""
 
-import weakref
-from typing import Iterable
-
 import torch
 from detectron2 import model_zoo
 from detectron2.layers import Conv2d
@@ -97,44 +94,6 @@ def shapes_bn_mask_rcnn():
                 m.momentum = None
         model.backbone(model.preprocess_image(images).tensor)
     return model.eval(), images
-
-
-class SavedForBackward:
-    """Measure what autograd keeps for backward from the forward run inside this context.
-
-    ``nbytes`` counts the distinct storages still alive among the tensors saved for backward,
-    storages of ``exclude`` (a model's parameters) left out; read it while the forward's
-    outputs are alive (a saved tensor nothing keeps is already freed)::
-
-        with SavedForBackward(model.parameters()) as saved:
-            out = model(x)
-        print(saved.nbytes)
-    """
-
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
-        self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self._packed = []
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, tensor):
-        self._packed.append(weakref.ref(tensor))
-        return tensor
-
-    def __enter__(self) -> "SavedForBackward":
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-    @property
-    def nbytes(self) -> int:
-        storages = {}
-        for ref in self._packed:
-            t = ref()
-            if t is not None and t.untyped_storage().data_ptr() not in self._exclude:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return sum(storages.values())
 
 
 def randomize_norm_state(model, seed: int = 1):
