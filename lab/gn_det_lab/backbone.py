@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 __all__ = ["STARTS", "checkpoint_intervals", "evaluate_intervals", "start_config"]
 
@@ -20,6 +20,11 @@ __all__ = ["STARTS", "checkpoint_intervals", "evaluate_intervals", "start_config
 #: --transfer distill`` on unlabeled proxy images, None nothing (from scratch).
 STARTS = {
     "frozenbn": ("shapes/frozenbn.yaml", "bn", "BN-pretrained, FrozenBN (detectron2's classic)"),
+    "frozenbn_gn": (
+        "shapes/Base-shapes.yaml",
+        "bn",
+        "BN-pretrained, FrozenBN backbone, GN FPN and heads (stock detectron2)",
+    ),
     "copy": ("shapes/gn.yaml", "bn", "BN-pretrained, converted to GN: copy"),
     "stats": ("shapes/gn.yaml", "bn", "BN-pretrained, converted to GN: stats"),
     "distill": ("shapes/gn.yaml", "distilled", "BN-pretrained, converted to GN: stats + distill"),
@@ -35,12 +40,17 @@ def start_config(start: str, weights: Dict[str, str]) -> tuple:
     opts = ["MODEL.WEIGHTS", weights[source] if source else ""]
     if start in ("copy", "stats"):
         opts += ["MODEL.NORM_CONVERSION.TRANSFER", start]
+    if start == "frozenbn_gn":  # detectron2's own GN in the FPN and heads, nothing converted
+        opts += ["MODEL.RESNETS.NORM", "FrozenBN"]
+        for key in ("FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD"):
+            opts += [f"MODEL.{key}.NORM", "GN"]
     return config, opts
 
 
 def evaluate_intervals(cfg, model, dataset: str, resamples: int = 200) -> dict:
     """Box and mask AP of ``model`` on ``dataset`` with bootstrap intervals over its images:
-    ``{"box": {"ap", "low", "high"}, "mask": {...}}`` (detectron2's COCO evaluation, then
+    ``{"box": {"ap", "low", "high", "samples"}, "mask": {...}}`` (``samples``: each resample's
+    AP, to pair with another model's; detectron2's COCO evaluation, then
     :func:`gn_det_lab.bootstrap.bootstrap_coco_results` on its detections)."""
     from detectron2.data import MetadataCatalog
     from detectron2.evaluation import COCOEvaluator
@@ -61,7 +71,12 @@ def evaluate_intervals(cfg, model, dataset: str, resamples: int = 200) -> dict:
             MetadataCatalog.get(dataset).json_file, str(results), resamples=resamples
         )
     return {
-        kind: {"ap": i.ap, "low": i.low, "high": i.high}
+        kind: {
+            "ap": i.ap,
+            "low": i.low,
+            "high": i.high,
+            "samples": [round(x, 3) for x in i.samples],
+        }
         for kind, i in (("box", intervals["bbox"]), ("mask", intervals["segm"]))
     }
 
@@ -73,10 +88,13 @@ def _evaluate(run_dir: Path, checkpoint: str, dataset: str, resamples: int) -> d
     return evaluate_intervals(cfg, model, dataset, resamples)
 
 
-def checkpoint_intervals(run_dir, dataset: str, *, resamples: int = 200) -> List[dict]:
+def checkpoint_intervals(
+    run_dir, dataset: str, *, resamples: int = 200, last: Optional[int] = None
+) -> List[dict]:
     """Box and mask AP with bootstrap intervals on ``dataset`` of every checkpoint a run kept
-    (``model_<iteration-1>.pth``, and ``model_final.pth`` at ``SOLVER.MAX_ITER``), in order of
-    iterations trained: ``[{"checkpoint", "iteration", "box": {"ap", "low", "high"}, "mask":
+    (``model_<iteration-1>.pth``, and ``model_final.pth`` at ``SOLVER.MAX_ITER``), or of its
+    ``last`` ones, in order of iterations trained: ``[{"checkpoint", "iteration", "box": {"ap",
+    "low", "high", "samples"}, "mask":
     {...}}]``. Cached in ``run_dir/intervals_<dataset>.json``: a checkpoint already there is
     not evaluated again.
     """
@@ -89,7 +107,7 @@ def checkpoint_intervals(run_dir, dataset: str, *, resamples: int = 200) -> List
     checkpoints = {int(p.name[6:13]) + 1: p.name for p in run_dir.glob("model_[0-9]*.pth")}
     checkpoints[final] = "model_final.pth"  # the same weights as the periodic one at the end
     rows = []
-    for iteration, name in sorted(checkpoints.items()):
+    for iteration, name in sorted(checkpoints.items())[-last if last else None :]:
         if name not in done:
             done[name] = {
                 "checkpoint": name,

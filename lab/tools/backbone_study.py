@@ -172,6 +172,8 @@ def finetune_one(start: str, factor: float, seed: int, args) -> dict:
         start, args.batch, iterations, factor, seed, args.data
     )
     config, opts = start_config(start, _weights(args))
+    if args.freeze_at is not None:
+        opts += ["MODEL.BACKBONE.FREEZE_AT", str(args.freeze_at)]
     period = iterations if args.smoke else args.eval_period
     opts += [
         *_schedule(config, args.batch, factor, iterations),
@@ -199,8 +201,9 @@ def finetune_one(start: str, factor: float, seed: int, args) -> dict:
         ]
     threads = args.threads or threads_per_job(args.jobs)
     # Seed 1's checkpoints make the curve on the large split; other seeds add their final point.
+    keep = seed == 1 or args.large_checkpoints is not None
     record = train_run(
-        config, opts, run_dir, datasets=[val], threads=threads, keep_checkpoints=seed == 1
+        config, opts, run_dir, datasets=[val], threads=threads, keep_checkpoints=keep
     )
     cell = {
         "start": start,
@@ -212,12 +215,16 @@ def finetune_one(start: str, factor: float, seed: int, args) -> dict:
         "run_dir": str(run_dir),
         **record,
     }
+    if args.large_checkpoints == 0:  # a sweep's run: the validation split decides
+        return cell
     if record.get("returncode") == 0 and not math.isnan(record.get("box_ap", math.nan)):
         if args.smoke:  # the tests: in this process, one cell at a time, no interpreter to start
             from gn_det_lab.backbone import checkpoint_intervals
 
             with _IN_PROCESS:
-                checkpoint_intervals(run_dir, "shapes_val", resamples=20)
+                checkpoint_intervals(
+                    run_dir, "shapes_val", resamples=20, last=args.large_checkpoints
+                )
             return cell
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         subprocess.run(
@@ -231,11 +238,38 @@ def finetune_one(start: str, factor: float, seed: int, args) -> dict:
                 large,
                 "--resamples",
                 str(args.resamples),
+                *(
+                    ["--large-checkpoints", str(args.large_checkpoints)]
+                    if args.large_checkpoints
+                    else []
+                ),
             ],
             check=True,
             env=env,
         )
     return cell
+
+
+def swept_factor(start: str, args) -> float:
+    """The factor of ``--lr-factors`` whose ``--lr-from-sweep`` run of ``start`` (seed 1) had the
+    best final box AP on the validation split (every one must have finished)."""
+    found = {factor: record["box_ap"] for factor, record in sweep(start, args)}  # NaN: diverged
+    return max(found, key=lambda f: -math.inf if math.isnan(found[f]) else found[f])
+
+
+def sweep(start: str, args) -> list:
+    """[(factor, record)] of the ``--lr-from-sweep`` runs of ``start`` (seed 1), one per
+    ``--lr-factors``; every one must have finished."""
+    from gn_det_lab.runs import finished_run
+
+    found = []
+    for factor in args.lr_factors:
+        name = cell_name(start, args.batch, args.lr_from_sweep, factor, 1, args.data)
+        record = finished_run(Path(args.output_dir) / name)
+        if not record:
+            raise SystemExit(f"the LR sweep's run {name} has not finished in {args.output_dir}")
+        found.append((factor, record))
+    return found
 
 
 _IN_PROCESS = threading.Lock()  # --smoke's intervals, evaluated in this process
@@ -486,11 +520,196 @@ def plot(rows: list, path: str, *, overwrite: bool, pretraining: dict = None) ->
     save_figure(figure, path, overwrite=overwrite)
 
 
+PAIRED_COLUMNS = [
+    "start",
+    "LR × (val box AP of the sweep at each)",
+    "box AP per seed",
+    "mask AP per seed",
+    "mean box / mask AP",
+    "last 10 % of the schedule: box / mask AP gained",
+    "minutes per run",
+]
+
+
+def paired(cells: list, args) -> dict:
+    """The decisive pair's finals (each start at its swept LR factor, every seed) on the large
+    split, and their paired difference: ``{"pair", "starts": {start: {...}}, "difference":
+    {"box": ..., "mask": ...}}`` (:func:`gn_det_lab.bootstrap.paired_difference`, second start
+    minus first)."""
+    from gn_det_lab.backbone import STARTS
+    from gn_det_lab.bootstrap import paired_difference
+
+    starts = {}
+    for start in args.pair:
+        factor = swept_factor(start, args)
+        finals = sorted(
+            (
+                c
+                for c in cells
+                if c["start"] == start
+                and c["iterations"] == args.iterations
+                and c["lr_factor"] == factor
+            ),
+            key=lambda c: c["seed"],
+        )
+        starts[start] = {
+            "description": STARTS[start][2],
+            "lr_factor": factor,
+            "sweep": {f: {"box": r["box_ap"], "mask": r["mask_ap"]} for f, r in sweep(start, args)},
+            "seeds": {
+                c["seed"]: {
+                    "split": c["split"],
+                    "final": c["curve"][-1],
+                    "before": c["curve"][-2] if len(c["curve"]) > 1 else None,
+                    "val_curve": c["val"],
+                    "minutes": c["record"]["seconds"] / 60,
+                }
+                for c in finals
+            },
+        }
+    a, b = (starts[s]["seeds"] for s in args.pair)
+    if not a or sorted(a) != sorted(b):
+        raise SystemExit(
+            f"the pair needs finished finals with the same seeds: {sorted(a)}, {sorted(b)}"
+        )
+    difference = {
+        kind: paired_difference(
+            {s: (r["final"][kind]["ap"], r["final"][kind]["samples"]) for s, r in a.items()},
+            {s: (r["final"][kind]["ap"], r["final"][kind]["samples"]) for s, r in b.items()},
+        )
+        for kind in ("box", "mask")
+    }
+    return {"pair": list(args.pair), "starts": starts, "difference": difference}
+
+
+def _gain(run: dict, kind: str) -> float:
+    return run["final"][kind]["ap"] - run["before"][kind]["ap"] if run["before"] else math.nan
+
+
+def paired_rows(result: dict) -> list:
+    rows = []
+    for start in result["pair"]:
+        r = result["starts"][start]
+        runs = r["seeds"].values()
+        mean = {k: statistics.mean(x["final"][k]["ap"] for x in runs) for k in ("box", "mask")}
+        gain = {k: statistics.mean(_gain(x, k) for x in runs) for k in ("box", "mask")}
+        rows.append(
+            [
+                r["description"],
+                f"**{r['lr_factor']:g}** ("
+                + ", ".join(f"{f:g}: {v['box']:.1f}" for f, v in r["sweep"].items())
+                + ")",
+                " / ".join(f"{x['final']['box']['ap']:.1f}" for x in runs),
+                " / ".join(f"{x['final']['mask']['ap']:.1f}" for x in runs),
+                f"{mean['box']:.1f} / {mean['mask']:.1f}",
+                f"{gain['box']:+.1f} / {gain['mask']:+.1f}",
+                f"{statistics.mean(x['minutes'] for x in runs):.0f}",
+            ]
+        )
+    d = result["difference"]
+    second, first = (result["starts"][s]["description"] for s in reversed(result["pair"]))
+    rows.append(
+        [
+            f"difference, paired: {second.split(', ', 1)[-1]} − {first.split(', ', 1)[-1]}",
+            "",
+            " / ".join(f"{v:+.1f}" for v in d["box"]["per_seed"].values()),
+            " / ".join(f"{v:+.1f}" for v in d["mask"]["per_seed"].values()),
+            " / ".join(
+                f"{d[k]['difference']:+.1f} [{d[k]['low']:+.1f}, {d[k]['high']:+.1f}]"
+                for k in ("box", "mask")
+            ),
+            "",
+            "",
+        ]
+    )
+    return rows
+
+
+def plot_paired(result: dict, path: str, *, overwrite: bool) -> None:
+    """Four panels: the LR sweep, each seed's final AP, the paired difference with its interval,
+    the validation curves (the plateau)."""
+    from matplotlib.figure import Figure
+
+    from gn_det.visualize import save_figure
+
+    figure = Figure(figsize=(11, 8), layout="constrained")
+    (sweep_ax, seeds_ax), (diff_ax, curve_ax) = figure.subplots(2, 2)
+    colours = {start: f"C{i}" for i, start in enumerate(result["pair"])}
+    short = {s: result["starts"][s]["description"].split(", ", 1)[-1] for s in result["pair"]}
+    for start, r in result["starts"].items():
+        factors = [float(f) for f in r["sweep"]]
+        sweep_ax.plot(
+            factors,
+            [v["box"] for v in r["sweep"].values()],
+            marker="o",
+            color=colours[start],
+            label=short[start],
+        )
+        for i, kind in enumerate(("box", "mask")):
+            values = [x["final"][kind]["ap"] for x in r["seeds"].values()]
+            x = i + (0.15 if start == result["pair"][1] else -0.15)
+            seeds_ax.plot([x] * len(values), values, "o", color=colours[start], alpha=0.6)
+            seeds_ax.plot([x - 0.08, x + 0.08], [statistics.mean(values)] * 2, color=colours[start])
+            for seed, run in r["seeds"].items():
+                ev = run["val_curve"]
+                curve_ax.plot(
+                    [e["iteration"] for e in ev],
+                    [e["box_ap"] for e in ev],
+                    color=colours[start],
+                    alpha=0.7,
+                    linewidth=1,
+                    label=short[start] if seed == min(r["seeds"]) and i == 0 else None,
+                )
+    sweep_ax.set_xscale("log", base=2)
+    sweep_ax.set_title("LR sweep: validation box AP (short schedule, seed 1)", fontsize=10)
+    sweep_ax.set_xlabel("LR × the config's (scaled to 1 image)")
+    sweep_ax.set_ylabel("box AP, validation")
+    sweep_ax.legend(fontsize=8)
+    seeds_ax.set_xticks([0, 1], ["box AP", "mask AP"])
+    seeds_ax.set_title("each seed's final AP on the large split (bars: means)", fontsize=10)
+    d = result["difference"]
+    for i, kind in enumerate(("box", "mask")):
+        diff_ax.errorbar(
+            [i],
+            [d[kind]["difference"]],
+            yerr=[
+                [d[kind]["difference"] - d[kind]["low"]],
+                [d[kind]["high"] - d[kind]["difference"]],
+            ],
+            marker="o",
+            capsize=6,
+            color="black",
+        )
+    diff_ax.axhline(0, color="gray", linewidth=1)
+    diff_ax.set_xticks([0, 1], ["box AP", "mask AP"])
+    diff_ax.set_xlim(-0.6, 1.6)
+    second, first = (short[s] for s in reversed(result["pair"]))
+    diff_ax.set_title(f"{second} − {first}: paired, 95 % interval (images and seeds)", fontsize=9)
+    curve_ax.set_title("validation box AP during the final runs (every seed)", fontsize=10)
+    curve_ax.set_xlabel("iterations (1 image each)")
+    curve_ax.set_ylim(
+        bottom=max(
+            0,
+            min(
+                e["box_ap"]
+                for r in result["starts"].values()
+                for x in r["seeds"].values()
+                for e in x["val_curve"][-4:]
+            )
+            - 10,
+        )
+    )
+    curve_ax.legend(fontsize=8)
+    for ax in (sweep_ax, seeds_ax, diff_ax, curve_ax):
+        ax.grid(alpha=0.3)
+    save_figure(figure, path, overwrite=overwrite)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("stage", choices=("pretrain", "finetune", "report", "intervals"))
+    parser.add_argument("stage", choices=("pretrain", "finetune", "report", "paired", "intervals"))
     parser.add_argument("--output-dir", default="output/backbone")
     parser.add_argument("--norms", nargs="+", default=["bn", "gn"], choices=("bn", "gn"))
     parser.add_argument("--pretrain-steps", type=int, default=4000)
@@ -507,12 +726,36 @@ def main(argv=None) -> int:
     parser.add_argument("--lr-factors", nargs="+", type=float, default=[1.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--resamples", type=int, default=200)
+    parser.add_argument(
+        "--freeze-at",
+        type=int,
+        help="MODEL.BACKBONE.FREEZE_AT of every run (default: the config's)",
+    )
+    parser.add_argument(
+        "--large-checkpoints",
+        type=int,
+        help="evaluate only each run's last N checkpoints on the large split, all seeds' (0: none)",
+    )
+    parser.add_argument(
+        "--lr-from-sweep",
+        type=int,
+        metavar="ITERATIONS",
+        help="finetune: each start at the LR factor of --lr-factors whose run of ITERATIONS "
+        "iterations (seed 1, in --output-dir) had the best box AP on the validation split",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument(
         "--threads",
         type=int,
         default=0,
         help="torch threads per run (default: the cores shared out over --jobs)",
+    )
+    parser.add_argument(
+        "--pair",
+        nargs=2,
+        metavar=("A", "B"),
+        default=["frozenbn_gn", "stats"],
+        help="paired: the two starts compared (B - A), each at its --lr-from-sweep factor",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny everything (tests)")
     parser.add_argument("--plot", help="report: the PNG to write")
@@ -526,7 +769,10 @@ def main(argv=None) -> int:
     if args.stage == "intervals":
         from gn_det_lab.backbone import checkpoint_intervals
 
-        for row in checkpoint_intervals(args.run_dir, args.dataset, resamples=args.resamples):
+        rows = checkpoint_intervals(
+            args.run_dir, args.dataset, resamples=args.resamples, last=args.large_checkpoints
+        )
+        for row in rows:
             print(json.dumps(row))
         return 0
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -558,7 +804,13 @@ def main(argv=None) -> int:
     if args.stage == "finetune":
         if "distill" in args.starts:
             distill_backbone(args)
-        jobs = [(s, f, seed) for seed in args.seeds for f in args.lr_factors for s in args.starts]
+        factors = {s: args.lr_factors for s in args.starts}
+        if args.lr_from_sweep:
+            factors = {s: [swept_factor(s, args)] for s in args.starts}
+            print(
+                f"LR factors from the {args.lr_from_sweep}-iteration sweep: {factors}", flush=True
+            )
+        jobs = [(s, f, seed) for seed in args.seeds for s in args.starts for f in factors[s]]
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             for cell in pool.map(lambda job: finetune_one(*job, args), jobs):
                 keys = ("start", "batch", "iterations", "lr_factor", "seed", "data")
@@ -569,6 +821,38 @@ def main(argv=None) -> int:
                     flush=True,
                 )
         return 0
+    for path in filter(None, (args.plot, args.json)):
+        if Path(path).exists() and not args.force:
+            print(f"{path} exists: pass --force to replace it", file=sys.stderr)
+            return 2
+    commands = Path(args.output_dir) / COMMANDS
+    ran = commands.read_text().splitlines() if commands.is_file() else []
+    made = {
+        "command": "; ".join(dict.fromkeys([*ran, command_line(argv)])),
+        "machine": f"{os.cpu_count()} CPU cores; one thread per run",
+    }
+    if args.stage == "paired":
+        if not args.lr_from_sweep:
+            parser.error("paired needs --lr-from-sweep: the sweep's iterations")
+        if args.smoke:
+            args.iterations = 2
+        result = paired(read_cells(args), args)
+        from gn_det_lab.results import markdown_table, write_results
+
+        print(markdown_table(PAIRED_COLUMNS, paired_rows(result)))
+        if args.plot:
+            plot_paired(result, args.plot, overwrite=True)
+        if args.json:
+            write_results(
+                args.json,
+                title="Converted BN backbone against stock detectron2's FrozenBN backbone, "
+                "paired over seeds and test images",
+                columns=PAIRED_COLUMNS,
+                rows=paired_rows(result),
+                data=result,
+                **made,
+            )
+        return 0
     rows = summarize(read_cells(args))
     if not rows:
         print(f"no finished cells in {args.output_dir}", file=sys.stderr)
@@ -576,22 +860,12 @@ def main(argv=None) -> int:
     from gn_det_lab.results import markdown_table, write_results
 
     print(markdown_table(COLUMNS, table_rows(rows)))
-    for path in filter(None, (args.plot, args.json)):
-        if Path(path).exists() and not args.force:
-            print(f"{path} exists: pass --force to replace it", file=sys.stderr)
-            return 2
     pretraining = read_pretraining(args.output_dir)
     if pretraining:
         print("\n" + markdown_table(PRETRAIN_COLUMNS, pretrain_rows(pretraining)))
     if args.plot:
         plot(rows, args.plot, overwrite=True, pretraining=pretraining)
     if args.json:
-        commands = Path(args.output_dir) / COMMANDS
-        ran = commands.read_text().splitlines() if commands.is_file() else []
-        made = {
-            "command": "; ".join(dict.fromkeys([*ran, command_line(argv)])),
-            "machine": f"{os.cpu_count()} CPU cores; one thread per run",
-        }
         write_results(
             args.json,
             title="The backbone route: fine-tuning at 1 image per batch from each start",
