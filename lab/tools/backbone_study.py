@@ -466,8 +466,8 @@ def plot(rows: list, path: str, *, overwrite: bool, pretraining: dict = None) ->
     from gn_det.visualize import save_figure
 
     datas = sorted({r["data"] for r in rows})
-    panels = len(datas) + bool(pretraining)
-    figure = Figure(figsize=(10, 3.8 * panels), layout="constrained")
+    panels = 2 * len(datas) + bool(pretraining)
+    figure = Figure(figsize=(10, 3.6 * panels), layout="constrained")
     axes = figure.subplots(panels, 2, squeeze=False)
     if pretraining:
         for ax, key, label in zip(
@@ -488,6 +488,8 @@ def plot(rows: list, path: str, *, overwrite: bool, pretraining: dict = None) ->
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, loc="lower right")
+    for ax_row, data in zip(axes[len(datas) : 2 * len(datas)], datas):
+        _plot_final(ax_row, [r for r in rows if r["data"] == data])
     for ax_row, data in zip(axes, datas):
         for ax, kind in zip(ax_row, ("box", "mask")):
             for index, row in enumerate(r for r in rows if r["data"] == data):
@@ -495,7 +497,10 @@ def plot(rows: list, path: str, *, overwrite: bool, pretraining: dict = None) ->
                 y = [p[kind]["ap"] for p in row["curve"]]
                 low = [p[kind]["ap"] - p[kind]["low"] for p in row["curve"]]
                 high = [p[kind]["high"] - p[kind]["ap"] for p in row["curve"]]
-                label = f"{row['description']}: {y[-1]:.1f} box / {row['mask']['ap']:.1f} mask"
+                label = (
+                    f"{index + 1}. {row['description']}: {row['box']['ap']:.1f} box / "
+                    f"{row['mask']['ap']:.1f} mask"
+                )
                 ax.errorbar(
                     x,
                     y,
@@ -705,6 +710,30 @@ def plot_paired(result: dict, path: str, *, overwrite: bool) -> None:
     save_figure(figure, path, overwrite=overwrite)
 
 
+def _plot_final(axes, rows: list, *, within: float = 5.0) -> None:
+    """Each start's final AP with its interval (seed 1) and the other seeds' (crosses), zoomed to
+    the starts within ``within`` AP of the best: where the comparisons live. The colours are
+    the curves' (the start's index)."""
+    for ax, kind in zip(axes, ("box", "mask")):
+        best = max(r[kind]["ap"] for r in rows)
+        shown = [(i, r) for i, r in enumerate(rows) if r[kind]["ap"] >= best - within]
+        for i, r in shown:
+            f = r[kind]
+            ax.errorbar(
+                [i], [f["ap"]], yerr=[[f["ap"] - f["low"]], [f["high"] - f["ap"]]],
+                marker="o", capsize=4, color=f"C{i}",
+            )  # fmt: skip
+            for other in r["other_seeds"]:
+                ax.plot([i + 0.2], [other[kind]], marker="x", markersize=7, color=f"C{i}")
+        left_out = [r["description"] for i, r in enumerate(rows) if (i, r) not in shown]
+        ax.set_xticks([i for i, _ in shown], [str(i + 1) for i, _ in shown])
+        ax.set_xlabel("start (numbered as in the legend)" + ("; not shown: " if left_out else "")
+                      + ", ".join(left_out))  # fmt: skip
+        ax.set_title(f"final {kind} AP, zoomed (seed 1 with 95 % interval; ×: seed 2)", fontsize=10)
+        ax.set_ylabel(f"{kind} AP")
+        ax.grid(alpha=0.3)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -759,6 +788,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny everything (tests)")
     parser.add_argument("--plot", help="report: the PNG to write")
+    parser.add_argument(
+        "--from-json",
+        metavar="RESULTS",
+        help="report: draw --plot from this results file (and its _pretrain.json) instead of runs",
+    )
     parser.add_argument("--json", help="report: the JSON to write")
     parser.add_argument("--force", action="store_true", help="report: replace --plot / --json")
     parser.add_argument("--run-dir", help="intervals: the run")
@@ -852,6 +886,14 @@ def main(argv=None) -> int:
                 data=result,
                 **made,
             )
+        return 0
+    if args.from_json:  # redraw a report's plot from its results file (the runs may be gone)
+        rows = json.loads(Path(args.from_json).read_text())["data"]
+        pretrain = Path(str(Path(args.from_json).with_suffix("")) + "_pretrain.json")
+        found = json.loads(pretrain.read_text())["data"] if pretrain.is_file() else {}
+        pretraining = {norm: (d["result"], d["curve"]) for norm, d in found.items()}
+        if args.plot:
+            plot(rows, args.plot, overwrite=True, pretraining=pretraining)
         return 0
     rows = summarize(read_cells(args))
     if not rows:
