@@ -72,3 +72,39 @@ def test_a_stale_number_is_caught(tmp_path, monkeypatch):
     assert render_results.stale() == ["README.md: s"]
     render_results.rewrite()
     assert "| 1.1 |" in doc.read_text() and render_results.stale() == []
+
+
+def test_norm_costs_gives_each_variant_one_colour_in_both_panels(tmp_path):
+    """norm_costs.png, drawn from the committed results files: a variant's time bars and its
+    memory bar share one colour, the time panel has error bars and holds all of them."""
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    render_results = _render_results()
+
+    def axes_figure(rows, columns, size):
+        figure = Figure(figsize=size, layout="constrained")
+        return figure, list(figure.subplots(rows, columns, squeeze=False).ravel())
+
+    figure = render_results._figure_norm_costs(axes_figure)
+    figure.savefig(tmp_path / "norm_costs.png", dpi=50)
+    assert (tmp_path / "norm_costs.png").stat().st_size > 0
+    time_ax, memory_ax = figure.axes
+    bars = [c for c in time_ax.containers if type(c).__name__ == "BarContainer"]
+    time_colours = {c.get_label(): {to_hex(bar.get_facecolor()) for bar in c} for c in bars}
+    assert set(time_colours) == {"frozenbn_4conv1fc", "gn", "gn_native"}
+    names = [render_results._norm_cost_variant(t.get_text()) for t in memory_ax.get_yticklabels()]
+    memory_colours = {
+        name: to_hex(bar.get_facecolor()) for name, bar in zip(names, memory_ax.patches)
+    }
+    assert len(set(memory_colours.values())) == len(memory_colours) == 6
+    for variant, colours in time_colours.items():
+        assert colours == {memory_colours[variant]}, variant
+    low, high = time_ax.get_ylim()
+    errorbars = [c for c in time_ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(errorbars) == 1
+    for segment in errorbars[0].lines[2][0].get_segments():
+        assert low < segment[:, 1].min() and segment[:, 1].max() < high
+    for container in bars:
+        for bar in container:
+            assert low < bar.get_y() + bar.get_height() < high

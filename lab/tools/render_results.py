@@ -132,29 +132,77 @@ def _column(result: dict, name: str) -> List[str]:
     return [row[index] for row in result["rows"]]
 
 
+#: One colour per norm variant, the same in both panels of norm_costs.png (keys: the variant's
+#: name without its table decorations, as _norm_cost_variant gives it).
+NORM_COST_COLOURS = {
+    "frozenbn_2fc": "C7",
+    "frozenbn_4conv1fc": "C0",
+    "bn": "C2",
+    "gn": "C1",
+    "gn_native": "C4",
+    "gn_recompute": "C3",
+}
+
+
+def _norm_cost_variant(cell: str) -> str:
+    """A variant's name as NORM_COST_COLOURS keys it ("**frozenbn_4conv1fc** (reference)" ->
+    "frozenbn_4conv1fc", "gn (converted)" -> "gn")."""
+    return cell.replace("**", "").split(" (")[0].strip()
+
+
 def _figure_norm_costs(axes_figure):
-    """Time (17 interleaved rounds) and peak memory of the norm variants, / FrozenBN-same-head."""
+    """Time (17 interleaved rounds) and peak memory of the norm variants, / FrozenBN-same-head,
+    each variant in its colour of NORM_COST_COLOURS in both panels."""
     figure, (time_ax, memory_ax) = axes_figure(1, 2, (10, 3.4))
     rounds = load("norm_variants_time_17_rounds")
-    variants = _column(rounds, "variant")
+    variants = [_norm_cost_variant(v) for v in _column(rounds, "variant")]
     ratios = [[_numbers(row[i])[0] for i in (2, 4, 6)] for row in rounds["rows"]]
+    # converted GN / FrozenBN-same-head within each round: mean and its standard error
+    spread = next(
+        row
+        for row in load("norm_variants_ratios_17_rounds")["rows"]
+        if row[0].startswith("converted GN / FrozenBN") and row[1] == "17"
+    )
+    means, errors = zip(*(_numbers(cell)[:2] for cell in spread[2:5]))
     width = 0.8 / len(variants)
     for k, (variant, values) in enumerate(zip(variants, ratios)):
         x = [i + (k - (len(variants) - 1) / 2) * width for i in range(3)]
-        time_ax.bar(x, values, width, label=variant, color=f"C{k}")
-    time_ax.axhline(1.0, color="black", linewidth=0.8)
+        # bars from 1.0: the claim is each variant's difference from the reference
+        time_ax.bar(
+            x,
+            [v - 1.0 for v in values],
+            width,
+            bottom=1.0,
+            label=variant,
+            color=NORM_COST_COLOURS[variant],
+        )
+        if variant == "gn":
+            time_ax.errorbar(
+                x,
+                means,
+                yerr=errors,
+                fmt="o",
+                color="black",
+                markersize=3,
+                capsize=3,
+                linewidth=1,
+                label="gn, ratio within each round: mean ± s.e.",
+            )
+    time_ax.axhline(1.0, color=NORM_COST_COLOURS["frozenbn_4conv1fc"], linewidth=1.2)
     time_ax.set_xticks(
         range(3), ["training step\n1 image", "training step\n2 images", "inference\n1 image"]
     )
-    time_ax.set_ylim(0.8, 1.2)
-    time_ax.set_ylabel("time / FrozenBN-same-head")
-    time_ax.set_title("time, medians of 17 interleaved rounds (CPU)", fontsize=10)
-    time_ax.legend(fontsize=8, loc="upper left")
+    time_ax.set_ylim(0.9, 1.2)
+    time_ax.set_ylabel("time / frozenbn_4conv1fc (bars: medians)")
+    time_ax.set_title("time, 17 interleaved rounds (CPU)", fontsize=10)
+    time_ax.grid(axis="y", alpha=0.3)
+    time_ax.legend(fontsize=7, loc="upper left")
     memory = load("norm_variants_memory")
-    names = [v.replace("**", "").replace(" (reference)", "") for v in _column(memory, "variant")]
+    labels = [v.replace("**", "").replace(" (reference)", "") for v in _column(memory, "variant")]
+    names = [_norm_cost_variant(v) for v in _column(memory, "variant")]
     peaks = [_numbers(v)[0] for v in _column(memory, "peak / reference")]
-    memory_ax.barh(range(len(names)), peaks, color=[f"C{i}" for i in range(len(names))])
-    memory_ax.set_yticks(range(len(names)), names, fontsize=8)
+    memory_ax.barh(range(len(names)), peaks, color=[NORM_COST_COLOURS[name] for name in names])
+    memory_ax.set_yticks(range(len(names)), labels, fontsize=8)
     memory_ax.invert_yaxis()
     memory_ax.axvline(1.0, color="black", linewidth=0.8)
     for i, value in enumerate(peaks):
@@ -167,7 +215,7 @@ def _figure_norm_costs(axes_figure):
             bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
         )
     memory_ax.set_xlim(0, max(peaks) * 1.2)
-    memory_ax.set_xlabel("peak training memory / FrozenBN-same-head")
+    memory_ax.set_xlabel("peak training memory / frozenbn_4conv1fc")
     memory_ax.set_title("memory, 2 images of 800x1066 (one run each)", fontsize=10)
     return figure
 
