@@ -16,6 +16,10 @@ and ``lab/results/small_batch_grid.json`` holds what it shows::
     {"title": "...", "command": "the command that measured it", "machine": "...",
      "columns": ["norm", "images/batch", ...], "rows": [["BN", "8", ...], ...]}
 
+A number in prose is marked the same way, inline (``gn_det_lab.prose``)::
+
+    ahead by <!-- value: backbone_paired data.difference.box.difference +.1f -->+0.4<!-- /value -->
+
 A cell is its text (as the table prints it), a list of texts and references joined, or a
 reference to a cell of another results file, ``{"from": "small_batch_grid", "where": {"norm":
 "GN", "images/batch": "1"}, "column": "box / mask AP shapes_test"}`` (its emphasis dropped), so
@@ -36,6 +40,9 @@ from pathlib import Path
 from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: README.md, docs/, lab/
+sys.path.insert(0, str(ROOT / "lab"))  # gn_det_lab is not installed
+
+from gn_det_lab.prose import render_values, stale_values  # noqa: E402
 RESULTS = ROOT / "lab" / "results"
 BLOCK = re.compile(r"(<!-- results: ([\w-]+) -->\n)(.*?)(<!-- /results -->)", re.S)
 
@@ -98,13 +105,17 @@ def documents() -> List[Path]:
 
 
 def stale() -> List[str]:
-    """``file: table`` for every results table whose text differs from its file's rendering."""
+    """``file: table`` for every results table whose text differs from its file's rendering, and
+    ``file: name path: ...`` for every marked value in prose (``gn_det_lab.prose``)."""
     cache: Dict[str, dict] = {}
     found = []
     for path in documents():
-        for match in BLOCK.finditer(path.read_text()):
+        text = path.read_text()
+        for match in BLOCK.finditer(text):
             if match.group(3) != render(match.group(2), cache):
                 found.append(f"{path.relative_to(ROOT)}: {match.group(2)}")
+        for line in stale_values(text, lambda name: load(name, cache)):
+            found.append(f"{path.relative_to(ROOT)}: {line}")
     return found
 
 
@@ -115,6 +126,7 @@ def rewrite() -> List[str]:
     for path in documents():
         text = path.read_text()
         new = BLOCK.sub(lambda m: m.group(1) + render(m.group(2), cache) + m.group(4), text)
+        new = render_values(new, lambda name: load(name, cache))
         if new != text:
             path.write_text(new)
             changed.append(str(path.relative_to(ROOT)))
