@@ -5,9 +5,12 @@ Feature level (ResNet-18, synthetic images; ``gn_det_lab.transfer.transfer_fidel
 
     lab/tools/transfer_study.py --output lab/images/transfer_fidelity.png      # ~2 min on 2 cores
     lab/tools/transfer_study.py --smoke                                           # seconds (tests)
+    lab/tools/transfer_study.py --from-results --output lab/images/transfer_fidelity.png --force
 
 prints a markdown table (cosine of each stage's output to the BN teacher's, on held-out
-images) and writes a PNG of the final-stage cosine per method and regime.
+images) and writes a PNG of the final-stage cosine per method, one panel per regime;
+``--from-results`` draws that PNG from the committed lab/results/transfer_fidelity.json instead
+of running the study.
 
 Detector level (the shapes Mask R-CNN; a BN teacher trained at 8 images per batch by
 ``configs/shapes/bn_teacher.yaml``):
@@ -39,7 +42,7 @@ import os
 import sys
 from pathlib import Path
 
-from gn_det_lab.transfer import STAGES, transfer_fidelity
+from gn_det_lab.transfer import STAGES, FidelityRow, transfer_fidelity
 from gn_det_lab.runs import SMOKE_OPTS, threads_per_job, train_run
 from gn_det.visualize import save_figure
 
@@ -50,30 +53,82 @@ SCRATCH_OPTS = ["SOLVER.STEPS", "()"]  # the config's own from-scratch LR and wa
 FINETUNE_RUNS = ("copy", "stats", "calibrate", "distill", "bn", "scratch")
 
 
-def _plot(rows, path):
-    import matplotlib
+#: The committed results of the feature-level study (lab/benchmarks.md, "Weight-transfer
+#: fidelity"), which ``--from-results`` draws without rerunning it.
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "transfer_fidelity.json"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def rows_from_results(path=RESULTS) -> list:
+    """The study's rows as its results file holds them (emphasis dropped), as FidelityRows."""
+    result = json.loads(Path(path).read_text())
+    index = {name: result["columns"].index(name) for name in ("regime", "method", "seconds")}
+
+    def text(cell):
+        return cell.replace("**", "").strip()
+
+    return [
+        FidelityRow(
+            regime=text(row[index["regime"]]),
+            method=text(row[index["method"]]),
+            cosines={s: float(text(row[result["columns"].index(s)])) for s in STAGES},
+            seconds=float(text(row[index["seconds"]])),
+        )
+        for row in result["rows"]
+    ]
+
+
+def _figure(rows, unzoomed=("copy",)):
+    """Layer4 cosine per method (one row each, names read horizontally), one panel, colour and
+    marker per regime. Each panel is zoomed to its regime's methods other than ``unzoomed``; a
+    value outside it sits at the edge as a triangle with its number. The dotted line is
+    ``stats``, the transfer the others start from."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     regimes = list(dict.fromkeys(r.regime for r in rows))
     methods = list(dict.fromkeys(r.method for r in rows))
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
-    width = 0.8 / len(regimes)
-    for i, regime in enumerate(regimes):
-        values = [
-            next(r.cosines["layer4"] for r in rows if r.regime == regime and r.method == m)
-            for m in methods
-        ]
-        ax.bar([j + i * width for j in range(len(methods))], values, width, label=regime)
-    ax.set_xticks([j + width * (len(regimes) - 1) / 2 for j in range(len(methods))])
-    ax.set_xticklabels(methods, rotation=20, ha="right")
-    ax.set_ylabel("cosine to BN teacher (layer4)")
-    ax.set_ylim(0, 1)
-    ax.set_title("BN -> GN weight transfer, ResNet-18, held-out images")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    save_figure(fig, path, overwrite=True)  # main() refuses an existing --output without --force
+    figure = Figure(figsize=(9, 0.3 * len(methods) + 1.4), layout="constrained")
+    axes = figure.subplots(1, len(regimes), sharey=True, squeeze=False)[0]
+    for i, (ax, regime) in enumerate(zip(axes, regimes)):
+        colour, marker = f"C{i}", "os^D"[i % 4]
+        cosine = {r.method: r.cosines["layer4"] for r in rows if r.regime == regime}
+        zoomed = [v for m, v in cosine.items() if m not in unzoomed] or list(cosine.values())
+        margin = 0.08 * (max(zoomed) - min(zoomed)) + 0.005
+        low, high = min(zoomed) - margin, max(zoomed) + margin
+        inside = [(cosine[m], j) for j, m in enumerate(methods) if low <= cosine.get(m, -2) <= high]
+        ax.plot(*zip(*inside), marker, color=colour, linestyle="none")
+        for j, m in enumerate(methods):
+            if m in cosine and not low <= cosine[m] <= high:
+                edge = low if cosine[m] < low else high
+                ax.plot(edge, j, "<" if cosine[m] < low else ">", color=colour, clip_on=False)
+                ax.annotate(
+                    f"{cosine[m]:.3f}",
+                    (edge, j),
+                    xytext=(8 if cosine[m] < low else -8, 0),
+                    textcoords="offset points",
+                    ha="left" if cosine[m] < low else "right",
+                    va="center",
+                    fontsize=8,
+                    color=colour,
+                )
+        if "stats" in cosine:
+            ax.axvline(cosine["stats"], color="gray", linestyle=":", linewidth=1)
+        ax.set_xlim(low, high)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.grid(alpha=0.3)
+        ax.set_title(regime, fontsize=10, color=colour)
+        ax.set_xlabel("layer4 cosine to the BN teacher")
+    axes[0].set_yticks(range(len(methods)), methods, fontsize=9)
+    axes[0].set_ylim(len(methods) - 0.5, -0.5)  # the table's order, top to bottom
+    figure.suptitle(
+        "BN -> GN weight transfer, ResNet-18: mean over held-out images, one run (dotted: stats)",
+        fontsize=10,
+    )
+    return figure
+
+
+def _plot(rows, path):
+    save_figure(_figure(rows), path, overwrite=True)  # main() refuses an existing --output
 
 
 def finetune_runs(rows, args) -> dict:
@@ -207,6 +262,15 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=None, help="PNG plot to write")
     parser.add_argument("--force", action="store_true", help="overwrite --output")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
+    parser.add_argument(
+        "--from-results",
+        nargs="?",
+        const=str(RESULTS),
+        default=None,
+        metavar="JSON",
+        help="draw --output from the feature-level study's results file (default "
+        "lab/results/transfer_fidelity.json) instead of running the study",
+    )
     detector = parser.add_argument_group("detector level")
     detector.add_argument(
         "--detector",
@@ -245,6 +309,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.output and os.path.exists(args.output) and not args.force:
         parser.error(f"{args.output} exists; pass --force to overwrite")
+    if args.from_results:
+        if not args.output:
+            parser.error("--from-results draws --output; name it")
+        _plot(rows_from_results(args.from_results), args.output)
+        return 0
     if args.detector:
         if args.smoke:
             args.finetune_iters, args.eval_period = 2, 1
