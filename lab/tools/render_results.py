@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository: README.md, docs/, 
 sys.path.insert(0, str(ROOT / "lab"))  # gn_det_lab is not installed
 
 from gn_det_lab.prose import render_values, stale_values  # noqa: E402
+
 RESULTS = ROOT / "lab" / "results"
 BLOCK = re.compile(r"(<!-- results: ([\w-]+) -->\n)(.*?)(<!-- /results -->)", re.S)
 
@@ -285,11 +286,77 @@ def _figure_norm_comparison(axes_figure):
     return figure
 
 
+def _figure_small_batch(axes_figure):
+    """The README's figure: box and mask AP on shapes_test against images per batch, each norm
+    at its cell of small_batch_grid (seed 1, as the README's table quotes it; BN's seed 2 at 1
+    image as a cross), BN's precise and per-image test statistics from bn_statistics_at_test."""
+    figure, axes = axes_figure(1, 2, (9, 3.6))
+    grid, at_test = load("small_batch_grid"), load("bn_statistics_at_test")
+    test = "box / mask AP `shapes_test`"
+
+    def cell(result, column, **where):
+        for row in result["rows"]:
+            cells = dict(zip(result["columns"], (c.replace("**", "") for c in row)))
+            if all(cells[k] == v for k, v in where.items()):
+                return _numbers(cells[column])
+        raise ValueError(f"no row {where} in {result['title']}")
+
+    batches = [1, 2, 4, 8]
+    lines = {  # label -> (colour, style, [(box, mask) per batch])
+        "GN": (
+            "C2",
+            "-",
+            [cell(grid, test, norm="GN", **{"images/batch": str(b)}) for b in batches],
+        ),
+        "BN": (
+            "C0",
+            "-",
+            [cell(grid, test, norm="BN", **{"images/batch": str(b)}) for b in batches],
+        ),
+    }
+    bn_cells = ["1 image per batch", "2 images", "4 images", "8 images"]
+    for label, mode, style in (
+        ("precise", "precise", ":"),
+        ("each test image's", "per image", "--"),
+    ):
+        values = []
+        for name in bn_cells:  # the mode's row follows its cell's first row
+            rows = [r[0] for r in at_test["rows"]]
+            start = rows.index(name)
+            row = next(r for r in at_test["rows"][start:] if r[1].replace("**", "") == mode)
+            values.append(_numbers(row[3]))
+        lines[f"BN, {label} statistics at test"] = ("C0", style, values)
+    seed2 = cell(grid, test, norm="BN, seed 2")
+    singles = {
+        "SyncBN (1 image × 2 processes)": ("C1", cell(grid, test, norm="SyncBN")),
+        "no norm (FrozenBN), 1 image": ("C3", cell(grid, test, norm="no norm")),
+    }
+    for ax, which, kind in zip(axes, (0, 1), ("box", "mask")):
+        for label, (colour, style, values) in lines.items():
+            ax.plot(
+                batches, [v[which] for v in values], linestyle=style, marker="o",
+                markersize=5 if style == "-" else 3, color=colour, label=label,
+            )  # fmt: skip
+        ax.plot([1], [seed2[which]], "x", markersize=8, color="C0", label="BN, seed 2")
+        for label, (colour, values) in singles.items():
+            ax.plot([1], [values[which]], "o", color=colour, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel("images per batch (per process)")
+        ax.set_ylabel(f"{kind} AP")
+        ax.set_title(f"{kind} AP, shapes_test, 14,400 images seen (seed 1)", fontsize=10)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=4, fontsize=8)
+    return figure
+
+
 #: Figures drawn from results files: path (from the repository root) -> drawing function.
 FIGURES = {
     "lab/images/norm_costs.png": _figure_norm_costs,
     "lab/images/bn8_plateau.png": _figure_bn8_plateau,
     "lab/images/norm_comparison.png": _figure_norm_comparison,
+    "lab/images/small_batch.png": _figure_small_batch,
 }
 
 
