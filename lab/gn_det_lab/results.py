@@ -26,9 +26,12 @@ def write_results(
     data: Any,
 ) -> None:
     """Write a results file atomically: what ``lab/tools/render_results.py`` renders (title,
-    command, machine, columns, rows) and the data behind it."""
+    command, machine, columns, rows) and the data behind it. ``command`` is what reproduces the
+    table, so an empty one is refused (ValueError) before anything is written."""
     from gn_det.checkpoint.io import write_text_atomically
 
+    if not isinstance(command, str) or not command.strip():
+        raise ValueError(f"{path}: a results file needs the command that made it, not {command!r}")
     result = {
         "title": title,
         "command": command,

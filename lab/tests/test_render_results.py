@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
@@ -108,3 +110,58 @@ def test_norm_costs_gives_each_variant_one_colour_in_both_panels(tmp_path):
     for container in bars:
         for bar in container:
             assert low < bar.get_y() + bar.get_height() < high
+
+
+def _unexplained(results: Path) -> list:
+    """``NAME: what is missing`` for each results file in ``results`` without a command, or with
+    neither data nor a note (``raw_data``) saying why it has none."""
+    found = []
+    for path in sorted(results.glob("*.json")):
+        result = json.loads(path.read_text(encoding="utf-8"))
+        command, note = result.get("command"), result.get("raw_data")
+        if not isinstance(command, str) or not command.strip():
+            found.append(f"{path.stem}: no command")
+        if not result.get("data") and not (isinstance(note, str) and note.strip()):
+            found.append(f"{path.stem}: neither data nor a raw_data note")
+    return found
+
+
+def test_every_results_file_has_its_command_and_its_data_or_a_note():
+    """A table without the command that made it cannot be checked or redone, and one without
+    its raw data says so (``raw_data``) rather than leaving it unsaid."""
+    assert _unexplained(ROOT / "lab" / "results") == []
+
+
+def test_a_results_file_without_command_or_data_is_caught(tmp_path):
+    table = {"title": "t", "machine": "m", "columns": ["a"], "rows": [["1"]]}
+    files = {
+        "fine": {**table, "command": "make t", "data": [1]},
+        "noted": {**table, "command": "make t", "raw_data": "not kept"},
+        "blank": {**table, "command": " ", "data": {"a": 1}},
+        "missing": {**table, "data": [1]},
+        "unnoted": {**table, "command": "make t", "data": {}, "raw_data": ""},
+        "bare": {**table, "command": "make t", "data": None},
+    }
+    for name, result in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+    assert _unexplained(tmp_path) == [
+        "bare: neither data nor a raw_data note",
+        "blank: no command",
+        "missing: no command",
+        "unnoted: neither data nor a raw_data note",
+    ]
+
+
+def test_write_results_refuses_an_empty_command(tmp_path):
+    from gn_det_lab.results import write_results
+
+    table = dict(title="t", machine="m", columns=["a"], rows=[["1"]], data=[1])
+    path = tmp_path / "t.json"
+    for command in ("", "  \n", None):
+        with pytest.raises(ValueError, match="command"):
+            write_results(path, command=command, **table)
+        assert not path.exists()
+    write_results(path, command="make t", **table)
+    text = path.read_text(encoding="utf-8")
+    assert json.loads(text)["command"] == "make t"
+    assert text == json.dumps(json.loads(text), indent=1, ensure_ascii=False) + "\n"
