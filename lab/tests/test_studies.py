@@ -643,3 +643,46 @@ def test_fold_study_smoke(gn_run, tmp_path, capsys):
         assert result["command"] == "the commands" and len(result["rows"]) == count
         assert all(len(row) == len(result["columns"]) for row in result["rows"])
     assert tool.main(report) == 2 and "pass --force" in capsys.readouterr().err
+
+
+def test_fold_study_report_draws_both_models_from_the_committed_results(tmp_path, capsys):
+    """fold_study.py report --from-results lab/results/folding: both models in both panels, one
+    colour each, time with its interquartile range over rounds, the axes holding every bar; a
+    timing of one round (--smoke) draws too."""
+    from matplotlib.colors import to_hex
+
+    tool = _tool("fold_study")
+    prefix = TOOLS.parent / "results" / "folding"
+    plot = tmp_path / "folding.png"
+    argv = ["report", "--from-results", str(prefix), "--plot", str(plot)]
+    assert tool.main(argv) == 0 and Image.open(plot).size[0] > 0
+    assert "| gn_pretrained_b1_i3600_lr1x_s1 (shapes_large_test) | all folded |" in (
+        capsys.readouterr().out
+    )
+    runs = json.loads(Path(f"{prefix}_accuracy.json").read_text())["data"]
+    timing = json.loads(Path(f"{prefix}_timing.json").read_text())["data"]
+    assert len(runs) == 2
+    figure = tool.figure(runs, timing)
+    assert len(figure.axes) == 2
+    colours = []
+    for ax in figure.axes:
+        bars = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+        assert [c.get_label() for c in bars] == [
+            "demo (GN from scratch, 2 images per batch)",
+            "GN-pretrained, fine-tuned at 1 image per batch",
+        ]
+        assert [len(c.lines[0].get_xdata()) for c in bars] == [4, 2]  # GN and deployed plans
+        colours.append([to_hex(c.lines[0].get_color()) for c in bars])
+        (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
+        for container in bars:
+            assert container.has_xerr and container.has_yerr
+            for lines in container.lines[2]:
+                for segment in lines.get_segments():
+                    assert left < segment[:, 0].min() and segment[:, 0].max() < right
+                    assert bottom < segment[:, 1].min() and segment[:, 1].max() < top
+        assert right - left < 0.3 and top - bottom < 40  # zoomed to the points
+    assert colours[0] == colours[1] and len(set(colours[0])) == 2
+    one_round = json.loads(json.dumps(timing))
+    for row in one_round["rows"]:
+        row["round_ratios"] = row["round_ratios"][:1]
+    assert len(tool.figure(runs, one_round).axes) == 2

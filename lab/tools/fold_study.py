@@ -5,6 +5,7 @@
     lab/tools/fold_study.py timing --json output/fold/timing.json --repeats 5
     lab/tools/fold_study.py report output/fold/demo.json --timing output/fold/timing.json \\
         --plot lab/images/folding.png --results lab/results/folding
+    lab/tools/fold_study.py report --from-results lab/results/folding --plot lab/images/folding.png
     lab/tools/fold_study.py accuracy --smoke ...; timing --smoke      # seconds (tests)
 
 **accuracy**: a trained GN run (its ``config.yaml`` and ``model_final.pth``), folded for each
@@ -283,8 +284,13 @@ def timing_rows(timing_data: dict) -> list:
         return f"{median:.3f} [{low:.3f}, {high:.3f}]"
 
     return [
-        [r["model"], r["variant"], f"{r['seconds']:.3f}", f"{r['ratio']:.3f}",
-         per_round(r["round_ratios"])]
+        [
+            r["model"],
+            r["variant"],
+            f"{r['seconds']:.3f}",
+            f"{r['ratio']:.3f}",
+            per_round(r["round_ratios"]),
+        ]
         for r in timing_data["rows"]
     ]
 
@@ -297,8 +303,19 @@ def report(args) -> int:
 
     from gn_det_lab.results import markdown_table, write_results
 
-    runs = [json.loads(Path(p).read_text()) for p in args.inputs]
-    timing_data = json.loads(Path(args.timing).read_text()) if args.timing else None
+    if args.from_results:  # the committed results files hold the data the report drew from
+        if args.inputs or args.timing or args.results:
+            print(
+                "--from-results replaces the accuracy JSONs, --timing and --results",
+                file=sys.stderr,
+            )
+            return 2
+        prefix = args.from_results
+        runs = json.loads(Path(f"{prefix}_accuracy.json").read_text())["data"]
+        timing_data = json.loads(Path(f"{prefix}_timing.json").read_text())["data"]
+    else:
+        runs = [json.loads(Path(p).read_text()) for p in args.inputs]
+        timing_data = json.loads(Path(args.timing).read_text()) if args.timing else None
     accuracy_table = [row for run in runs for row in accuracy_rows(run)]
     lines = [markdown_table(ACCURACY_COLUMNS, accuracy_table), ""] if runs else []
     if timing_data:
@@ -317,7 +334,7 @@ def report(args) -> int:
             print(f"{path} exists: pass --force to replace it", file=sys.stderr)
             return 2
     if args.plot and runs and timing_data:
-        _plot(runs[0], timing_data, args.plot)
+        _plot(runs, timing_data, args.plot)
     if args.results:
         machine = f"{os.cpu_count()} CPU cores, torch {__import__('torch').__version__}"
         commands = args.commands or "lab/tools/fold_study.py " + " ".join(sys.argv[1:])
@@ -342,40 +359,99 @@ def report(args) -> int:
     return 0
 
 
-def _plot(run: dict, timing_data: dict, path: str) -> None:
-    from matplotlib.figure import Figure
+#: How the plot names the models of the accuracy JSONs (their run folders); others by folder.
+MODEL_NAMES = {
+    "demo": "demo (GN from scratch, 2 images per batch)",
+    "gn_pretrained_b1_i3600_lr1x_s1": "GN-pretrained, fine-tuned at 1 image per batch",
+}
+#: Where a plan's name sits from its point (points), so that close plans do not collide.
+PLAN_OFFSETS = {
+    "GN": (-6, 6),
+    "all folded": (6, 6),
+    "ROI heads keep GN": (6, -11),
+    "FPN and ROI heads keep GN": (-6, 6),
+}
 
-    from gn_det.visualize import save_figure
+
+def per_round_quartiles(ratios) -> tuple:
+    """(first quartile, median, third quartile) of the round-by-round ratios, as the timing table
+    prints them; one round gives its ratio three times."""
+    if len(ratios) < 2:
+        return (ratios[0],) * 3
+    return tuple(statistics.quantiles(ratios, n=4))
+
+
+def figure(runs: list, timing_data: dict):
+    """Box and mask AP of each model's deployed plans (95 % intervals) against the plan's
+    inference time / FrozenBN folded, round by round: median and interquartile range. One colour
+    and marker per model, the same in both panels; each plan named beside its point."""
+    from matplotlib.figure import Figure
 
     # A plan's time is a property of the architecture: measured where GN's cost shows (R-50-FPN
     # at 1333x800; on the small shapes model every variant is within the rounds' noise).
     scale = next(r["model"] for r in timing_data["rows"] if "R-50" in r["model"])
-    ratio = {r["variant"]: r["ratio"] for r in timing_data["rows"] if r["model"] == scale}
-    figure = Figure(figsize=(9, 3.6), layout="constrained")
-    axes = figure.subplots(1, 2)
-    deployed = [r for r in run["rows"] if r["stage"] in ("GN", "+ fold (deployed)")]
+    quartiles = {
+        r["variant"]: per_round_quartiles(r["round_ratios"])
+        for r in timing_data["rows"]
+        if r["model"] == scale
+    }
+    rounds = max(len(r["round_ratios"]) for r in timing_data["rows"])
+    result = Figure(figsize=(10, 4.2), layout="constrained")
+    axes = result.subplots(1, 2)
     for ax, kind in zip(axes, ("box", "mask")):
-        for k, row in enumerate(deployed):
-            name = "GN" if row["stage"] == "GN" else f"GN, {row['plan']}"
-            x = ratio.get(name)
-            if x is None:
+        for k, run in enumerate(runs):
+            model = Path(run["run"]).name
+            points = []
+            for row in run["rows"]:
+                if row["stage"] not in ("GN", "+ fold (deployed)"):
+                    continue
+                plan = "GN" if row["stage"] == "GN" else row["plan"]
+                low, x, high = quartiles.get("GN" if plan == "GN" else f"GN, {plan}", (None,) * 3)
+                if x is not None:
+                    points.append((plan, x, low, high, row[kind]))
+            if not points:
                 continue
-            ap = row[kind]
             ax.errorbar(
-                [x],
-                [ap["ap"]],
-                yerr=[[ap["ap"] - ap["low"]], [ap["high"] - ap["ap"]]],
-                marker="o",
-                capsize=3,
+                [p[1] for p in points],
+                [p[4]["ap"] for p in points],
+                xerr=[[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]],
+                yerr=[
+                    [p[4]["ap"] - p[4]["low"] for p in points],
+                    [p[4]["high"] - p[4]["ap"] for p in points],
+                ],
+                fmt="os^D"[k % 4],
                 color=f"C{k}",
-                label=f"{name}: {ap['ap']:.1f}",
+                capsize=3,
+                linewidth=1,
+                label=MODEL_NAMES.get(model, model),
             )
+            for plan, x, _, _, ap in points:
+                dx, dy = PLAN_OFFSETS.get(plan, (6, 6))
+                ax.annotate(
+                    f"{plan}: {ap['ap']:.1f}",
+                    (x, ap["ap"]),
+                    xytext=(dx, dy),
+                    textcoords="offset points",
+                    ha="left" if dx > 0 else "right",
+                    fontsize=7,
+                    color=f"C{k}",
+                )
         ax.axvline(1.0, color="gray", linestyle=":", linewidth=1)
-        ax.set_xlabel(f"inference time / FrozenBN folded\n({scale}, CPU)")
-        ax.set_ylabel(f"{kind} AP on {run['dataset']}")
+        ax.set_xlabel(
+            f"inference time / FrozenBN folded ({scale}, CPU):\n"
+            f"median of the {rounds} rounds' ratios, bars: interquartile range"
+        )
+        ax.set_ylabel(f"{kind} AP on {runs[0]['dataset']}, 95 % interval")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    save_figure(figure, path, overwrite=True)
+        ax.margins(x=0.15, y=0.08)
+    result.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncol=2)
+    return result
+
+
+def _plot(runs: list, timing_data: dict, path: str) -> None:
+    from gn_det.visualize import save_figure
+
+    save_figure(figure(runs, timing_data), path, overwrite=True)
 
 
 def main(argv=None) -> int:
@@ -402,6 +478,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--commands", help="report: the commands that made the inputs, recorded in --results"
+    )
+    parser.add_argument(
+        "--from-results",
+        metavar="PREFIX",
+        help="report: read the runs and the timing from PREFIX_accuracy.json and "
+        "PREFIX_timing.json (lab/results/folding: print the tables, redraw --plot)",
     )
     parser.add_argument("--force", action="store_true", help="report: replace --plot / --results")
     parser.add_argument("--smoke", action="store_true", help="tiny everything (tests)")
