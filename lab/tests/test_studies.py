@@ -571,6 +571,28 @@ def test_backbone_study_smoke(tmp_path, capsys):
         study.main(["paired", "--output-dir", str(out), "--lr-from-sweep", "4"])
 
 
+def test_fold_finetune_smoke(gn_run, tiny_env, tmp_path, monkeypatch):
+    """lab/tools/fold_finetune.py on a 2-iteration GN run: folded by gn-det convert, fine-tuned
+    2 iterations with labels, every model evaluated with paired shares of the GN model's AP."""
+    monkeypatch.setenv("PYTHONPATH", tiny_env["PYTHONPATH"])  # children register shapes_tiny
+    tool = _tool("fold_finetune")
+    out, results = tmp_path / "ft", tmp_path / "ft.json"
+    args = ["--gn-run", str(gn_run[0]), "--output-dir", str(out), "--smoke", "--json", str(results)]
+    args += ["--dataset", "shapes_tiny_val", "--val-dataset", "shapes_tiny_val"]
+    assert tool.main(args) == 0
+    written = json.loads(results.read_text())
+    models = written["data"]["models"]
+    assert [m["iterations"] for m in models] == [None, 0, 1, 2]
+    assert "MODEL.NORM_CONVERSION.FOLDED True" in " ".join(written["data"]["fine_tuning"]["opts"])
+    for model in models[1:]:
+        for kind in ("box", "mask"):
+            share, reference = model["kept"][kind], models[0][kind]["ap"]
+            if reference:
+                assert share["kept"] == pytest.approx(model[kind]["ap"] / reference)
+    assert written["data"]["minutes"]["convert"] > 0 and f"--json {results}" in written["command"]
+    assert tool.main(args) == 2  # the results file exists: --force replaces it
+
+
 def test_fold_study_smoke(gn_run, tmp_path, capsys):
     """lab/tools/fold_study.py: accuracy stage by stage on a 2-iteration GN run, timing of the
     variants, the report."""
