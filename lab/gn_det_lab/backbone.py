@@ -52,12 +52,13 @@ def evaluate_intervals(cfg, model, dataset: str, resamples: int = 200) -> dict:
     ``{"box": {"ap", "low", "high", "samples"}, "mask": {...}}`` (``samples``: each resample's
     AP, to pair with another model's; detectron2's COCO evaluation, then
     :func:`gn_det_lab.bootstrap.bootstrap_coco_results` on its detections)."""
-    from detectron2.data import MetadataCatalog
+    from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.evaluation import COCOEvaluator
 
     from gn_det.engine import Trainer
     from .bootstrap import bootstrap_coco_results
 
+    DatasetCatalog.get(dataset)  # a generated split's files (COCOEvaluator reads its json first)
     cfg = cfg.clone()
     cfg.defrost()
     cfg.DATASETS.TEST = (dataset,)  # Trainer.test runs the model on these, one evaluator each
