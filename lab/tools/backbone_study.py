@@ -536,6 +536,16 @@ PAIRED_COLUMNS = [
 ]
 
 
+#: Short names of the starts in the paired report's labels (the descriptions are long).
+SHORT = {"frozenbn_gn": "FrozenBN backbone (stock detectron2)", "stats": "converted to GN (stats)"}
+
+
+def _short(start: str) -> str:
+    from gn_det_lab.backbone import STARTS
+
+    return SHORT.get(start, STARTS[start][2])
+
+
 def paired(cells: list, args) -> dict:
     """The decisive pair's finals (each start at its swept LR factor, every seed) on the large
     split, and their paired difference: ``{"pair", "starts": {start: {...}}, "difference":
@@ -612,10 +622,10 @@ def paired_rows(result: dict) -> list:
             ]
         )
     d = result["difference"]
-    second, first = (result["starts"][s]["description"] for s in reversed(result["pair"]))
+    first, second = (_short(s) for s in result["pair"])
     rows.append(
         [
-            f"difference, paired: {second.split(', ', 1)[-1]} − {first.split(', ', 1)[-1]}",
+            f"difference, paired: {second} − {first}",
             "",
             " / ".join(f"{v:+.1f}" for v in d["box"]["per_seed"].values()),
             " / ".join(f"{v:+.1f}" for v in d["mask"]["per_seed"].values()),
@@ -640,7 +650,7 @@ def plot_paired(result: dict, path: str, *, overwrite: bool) -> None:
     figure = Figure(figsize=(11, 8), layout="constrained")
     (sweep_ax, seeds_ax), (diff_ax, curve_ax) = figure.subplots(2, 2)
     colours = {start: f"C{i}" for i, start in enumerate(result["pair"])}
-    short = {s: result["starts"][s]["description"].split(", ", 1)[-1] for s in result["pair"]}
+    short = {s: _short(s) for s in result["pair"]}
     for start, r in result["starts"].items():
         factors = [float(f) for f in r["sweep"]]
         sweep_ax.plot(
@@ -689,7 +699,8 @@ def plot_paired(result: dict, path: str, *, overwrite: bool) -> None:
     diff_ax.set_xticks([0, 1], ["box AP", "mask AP"])
     diff_ax.set_xlim(-0.6, 1.6)
     second, first = (short[s] for s in reversed(result["pair"]))
-    diff_ax.set_title(f"{second} − {first}: paired, 95 % interval (images and seeds)", fontsize=9)
+    diff_ax.set_title(f"{second}\n− {first}: paired, 95 % interval", fontsize=9)
+    diff_ax.set_ylabel("AP difference (mean over seeds)")
     curve_ax.set_title("validation box AP during the final runs (every seed)", fontsize=10)
     curve_ax.set_xlabel("iterations (1 image each)")
     curve_ax.set_ylim(
