@@ -45,4 +45,7 @@ def test_the_readme_quotes_its_study_numbers_through_markers():
     (so render_results.py --check, in test_render_results, catches them going stale)."""
     marked = {(m.group(1), m.group(2)) for m in VALUE.finditer((ROOT / "README.md").read_text())}
     names = {name for name, _ in marked}
-    assert {"demo_seeds"} <= names, marked
+    assert {"demo_seeds", "backbone_paired"} <= names, marked
+    for kind in ("box", "mask"):  # the backbone answer quotes its paired interval, whole
+        for end in ("difference", "low", "high"):
+            assert ("backbone_paired", f"data.difference.{kind}.{end}") in marked
