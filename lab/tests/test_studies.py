@@ -578,13 +578,16 @@ def test_fold_finetune_smoke(gn_run, tiny_env, tmp_path, monkeypatch):
     tool = _tool("fold_finetune")
     out, results = tmp_path / "ft", tmp_path / "ft.json"
     args = ["--gn-run", str(gn_run[0]), "--output-dir", str(out), "--smoke", "--json", str(results)]
-    args += ["--dataset", "shapes_tiny_val", "--val-dataset", "shapes_tiny_val"]
+    args += ["--dataset", "shapes_tiny_val", "--val-dataset", "shapes_tiny_val", "--control"]
     assert tool.main(args) == 0
     written = json.loads(results.read_text())
     models = written["data"]["models"]
-    assert [m["iterations"] for m in models] == [None, 0, 1, 2]
+    assert [m.get("iterations") for m in models] == [None, 0, 1, 2, 2, None]
+    assert models[4]["model"] == "GN, fine-tuned with labels (control)"
     assert "MODEL.NORM_CONVERSION.FOLDED True" in " ".join(written["data"]["fine_tuning"]["opts"])
-    for model in models[1:]:
+    assert "FOLDED" not in " ".join(written["data"]["control"]["opts"])
+    assert written["rows"][-1][0] == "folded and fine-tuned / GN fine-tuned the same"
+    for model in models[1:5]:
         for kind in ("box", "mask"):
             share, reference = model["kept"][kind], models[0][kind]["ap"]
             if reference:

@@ -44,9 +44,21 @@ def convert(args) -> float:
     timing = Path(args.output_dir) / "folded_seconds.json"
     if folded.is_file() and timing.is_file():
         return json.loads(timing.read_text())["seconds"]
-    command = [sys.executable, "-m", "gn_det.cli", "convert", "--to", "folded", "--config",
-               str(Path(args.gn_run) / "config.yaml"), "--weights",
-               str(Path(args.gn_run) / "model_final.pth"), "--output", str(folded), "--force"]
+    command = [
+        sys.executable,
+        "-m",
+        "gn_det.cli",
+        "convert",
+        "--to",
+        "folded",
+        "--config",
+        str(Path(args.gn_run) / "config.yaml"),
+        "--weights",
+        str(Path(args.gn_run) / "model_final.pth"),
+        "--output",
+        str(folded),
+        "--force",
+    ]
     if args.smoke:
         command += ["--calib-images", "2", "--calib-distill-steps", "1", *SMOKE_OPTS[4:8]]
     start = time.perf_counter()
@@ -56,14 +68,22 @@ def convert(args) -> float:
     return seconds
 
 
-def finetune(args) -> dict:
+def finetune(args, *, control: bool = False) -> dict:
+    """Fine-tune the folded model (``output-dir/finetuned``), or with ``control`` the GN model
+    itself on the same schedule (``output-dir/gn_finetuned``): the GN run was still improving
+    when it stopped, so more training alone raises AP too."""
     from gn_det_lab.runs import SMOKE_OPTS, train_run
 
     iterations = 2 if args.smoke else args.iterations
     period = 1 if args.smoke else args.checkpoint_period
+    start = (
+        ["MODEL.WEIGHTS", str(Path(args.gn_run) / "model_final.pth")]
+        if control
+        else ["MODEL.NORM_CONVERSION.FOLDED", "True",
+              "MODEL.WEIGHTS", str(Path(args.output_dir) / "folded.pth")]
+    )  # fmt: skip
     opts = [
-        "MODEL.NORM_CONVERSION.FOLDED", "True",
-        "MODEL.WEIGHTS", str(Path(args.output_dir) / "folded.pth"),
+        *start,
         "SOLVER.BASE_LR", repr(args.lr),
         "SOLVER.MAX_ITER", str(iterations),
         "SOLVER.STEPS", f"({max(1, min(iterations - 1, round(iterations * 0.8)))},)",
@@ -75,7 +95,7 @@ def finetune(args) -> dict:
     return train_run(
         str(Path(args.gn_run) / "config.yaml"),
         opts,
-        Path(args.output_dir) / "finetuned",
+        Path(args.output_dir) / ("gn_finetuned" if control else "finetuned"),
         datasets=[args.val_dataset],
         keep_checkpoints=True,
     )
@@ -111,6 +131,11 @@ def evaluate(args) -> list:
         iteration = int(path.stem[6:]) + 1
         models.append(("folded, fine-tuned with labels", iteration,
                        lambda p=path: load_run(run, p.name)))  # fmt: skip
+    control = out / "gn_finetuned" / "model_final.pth"
+    if control.is_file():
+        iteration = 2 if args.smoke else args.iterations
+        models.append(("GN, fine-tuned with labels (control)", iteration,
+                       lambda: load_run(out / "gn_finetuned")))  # fmt: skip
     rows = []
     for label, iteration, load in models:
         key = f"{label} {iteration}"
@@ -153,6 +178,9 @@ def main(argv=None) -> int:
     parser.add_argument("--val-dataset", default="shapes_val", help="evaluated after fine-tuning")
     parser.add_argument("--json", help="the results file to write")
     parser.add_argument("--force", action="store_true", help="replace --json")
+    parser.add_argument(
+        "--control", action="store_true", help="also fine-tune the GN model on the same schedule"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny everything (tests)")
     args = parser.parse_args(argv)
     if args.json and Path(args.json).exists() and not args.force:
@@ -163,9 +191,11 @@ def main(argv=None) -> int:
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     convert_seconds = convert(args)
     record = finetune(args)
-    if record.get("returncode") != 0:
-        print(f"fine-tuning failed: {record.get('failure')}", file=sys.stderr)
-        return 1
+    control = finetune(args, control=True) if args.control else None
+    for run in filter(None, (record, control)):
+        if run.get("returncode") != 0:
+            print(f"fine-tuning failed: {run.get('failure')}", file=sys.stderr)
+            return 1
     rows = evaluate(args)
     reference = rows[0][2]
     table, data = [], []
@@ -183,6 +213,15 @@ def main(argv=None) -> int:
             ]
         )  # fmt: skip
         data.append({"model": label, "iterations": iteration, **result, "kept": shares})
+    if control:  # the folded model's last checkpoint against the GN model trained as long
+        folded_last = next(r for r in reversed(rows) if r[0].startswith("folded, fine-tuned"))
+        shares = {k: kept(folded_last[2], rows[-1][2], k) for k in KINDS}
+        table.append(
+            ["folded and fine-tuned / GN fine-tuned the same", f"{folded_last[1]:,}", "", "",
+             *(f"{100 * s['kept']:.1f} % [{100 * s['low']:.1f}, {100 * s['high']:.1f}]"
+               for s in shares.values())]
+        )  # fmt: skip
+        data.append({"model": "folded fine-tuned vs GN fine-tuned", "kept": shares})
     from gn_det_lab.results import markdown_table, write_results
 
     print(markdown_table(COLUMNS, table))
@@ -190,6 +229,7 @@ def main(argv=None) -> int:
         minutes = {
             "convert": convert_seconds / 60,
             "finetune": record["seconds"] / 60,
+            **({"control": control["seconds"] / 60} if control else {}),
         }
         write_results(
             args.json,
@@ -200,7 +240,7 @@ def main(argv=None) -> int:
             "2 threads)",
             columns=COLUMNS,
             rows=table,
-            data={"minutes": minutes, "models": data, "fine_tuning": record},
+            data={"minutes": minutes, "models": data, "fine_tuning": record, "control": control},
         )
     return 0
 
