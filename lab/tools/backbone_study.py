@@ -253,7 +253,12 @@ def finetune_one(start: str, factor: float, seed: int, args) -> dict:
 def swept_factor(start: str, args) -> float:
     """The factor of ``--lr-factors`` whose ``--lr-from-sweep`` run of ``start`` (seed 1) had the
     best final box AP on the validation split (every one must have finished)."""
-    found = {factor: record["box_ap"] for factor, record in sweep(start, args)}  # NaN: diverged
+    return best_factor(sweep(start, args))
+
+
+def best_factor(records: list) -> float:
+    """The factor of ``[(factor, record)]`` (a sweep) with the best box AP (NaN: diverged)."""
+    found = {factor: record["box_ap"] for factor, record in records}
     return max(found, key=lambda f: -math.inf if math.isnan(found[f]) else found[f])
 
 
@@ -341,6 +346,11 @@ def read_pretraining(output_dir) -> dict:
                 [p for p in points if "val_miou" in p],
             )
     return found
+
+
+def pretrain_results_path(results) -> Path:
+    """Where the report keeps the pretraining results beside ``results``: <json>_pretrain.json."""
+    return Path(str(Path(results).with_suffix("")) + "_pretrain.json")
 
 
 def pretrain_rows(pretraining: dict) -> list:
@@ -556,7 +566,8 @@ def paired(cells: list, args) -> dict:
 
     starts = {}
     for start in args.pair:
-        factor = swept_factor(start, args)
+        swept = sweep(start, args)
+        factor = best_factor(swept)
         finals = sorted(
             (
                 c
@@ -570,7 +581,7 @@ def paired(cells: list, args) -> dict:
         starts[start] = {
             "description": STARTS[start][2],
             "lr_factor": factor,
-            "sweep": {f: {"box": r["box_ap"], "mask": r["mask_ap"]} for f, r in sweep(start, args)},
+            "sweep": {f: {"box": r["box_ap"], "mask": r["mask_ap"]} for f, r in swept},
             "seeds": {
                 c["seed"]: {
                     "split": c["split"],
@@ -900,7 +911,7 @@ def main(argv=None) -> int:
         return 0
     if args.from_json:  # redraw a report's plot from its results file (the runs may be gone)
         rows = json.loads(Path(args.from_json).read_text())["data"]
-        pretrain = Path(str(Path(args.from_json).with_suffix("")) + "_pretrain.json")
+        pretrain = pretrain_results_path(args.from_json)
         found = json.loads(pretrain.read_text())["data"] if pretrain.is_file() else {}
         pretraining = {norm: (d["result"], d["curve"]) for norm, d in found.items()}
         if args.plot:
@@ -929,7 +940,7 @@ def main(argv=None) -> int:
         )
         if pretraining:  # beside it: <json>_pretrain.json
             write_results(
-                str(Path(args.json).with_suffix("")) + "_pretrain.json",
+                pretrain_results_path(args.json),
                 title="The backbone route: pretraining on the proxy task",
                 columns=PRETRAIN_COLUMNS,
                 rows=pretrain_rows(pretraining),

@@ -280,7 +280,7 @@ def timing_rows(timing_data: dict) -> list:
     def per_round(ratios):
         if len(ratios) < 2:
             return f"{ratios[0]:.3f} (one round)"
-        low, median, high = statistics.quantiles(ratios, n=4)
+        low, median, high = per_round_quartiles(ratios)
         return f"{median:.3f} [{low:.3f}, {high:.3f}]"
 
     return [

@@ -320,9 +320,9 @@ def _figure_small_batch(axes_figure):
         ("each test image's", "per image", "--"),
     ):
         values = []
+        firsts = [r[0] for r in at_test["rows"]]
         for name in bn_cells:  # the mode's row follows its cell's first row
-            rows = [r[0] for r in at_test["rows"]]
-            start = rows.index(name)
+            start = firsts.index(name)
             row = next(r for r in at_test["rows"][start:] if r[1].replace("**", "") == mode)
             values.append(_numbers(row[3]))
         lines[f"BN, {label} statistics at test"] = ("C0", style, values)
