@@ -28,6 +28,7 @@ with warnings.catch_warnings():
     from .modeling import NormConverted, build_model
     from .recompute import RecomputeConv2d, disable_recompute, enable_recompute
     from .registry import NORM_SOURCES, NORM_TARGETS, NormState
+    from .standardization import WSConv2d, standardize_weight, standardize_weights
     from .report import NormLayerInfo, audit_norms, count_norms, describe_norms, format_norm_table
     from .transfer import TRANSFERS, transfer_bn_to_gn
 
@@ -45,6 +46,7 @@ __all__ = [
     "NormState",
     "RecomputeConv2d",
     "TRANSFERS",
+    "WSConv2d",
     "add_gn_det_config",
     "audit_norms",
     "build_model",
@@ -63,6 +65,8 @@ __all__ = [
     "norm_spec_from_config",
     "resolve_num_groups",
     "route_meta_architecture",
+    "standardize_weight",
+    "standardize_weights",
     "transfer_bn_to_gn",
 ]
 

@@ -18,6 +18,7 @@ from . import _deprecated
 from .convert import NormSpec, convert_norm_by_spec
 from .groups import check_group_args
 from .recompute import enable_recompute
+from .standardization import standardize_weights
 from .registry import NORM_TARGETS
 from .transfer import check_transfer
 
@@ -67,6 +68,9 @@ def add_gn_det_config(cfg: CfgNode) -> CfgNode:
     _C.MODEL.NORM_CONVERSION.INCLUDE = []
     # Module-name prefixes to leave alone (wins over INCLUDE).
     _C.MODEL.NORM_CONVERSION.EXCLUDE = []
+    # Weight Standardization (Qiao et al. 2019) in every conv whose norm is a GroupNorm after
+    # conversion (converted or built as GN; INCLUDE/EXCLUDE apply): the GN + WS target.
+    _C.MODEL.NORM_CONVERSION.WEIGHT_STANDARDIZATION = False
     # Recompute conv+GN in backward instead of storing the GN input (less memory, slower step).
     _C.MODEL.NORM_CONVERSION.RECOMPUTE = False
     # Build the inference form gn-det convert --to folded writes: GroupNorm folded into its conv.
@@ -150,20 +154,29 @@ def check_config(cfg: CfgNode) -> None:
             check(node[key])
         except ValueError as e:
             raise ConfigError(f"MODEL.NORM_CONVERSION.{key} = {node[key]!r}: {e}") from e
+    if node.get("WEIGHT_STANDARDIZATION", False) and node.TARGET != "GN":
+        raise ConfigError(f"MODEL.NORM_CONVERSION.WEIGHT_STANDARDIZATION True goes with TARGET "
+                          f"'GN' (a norm after the conv that gives back its scale), not "
+                          f"{node.TARGET!r}")
     inner = node.get("META_ARCHITECTURE", "")
     if inner == CONVERTING_META_ARCHITECTURE:
         raise ConfigError(f"MODEL.NORM_CONVERSION.META_ARCHITECTURE = {inner!r}: name the "
                           "architecture to build and convert, e.g. GeneralizedRCNN")
 
 
+#: ``MODEL.NORM_CONVERSION`` keys that change the built model, each on its own.
+_MODEL_KEYS = ("ENABLED", "WEIGHT_STANDARDIZATION", "FOLDED", "RECOMPUTE")
+
+
 def _asks_for_conversion(cfg: CfgNode) -> bool:
     node = cfg.MODEL.get("NORM_CONVERSION")
-    return node is not None and any(node.get(k, False) for k in ("ENABLED", "FOLDED", "RECOMPUTE"))
+    return node is not None and any(node.get(k, False) for k in _MODEL_KEYS)
 
 
 def route_meta_architecture(cfg: CfgNode) -> CfgNode:
     """Point ``cfg`` at the ``NormConverted`` meta-architecture when ``MODEL.NORM_CONVERSION``
-    asks for anything (``ENABLED``, ``FOLDED``, ``RECOMPUTE``), in place; returns ``cfg``.
+    asks for anything (``ENABLED``, ``WEIGHT_STANDARDIZATION``, ``FOLDED``, ``RECOMPUTE``), in
+    place; returns ``cfg``.
 
     ``MODEL.META_ARCHITECTURE`` moves to ``MODEL.NORM_CONVERSION.META_ARCHITECTURE``, so
     detectron2's own ``build_model`` (and ``DefaultPredictor``) builds it and converts it.
@@ -193,6 +206,7 @@ def norm_spec_from_config(cfg: CfgNode) -> Optional[NormSpec]:
         transfer=node.TRANSFER,
         include=tuple(node.INCLUDE),
         exclude=tuple(node.EXCLUDE),
+        weight_standardization=node.get("WEIGHT_STANDARDIZATION", False),
     )
 
 
@@ -200,6 +214,8 @@ def convert_model_by_config(model: nn.Module, cfg: CfgNode) -> nn.Module:
     """
     Convert ``model`` as ``cfg.MODEL.NORM_CONVERSION`` says (unchanged when disabled).
 
+    ``WEIGHT_STANDARDIZATION`` standardises the weights of the convs before GroupNorm layers,
+    those the model was built with included (:func:`gn_det.standardize_weights`).
     ``FOLDED`` then gives the model the structure of ``gn-det convert --to folded``'s output
     (:func:`gn_det.folding.folded_architecture`, GroupNorm layers under ``FOLDED_EXCLUDE``
     kept; a :class:`ConfigError` if the model has no GroupNorm), and ``RECOMPUTE`` applies
@@ -210,6 +226,9 @@ def convert_model_by_config(model: nn.Module, cfg: CfgNode) -> nn.Module:
     if spec is not None:
         model = convert_norm_by_spec(model, spec)
     node = cfg.MODEL.get("NORM_CONVERSION")
+    if spec is None and node is not None and node.get("WEIGHT_STANDARDIZATION", False):
+        check_config(cfg)
+        standardize_weights(model, include=tuple(node.INCLUDE), exclude=tuple(node.EXCLUDE))
     if node is not None and node.get("FOLDED", False):
         from .folding import folded_architecture
 

@@ -52,6 +52,10 @@ class NormSpec:
         include: module-name prefixes to convert (empty: everything).
         exclude: module-name prefixes to leave alone; wins over ``include``.
         sources: source names (``gn_det.NORM_SOURCES.names()``) to convert (empty: all).
+        weight_standardization: GN targets only: every detectron2 ``Conv2d`` whose ``norm`` is
+            a GroupNorm after conversion (converted or built as GN, within ``include`` /
+            ``exclude``) standardises its weight (:class:`gn_det.WSConv2d`); BN state is then
+            transferred with the conv's channel scales.
     """
 
     target: str = "GN"
@@ -62,6 +66,7 @@ class NormSpec:
     include: Tuple[str, ...] = ()
     exclude: Tuple[str, ...] = ()
     sources: Tuple[str, ...] = ()
+    weight_standardization: bool = False
 
     def __post_init__(self):
         NORM_TARGETS.get(self.target)
@@ -74,6 +79,9 @@ class NormSpec:
         sources = _as_prefixes(self.sources, "sources")
         NORM_SOURCES.types_named(sources)
         object.__setattr__(self, "sources", sources)
+        if self.weight_standardization and self.target != "GN":
+            raise ValueError(f"weight_standardization goes with target 'GN' (a norm after the "
+                             f"conv that gives back its scale), not {self.target!r}")
 
     def selects(self, name: str, module: nn.Module) -> bool:
         """Whether the layer ``name`` is one this spec converts (by name and by source type)."""
@@ -97,6 +105,7 @@ def convert_norm(
     include: Prefixes = None,
     exclude: Prefixes = None,
     sources: Prefixes = None,
+    weight_standardization: bool = False,
 ) -> nn.Module:
     """
     Replace every BatchNorm-family layer in ``module`` by ``target``, transferring weights.
@@ -111,13 +120,15 @@ def convert_norm(
 
     The options are :class:`NormSpec`'s (``module`` may itself be a norm layer); ``transfer``
     ``"stats"`` uses the BN running statistics, ``"copy"`` γ and β only (what detectron2 does).
-    A summary is logged; ``gn_det.describe_norms`` tabulates the layers afterwards.
+    ``weight_standardization`` makes the target GN + Weight Standardization (docs/transfer.md,
+    "GN + WS"). A summary is logged; ``gn_det.describe_norms`` tabulates the layers afterwards.
 
     Raises:
         ValueError: unknown target, transfer or source name, or bad group/eps values.
     """
     spec = NormSpec(target=target, num_groups=num_groups, dim_per_group=dim_per_group, eps=eps,
-                    transfer=transfer, include=include, exclude=exclude, sources=sources)
+                    transfer=transfer, include=include, exclude=exclude, sources=sources,
+                    weight_standardization=weight_standardization)
     return convert_norm_by_spec(module, spec)
 
 
@@ -126,6 +137,10 @@ def convert_norm_by_spec(module: nn.Module, spec: NormSpec) -> nn.Module:
     counts: collections.Counter = collections.Counter()
     fallbacks: list = []
     converted = _convert(module, "", spec, counts, fallbacks)
+    if spec.weight_standardization:
+        from .standardization import standardize_weights
+
+        standardize_weights(converted, include=spec.include, exclude=spec.exclude)
     if counts:
         summary = ", ".join(f"{n} {src} → {spec.target}" for src, n in sorted(counts.items()))
         logger.info("Converted %d norm layers (%s).", sum(counts.values()), summary)
@@ -143,14 +158,16 @@ def convert_norm_by_spec(module: nn.Module, spec: NormSpec) -> nn.Module:
     return converted
 
 
-def _convert(module: nn.Module, name: str, spec: NormSpec, counts, fallbacks) -> nn.Module:
+def _convert(module: nn.Module, name: str, spec: NormSpec, counts, fallbacks,
+             input_scale=None) -> nn.Module:
     builder, produces = NORM_TARGETS.get(spec.target)
     reader = NORM_SOURCES.lookup(module)
     if reader is not None and type(module) not in produces and spec.selects(name, module):
         layer_name = name or type(module).__name__
         if any(is_lazy(t) for t in itertools.chain(module.parameters(), module.buffers())):
             raise ValueError(f"'{layer_name}' is a lazy module; run one forward before converting")
-        state = dataclasses.replace(reader(module), source=type(module).__name__)
+        state = dataclasses.replace(reader(module), source=type(module).__name__,
+                                    input_scale=input_scale)
         new = builder(state, spec, layer_name)
         new.train(module.training)
         counts[type(module).__name__] += 1
@@ -158,9 +175,16 @@ def _convert(module: nn.Module, name: str, spec: NormSpec, counts, fallbacks) ->
                                                          spec.num_groups, spec.dim_per_group):
             fallbacks.append((layer_name, new.num_groups))
         return new
+    scale = None  # the channel scales of a conv that WS will take over, for its norm
+    if spec.weight_standardization:
+        from .standardization import standardizable, weight_std
+
+        if standardizable(module):
+            scale = weight_std(module.weight)
     for child_name, child in module.named_children():
         full_name = f"{name}.{child_name}" if name else child_name
-        new_child = _convert(child, full_name, spec, counts, fallbacks)
+        new_child = _convert(child, full_name, spec, counts, fallbacks,
+                             scale if child_name == "norm" else None)
         if new_child is not child:
             module.add_module(child_name, new_child)
     return module

@@ -21,6 +21,7 @@ from torch import nn
 from .convert import _as_prefixes, _matches
 from .inputs import eval_mode, forward_images, replace_module
 from .layers import ChannelAffine
+from .standardization import unstandardize_weights
 
 __all__ = ["ChannelAffine", "FOLD_PLAN_KEY", "FoldReport", "fold_for_inference", "fold_into_convs",
            "fold_plan", "folded_architecture", "group_statistics"]
@@ -116,6 +117,7 @@ def fold_into_convs(model: nn.Module, names: Iterable[str]) -> Dict[str, str]:
     norm into that convolution; returns ``{name: what it became}``."""
     holders = _conv_norms(model)
     result = {}
+    unstandardize_weights(model)  # a GN+WS model: the convs' weights become Ŵ first
     for name in names:
         conv = holders.get(name)
         affine = model.get_submodule(name)
@@ -205,6 +207,7 @@ def folded_architecture(model: nn.Module, *, include: Sequence[str] = (),
     ``fold_plan`` attribute ``model`` gets) is the same. Returns ``model``."""
     include, exclude = _as_prefixes(include, "include"), _as_prefixes(exclude, "exclude")
     holders = _conv_norms(model)
+    unstandardize_weights(model)
     for name, gn in _group_norms(model, include, exclude).items():
         conv = holders.get(name)
         if conv is None:

@@ -19,11 +19,14 @@ __all__ = ["build_converted_model", "with_norm_conversion"]
 def build_converted_model(model: nn.Module, target: str = "GN", num_groups: int = 32,
                           dim_per_group: Optional[int] = None, eps: Optional[float] = None,
                           transfer: str = "stats", include: Sequence[str] = (),
-                          exclude: Sequence[str] = (), recompute: bool = False) -> nn.Module:
-    """``model`` (already built by ``instantiate``) with its norms converted (``convert_norm``)
-    and, with ``recompute``, conv+GN recomputed in backward (``enable_recompute``)."""
+                          exclude: Sequence[str] = (), recompute: bool = False,
+                          weight_standardization: bool = False) -> nn.Module:
+    """``model`` (already built by ``instantiate``) with its norms converted (``convert_norm``,
+    GN + WS with ``weight_standardization``) and, with ``recompute``, conv+GN recomputed in
+    backward (``enable_recompute``)."""
     model = convert_norm(model, target, num_groups=num_groups, dim_per_group=dim_per_group,
-                         eps=eps, transfer=transfer, include=tuple(include), exclude=tuple(exclude))
+                         eps=eps, transfer=transfer, include=tuple(include), exclude=tuple(exclude),
+                         weight_standardization=weight_standardization)
     if recompute:
         enable_recompute(model)
     return model

@@ -12,7 +12,9 @@ from detectron2.layers import Conv2d
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["RecomputeConv2d", "enable_recompute", "disable_recompute"]
+from .standardization import WSConv2d
+
+__all__ = ["RecomputeConv2d", "RecomputeWSConv2d", "enable_recompute", "disable_recompute"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +30,21 @@ class RecomputeConv2d(Conv2d):
         if not self._recomputes(x):
             return super().forward(x)
         # conv + GroupNorm + detectron2's activations draw no random numbers: no RNG stash.
-        return checkpoint(Conv2d.forward, self, x, use_reentrant=False, preserve_rng_state=False)
+        return checkpoint(super().forward, x, use_reentrant=False, preserve_rng_state=False)
 
     def _recomputes(self, x: torch.Tensor) -> bool:
         return (self.training and torch.is_grad_enabled() and isinstance(self.norm, nn.GroupNorm)
                 and x.numel() > 0
                 and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+
+
+class RecomputeWSConv2d(RecomputeConv2d, WSConv2d):
+    """:class:`RecomputeConv2d` whose convolution is a :class:`gn_det.WSConv2d`'s: the weight's
+    standardisation is recomputed in backward too."""
+
+
+#: Recomputing class of each conv class that can recompute.
+_RECOMPUTING = {Conv2d: RecomputeConv2d, WSConv2d: RecomputeWSConv2d}
 
 
 def enable_recompute(model: nn.Module) -> int:
@@ -47,8 +58,8 @@ def enable_recompute(model: nn.Module) -> int:
     for name, module in model.named_modules():
         if not isinstance(module, Conv2d) or not isinstance(module.norm, nn.GroupNorm):
             continue
-        if type(module) is Conv2d:
-            module.__class__ = RecomputeConv2d
+        if type(module) in _RECOMPUTING:
+            module.__class__ = _RECOMPUTING[type(module)]
         elif not isinstance(module, RecomputeConv2d):
             logger.warning("Not recomputing '%s': %s is a subclass of detectron2's Conv2d, whose "
                            "forward may differ.", name or type(module).__name__,
@@ -63,7 +74,8 @@ def disable_recompute(model: nn.Module) -> int:
     """Undo :func:`enable_recompute` in place; returns the number of layers restored."""
     count = 0
     for module in model.modules():
-        if type(module) is RecomputeConv2d:
-            module.__class__ = Conv2d
+        restored = {v: k for k, v in _RECOMPUTING.items()}.get(type(module))
+        if restored is not None:
+            module.__class__ = restored
             count += 1
     return count

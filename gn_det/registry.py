@@ -49,6 +49,8 @@ class NormState:
             parameters have ``requires_grad=False`` (detectron2's frozen stages).
         dims: spatial rank of the input the layer expects (1d, 2d, 3d: 1, 2, 3), ``None`` if any.
         source: name of the layer's type, filled in by conversion for reports.
+        input_scale: per channel, what the conv before the layer will divide its output by
+            once Weight-Standardised (its weight's std), filled in by conversion; ``None``.
     """
 
     num_features: int
@@ -62,6 +64,7 @@ class NormState:
     trainable: bool = True
     dims: Optional[int] = 2
     source: str = ""
+    input_scale: Optional[torch.Tensor] = None
 
     @property
     def reference(self) -> torch.Tensor:

@@ -35,10 +35,15 @@ class NormLayerInfo:
     source: Optional[str]  # type it was converted from (ConvertedGroupNorm), else None
     transfer: Optional[str]  # weight transfer it applies to BN state (ConvertedGroupNorm)
     trainable: bool
+    weight_standardized: bool = False  # the norm of a Weight-Standardised conv (WSConv2d)
 
 
 def describe_norms(model: nn.Module) -> List[NormLayerInfo]:
     """Every normalisation layer of ``model`` (BN family, GroupNorm, LayerNorm, InstanceNorm)."""
+    from .standardization import WSConv2d
+
+    standardized = {f"{n}.norm" if n else "norm" for n, m in model.named_modules()
+                    if isinstance(m, WSConv2d)}
     rows = []
     for name, module in model.named_modules():
         if NORM_SOURCES.lookup(module) is None and not isinstance(module, _OTHER_NORMS):
@@ -54,6 +59,7 @@ def describe_norms(model: nn.Module) -> List[NormLayerInfo]:
             source=module.source if converted else None,
             transfer=module.transfer if converted else None,
             trainable=any(isinstance(p, nn.Parameter) and p.requires_grad for p in (weight, bias)),
+            weight_standardized=name in standardized,
         ))
     return rows
 
@@ -68,6 +74,10 @@ def format_norm_table(rows: List[NormLayerInfo], *, summary: bool = True) -> str
     headers = ["layer", "type", "channels", "groups", "from", "transfer", "trainable"]
     table = [[r.name, r.type, r.channels, r.groups or "", r.source or "", r.transfer or "",
               r.trainable] for r in rows]
+    if any(r.weight_standardized for r in rows):  # GN + WS: say which convs standardise
+        headers.append("conv WS")
+        for row, r in zip(table, rows):
+            row.append(r.weight_standardized)
     text = tabulate(table, headers=headers, tablefmt="simple")
     if summary:
         counts = collections.Counter(r.type for r in rows)

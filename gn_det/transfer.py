@@ -25,7 +25,8 @@ def check_transfer(transfer: str) -> str:
 def transfer_bn_to_gn(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                       running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                       *, num_groups: int, bn_eps: float, gn_eps: float,
-                      transfer: str = "stats") -> Tuple[torch.Tensor, torch.Tensor]:
+                      transfer: str = "stats", input_scale: Optional[torch.Tensor] = None,
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """GroupNorm affine (γ', β') that takes over from a BatchNorm layer: each of shape (C,), in
     the inputs' dtype and device (computed in float64, so that low-precision checkpoints do not
     lose the transfer).
@@ -36,6 +37,10 @@ def transfer_bn_to_gn(weight: Optional[torch.Tensor], bias: Optional[torch.Tenso
             ``None`` (a BN without running statistics) makes ``stats`` fall back to ``copy``.
         num_groups: groups G of the GroupNorm; must divide C.
         bn_eps, gn_eps: the eps of the BN source and of the GN target.
+        input_scale: ``s`` (C,) when the GN's input is the BN's divided by ``s`` channel by
+            channel: a Weight-Standardised conv before it, whose ``s_c`` is its weight's std
+            (``gn_det.standardization.weight_std``); the statistics are rescaled to
+            ``μ/s``, ``running_var/s²`` and BN's ``σ/s`` before the transfer. ``copy`` ignores it.
     """
     check_transfer(transfer)
     ref = next(t for t in (weight, bias, running_mean, running_var) if t is not None)
@@ -50,6 +55,9 @@ def transfer_bn_to_gn(weight: Optional[torch.Tensor], bias: Optional[torch.Tenso
     mean = running_mean.double().reshape(num_groups, -1)
     var = running_var.double().reshape(num_groups, -1)
     sigma = (var + bn_eps).sqrt()
+    if input_scale is not None:
+        scale = input_scale.to(mean.device, torch.float64).reshape(num_groups, -1)
+        mean, var, sigma = mean / scale, var / scale**2, sigma / scale
     group_mean = mean.mean(dim=1, keepdim=True)
     group_var = (var + (mean - group_mean) ** 2).mean(dim=1, keepdim=True)
     group_std = (group_var + gn_eps).sqrt()

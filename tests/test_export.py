@@ -278,3 +278,32 @@ def test_onnx_export_matches_eager(converted, tmp_path):
         # Other kernels than eager's: box coordinates (pixels, in the hundreds) get a relative
         # tolerance too; measured: boxes <= 6.1e-5, scores and masks <= 1e-7 absolute.
         _assert_same_instances(actual, expected, box_rtol=1e-5)
+
+
+def test_a_gn_ws_model_traces_and_exports_to_onnx(tmp_path):
+    """GN + Weight Standardization (``shapes/gn_ws.yaml``, R-18-FPN): the trace records the
+    standardisation of each conv's raw weight, and TorchScript and ONNX compute what eager does."""
+    ort = pytest.importorskip("onnxruntime", reason="comparing ONNX outputs needs onnxruntime")
+    from gn_det import WSConv2d
+
+    torch.manual_seed(0)
+    model = build_model(_small_test_cfg(load_config(resolve_config_name("shapes/gn_ws.yaml"))))
+    model.eval()
+    num_ws = sum(isinstance(m, WSConv2d) for m in model.modules())
+    assert num_ws == 32
+    image = _image(128, 160, seed=0)
+    expected = _eager(model, image)
+    assert len(expected) > 0
+    adapter, traced = _trace(model, image)
+    # Each conv's weight is standardised in the graph, from the parameter (not a constant).
+    assert _aten_ops(traced)["aten::var_mean"] == num_ws
+    _assert_same_instances(_run(adapter, traced, image), expected)
+    path = tmp_path / "model.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(adapter, (image,), str(path), opset_version=17,
+                          **_TORCHSCRIPT_EXPORTER, input_names=["image"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    flat = session.run(None, {"image": image.numpy()})
+    actual = adapter.outputs_schema([torch.from_numpy(x) for x in flat])
+    _assert_same_instances(actual, expected, box_rtol=1e-5)

@@ -46,6 +46,10 @@ def _add_conversion_flags(parser, convert: bool = False) -> None:
                         + ("; calibrate: stats, then a least-squares fit on images; distill: "
                            "stats, then feature distillation on images, what keeps most of a "
                            "detector's AP" if convert else "") + ")")
+    parser.add_argument("--weight-standardization", action="store_true", default=None,
+                        help="with --to GN: GN + Weight Standardization, every conv before a "
+                        "GroupNorm standardising its weight (MODEL.NORM_CONVERSION."
+                        "WEIGHT_STANDARDIZATION)")
     parser.add_argument("--device", default=None,
                         help="where the model runs (cpu, cuda, cuda:1); default: the config's "
                         "MODEL.DEVICE, the CPU where that is CUDA and no GPU is usable")

@@ -62,6 +62,8 @@ def _spec(args, *, required: bool):
     from ..convert import NormSpec
 
     if args.to is None and not required:
+        if args.weight_standardization:
+            raise UsageError("--weight-standardization goes with --to GN")
         return None
     try:
         return NormSpec(
@@ -69,6 +71,7 @@ def _spec(args, *, required: bool):
             num_groups=args.num_groups if args.num_groups is not None else 32,
             dim_per_group=args.dim_per_group,
             transfer=args.transfer or "stats",
+            weight_standardization=bool(args.weight_standardization),
         )
     except ValueError as e:
         raise UsageError(str(e)) from e
@@ -114,6 +117,7 @@ def _cmd_fold(args) -> int:
 
     conflicting = [f for f, v in (("--target-config", args.target_config),
                                   ("--transfer", args.transfer),
+                                  ("--weight-standardization", args.weight_standardization),
                                   ("--num-groups", args.num_groups),
                                   ("--dim-per-group", args.dim_per_group),
                                   ("--calib-distill-heads", args.calib_distill_heads),
@@ -175,6 +179,7 @@ def cmd_convert(args) -> int:
         check_input_conventions(source_cfg, target_cfg)  # before minutes of calibration
     target_spec = norm_spec_from_config(target_cfg) if target_cfg is not None else None
     explicit = [f for f, v in (("--to", args.to), ("--transfer", args.transfer),
+                               ("--weight-standardization", args.weight_standardization),
                                ("--num-groups", args.num_groups),
                                ("--dim-per-group", args.dim_per_group)) if v is not None]
     if target_spec is not None and explicit:

@@ -45,7 +45,8 @@ import statistics
 import sys
 from pathlib import Path
 
-NORMS = {"bn": "BN", "syncbn": "SyncBN", "gn": "GN", "frozenbn": "no norm (FrozenBN)"}
+NORMS = {"bn": "BN", "syncbn": "SyncBN", "gn": "GN", "gn_ws": "GN+WS",
+         "frozenbn": "no norm (FrozenBN)"}
 SPLITS = ("shapes_val", "shapes_test")  # choose on the first, report the second too
 #: ``--data shapes_hr``: the high-resolution split (1200x1600 images, 40 to train on), resized
 #: to ``--hr-size`` pixels on the short side; its cells are named ``hr{size}_...``.

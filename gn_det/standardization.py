@@ -1,0 +1,176 @@
+"""Weight Standardization (Qiao et al. 2019) for the convolutions a GroupNorm normalises.
+
+Each output channel's weight is standardised over its fan-in before the convolution,
+``Ŵ_c = (W_c − mean(W_c)) / sqrt(var(W_c) + eps)``; with GN after it, the recipe for 1–2
+images per GPU. Only a layer's class changes (detectron2 ``Conv2d`` → :class:`WSConv2d`), so
+``state_dict`` keys do not, and checkpoints keep the raw weights ``W``. Why only convs before a
+GroupNorm: WS fixes each channel's scale, which only a norm after it gives back.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.layers import Conv2d
+from torch import nn
+
+__all__ = ["WS_EPS", "WSConv2d", "standardizable", "standardize_weight", "standardize_weights",
+           "unstandardize_weights", "weight_std"]
+
+logger = logging.getLogger(__name__)
+
+#: eps added to each channel's weight variance (relative to weights ~1/sqrt(fan-in) in size).
+WS_EPS = 1e-5
+
+
+def weight_std(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
+    """``sqrt(var(W_c) + eps)`` per output channel, shape (C_out,), in float64: what WS divides
+    channel ``c`` by (the biased variance over the fan-in)."""
+    flat = weight.detach().double().reshape(weight.shape[0], -1)
+    return (flat.var(dim=1, unbiased=False) + eps).sqrt()
+
+
+class _Standardize(torch.autograd.Function):
+    """WS with a hand-written backward: two saved tensors, one fused expression each way,
+    instead of autograd's graph through mean, subtraction, variance and division."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        flat = weight.reshape(weight.shape[0], -1)
+        var, mean = torch.var_mean(flat, dim=1, unbiased=False, keepdim=True)
+        inv_std = (var + eps).rsqrt()
+        standardized = torch.addcmul(-mean * inv_std, flat, inv_std)  # one pass: W·r − m·r
+        ctx.save_for_backward(standardized, inv_std)
+        return standardized.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        standardized, inv_std = ctx.saved_tensors
+        g = grad.reshape(standardized.shape)
+        # d/dW of (W − m)·r, r = (v + eps)^-1/2: r·(g − mean(g) − Ŵ·mean(g·Ŵ)), per channel,
+        # as two fused passes over the weight: g·r − mean(g)·r, then − Ŵ·mean(g·Ŵ)·r.
+        fan_in = g.shape[1]
+        projection = torch.linalg.vecdot(g, standardized).unsqueeze(1) / fan_in
+        result = torch.addcmul(-g.mean(dim=1, keepdim=True) * inv_std, g, inv_std)
+        return result.addcmul_(standardized, projection * inv_std, value=-1).view_as(grad), None
+
+
+def standardize_weight(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
+    """``(W_c − mean(W_c)) / sqrt(var(W_c) + eps)`` for each output channel ``c`` of a conv
+    weight (C_out, C_in/groups, *kernel), differentiable (a fused backward outside tracing)."""
+    if torch.jit.is_tracing() or not torch.is_grad_enabled() or not weight.requires_grad:
+        flat = weight.reshape(weight.shape[0], -1)
+        var, mean = torch.var_mean(flat, dim=1, unbiased=False, keepdim=True)
+        return ((flat - mean) * (var + eps).rsqrt()).view_as(weight)
+    return _Standardize.apply(weight, eps)
+
+
+class WSConv2d(Conv2d):
+    """detectron2 ``Conv2d`` that convolves with its standardised weight
+    (:func:`standardize_weight`), then applies its ``norm`` and ``activation`` as ``Conv2d`` does.
+
+    Its parameter ``weight`` stays the raw ``W`` (what the optimizer updates and checkpoints
+    save). Where ``W`` cannot change during a forward (no gradient for it: inference, a frozen
+    stage), ``Ŵ`` is computed once and reused until ``W`` changes; a trace records the
+    standardisation, so an exported model computes it (or its exporter folds it as a constant).
+    A BatchNorm-format state for ``norm`` loaded into it is transferred with ``W``'s channel
+    scales (:func:`gn_det.transfer_bn_to_gn`'s ``input_scale``; docs/transfer.md).
+    """
+
+    ws_eps: float = WS_EPS
+    _ws_cache: Optional[tuple] = None
+
+    def standardized_weight(self) -> torch.Tensor:
+        weight = self.weight
+        if torch.jit.is_tracing() or (torch.is_grad_enabled() and weight.requires_grad):
+            return standardize_weight(weight, self.ws_eps)
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, self.ws_eps)
+        if self._ws_cache is None or self._ws_cache[0] != key:
+            self._ws_cache = (key, standardize_weight(weight.detach(), self.ws_eps))
+        return self._ws_cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
+                     self.dilation, self.groups)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        from .layers import ConvertedGroupNorm
+
+        weight = state_dict.get(prefix + "weight")
+        if (isinstance(self.norm, ConvertedGroupNorm) and torch.is_tensor(weight)
+                and weight.shape == self.weight.shape):
+            self.norm.absorb_bn_state(state_dict, prefix + "norm.", input_scale=weight_std(
+                weight, self.ws_eps))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_standardization=True"
+
+
+def standardizable(module: nn.Module) -> bool:
+    """Whether ``module`` is a detectron2 ``Conv2d`` that standardises its weight or can
+    (gn_det's recomputing ones included); subclasses with a forward of their own cannot."""
+    from .recompute import RecomputeConv2d
+
+    return type(module) in (Conv2d, RecomputeConv2d) or isinstance(module, WSConv2d)
+
+
+def standardize_weights(model: nn.Module, include: Sequence[str] = (),
+                        exclude: Sequence[str] = ()) -> int:
+    """Make every detectron2 ``Conv2d`` of ``model`` whose ``norm`` is a GroupNorm convolve
+    with its standardised weight, in place (its class becomes :class:`WSConv2d`); idempotent.
+
+    ``include`` / ``exclude``: module-name prefixes of the norms whose convs to standardise, as
+    :class:`gn_det.NormSpec`'s. Weights are not changed: a GN model's checkpoint still loads,
+    but computes another function until trained (WS removes each channel's weight mean).
+    Returns the number of standardised convolutions in ``model`` (earlier ones included).
+    """
+    from .convert import _as_prefixes, _matches
+    from .recompute import RecomputeConv2d, RecomputeWSConv2d
+
+    include, exclude = _as_prefixes(include, "include"), _as_prefixes(exclude, "exclude")
+    count, skipped = 0, []
+    for name, module in model.named_modules():
+        norm_name = f"{name}.norm" if name else "norm"
+        if not isinstance(module, Conv2d) or not isinstance(module.norm, nn.GroupNorm):
+            continue
+        if (include and not _matches(norm_name, include)) or _matches(norm_name, exclude):
+            continue
+        if not standardizable(module):
+            skipped.append(name)
+            continue
+        if not isinstance(module, WSConv2d):
+            module.__class__ = RecomputeWSConv2d if type(module) is RecomputeConv2d else WSConv2d
+        count += 1
+    if skipped:
+        logger.warning("Not standardising %d convolutions whose class has a forward of its own "
+                       "(first: '%s', %s).", len(skipped), skipped[0],
+                       type(model.get_submodule(skipped[0])).__name__)
+    logger.info("Weight Standardization on %d convolutions followed by GroupNorm.", count)
+    return count
+
+
+def unstandardize_weights(model: nn.Module) -> int:
+    """Turn every :class:`WSConv2d` of ``model`` into the plain ``Conv2d`` that computes the
+    same (its weight becomes ``Ŵ``), in place; returns how many. Folding starts here."""
+    from .recompute import RecomputeConv2d, RecomputeWSConv2d
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, WSConv2d):
+            with torch.no_grad():
+                module.weight.copy_(standardize_weight(module.weight.detach(), module.ws_eps))
+            module.__class__ = RecomputeConv2d if type(module) is RecomputeWSConv2d else Conv2d
+            module.__dict__.pop("_ws_cache", None)
+            count += 1
+    return count
