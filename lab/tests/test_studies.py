@@ -711,3 +711,48 @@ def test_fold_study_report_draws_both_models_from_the_committed_results(tmp_path
     for row in one_round["rows"]:
         row["round_ratios"] = row["round_ratios"][:1]
     assert len(tool.figure(runs, one_round).axes) == 2
+
+
+def test_ws_study_paired_smoke(tiny_env, tmp_path, capsys, monkeypatch):
+    """lab/tools/ws_study.py paired on a 2-iteration GN and GN+WS run (seed 1, a checkpoint each
+    iteration, named as the small-batch study names its cells): both runs' last two checkpoints
+    evaluated with their image resamples, the paired difference, the table, the plot."""
+    from gn_det_lab.runs import train_run
+    from models import TINY
+
+    monkeypatch.setenv("PYTHONPATH", tiny_env["PYTHONPATH"])  # children register shapes_tiny
+    out = tmp_path / "ws"
+    for norm in ("gn", "gn_ws"):
+        record = train_run(f"shapes/{norm}.yaml", TINY + ["SOLVER.CHECKPOINT_PERIOD", "1"],
+                           out / f"{norm}_b2_lr0.0005_s1", threads=1, keep_checkpoints=True)
+        assert record["returncode"] == 0
+    assert "WEIGHT_STANDARDIZATION: true" in (out / "gn_ws_b2_lr0.0005_s1" / "config.yaml"
+                                              ).read_text()
+    capsys.readouterr()
+    plot, results = tmp_path / "ws.png", tmp_path / "ws.json"
+    argv = ["paired", "--output-dir", str(out), "--dataset", "shapes_tiny_val", "--plot",
+            str(plot), "--json", str(results), "--resamples", "20"]
+    assert _tool("ws_study").main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| difference, paired: GN+WS − GN |" in table
+    data = json.loads(results.read_text())["data"]
+    assert data["seeds"] == [1]
+    for kind in ("box", "mask"):
+        runs = [data["norms"][n]["1"]["final"][kind] for n in ("gn", "gn_ws")]
+        d = data["difference"][kind]
+        assert d["per_seed"]["1"] == pytest.approx(runs[1]["ap"] - runs[0]["ap"])
+        assert d["low"] <= d["high"] and len(runs[0]["samples"]) == 20
+    assert Image.open(plot).size[0] > 0
+
+
+def test_ws_study_zero_shot_table_keeps_the_sources_ap_as_reference():
+    rows = _tool("ws_study").zero_shot_rows({
+        norm: [
+            {"method": "BN teacher", "box_ap": 50.0, "mask_ap": 40.0, "cosines": {"p2": 1.0}},
+            {"method": "stats", "box_ap": ap, "mask_ap": 10.0, "cosines": {"p2": 0.9, "p3": 0.5}},
+        ]
+        for norm, ap in (("gn", 25.0), ("gn_ws", 5.0))
+    })
+    assert rows[0] == ["BN source", "50.0 / 40.0", "", "", ""]
+    assert rows[1] == ["stats", "25.0 / 10.0 (50%)", "0.500–0.900", "5.0 / 10.0 (10%)",
+                       "0.500–0.900"]

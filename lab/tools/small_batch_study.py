@@ -146,6 +146,7 @@ def run_cell(norm: str, batch: int, base_lr: float, seed: int, args, config: dic
         datasets=args.splits,
         processes=processes,
         threads=max(1, threads_per_job(args.jobs) // processes),
+        keep_checkpoints=args.keep_checkpoints,
     )
     return {**cell, **record}
 
@@ -332,6 +333,9 @@ def main(argv=None) -> int:
         help="evaluate shapes_val every this many images (0: only at the end)",
     )
     parser.add_argument("--jobs", type=int, default=1, help="cells run at a time (default 1)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep each finished cell's periodic checkpoints (to evaluate them "
+                        "afterwards: lab/tools/ws_study.py); by default only the final weights")
     parser.add_argument("--force", action="store_true", help="overwrite --plot")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny images and 4 images seen (tests)"
