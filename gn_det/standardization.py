@@ -17,13 +17,17 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d
 from torch import nn
 
-__all__ = ["WS_EPS", "WSConv2d", "standardizable", "standardize_weight", "standardize_weights",
-           "unstandardize_weights", "weight_std"]
+__all__ = ["WS_EPS", "WS_KEY", "WSConv2d", "standardizable", "standardize_weight", "standardize_weights",
+           "unstandardize_weights", "weight_std", "ws_metadata"]
 
 logger = logging.getLogger(__name__)
 
 #: eps added to each channel's weight variance (relative to weights ~1/sqrt(fan-in) in size).
 WS_EPS = 1e-5
+#: Where a checkpoint of a GN + WS model says so (metadata, a string as safetensors keeps): its
+#: raw weights compute another function in a model built without WS, with the same keys.
+WS_KEY = "weight_standardization"
+WS_PLAN = "MODEL.NORM_CONVERSION.WEIGHT_STANDARDIZATION True"
 
 
 def weight_std(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
@@ -115,6 +119,11 @@ class WSConv2d(Conv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_standardization=True"
+
+
+def ws_metadata(model: nn.Module) -> dict:
+    """What a checkpoint of ``model`` records of WS: ``{WS_KEY: WS_PLAN}``, or ``{}``."""
+    return {WS_KEY: WS_PLAN} if any(isinstance(m, WSConv2d) for m in model.modules()) else {}
 
 
 def standardizable(module: nn.Module) -> bool:

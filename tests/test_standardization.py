@@ -260,3 +260,29 @@ def test_cli_inspect_shows_which_convs_standardize(capsys):
     assert row.split()[-1] == "True"
     assert main(["inspect", "--config-file", "shapes/bn.yaml", "--weight-standardization"]) == 2
     assert "--weight-standardization goes with --to GN" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("file_format", ["pth", "safetensors"])
+def test_a_gn_ws_checkpoint_refuses_a_model_without_ws(tmp_path, file_format):
+    from gn_det.checkpoint import Checkpointer
+    from gn_det.checkpoint.io import CheckpointError, save_checkpoint_file
+    from gn_det.standardization import ws_metadata
+
+    def build(name):
+        cfg = load_config(resolve_config_name(name))
+        cfg.MODEL.DEVICE = "cpu"
+        torch.manual_seed(0)
+        return build_model(cfg)
+
+    ws_model = build("shapes/gn_ws.yaml")
+    path = tmp_path / f"gn_ws.{file_format}"
+    save_checkpoint_file({"model": ws_model.state_dict(), **ws_metadata(ws_model)}, path,
+                         file_format=file_format)
+    with pytest.raises(CheckpointError, match="WEIGHT_STANDARDIZATION True"):
+        Checkpointer(build("shapes/gn.yaml")).load_weights(str(path))
+    incompatible = Checkpointer(build("shapes/gn_ws.yaml")).load_weights(str(path))
+    assert not incompatible.missing_keys
+    # detectron2's training checkpoints say so too.
+    Checkpointer(ws_model, save_dir=str(tmp_path)).save("model_final")
+    with pytest.raises(CheckpointError, match="built without it"):
+        Checkpointer(build("shapes/gn.yaml")).load_weights(str(tmp_path / "model_final.pth"))

@@ -36,6 +36,7 @@ class Checkpointer(DetectionCheckpointer):
     def _load_file(self, filename: str):
         weights = read_weights(filename)
         _check_fold_plan(filename, weights, self.model)
+        _check_weight_standardization(filename, weights, self.model)
         logger.info("Loading %s (%s, from %s).", filename, weights.kind, weights.author)
         # Named for the model in _load_model; the rest (optimizer, ...) is for resuming.
         return {**weights.extra, "model": weights.state,
@@ -65,8 +66,10 @@ class Checkpointer(DetectionCheckpointer):
         if not self.save_dir or not self.save_to_disk:
             return
         from ..folding import fold_plan_metadata
+        from ..standardization import ws_metadata
 
         data = {"model": self.model.state_dict(), **fold_plan_metadata(self.model),
+                **ws_metadata(self.model),
                 **{key: obj.state_dict() for key, obj in self.checkpointables.items()}, **kwargs}
         save_file = os.path.join(self.save_dir, f"{name}.pth")
         self.logger.info("Saving checkpoint to %s", save_file)
@@ -89,3 +92,15 @@ def _check_fold_plan(path: str, weights: Weights, model) -> None:
     if recorded != built:
         raise CheckpointError(f"{path}: written for {recorded}, but the model is built with "
                               f"{built}; load it with the config keys it was written for")
+
+
+def _check_weight_standardization(path: str, weights: Weights, model) -> None:
+    """Refuse a GN + WS checkpoint for a model without WS: the same keys, but raw weights that
+    only a standardising conv turns into what was trained."""
+    from ..standardization import WS_KEY, ws_metadata
+
+    if weights.extra.get(WS_KEY) and not ws_metadata(model):
+        raise CheckpointError(f"{path}: written by a GN + Weight Standardization model (raw conv "
+                              f"weights that it standardises), but the model is built without "
+                              f"it; set {weights.extra[WS_KEY]}, or fold it for inference "
+                              "(gn-det convert --to folded)")

@@ -146,6 +146,7 @@ def _source_model(path: str, cfg: CfgNode) -> Tuple[Weights, nn.Module, str, Lis
 
 def _output_object(model: nn.Module, scope: str, file_format: str) -> dict:
     from ..folding import fold_plan_metadata
+    from ..standardization import ws_metadata
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     heuristics = scope == "backbone"
@@ -155,7 +156,7 @@ def _output_object(model: nn.Module, scope: str, file_format: str) -> dict:
     if file_format == "safetensors":  # its metadata holds strings only
         heuristics = str(heuristics)
     return {"model": state, "__author__": "gn_det", "matching_heuristics": heuristics,
-            **fold_plan_metadata(model)}
+            **fold_plan_metadata(model), **ws_metadata(model)}
 
 
 def _verify(target: nn.Module, converted: nn.Module, file: Path, scope: str) -> Tuple[int, int]:
@@ -337,7 +338,8 @@ def convert_checkpoint(
         target_cfg = _model_config(
             source_cfg, ENABLED=True, TARGET=spec.target, TRANSFER=spec.transfer,
             NUM_GROUPS=spec.num_groups, DIM_PER_GROUP=spec.dim_per_group or 0,
-            EPS=spec.eps or 0.0, INCLUDE=list(spec.include), EXCLUDE=list(spec.exclude))
+            EPS=spec.eps or 0.0, INCLUDE=list(spec.include), EXCLUDE=list(spec.exclude),
+            WEIGHT_STANDARDIZATION=spec.weight_standardization)
     target = build_model(_model_config(target_cfg, source_cfg.MODEL.DEVICE))  # beside the source
     keys_matched, keys_expected = _write_verified(converted, target, output_path, scope,
                                                   file_format, overwrite)
