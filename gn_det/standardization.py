@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d
 from torch import nn
 
-__all__ = ["WS_EPS", "WS_KEY", "WSConv2d", "standardizable", "standardize_weight", "standardize_weights",
-           "unstandardize_weights", "weight_std", "ws_metadata"]
+__all__ = ["WS_EPS", "WS_KEY", "WSConv2d", "standardizable", "standardize_weight",
+           "standardize_weights", "unstandardize_weights", "weight_std", "ws_metadata"]
 
 logger = logging.getLogger(__name__)
 
