@@ -469,6 +469,7 @@ def test_gpu_smoke_runs_every_check_on_the_cpu(tmp_path):
         "train_amp",
         "train_amp_adamw_clip",
         "train_amp_recompute",
+        "train_amp_weight_standardization",
         "memory_1_image",
         "ddp_2_processes",
         "calibrate_distill",

@@ -16,6 +16,8 @@ a few random instances each:
   fused one wherever torch has it (CUDA; CPU from torch 2.4), and the clip must see unscaled
   gradients (their norm is checked against the loss scale);
 - ``train_amp_recompute``: ``MODEL.NORM_CONVERSION.RECOMPUTE`` under AMP;
+- ``train_amp_weight_standardization``: ``configs/gn_ws_mask_rcnn.yaml`` (GN + WS) under AMP,
+  finite losses, and its step time against GN's, interleaved (median of the per-round ratios);
 - ``memory_1_image``: peak memory of one training step at 1 image for FrozenBN (4conv1fc head),
   GN and GN + recompute (CUDA: ``max_memory_allocated``; everywhere: the bytes autograd keeps);
 - ``ddp_2_processes``: GN and naiveSyncBN over 2 processes (1 image each) when 2 GPUs exist,
@@ -67,6 +69,7 @@ CHECKS = (
     "train_amp",
     "train_amp_adamw_clip",
     "train_amp_recompute",
+    "train_amp_weight_standardization",
     "memory_1_image",
     "ddp_2_processes",
     "calibrate_distill",
@@ -233,6 +236,40 @@ def check_train_amp(args, *overrides: str) -> str:
         + scale
         + f"; GroupNorm {', '.join(sorted(dtypes)).replace('torch.', '')}"
     )
+
+
+def check_train_amp_weight_standardization(args) -> str:
+    import statistics
+
+    from gn_det import WSConv2d
+
+    batches = [_inputs(args, args.images, seed=i) for i in range(args.iterations)]
+    trainers = {}
+    for name in ("gn_mask_rcnn.yaml", "gn_ws_mask_rcnn.yaml"):
+        cfg = _cfg(name, args)
+        trainers[name] = _trainer(cfg, _model(cfg, batches[0]), batches)
+    standardized = sum(isinstance(m, WSConv2d) for m in trainers["gn_ws_mask_rcnn.yaml"].model
+                       .modules())
+    if standardized == 0:
+        raise AssertionError("gn_ws_mask_rcnn.yaml built no WSConv2d")
+    seconds = {name: [] for name in trainers}
+    losses = []
+    for round_ in range(args.iterations):
+        for name, trainer in list(trainers.items())[:: 1 if round_ % 2 else -1]:
+            _sync(args)
+            start = time.perf_counter()
+            loss = _losses(trainer, 1)
+            _sync(args)
+            seconds[name].append(time.perf_counter() - start)
+            if name == "gn_ws_mask_rcnn.yaml":
+                losses += loss
+    if not all(math.isfinite(x) for x in losses):
+        raise AssertionError(f"non-finite GN + WS loss: {losses}")
+    ratios = [a / b for a, b in zip(seconds["gn_ws_mask_rcnn.yaml"][1:],
+                                    seconds["gn_mask_rcnn.yaml"][1:])]  # the first: warm-up
+    return (f"{standardized} convs standardised; losses " + " ".join(f"{x:.3f}" for x in losses)
+            + f"; step GN + WS / GN {statistics.median(ratios or [math.nan]):.3f} (median of "
+            f"{len(ratios)} rounds)")
 
 
 def check_train_amp_adamw_clip(args) -> str:
@@ -623,6 +660,7 @@ def run(args) -> list:
         "train_amp_recompute": lambda a: check_train_amp(
             a, "MODEL.NORM_CONVERSION.RECOMPUTE", "True"
         ),
+        "train_amp_weight_standardization": check_train_amp_weight_standardization,
         "memory_1_image": check_memory_1_image,
         "ddp_2_processes": check_ddp_2_processes,
         "calibrate_distill": check_calibrate_distill,
