@@ -6,36 +6,19 @@ import collections
 import dataclasses
 import itertools
 import logging
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 from torch import nn
 from torch.nn.parameter import is_lazy
 
 from .groups import check_group_args, is_fallback
+from .prefixes import Prefixes, as_prefixes, selected
 from .registry import NORM_SOURCES, NORM_TARGETS
 from .transfer import check_transfer
 
 __all__ = ["NormSpec", "convert_norm"]
 
 logger = logging.getLogger(__name__)
-
-Prefixes = Union[None, str, Sequence[str]]
-
-
-def _as_prefixes(value: Prefixes, what: str) -> Tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{what} must be module-name prefixes (strings), got {value!r}")
-    return tuple(value)
-
-
-def _matches(name: str, prefixes: Tuple[str, ...]) -> bool:
-    """True if ``name`` is one of ``prefixes`` or inside one (``"a.b"`` is inside ``"a"``)."""
-    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
-
 
 @dataclasses.dataclass(frozen=True)
 class NormSpec:
@@ -74,9 +57,9 @@ class NormSpec:
         check_group_args(self.num_groups, self.dim_per_group)
         if self.eps is not None and not (isinstance(self.eps, (int, float)) and self.eps > 0):
             raise ValueError(f"eps must be a positive number or None, got {self.eps!r}")
-        object.__setattr__(self, "include", _as_prefixes(self.include, "include"))
-        object.__setattr__(self, "exclude", _as_prefixes(self.exclude, "exclude"))
-        sources = _as_prefixes(self.sources, "sources")
+        object.__setattr__(self, "include", as_prefixes(self.include, "include"))
+        object.__setattr__(self, "exclude", as_prefixes(self.exclude, "exclude"))
+        sources = as_prefixes(self.sources, "sources")
         NORM_SOURCES.types_named(sources)
         object.__setattr__(self, "sources", sources)
         if self.weight_standardization and self.target != "GN":
@@ -85,9 +68,7 @@ class NormSpec:
 
     def selects(self, name: str, module: nn.Module) -> bool:
         """Whether the layer ``name`` is one this spec converts (by name and by source type)."""
-        if self.include and not _matches(name, self.include):
-            return False
-        if _matches(name, self.exclude):
+        if not selected(name, self.include, self.exclude):
             return False
         if self.sources:
             return isinstance(module, NORM_SOURCES.types_named(self.sources))

@@ -18,9 +18,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .convert import _as_prefixes, _matches
 from .inputs import eval_mode, forward_images, replace_module
 from .layers import ChannelAffine
+from .prefixes import as_prefixes, selected
 from .standardization import unstandardize_weights
 
 __all__ = ["ChannelAffine", "FOLD_PLAN_KEY", "FoldReport", "fold_for_inference", "fold_into_convs",
@@ -61,7 +61,7 @@ class FoldReport:
 def _group_norms(model: nn.Module, include: Tuple[str, ...],
                  exclude: Tuple[str, ...]) -> Dict[str, nn.GroupNorm]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.GroupNorm) and m.affine
-            and (not include or _matches(name, include)) and not _matches(name, exclude)}
+            and selected(name, include, exclude)}
 
 
 def _conv_norms(model: nn.Module) -> dict:
@@ -165,7 +165,7 @@ def fold_for_inference(model: nn.Module, images=None, *, include: Sequence[str] 
     if distill_steps < 0 or batch_size < 1:
         raise ValueError(f"distill_steps must be >= 0 and batch_size >= 1, got {distill_steps}, "
                          f"{batch_size}")
-    include, exclude = _as_prefixes(include, "include"), _as_prefixes(exclude, "exclude")
+    include, exclude = as_prefixes(include, "include"), as_prefixes(exclude, "exclude")
     student = copy.deepcopy(model).eval()
     layers = _group_norms(student, include, exclude)
     if not layers:
@@ -205,7 +205,7 @@ def folded_architecture(model: nn.Module, *, include: Sequence[str] = (),
     convolution gets a bias; any other selected GroupNorm becomes a :class:`ChannelAffine`. A
     folded checkpoint then loads into it with nothing missing, if its :func:`fold_plan` (the
     ``fold_plan`` attribute ``model`` gets) is the same. Returns ``model``."""
-    include, exclude = _as_prefixes(include, "include"), _as_prefixes(exclude, "exclude")
+    include, exclude = as_prefixes(include, "include"), as_prefixes(exclude, "exclude")
     holders = _conv_norms(model)
     unstandardize_weights(model)
     for name, gn in _group_norms(model, include, exclude).items():

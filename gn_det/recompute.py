@@ -12,7 +12,7 @@ from detectron2.layers import Conv2d
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .standardization import WSConv2d
+from .standardization import WS_CLASSES, WSConv2d
 
 __all__ = ["RecomputeConv2d", "RecomputeWSConv2d", "enable_recompute", "disable_recompute"]
 
@@ -45,6 +45,7 @@ class RecomputeWSConv2d(RecomputeConv2d, WSConv2d):
 
 #: Recomputing class of each conv class that can recompute.
 _RECOMPUTING = {Conv2d: RecomputeConv2d, WSConv2d: RecomputeWSConv2d}
+WS_CLASSES[RecomputeConv2d] = RecomputeWSConv2d
 
 
 def enable_recompute(model: nn.Module) -> int:

@@ -10,12 +10,14 @@ GroupNorm: WS fixes each channel's scale, which only a norm after it gives back.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from detectron2.layers import Conv2d
 from torch import nn
+
+from .prefixes import as_prefixes, selected
 
 __all__ = ["WS_EPS", "WS_KEY", "WSConv2d", "standardizable", "standardize_weight",
            "standardize_weights", "unstandardize_weights", "weight_std", "ws_metadata"]
@@ -28,6 +30,8 @@ WS_EPS = 1e-5
 #: raw weights compute another function in a model built without WS, with the same keys.
 WS_KEY = "weight_standardization"
 WS_PLAN = "MODEL.NORM_CONVERSION.WEIGHT_STANDARDIZATION True"
+#: The class each conv class becomes with WS (gn_det.recompute adds its recomputing pair).
+WS_CLASSES: Dict[type, type] = {}
 
 
 def weight_std(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
@@ -37,16 +41,20 @@ def weight_std(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
     return (flat.var(dim=1, unbiased=False) + eps).sqrt()
 
 
+def _standardized(flat: torch.Tensor, eps: float):
+    """(Ŵ, 1/s) of a weight flattened to (C_out, fan-in), Ŵ in one pass: W·r − m·r."""
+    var, mean = torch.var_mean(flat, dim=1, unbiased=False, keepdim=True)
+    inv_std = (var + eps).rsqrt()
+    return torch.addcmul(-mean * inv_std, flat, inv_std), inv_std
+
+
 class _Standardize(torch.autograd.Function):
     """WS with a hand-written backward: two saved tensors, one fused expression each way,
     instead of autograd's graph through mean, subtraction, variance and division."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        flat = weight.reshape(weight.shape[0], -1)
-        var, mean = torch.var_mean(flat, dim=1, unbiased=False, keepdim=True)
-        inv_std = (var + eps).rsqrt()
-        standardized = torch.addcmul(-mean * inv_std, flat, inv_std)  # one pass: W·r − m·r
+        standardized, inv_std = _standardized(weight.reshape(weight.shape[0], -1), eps)
         ctx.save_for_backward(standardized, inv_std)
         return standardized.view_as(weight)
 
@@ -66,9 +74,7 @@ def standardize_weight(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tenso
     """``(W_c − mean(W_c)) / sqrt(var(W_c) + eps)`` for each output channel ``c`` of a conv
     weight (C_out, C_in/groups, *kernel), differentiable (a fused backward outside tracing)."""
     if torch.jit.is_tracing() or not torch.is_grad_enabled() or not weight.requires_grad:
-        flat = weight.reshape(weight.shape[0], -1)
-        var, mean = torch.var_mean(flat, dim=1, unbiased=False, keepdim=True)
-        return ((flat - mean) * (var + eps).rsqrt()).view_as(weight)
+        return _standardized(weight.reshape(weight.shape[0], -1), eps)[0].view_as(weight)
     return _Standardize.apply(weight, eps)
 
 
@@ -121,6 +127,9 @@ class WSConv2d(Conv2d):
         return f"{super().extra_repr()}, weight_standardization=True"
 
 
+WS_CLASSES[Conv2d] = WSConv2d
+
+
 def ws_metadata(model: nn.Module) -> dict:
     """What a checkpoint of ``model`` records of WS: ``{WS_KEY: WS_PLAN}``, or ``{}``."""
     return {WS_KEY: WS_PLAN} if any(isinstance(m, WSConv2d) for m in model.modules()) else {}
@@ -129,9 +138,7 @@ def ws_metadata(model: nn.Module) -> dict:
 def standardizable(module: nn.Module) -> bool:
     """Whether ``module`` is a detectron2 ``Conv2d`` that standardises its weight or can
     (gn_det's recomputing ones included); subclasses with a forward of their own cannot."""
-    from .recompute import RecomputeConv2d
-
-    return type(module) in (Conv2d, RecomputeConv2d) or isinstance(module, WSConv2d)
+    return type(module) in WS_CLASSES or type(module) in WS_CLASSES.values()
 
 
 def standardize_weights(model: nn.Module, include: Sequence[str] = (),
@@ -144,22 +151,17 @@ def standardize_weights(model: nn.Module, include: Sequence[str] = (),
     but computes another function until trained (WS removes each channel's weight mean).
     Returns the number of standardised convolutions in ``model`` (earlier ones included).
     """
-    from .convert import _as_prefixes, _matches
-    from .recompute import RecomputeConv2d, RecomputeWSConv2d
-
-    include, exclude = _as_prefixes(include, "include"), _as_prefixes(exclude, "exclude")
+    include, exclude = as_prefixes(include, "include"), as_prefixes(exclude, "exclude")
     count, skipped = 0, []
     for name, module in model.named_modules():
         norm_name = f"{name}.norm" if name else "norm"
-        if not isinstance(module, Conv2d) or not isinstance(module.norm, nn.GroupNorm):
-            continue
-        if (include and not _matches(norm_name, include)) or _matches(norm_name, exclude):
+        if (not isinstance(module, Conv2d) or not isinstance(module.norm, nn.GroupNorm)
+                or not selected(norm_name, include, exclude)):
             continue
         if not standardizable(module):
             skipped.append(name)
             continue
-        if not isinstance(module, WSConv2d):
-            module.__class__ = RecomputeWSConv2d if type(module) is RecomputeConv2d else WSConv2d
+        module.__class__ = WS_CLASSES.get(type(module), type(module))
         count += 1
     if skipped:
         logger.warning("Not standardising %d convolutions whose class has a forward of its own "
@@ -172,14 +174,13 @@ def standardize_weights(model: nn.Module, include: Sequence[str] = (),
 def unstandardize_weights(model: nn.Module) -> int:
     """Turn every :class:`WSConv2d` of ``model`` into the plain ``Conv2d`` that computes the
     same (its weight becomes ``Ŵ``), in place; returns how many. Folding starts here."""
-    from .recompute import RecomputeConv2d, RecomputeWSConv2d
-
+    plain = {ws: conv for conv, ws in WS_CLASSES.items()}
     count = 0
     for module in model.modules():
         if isinstance(module, WSConv2d):
             with torch.no_grad():
                 module.weight.copy_(standardize_weight(module.weight.detach(), module.ws_eps))
-            module.__class__ = RecomputeConv2d if type(module) is RecomputeWSConv2d else Conv2d
+            module.__class__ = plain[type(module)]
             module.__dict__.pop("_ws_cache", None)
             count += 1
     return count
