@@ -26,6 +26,7 @@ from .inputs import (eval_mode, heads_run_on_features, input_items, is_detectron
                      replace_module, sampled_regions, teacher_regions)
 from .layers import ConvertedGroupNorm
 from .registry import NORM_SOURCES
+from .standardization import WSConv2d, standardizable
 
 __all__ = ["LayerFit", "calibrate"]
 
@@ -185,7 +186,6 @@ def _consumers(model: nn.Module) -> Dict[str, tuple]:
     output ``relu(norm(...) + shortcut(x))``; ``shortcut`` is the shortcut module's name, None
     for the identity). Known: detectron2's ResNet stem and blocks and its ``Conv2d`` with a ReLU
     activation (heads), torchvision's ResNet and its blocks. Others are fitted at their output."""
-    from detectron2.layers import Conv2d
     from detectron2.modeling.backbone import resnet as d2
     from torchvision.models import resnet as tv
 
@@ -202,7 +202,7 @@ def _consumers(model: nn.Module) -> Dict[str, tuple]:
     found = {}
     for name, m in model.named_modules():
         at = f"{name}." if name else ""
-        if type(m) is Conv2d and m.norm is not None and (
+        if standardizable(m) and m.norm is not None and (
                 m.activation in (F.relu, F.relu_) or isinstance(m.activation, nn.ReLU)):
             found[f"{at}norm"] = ("relu",)
         elif type(m) in known:
@@ -241,16 +241,53 @@ def _check_same_weights(student: nn.Module, teacher: nn.Module, norm_names: Iter
                              "weights but the norms)")
 
 
-def _local_moments(pairs: dict, relu_fits, stack: contextlib.ExitStack) -> dict:
+def _local_moments(pairs: dict, relu_fits, student: nn.Module, teacher: nn.Module,
+                   stack: contextlib.ExitStack) -> dict:
     """Hooks on the teacher's norms (removed when ``stack`` closes) that gather the moments of
-    each pair's student GN on the teacher's own inputs to that layer."""
+    each pair's student GN on the teacher's own inputs to that layer (for a student conv that
+    standardises its weight: the teacher conv's input, convolved as the student does)."""
     moments = {name: _Moments(gn.num_channels) for name, (_, gn) in pairs.items()}
     for name, (teacher_norm, student_norm) in pairs.items():
-        def hook(module, args, output, name=name, gn=student_norm):
-            _add_fit(moments[name], gn, _normalised(gn, args[0]), output, name in relu_fits)
+        conv_name = name[: -len(".norm")] if name.endswith(".norm") else None
+        conv = student.get_submodule(conv_name) if conv_name else None
+        inputs = []
+        if isinstance(conv, WSConv2d):
+            stack.callback(teacher.get_submodule(conv_name).register_forward_pre_hook(
+                lambda module, args, inputs=inputs: inputs.append(args[0])).remove)
+
+        def hook(module, args, output, name=name, gn=student_norm, conv=conv, inputs=inputs):
+            x = args[0]
+            if inputs:  # the student GN's input: the teacher conv's input, standardised conv
+                x = F.conv2d(inputs.pop(), conv.standardized_weight(), conv.bias, conv.stride,
+                             conv.padding, conv.dilation, conv.groups)
+            _add_fit(moments[name], gn, _normalised(gn, x), output, name in relu_fits)
 
         stack.callback(teacher_norm.register_forward_hook(hook).remove)
     return moments
+
+
+class _PairedWSConv2d(WSConv2d):
+    """A student conv that standardises its weight, in the paired pass (batch ``[x; x]``): the
+    teacher half convolves with the raw weight, as the BN model's conv does, the student half
+    with the standardised one; then its (paired) norm and activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[0] // 2
+        x = torch.cat([F.conv2d(part, weight, self.bias, self.stride, self.padding,
+                                self.dilation, self.groups)
+                       for part, weight in ((x[:half], self.weight),
+                                            (x[half:], self.standardized_weight()))])
+        if self.norm is not None:
+            x = self.norm(x)
+        return x if self.activation is None else self.activation(x)
+
+
+def _pair_standardized_convs(body: nn.Module, stack: contextlib.ExitStack) -> None:
+    """Every conv of ``body`` that standardises its weight runs paired until ``stack`` closes."""
+    for module in body.modules():
+        if isinstance(module, WSConv2d):
+            stack.callback(setattr, module, "__class__", type(module))
+            module.__class__ = _PairedWSConv2d
 
 
 @torch.no_grad()
@@ -304,10 +341,12 @@ def calibrate(student: nn.Module, teacher: nn.Module, inputs: Iterable, *, seque
                                        disable=not progress))
         for name, norm in paired.items():
             stack.callback(replace_module, body, name, replace_module(body, name, norm))
+        if paired:
+            _pair_standardized_convs(body, stack)
         for block, shortcut, norm in residual_fits:
             _fit_at_block_output(student.get_submodule(block), norm,
                                  student.get_submodule(shortcut) if shortcut else None, stack)
-        moments = _local_moments(local_pairs, relu_fits, stack)
+        moments = _local_moments(local_pairs, relu_fits, student, teacher, stack)
         if detectron2:
             stack.enter_context(sampled_regions(teacher, head_proposals, head_detections))
         for i in range(0, len(items), batch_size):

@@ -140,7 +140,7 @@ def convert_norm_by_spec(module: nn.Module, spec: NormSpec) -> nn.Module:
 
 
 def _convert(module: nn.Module, name: str, spec: NormSpec, counts, fallbacks,
-             input_scale=None) -> nn.Module:
+             input_affine=None) -> nn.Module:
     builder, produces = NORM_TARGETS.get(spec.target)
     reader = NORM_SOURCES.lookup(module)
     if reader is not None and type(module) not in produces and spec.selects(name, module):
@@ -148,7 +148,7 @@ def _convert(module: nn.Module, name: str, spec: NormSpec, counts, fallbacks,
         if any(is_lazy(t) for t in itertools.chain(module.parameters(), module.buffers())):
             raise ValueError(f"'{layer_name}' is a lazy module; run one forward before converting")
         state = dataclasses.replace(reader(module), source=type(module).__name__,
-                                    input_scale=input_scale)
+                                    input_affine=input_affine)
         new = builder(state, spec, layer_name)
         new.train(module.training)
         counts[type(module).__name__] += 1
@@ -156,16 +156,16 @@ def _convert(module: nn.Module, name: str, spec: NormSpec, counts, fallbacks,
                                                          spec.num_groups, spec.dim_per_group):
             fallbacks.append((layer_name, new.num_groups))
         return new
-    scale = None  # the channel scales of a conv that WS will take over, for its norm
+    affine = None  # what a conv that WS will take over makes of its output, for its norm
     if spec.weight_standardization:
-        from .standardization import standardizable, weight_std
+        from .standardization import standardizable, ws_input_affine
 
         if standardizable(module):
-            scale = weight_std(module.weight)
+            affine = ws_input_affine(module.weight, module.bias)
     for child_name, child in module.named_children():
         full_name = f"{name}.{child_name}" if name else child_name
         new_child = _convert(child, full_name, spec, counts, fallbacks,
-                             scale if child_name == "norm" else None)
+                             affine if child_name == "norm" else None)
         if new_child is not child:
             module.add_module(child_name, new_child)
     return module

@@ -57,13 +57,13 @@ class ConvertedGroupNorm(nn.GroupNorm):
         self.source = source
 
     def _transferred(self, layer_name, weight, bias, running_mean, running_var,
-                     input_scale=None):
+                     input_affine=None):
         _check_values(layer_name, weight=weight, bias=bias, running_mean=running_mean,
                       running_var=running_var)
         new_weight, new_bias = transfer_bn_to_gn(
             weight, bias, running_mean, running_var, num_groups=self.num_groups,
             bn_eps=self.source_eps, gn_eps=self.eps, transfer=self.transfer,
-            input_scale=input_scale)
+            input_affine=input_affine)
         _check_values(layer_name, **{"transferred weight": new_weight,
                                      "transferred bias": new_bias})
         return new_weight, new_bias
@@ -71,24 +71,25 @@ class ConvertedGroupNorm(nn.GroupNorm):
     def load_bn_state(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                       running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                       layer_name: str = "GroupNorm",
-                      input_scale: Optional[torch.Tensor] = None) -> None:
+                      input_affine: Optional[tuple] = None) -> None:
         """Set this layer's affine from BN tensors, using its ``transfer``; keeps requires_grad.
-        ``input_scale``: a Weight-Standardised conv's channel scales (``transfer_bn_to_gn``).
+        ``input_affine``: what a Weight-Standardised conv before it makes of its input
+        (``transfer_bn_to_gn``).
         Raises :class:`~gn_det.checkpoint.errors.CorruptValuesError` naming ``layer_name`` for
         impossible BN state (non-finite values, a negative ``running_var``), writing nothing."""
         new_weight, new_bias = self._transferred(layer_name, weight, bias, running_mean,
-                                                 running_var, input_scale)
+                                                 running_var, input_affine)
         if self.affine:
             with torch.no_grad():
                 self.weight.copy_(new_weight)
                 self.bias.copy_(new_bias)
 
     def absorb_bn_state(self, state_dict: dict, prefix: str,
-                        input_scale: Optional[torch.Tensor] = None) -> None:
+                        input_affine: Optional[tuple] = None) -> None:
         """If ``state_dict`` holds BatchNorm-format state under ``prefix``, replace it, in
-        place, by this layer's GN state (transferred; ``input_scale`` as for
+        place, by this layer's GN state (transferred; ``input_affine`` as for
         :meth:`load_bn_state`). Its loader calls it; so does a :class:`gn_det.WSConv2d` before
-        it, with its weight's scales, first."""
+        it, with the affine of the weight being loaded, first."""
         keys = {name: prefix + name for name in ("weight", "bias") + _BN_STATE}
         if keys["running_mean"] not in state_dict and keys["running_var"] not in state_dict:
             return
@@ -102,7 +103,7 @@ class ConvertedGroupNorm(nn.GroupNorm):
             names = ("weight", "bias", "running_mean", "running_var")
             weight, bias = self._transferred(prefix[:-1] or "GroupNorm",
                                              *(_as_tensor(bn_state[n]) for n in names),
-                                             input_scale=input_scale)
+                                             input_affine=input_affine)
             state_dict[keys["weight"]] = weight
             state_dict[keys["bias"]] = bias
         else:
@@ -161,7 +162,7 @@ def _build_group_norm(state: NormState, spec: NormSpec, layer_name: str) -> nn.M
         logger.info("'%s': affine-free BatchNorm becomes affine-free GroupNorm; its running "
                     "statistics have no GN counterpart to transfer into.", layer_name)
     norm.load_bn_state(state.weight, state.bias, state.running_mean, state.running_var,
-                       layer_name, input_scale=state.input_scale)
+                       layer_name, input_affine=state.input_affine)
     if norm.affine:
         norm.weight.requires_grad_(state.trainable)
         norm.bias.requires_grad_(state.trainable)

@@ -49,8 +49,9 @@ class NormState:
             parameters have ``requires_grad=False`` (detectron2's frozen stages).
         dims: spatial rank of the input the layer expects (1d, 2d, 3d: 1, 2, 3), ``None`` if any.
         source: name of the layer's type, filled in by conversion for reports.
-        input_scale: per channel, what the conv before the layer will divide its output by
-            once Weight-Standardised (its weight's std), filled in by conversion; ``None``.
+        input_affine: ``(a, c)``: the layer's input will be ``a · x + c`` per channel, once the
+            conv before it is Weight-Standardised (``gn_det.standardization.ws_input_affine``),
+            filled in by conversion; ``None``.
     """
 
     num_features: int
@@ -64,7 +65,7 @@ class NormState:
     trainable: bool = True
     dims: Optional[int] = 2
     source: str = ""
-    input_scale: Optional[torch.Tensor] = None
+    input_affine: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
     @property
     def reference(self) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from detectron2.layers import Conv2d
+from torch.autograd.function import once_differentiable
 from torch import nn
 
 from .prefixes import as_prefixes, selected
@@ -48,6 +49,15 @@ def _standardized(flat: torch.Tensor, eps: float):
     return torch.addcmul(-mean * inv_std, flat, inv_std), inv_std
 
 
+def ws_input_affine(weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    eps: float = WS_EPS) -> tuple:
+    """``(a, c)`` such that a conv standardising ``weight`` outputs ``a · z + c`` for the plain
+    conv's output ``z``, the weight mean set aside: ``a = 1/s``, ``c = b (1 − a)``
+    (:func:`gn_det.transfer_bn_to_gn`'s ``input_affine``)."""
+    a = weight_std(weight, eps).reciprocal()
+    return a, None if bias is None else bias.detach().double() * (1 - a)
+
+
 class _Standardize(torch.autograd.Function):
     """WS with a hand-written backward: two saved tensors, one fused expression each way,
     instead of autograd's graph through mean, subtraction, variance and division."""
@@ -59,6 +69,7 @@ class _Standardize(torch.autograd.Function):
         return standardized.view_as(weight)
 
     @staticmethod
+    @once_differentiable  # a second derivative is refused, not silently wrong
     def backward(ctx, grad: torch.Tensor):
         standardized, inv_std = ctx.saved_tensors
         g = grad.reshape(standardized.shape)
@@ -84,10 +95,11 @@ class WSConv2d(Conv2d):
 
     Its parameter ``weight`` stays the raw ``W`` (what the optimizer updates and checkpoints
     save). Where ``W`` cannot change during a forward (no gradient for it: inference, a frozen
-    stage), ``Ŵ`` is computed once and reused until ``W`` changes; a trace records the
+    stage), ``Ŵ`` is computed once and reused until ``W`` changes in place, moves or the module
+    switches between train and eval (writes through ``.data`` are seen then); a trace records the
     standardisation, so an exported model computes it (or its exporter folds it as a constant).
     A BatchNorm-format state for ``norm`` loaded into it is transferred with ``W``'s channel
-    scales (:func:`gn_det.transfer_bn_to_gn`'s ``input_scale``; docs/transfer.md).
+    scales (:func:`ws_input_affine`; docs/transfer.md).
     """
 
     ws_eps: float = WS_EPS
@@ -95,12 +107,23 @@ class WSConv2d(Conv2d):
 
     def standardized_weight(self) -> torch.Tensor:
         weight = self.weight
-        if torch.jit.is_tracing() or (torch.is_grad_enabled() and weight.requires_grad):
+        if (torch.jit.is_tracing() or (torch.is_grad_enabled() and weight.requires_grad)
+                or weight.is_inference()):  # an inference tensor has no version to key on
             return standardize_weight(weight, self.ws_eps)
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, self.ws_eps)
         if self._ws_cache is None or self._ws_cache[0] != key:
-            self._ws_cache = (key, standardize_weight(weight.detach(), self.ws_eps))
+            # A normal tensor even under inference_mode: usable by a later training forward.
+            with torch.inference_mode(False), torch.no_grad():
+                self._ws_cache = (key, standardize_weight(weight.detach(), self.ws_eps))
         return self._ws_cache[1]
+
+    def train(self, mode: bool = True):
+        self._ws_cache = None  # writes through .data bump no version: a mode switch forgets
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._ws_cache = None  # .to(), .half(), ...: the weight may be new data at an old address
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
@@ -115,11 +138,11 @@ class WSConv2d(Conv2d):
                               unexpected_keys, error_msgs):
         from .layers import ConvertedGroupNorm
 
-        weight = state_dict.get(prefix + "weight")
+        weight, bias = state_dict.get(prefix + "weight"), state_dict.get(prefix + "bias")
         if (isinstance(self.norm, ConvertedGroupNorm) and torch.is_tensor(weight)
                 and weight.shape == self.weight.shape):
-            self.norm.absorb_bn_state(state_dict, prefix + "norm.", input_scale=weight_std(
-                weight, self.ws_eps))
+            self.norm.absorb_bn_state(state_dict, prefix + "norm.", input_affine=ws_input_affine(
+                weight, bias if torch.is_tensor(bias) else None, self.ws_eps))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

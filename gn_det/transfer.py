@@ -25,7 +25,8 @@ def check_transfer(transfer: str) -> str:
 def transfer_bn_to_gn(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                       running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                       *, num_groups: int, bn_eps: float, gn_eps: float,
-                      transfer: str = "stats", input_scale: Optional[torch.Tensor] = None,
+                      transfer: str = "stats",
+                      input_affine: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """GroupNorm affine (γ', β') that takes over from a BatchNorm layer: each of shape (C,), in
     the inputs' dtype and device (computed in float64, so that low-precision checkpoints do not
@@ -37,10 +38,12 @@ def transfer_bn_to_gn(weight: Optional[torch.Tensor], bias: Optional[torch.Tenso
             ``None`` (a BN without running statistics) makes ``stats`` fall back to ``copy``.
         num_groups: groups G of the GroupNorm; must divide C.
         bn_eps, gn_eps: the eps of the BN source and of the GN target.
-        input_scale: ``s`` (C,) when the GN's input is the BN's divided by ``s`` channel by
-            channel: a Weight-Standardised conv before it, whose ``s_c`` is its weight's std
-            (``gn_det.standardization.weight_std``); the statistics are rescaled to
-            ``μ/s``, ``running_var/s²`` and BN's ``σ/s`` before the transfer. ``copy`` ignores it.
+        input_affine: ``(a, c)``, each (C,) (``c`` may be None: 0), when the GN's input is
+            ``a · x + c`` for the BN's input ``x``, channel by channel: a Weight-Standardised
+            conv before it (``gn_det.WSConv2d``), whose output is the BN-trained conv's with
+            ``a = 1/s`` (its weight's std) and ``c = b (1 − 1/s)`` for a conv bias ``b``, once
+            the weight mean WS removes is set aside (docs/transfer.md). The statistics become
+            ``a μ + c``, ``a² running_var`` and BN's ``σ`` ``a σ``. ``copy`` ignores it.
     """
     check_transfer(transfer)
     ref = next(t for t in (weight, bias, running_mean, running_var) if t is not None)
@@ -55,9 +58,10 @@ def transfer_bn_to_gn(weight: Optional[torch.Tensor], bias: Optional[torch.Tenso
     mean = running_mean.double().reshape(num_groups, -1)
     var = running_var.double().reshape(num_groups, -1)
     sigma = (var + bn_eps).sqrt()
-    if input_scale is not None:
-        scale = input_scale.to(mean.device, torch.float64).reshape(num_groups, -1)
-        mean, var, sigma = mean / scale, var / scale**2, sigma / scale
+    if input_affine is not None:
+        a, c = (t.to(mean.device, torch.float64).reshape(num_groups, -1) if t is not None
+                else 0.0 for t in input_affine)
+        mean, var, sigma = a * mean + c, a * a * var, a * sigma
     group_mean = mean.mean(dim=1, keepdim=True)
     group_var = (var + (mean - group_mean) ** 2).mean(dim=1, keepdim=True)
     group_std = (group_var + gn_eps).sqrt()

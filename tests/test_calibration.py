@@ -318,3 +318,58 @@ def test_the_least_squares_sums_live_on_the_activations_device():
         torch.zeros(4, device="meta", dtype=torch.float64),
     )
     assert a.device.type == b.device.type == "meta"
+
+
+def _d2_bn_teacher_net():
+    """:func:`bn_teacher_net` built of detectron2 ``Conv2d`` layers holding their BN and ReLU
+    (what Weight Standardization pairs), population statistics on photometric images."""
+    from detectron2.layers import Conv2d
+
+    torch.manual_seed(0)
+    channels = [3, 32, 64, 64, 64]
+    model = nn.Sequential(*[
+        Conv2d(channels[i], channels[i + 1], 3, padding=1, stride=1 + (i % 2), bias=False,
+               norm=nn.BatchNorm2d(channels[i + 1], momentum=None), activation=nn.ReLU())
+        for i in range(4)
+    ])
+    with torch.no_grad():
+        for _ in range(4):
+            model(photometric_images(64, seed=1))
+    return model.eval()
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_calibration_of_a_gn_ws_student_beats_its_stats_transfer(sequential):
+    # The paired pass runs the teacher half of each standardising conv with the raw weight, and
+    # local fits convolve the teacher conv's input as the student does.
+    teacher = _d2_bn_teacher_net()
+    stats = convert_norm(copy.deepcopy(teacher), weight_standardization=True)
+    calibrated = convert_norm(copy.deepcopy(teacher), weight_standardization=True)
+    fits = calibrate(calibrated, teacher, [_images(16, seed=2), _images(16, seed=3)],
+                     sequential=sequential, progress=False)
+    assert [f.name for f in fits] == ["0.norm", "1.norm", "2.norm", "3.norm"]
+    assert all(f.error_after < f.error_before for f in fits)
+    assert all(type(m).__name__ == "WSConv2d" for m in calibrated)  # classes restored
+    held_out = _images(32, seed=4)
+    errors_stats = _relative_errors(stats, teacher, held_out)
+    errors_calibrated = _relative_errors(calibrated, teacher, held_out)
+    assert all(c < s for c, s in zip(errors_calibrated, errors_stats)), (
+        errors_calibrated, errors_stats)
+    # Not a fit to the wrong target: as close to the teacher as GN alone calibrated the same
+    # (within 10 %; a teacher half through the standardised conv gave errors of about 190).
+    gn = convert_norm(copy.deepcopy(teacher))
+    calibrate(gn, teacher, [_images(16, seed=2), _images(16, seed=3)], sequential=sequential,
+              progress=False)
+    errors_gn = _relative_errors(gn, teacher, held_out)
+    assert all(w < 1.1 * g for w, g in zip(errors_calibrated, errors_gn)), (
+        errors_calibrated, errors_gn)
+
+
+def test_a_gn_ws_detectron2_mask_rcnn_calibrates_heads_on_standardised_inputs():
+    teacher, images = shapes_bn_mask_rcnn()
+    student = convert_norm(copy.deepcopy(teacher), weight_standardization=True)
+    fits = calibrate(student, teacher, images, progress=False, batch_size=2, head_proposals=30,
+                     head_detections=3)
+    assert {f.mode for f in fits} == {"sequential", "local"}
+    assert all(f.error_after <= f.error_before for f in fits)
+    assert all(f.error_after < 1 for f in fits if f.mode == "local"), fits

@@ -286,3 +286,74 @@ def test_a_gn_ws_checkpoint_refuses_a_model_without_ws(tmp_path, file_format):
     Checkpointer(ws_model, save_dir=str(tmp_path)).save("model_final")
     with pytest.raises(CheckpointError, match="built without it"):
         Checkpointer(build("shapes/gn.yaml")).load_weights(str(tmp_path / "model_final.pth"))
+
+
+def test_bn_transfer_into_ws_keeps_a_conv_bias_exact():
+    # WS scales W·x but not the bias: the BN statistics become a·μ + c with a = 1/s, c = b(1 − a).
+    weight = _random_weight((64, 32, 3, 3))
+    weight -= weight.mean(dim=(1, 2, 3), keepdim=True)
+    conv = Conv2d(32, 64, 3, padding=1, bias=True, norm=nn.BatchNorm2d(64))
+    x = torch.randn(1, 32, 12, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        conv.bias.normal_()
+        z = F.conv2d(x, weight, conv.bias, padding=1)
+        conv.norm.running_mean.copy_(z.mean((0, 2, 3)))
+        conv.norm.running_var.copy_(z.var((0, 2, 3), unbiased=False))
+    bn = nn.Sequential(conv).eval()
+    ws = convert_norm(copy.deepcopy(bn), weight_standardization=True)
+    loaded = convert_norm(copy.deepcopy(bn), weight_standardization=True)
+    loaded.load_state_dict(bn.state_dict(), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ws(x), bn(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loaded(x), bn(x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_cache_follows_inference_mode_moves_and_mode_switches():
+    conv = _ws_conv().eval()
+    x = torch.randn(1, 8, 6, 6)
+    with torch.inference_mode():
+        inferred = conv(x)
+    # The weight cached in inference mode serves a frozen conv whose input needs a gradient.
+    conv.weight.requires_grad_(False)
+    out = conv(x.requires_grad_())
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), inferred)
+    with torch.no_grad():
+        conv.weight.data.mul_(3)  # no version bump: seen after a switch of mode
+        conv.train().eval()
+        expected = torch.from_numpy(ws_reference(conv.weight)).float()
+        torch.testing.assert_close(conv.standardized_weight(), expected, rtol=1e-4, atol=1e-5)
+        conv.double()
+        assert conv.standardized_weight().dtype == torch.float64
+    with torch.inference_mode():  # a model built in inference mode: nothing cached, still right
+        built = _ws_conv().eval()
+        torch.testing.assert_close(built(x.detach()), _ws_conv().eval()(x.detach()))
+
+
+def test_second_derivatives_are_refused_not_wrong():
+    weight = _random_weight(dtype=torch.float64).requires_grad_()
+    (grad,) = torch.autograd.grad(standardize_weight(weight).pow(3).sum(), weight,
+                                  create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        grad.sum().backward()
+
+
+def test_cli_refuses_pkl_for_gn_ws_and_folding_a_gn_ws_checkpoint_without_ws(tmp_path, capsys):
+    from gn_det.standardization import ws_metadata
+
+    bn, _ = shapes_bn_mask_rcnn()
+    torch.save({"model": bn.state_dict()}, tmp_path / "bn.pth")
+    assert main(["convert", "--weights", str(tmp_path / "bn.pth"), "--config-file",
+                 "shapes/bn.yaml", "--to", "GN", "--weight-standardization", "--output",
+                 str(tmp_path / "out.pkl"), "MODEL.DEVICE", "cpu"]) == 2  # pkl: no metadata
+    assert "written as pth or safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "out.pkl").exists()
+    cfg = load_config(resolve_config_name("shapes/gn_ws.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    ws_model = build_model(cfg)
+    torch.save({"model": ws_model.state_dict(), **ws_metadata(ws_model)}, tmp_path / "ws.pth")
+    assert main(["convert", "--to", "folded", "--weights", str(tmp_path / "ws.pth"), "--output",
+                 str(tmp_path / "folded.pth"), "--config-file", "shapes/gn.yaml",
+                 "MODEL.DEVICE", "cpu"]) == 2
+    assert "WEIGHT_STANDARDIZATION True" in capsys.readouterr().err

@@ -36,7 +36,7 @@ class Checkpointer(DetectionCheckpointer):
     def _load_file(self, filename: str):
         weights = read_weights(filename)
         _check_fold_plan(filename, weights, self.model)
-        _check_weight_standardization(filename, weights, self.model)
+        check_weight_standardization(filename, weights, self.model)
         logger.info("Loading %s (%s, from %s).", filename, weights.kind, weights.author)
         # Named for the model in _load_model; the rest (optimizer, ...) is for resuming.
         return {**weights.extra, "model": weights.state,
@@ -94,7 +94,7 @@ def _check_fold_plan(path: str, weights: Weights, model) -> None:
                               f"{built}; load it with the config keys it was written for")
 
 
-def _check_weight_standardization(path: str, weights: Weights, model) -> None:
+def check_weight_standardization(path: str, weights: Weights, model) -> None:
     """Refuse a GN + WS checkpoint for a model without WS: the same keys, but raw weights that
     only a standardising conv turns into what was trained."""
     from ..standardization import WS_KEY, ws_metadata

@@ -26,7 +26,7 @@ from ..convert import NormSpec, convert_norm_by_spec
 from ..distillation import distill
 from ..modeling.meta_arch import build_model
 from ..report import describe_norms
-from .checkpointer import Checkpointer
+from .checkpointer import Checkpointer, check_weight_standardization
 from .io import CheckpointError, save_checkpoint_file
 from .weights import (
     BOTTOM_UP_PREFIX,
@@ -125,6 +125,7 @@ def _source_model(path: str, cfg: CfgNode) -> Tuple[Weights, nn.Module, str, Lis
     statistics (``running_mean``) they did not set."""
     weights = read_weights(path)
     model = build_model(cfg).eval()
+    check_weight_standardization(path, weights, model)
     state = state_for_model(weights, model)
     mismatch = first_shape_mismatches(state, model)
     if mismatch:
@@ -202,8 +203,9 @@ def _write_verified(model: nn.Module, target: nn.Module, output_path: Path, scop
 
 
 def check_output(output: str, file_format: Optional[str], overwrite: bool,
-                 folded: bool = False) -> Tuple[Path, str]:
-    """The output path and its format; CheckpointError if it cannot be written there."""
+                 folded: bool = False, standardized: bool = False) -> Tuple[Path, str]:
+    """The output path and its format; CheckpointError if it cannot be written there (or, for a
+    ``folded`` or ``standardized`` (GN + WS) model, as pkl, which keeps no metadata)."""
     output_path = Path(output)
     file_format = format_for_output(output_path, file_format)
     if output_path.is_dir():
@@ -211,6 +213,10 @@ def check_output(output: str, file_format: Optional[str], overwrite: bool,
     if folded and file_format == "pkl":
         raise CheckpointError(f"{output_path}: a folded checkpoint is written as pth or "
                               "safetensors, whose metadata keep its fold plan")
+    if standardized and file_format == "pkl":
+        raise CheckpointError(f"{output_path}: a GN + Weight Standardization checkpoint is "
+                              "written as pth or safetensors, whose metadata say that its convs "
+                              "standardise their weights")
     if output_path.exists() and not overwrite:
         raise CheckpointError(f"{output_path}: exists; pass --force to overwrite")
     if not output_path.parent.is_dir():
@@ -316,7 +322,8 @@ def convert_checkpoint(
             distilled on the backbone's outputs alone (``"none"``).
     """
     start = time.perf_counter()
-    output_path, file_format = check_output(output, file_format, overwrite)
+    output_path, file_format = check_output(output, file_format, overwrite,
+                                            standardized=spec.weight_standardization)
     if target_cfg is not None:
         check_input_conventions(source_cfg, target_cfg)
     weights, source, scope, no_statistics = _source_model(

@@ -168,7 +168,8 @@ def cmd_convert(args) -> int:
     from ..checkpoint.convert import check_output, convert_checkpoint
     from ..config import norm_spec_from_config
 
-    check_output(args.output, args.format, args.force)
+    check_output(args.output, args.format, args.force,
+                 standardized=bool(args.weight_standardization))
     source_cfg = _load_cfg(args.config_file or DEFAULT_SOURCE_CONFIG, args.opts,
                            device=args.device, allow_unsafe_yaml=args.allow_unsafe_yaml)
     target_cfg = _load_cfg(args.target_config, device=source_cfg.MODEL.DEVICE,
