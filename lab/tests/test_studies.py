@@ -722,11 +722,15 @@ def test_ws_study_paired_smoke(tiny_env, tmp_path, capsys, monkeypatch):
     from models import TINY
 
     monkeypatch.setenv("PYTHONPATH", tiny_env["PYTHONPATH"])  # children register shapes_tiny
+    import concurrent.futures
+
     out = tmp_path / "ws"
-    for norm in ("gn", "gn_ws"):
-        record = train_run(f"shapes/{norm}.yaml", TINY + ["SOLVER.CHECKPOINT_PERIOD", "1"],
-                           out / f"{norm}_b2_lr0.0005_s1", threads=1, keep_checkpoints=True)
-        assert record["returncode"] == 0
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two processes, side by side
+        records = list(pool.map(
+            lambda norm: train_run(f"shapes/{norm}.yaml", TINY + ["SOLVER.CHECKPOINT_PERIOD", "1"],
+                                   out / f"{norm}_b2_lr0.0005_s1", threads=1,
+                                   keep_checkpoints=True), ("gn", "gn_ws")))
+    assert [r["returncode"] for r in records] == [0, 0]
     assert "WEIGHT_STANDARDIZATION: true" in (out / "gn_ws_b2_lr0.0005_s1" / "config.yaml"
                                               ).read_text()
     capsys.readouterr()

@@ -177,6 +177,47 @@ def plot_paired(result: dict, path: str, *, overwrite: bool) -> None:
     save_figure(figure, path, overwrite=overwrite)
 
 
+def removed_share(source: str, images: int) -> dict:
+    """Per conv + BN pair of a BN-trained shapes model (``shapes/bn.yaml`` + ``source``): the
+    share of the conv output's variance around each channel's mean, over ``images`` validation
+    images, that the weight mean WS removes carries, ``var(m_c S) / var(z_c)`` averaged over
+    channels (docs/transfer.md: ``ẑ_c = (z_c − m_c S) / s_c``)."""
+    import torch
+    import torch.nn.functional as F
+    from detectron2.layers import Conv2d
+    from detectron2.modeling import build_model
+
+    from gn_det import load_images
+    from gn_det.checkpoint import Checkpointer
+    from gn_det.cli.config_files import load_config, resolve_config_name
+
+    cfg = load_config(resolve_config_name("shapes/bn.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg).eval()
+    Checkpointer(model).load_weights(source)
+    sums = {}
+
+    def hook(conv, args, name):
+        w = conv.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True).expand_as(w)
+        z, r = (F.conv2d(args[0], k, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+                for k in (w, mean))
+        share = r.var(dim=(0, 2, 3)) / z.var(dim=(0, 2, 3)).clamp_min(1e-12)
+        sums.setdefault(name, []).append(share.mean().item())
+
+    handles = [m.register_forward_pre_hook(lambda m, a, name=n: hook(m, a, name))
+               for n, m in model.named_modules() if isinstance(m, Conv2d) and m.norm is not None]
+    with torch.no_grad():
+        model(load_images(cfg, "shapes_val", images))
+    for h in handles:
+        h.remove()
+    shares = {name: statistics.mean(v) for name, v in sums.items()}
+    values = sorted(shares.values())
+    q1, median, q3 = statistics.quantiles(values, n=4)
+    return {"per_layer": shares, "median": median, "q1": q1, "q3": q3, "min": values[0],
+            "max": values[-1], "images": images}
+
+
 ZERO_SHOT_METHODS = ("copy", "stats", "calibrate 32", "calibrate 32 + distill 100")
 
 
@@ -231,10 +272,14 @@ def main(argv=None) -> int:
     zero = sub.add_parser("zero-shot", help="a BN source converted to GN and GN+WS, untrained")
     zero.add_argument("--source", required=True, help="the BN-trained shapes model (.pth)")
     zero.add_argument("--output-dir", default="output/ws_zero_shot")
+    removed = sub.add_parser("removed", help="what the weight mean WS removes carries, per layer "
+                             "of a BN-trained model")
+    removed.add_argument("--source", required=True, help="the BN-trained shapes model (.pth)")
+    removed.add_argument("--images", type=int, default=16)
     for p in (intervals, pair):
         p.add_argument("--dataset", default=LARGE, help=f"where the finals are evaluated "
                        f"(default {LARGE})")
-    for p in (intervals, pair, zero):
+    for p in (intervals, pair, zero, removed):
         p.add_argument("--resamples", type=int, default=200)
         p.add_argument("--json", default=None, help="results file to write")
         p.add_argument("--force", action="store_true", help="overwrite --plot")
@@ -250,7 +295,16 @@ def main(argv=None) -> int:
             run_result(Path(run), args.resamples, args.dataset)
             print(f"evaluated {run}")
         return 0
-    if args.stage == "paired":
+    if args.stage == "removed":
+        result = removed_share(args.source, args.images)
+        columns = ["conv + BN pairs", "share of the conv output's variance: median [IQR]",
+                   "min – max"]
+        rows = [[str(len(result["per_layer"])),
+                 f"{result['median']:.3f} [{result['q1']:.3f}, {result['q3']:.3f}]",
+                 f"{result['min']:.3f} – {result['max']:.3f}"]]
+        title = (f"What the weight mean that WS removes carries in a BN-trained model "
+                 f"({args.images} shapes_val images)")
+    elif args.stage == "paired":
         result = paired(args)
         columns, rows = PAIRED_COLUMNS, paired_rows(result)
         title = (f"GN+WS against GN from scratch, demo recipe at {args.batch} images per batch, "
