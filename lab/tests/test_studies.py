@@ -761,3 +761,20 @@ def test_ws_study_zero_shot_table_keeps_the_sources_ap_as_reference():
     assert rows[0] == ["BN source", "50.0 / 40.0", "", "", ""]
     assert rows[1] == ["stats", "25.0 / 10.0 (50%)", "0.500–0.900", "5.0 / 10.0 (10%)",
                        "0.500–0.900"]
+
+
+def test_benchmark_ws_smoke(tmp_path, capsys):
+    """lab/tools/benchmark_ws.py on 64-pixel images, two rounds: the three variants timed and
+    their saved bytes measured, the results file written."""
+    results = tmp_path / "ws_cost.json"
+    assert _tool("benchmark_ws").main(["--smoke", "--repeats", "2", "--threads", "1",
+                                       "--output", str(results)]) == 0
+    data = json.loads(results.read_text())
+    assert [row[0] for row in data["rows"]] == ["gn", "gn_ws", "gn_ws_parametrize"]
+    measured = data["data"]
+    assert measured["gn"]["step_ratio"]["median"] == 1.0
+    assert all(len(v["samples"]["step"]) == 2 and v["step"] > 0 for v in measured.values())
+    # The standardised weights are kept for backward (not parameters), the more so by autograd.
+    saved = {k: v["memory_saved_mib"] for k, v in measured.items()}
+    assert saved["gn"] < saved["gn_ws"] < saved["gn_ws_parametrize"], saved
+    assert data["command"].startswith("lab/tools/benchmark_ws.py --smoke")
