@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -183,6 +183,7 @@ def detector_zero_shot(
     calibration_dataset: str = "shapes_train",
     cosine_images: int = 16,
     opts: Sequence[str] = (),
+    methods: Optional[Sequence[str]] = None,
 ) -> List[DetectorRow]:
     """Convert a BN-trained detectron2 model to GN by each transfer; evaluate each unchanged.
 
@@ -195,7 +196,8 @@ def detector_zero_shot(
     ``stats``, once training the GN affine alone and once the ROI heads' weights too) are
     evaluated by COCO AP on the config's ``DATASETS.TEST`` and compared by the cosine of their
     FPN outputs on its first ``cosine_images`` images. Each student's weights are written to
-    ``output_dir/<method>.pth`` (for fine-tuning).
+    ``output_dir/<method>.pth`` (for fine-tuning). ``methods``: the names of the rows to run
+    (default all).
     """
     import os
     import time
@@ -240,6 +242,7 @@ def detector_zero_shot(
             "",
         )
     ]
+    wanted = None if methods is None else set(methods)
     methods = [("copy", "copy", 0, 0, None, None), ("stats", "stats", 0, 0, None, None)]
     methods += [(f"calibrate {n}", "stats", n, 0, "activation", None) for n in calibration_counts]
     methods += [
@@ -269,6 +272,8 @@ def detector_zero_shot(
     ]
     methods += [(f"stats + distill {k}", "stats", 0, k, None, "weights") for k in distill_steps]
     for name, transfer, count, steps, objective, heads in methods:
+        if wanted is not None and name not in wanted:
+            continue
         cfg = config(student_config, transfer)
         start = time.perf_counter()
         student = build_model(cfg)

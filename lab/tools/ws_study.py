@@ -234,8 +234,8 @@ def zero_shot(args) -> dict:
             args.source, os.path.join(args.output_dir, norm),
             student_config=f"shapes/{norm}.yaml", calibration_counts=(count,),
             distill_steps=(steps,), distill_images=count, cosine_images=2 if args.smoke else 16,
-            opts=SMOKE_OPTS if args.smoke else ())
-        result[norm] = [vars(r) for r in rows if r.method in keep or r.method == "BN teacher"]
+            opts=SMOKE_OPTS if args.smoke else (), methods=sorted(keep))
+        result[norm] = [vars(r) for r in rows]
     return result
 
 
