@@ -121,3 +121,18 @@ def test_bad_arguments_are_refused(teacher):
         distill(student, teacher, [])
     with pytest.raises(ValueError, match="no trainable layers converted"):
         distill(copy.deepcopy(teacher), teacher, [photometric_images(4, seed=2)])
+
+
+def test_a_gn_ws_student_distills_after_calibration():
+    # The convs of a GN + WS student standardise their weights; distillation trains the GN
+    # affine on what they output, as for GN.
+    from test_calibration import _d2_bn_teacher_net
+
+    teacher = _d2_bn_teacher_net()
+    x, held_out = photometric_images(32, seed=2), photometric_images(32, seed=4)
+    student = convert_norm(copy.deepcopy(teacher), weight_standardization=True)
+    calibrate(student, teacher, [x], progress=False)
+    calibrated = _output_error(student, teacher, held_out)
+    result = distill(student, teacher, [x], steps=40, lr=0.01, batch_size=8, progress=False)
+    assert _output_error(student, teacher, held_out) < calibrated
+    assert sum(result.losses[-10:]) < sum(result.losses[:10])
