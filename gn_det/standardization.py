@@ -94,10 +94,11 @@ class WSConv2d(Conv2d):
     (:func:`standardize_weight`), then applies its ``norm`` and ``activation`` as ``Conv2d`` does.
 
     Its parameter ``weight`` stays the raw ``W`` (what the optimizer updates and checkpoints
-    save). Where ``W`` cannot change during a forward (no gradient for it: inference, a frozen
-    stage), ``Ŵ`` is computed once and reused until ``W`` changes in place, moves or the module
-    switches between train and eval (writes through ``.data`` are seen then); a trace records the
-    standardisation, so an exported model computes it (or its exporter folds it as a constant).
+    save). In eval mode without a gradient for ``W`` (inference), ``Ŵ`` is computed once and
+    reused until ``W`` changes in place, moves, loads or the module switches to training and
+    back (writes through ``.data``, and torch's fused optimizers, bump no version: a switch of
+    mode is what makes them seen); a trace records the standardisation, so an exported model
+    computes it (or its exporter folds it as a constant).
     A BatchNorm-format state for ``norm`` loaded into it is transferred with ``W``'s channel
     scales (:func:`ws_input_affine`; docs/transfer.md).
     """
@@ -107,8 +108,10 @@ class WSConv2d(Conv2d):
 
     def standardized_weight(self) -> torch.Tensor:
         weight = self.weight
-        if (torch.jit.is_tracing() or (torch.is_grad_enabled() and weight.requires_grad)
-                or weight.is_inference()):  # an inference tensor has no version to key on
+        # Cached in eval mode only: an optimizer may change W in training without a version
+        # bump (torch's fused AdamW does not count its in-place update).
+        if (self.training or torch.jit.is_tracing() or weight.is_inference()
+                or (torch.is_grad_enabled() and weight.requires_grad)):
             return standardize_weight(weight, self.ws_eps)
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, self.ws_eps)
         if self._ws_cache is None or self._ws_cache[0] != key:
@@ -138,6 +141,7 @@ class WSConv2d(Conv2d):
                               unexpected_keys, error_msgs):
         from .layers import ConvertedGroupNorm
 
+        self._ws_cache = None
         weight, bias = state_dict.get(prefix + "weight"), state_dict.get(prefix + "bias")
         if (isinstance(self.norm, ConvertedGroupNorm) and torch.is_tensor(weight)
                 and weight.shape == self.weight.shape):

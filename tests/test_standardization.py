@@ -357,3 +357,21 @@ def test_cli_refuses_pkl_for_gn_ws_and_folding_a_gn_ws_checkpoint_without_ws(tmp
                  str(tmp_path / "folded.pth"), "--config-file", "shapes/gn.yaml",
                  "MODEL.DEVICE", "cpu"]) == 2
     assert "WEIGHT_STANDARDIZATION True" in capsys.readouterr().err
+
+
+def test_evaluations_between_fused_adamw_steps_see_the_new_weights():
+    # torch's fused AdamW updates weights in place without a version bump: an evaluation in the
+    # training loop (eval(), forward, train()) must still standardise the current weight.
+    conv = _ws_conv()
+    optimizer = torch.optim.AdamW(conv.parameters(), lr=0.1, fused=True)
+    x = torch.randn(2, 8, 6, 6)
+    for _ in range(3):
+        conv.train()
+        conv(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        conv.eval()
+        with torch.no_grad():
+            expected = torch.from_numpy(ws_reference(conv.weight)).float()
+            torch.testing.assert_close(conv.standardized_weight(), expected, rtol=1e-4,
+                                       atol=1e-5)
