@@ -179,12 +179,13 @@ def standardize_weights(model: nn.Module, include: Sequence[str] = (),
     Returns the number of standardised convolutions in ``model`` (earlier ones included).
     """
     include, exclude = as_prefixes(include, "include"), as_prefixes(exclude, "exclude")
-    count, skipped = 0, []
+    count, skipped, held = 0, [], set()
     for name, module in model.named_modules():
         norm_name = f"{name}.norm" if name else "norm"
         if (not isinstance(module, Conv2d) or not isinstance(module.norm, nn.GroupNorm)
                 or not selected(norm_name, include, exclude)):
             continue
+        held.add(norm_name)
         if not standardizable(module):
             skipped.append(name)
             continue
@@ -194,6 +195,11 @@ def standardize_weights(model: nn.Module, include: Sequence[str] = (),
         logger.warning("Not standardising %d convolutions whose class has a forward of its own "
                        "(first: '%s', %s).", len(skipped), skipped[0],
                        type(model.get_submodule(skipped[0])).__name__)
+    loose = [n for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)
+             and n not in held and selected(n, include, exclude)]
+    if loose:  # torchvision's ResNet: conv and norm side by side, nothing pairs them
+        logger.warning("%d GroupNorm layers are not the norm of a detectron2 Conv2d (first: "
+                       "'%s'): the convs before them are not standardised.", len(loose), loose[0])
     logger.info("Weight Standardization on %d convolutions followed by GroupNorm.", count)
     return count
 

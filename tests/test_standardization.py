@@ -109,8 +109,11 @@ def _mixed_net():
     return randomize_norm_state(net).eval()
 
 
-def test_only_convs_before_a_converted_group_norm_standardize():
-    net = convert_norm(_mixed_net(), exclude="skip", weight_standardization=True)
+def test_only_convs_before_a_converted_group_norm_standardize(caplog):
+    with caplog.at_level("WARNING", logger="gn_det.standardization"):
+        net = convert_norm(_mixed_net(), exclude="skip", weight_standardization=True)
+    assert "1 GroupNorm layers are not the norm of a detectron2 Conv2d (first: 'tv_bn')" in \
+        caplog.text
     assert type(net.a) is WSConv2d and isinstance(net.a.norm, nn.GroupNorm)
     assert type(net.plain) is Conv2d  # no norm after it: its output scale is its own
     assert type(net.skip) is Conv2d and isinstance(net.skip.norm, nn.BatchNorm2d)

@@ -88,6 +88,8 @@ def paired(args) -> dict:
         result["norms"][norm] = {s: run_result(runs[norm][s], args.resamples, args.dataset)
                                  for s in seeds}
     a, b = result["norms"]["gn"], result["norms"]["gn_ws"]
+    result["curve_seeds"] = args.curve_seeds or seeds
+    result["curve_note"] = args.curve_note
     result["difference"] = {
         kind: paired_difference(
             {s: (a[s]["final"][kind]["ap"], a[s]["final"][kind]["samples"]) for s in seeds},
@@ -151,9 +153,12 @@ def plot_paired(result: dict, path: str, *, overwrite: bool) -> None:
             seeds_ax.plot([x - 0.08, x + 0.08], [statistics.mean(values)] * 2, color=colour)
         for seed, run in runs.items():
             curve = run["val_curve"]
+            if result.get("curve_seeds") and seed not in result["curve_seeds"]:
+                continue
             curve_ax.plot([e["iteration"] for e in curve], [e["box_ap"] for e in curve],
                           color=colour, linewidth=1, alpha=0.8,
-                          label=label if seed == min(runs) else None)
+                          label=label if seed == min(result.get("curve_seeds") or runs)
+                          else None)
     seeds_ax.set_xticks([0, 1], ["box AP", "mask AP"])
     seeds_ax.set_title(f"each seed's final AP on {result['dataset']} (bars: means)", fontsize=10)
     seeds_ax.legend(fontsize=8)
@@ -171,7 +176,9 @@ def plot_paired(result: dict, path: str, *, overwrite: bool) -> None:
     diff_ax.legend(fontsize=8)
     curve_ax.set_xlabel(f"iterations at {result['batch']} images per batch")
     curve_ax.set_ylabel("box AP, shapes_val (50 images)")
-    curve_ax.set_title("validation curves, every seed", fontsize=10)
+    seeds = result.get("curve_seeds") or result["seeds"]
+    curve_ax.set_title(f"validation curves, seed{'s' * (len(seeds) > 1)} "
+                       f"{', '.join(map(str, seeds))}", fontsize=10)
     curve_ax.grid(alpha=0.3)
     curve_ax.legend(fontsize=8)
     save_figure(figure, path, overwrite=overwrite)
@@ -269,6 +276,9 @@ def main(argv=None) -> int:
     pair.add_argument("--output-dir", default="output/ws")
     pair.add_argument("--batch", type=int, default=2)
     pair.add_argument("--plot", default=None)
+    pair.add_argument("--curve-seeds", type=int, nargs="+", default=None,
+                      help="the seeds whose validation curves to draw (default all)")
+    pair.add_argument("--curve-note", default="", help="why, kept in the results file")
     zero = sub.add_parser("zero-shot", help="a BN source converted to GN and GN+WS, untrained")
     zero.add_argument("--source", required=True, help="the BN-trained shapes model (.pth)")
     zero.add_argument("--output-dir", default="output/ws_zero_shot")
