@@ -9,10 +9,13 @@ PIP := $(PY) -m pip --disable-pip-version-check
 REQS := requirements/torch.txt requirements/base.txt requirements/detectron2.txt pyproject.toml
 STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
+# Test workers (pytest-xdist): one per core by default; each runs torch on one thread.
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 DEMO_DIR ?= output/demo
 
-.PHONY: install test lint demo clean
+.PHONY: install test lab-test lint demo clean
 
 install: $(STAMP)
 
@@ -32,8 +35,13 @@ $(STAMP): $(REQS)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# The plugin's tests and the lab's quick ones; the lab's study tools run end to end (marker
+# "study") only in lab-test, which a change under lab/tools or lab/gn_det_lab runs before it lands.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PYTEST) -m "not study" $(PYTEST_ARGS)
+
+lab-test: $(STAMP)
+	$(PYTEST) -m study $(PYTEST_ARGS)
 
 # ruff (pinned in requirements/base.txt) with the settings of pyproject.toml.
 lint: $(STAMP)

@@ -5,6 +5,15 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test``: one worker per core), torch in each worker and in the
+    processes it starts runs on one thread, so that the workers do not fight over the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, "1")
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

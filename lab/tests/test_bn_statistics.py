@@ -13,6 +13,8 @@ from gn_det_lab.bn_statistics import bn_layers, evaluate_bn_modes, load_run, wit
 
 from models import TINY
 
+pytestmark = pytest.mark.study  # each worker trains its own BN run (make lab-test)
+
 
 @pytest.fixture(scope="module")
 def bn_run(tiny_env, tmp_path_factory):
