@@ -27,6 +27,7 @@ STARTS = {
     ),
     "copy": ("shapes/gn.yaml", "bn", "BN-pretrained, converted to GN: copy"),
     "stats": ("shapes/gn.yaml", "bn", "BN-pretrained, converted to GN: stats"),
+    "stats_ws": ("shapes/gn_ws.yaml", "bn", "BN-pretrained, converted to GN + WS: stats"),
     "distill": ("shapes/gn.yaml", "distilled", "BN-pretrained, converted to GN: stats + distill"),
     "gn_pretrained": ("shapes/gn.yaml", "gn", "GN-pretrained"),
     "scratch": ("shapes/gn.yaml", None, "GN from scratch"),
@@ -38,8 +39,8 @@ def start_config(start: str, weights: Dict[str, str]) -> tuple:
     "distilled")."""
     config, source, _ = STARTS[start]
     opts = ["MODEL.WEIGHTS", weights[source] if source else ""]
-    if start in ("copy", "stats"):
-        opts += ["MODEL.NORM_CONVERSION.TRANSFER", start]
+    if start in ("copy", "stats", "stats_ws"):
+        opts += ["MODEL.NORM_CONVERSION.TRANSFER", start.split("_")[0]]
     if start == "frozenbn_gn":  # detectron2's own GN in the FPN and heads, nothing converted
         opts += ["MODEL.RESNETS.NORM", "FrozenBN"]
         for key in ("FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD"):

@@ -1,4 +1,5 @@
-"""The study scripts run (smoke mode), so they cannot rot."""
+"""The study scripts run (smoke mode), so they cannot rot. The end-to-end ones are marked
+``study``: ``make lab-test`` runs them, ``make test`` (CI) leaves them out (lab/README.md)."""
 
 import importlib.util
 import json
@@ -34,6 +35,7 @@ def test_transfer_study_smoke(tmp_path, capsys):
     assert Image.open(out).size[0] == 900  # one panel per regime
 
 
+@pytest.mark.study
 def test_small_batch_study_smoke(tmp_path, capsys):
     study = _tool("small_batch_study")
     out = tmp_path / "study"
@@ -87,6 +89,7 @@ def test_small_batch_study_smoke(tmp_path, capsys):
     assert "| GN | 2 | 1 | 2 | 0.0005 | 1 |" in capsys.readouterr().out  # seed 2 never ran
 
 
+@pytest.mark.study
 def test_small_batch_study_syncbn_and_high_resolution_cells(tmp_path, capsys):
     """A SyncBN cell: 2 gloo processes of 1 image, one BN batch of 2; LR for the 2 images. It
     runs while detectron2's default rendezvous port is taken (by another multi-process run).
@@ -238,6 +241,7 @@ def test_small_batch_bn_statistics_points_are_seed_means_of_the_evaluated_cells(
     }
 
 
+@pytest.mark.study
 def test_benchmark_norms_smoke(tmp_path, gpu_host):
     """All four parts run on 64-pixel images, one round: R-50 FrozenBN (4conv1fc head) and GN;
     on a pretend GPU host, where the 2-process part must still use gloo for --device cpu."""
@@ -276,6 +280,7 @@ def test_benchmark_norms_smoke(tmp_path, gpu_host):
     assert refused.returncode == 2 and "--force" in refused.stderr
 
 
+@pytest.mark.study
 def test_transfer_study_detector_smoke(tmp_path, capsys):
     """Zero-shot transfers and the fine-tuning runs, end to end on 64-pixel images."""
     import torch
@@ -323,6 +328,7 @@ def test_transfer_study_detector_smoke(tmp_path, capsys):
     assert (out / "zero_shot" / "calibrate_2.pth").is_file()
 
 
+@pytest.mark.study
 def test_benchmark_recompute_runs_and_recompute_keeps_less_for_backward():
     import subprocess
     import sys
@@ -354,6 +360,7 @@ def test_benchmark_recompute_runs_and_recompute_keeps_less_for_backward():
     assert all(v >= 0 for v in rows["peak_rss_growth_mib"][:2])
 
 
+@pytest.mark.study
 def test_profile_train_step_smoke(tiny_env, capsys):
     from models import TINY
 
@@ -374,6 +381,7 @@ def test_profile_train_step_smoke(tiny_env, capsys):
     assert table.count("aten::") + table.count("torchvision::") >= 1 and "Self CPU" in table
 
 
+@pytest.mark.study
 def test_train_run_resumes_a_stopped_run_from_its_last_checkpoint(tiny_env, tmp_path, monkeypatch):
     """A run stopped after a checkpoint goes on from there; once finished it keeps model_final
     only."""
@@ -481,9 +489,10 @@ def test_gpu_smoke_runs_every_check_on_the_cpu(tmp_path):
     assert "| ddp_2_processes | PASS |" in done.stdout and "gloo" in done.stdout
 
 
+@pytest.mark.study
 def test_backbone_study_smoke(tmp_path, capsys):
     """lab/tools/backbone_study.py end to end, tiny: pretrain BN and GN on the proxy, distill the BN
-    backbone, fine-tune from three starts, intervals on each checkpoint, the report."""
+    backbone, fine-tune from five starts, intervals on each checkpoint, the report."""
     study = _tool("backbone_study")
     out = tmp_path / "study"
     assert study.main(["pretrain", "--smoke", "--output-dir", str(out), "--jobs", "2"]) == 0
@@ -503,6 +512,7 @@ def test_backbone_study_smoke(tmp_path, capsys):
                 "gn_pretrained",
                 "frozenbn_gn",
                 "stats",
+                "stats_ws",
                 "--freeze-at",
                 "2",
                 "--large-checkpoints",
@@ -529,12 +539,15 @@ def test_backbone_study_smoke(tmp_path, capsys):
         "BN-pretrained, FrozenBN backbone, GN FPN and heads (stock detectron2)",
         "BN-pretrained, converted to GN: stats",
         "BN-pretrained, converted to GN: stats + distill",
+        "BN-pretrained, converted to GN + WS: stats",
         "GN-pretrained",
     ):
         assert f"| shapes | {start} | 2 | 1 |" in table
+    ws_config = (out / "stats_ws_b1_i2_lr1x_s1" / "config.yaml").read_text()
+    assert "WEIGHT_STANDARDIZATION: true" in ws_config and "TRANSFER: stats" in ws_config
     written = json.loads(results.read_text())
     assert (
-        written["columns"][1] == "start" and len(written["rows"]) == 4
+        written["columns"][1] == "start" and len(written["rows"]) == 5
     )  # lab/tools/render_results.py's format
     assert written["command"].startswith(
         "lab/tools/backbone_study.py pretrain --smoke"
@@ -572,6 +585,7 @@ def test_backbone_study_smoke(tmp_path, capsys):
         study.main(["paired", "--output-dir", str(out), "--lr-from-sweep", "4"])
 
 
+@pytest.mark.study
 def test_fold_finetune_smoke(gn_run, tiny_env, tmp_path, monkeypatch):
     """lab/tools/fold_finetune.py on a 2-iteration GN run: folded by gn-det convert, fine-tuned
     2 iterations with labels, every model evaluated with paired shares of the GN model's AP."""
@@ -597,6 +611,7 @@ def test_fold_finetune_smoke(gn_run, tiny_env, tmp_path, monkeypatch):
     assert tool.main(args) == 2  # the results file exists: --force replaces it
 
 
+@pytest.mark.study
 def test_fold_study_smoke(gn_run, tmp_path, capsys):
     """lab/tools/fold_study.py: accuracy stage by stage on a 2-iteration GN run, timing of the
     variants, the report."""
@@ -714,6 +729,7 @@ def test_fold_study_report_draws_both_models_from_the_committed_results(tmp_path
     assert len(tool.figure(runs, one_round).axes) == 2
 
 
+@pytest.mark.study
 def test_ws_study_paired_smoke(tiny_env, tmp_path, capsys, monkeypatch):
     """lab/tools/ws_study.py paired on a 2-iteration GN and GN+WS run (seed 1, a checkpoint each
     iteration, named as the small-batch study names its cells): both runs' last two checkpoints
@@ -763,6 +779,7 @@ def test_ws_study_zero_shot_table_keeps_the_sources_ap_as_reference():
                        "0.500–0.900"]
 
 
+@pytest.mark.study
 def test_benchmark_ws_smoke(tmp_path, capsys):
     """lab/tools/benchmark_ws.py on 64-pixel images, two rounds: the three variants timed and
     their saved bytes measured, the results file written."""

@@ -547,7 +547,11 @@ PAIRED_COLUMNS = [
 
 
 #: Short names of the starts in the paired report's labels (the descriptions are long).
-SHORT = {"frozenbn_gn": "FrozenBN backbone (stock detectron2)", "stats": "converted to GN (stats)"}
+SHORT = {
+    "frozenbn_gn": "FrozenBN backbone (stock detectron2)",
+    "stats": "converted to GN (stats)",
+    "stats_ws": "converted to GN + WS (stats)",
+}
 
 
 def _short(start: str) -> str:
@@ -901,8 +905,8 @@ def main(argv=None) -> int:
         if args.json:
             write_results(
                 args.json,
-                title="Converted BN backbone against stock detectron2's FrozenBN backbone, "
-                "paired over seeds and test images",
+                title=f"{_short(args.pair[1])} against {_short(args.pair[0])}, BN-pretrained "
+                "backbone, paired over seeds and test images",
                 columns=PAIRED_COLUMNS,
                 rows=paired_rows(result),
                 data=result,
