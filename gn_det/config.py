@@ -154,10 +154,6 @@ def check_config(cfg: CfgNode) -> None:
             check(node[key])
         except ValueError as e:
             raise ConfigError(f"MODEL.NORM_CONVERSION.{key} = {node[key]!r}: {e}") from e
-    if node.get("WEIGHT_STANDARDIZATION", False) and node.TARGET != "GN":
-        raise ConfigError(f"MODEL.NORM_CONVERSION.WEIGHT_STANDARDIZATION True goes with TARGET "
-                          f"'GN' (a norm after the conv that gives back its scale), not "
-                          f"{node.TARGET!r}")
     inner = node.get("META_ARCHITECTURE", "")
     if inner == CONVERTING_META_ARCHITECTURE:
         raise ConfigError(f"MODEL.NORM_CONVERSION.META_ARCHITECTURE = {inner!r}: name the "
@@ -198,16 +194,14 @@ def norm_spec_from_config(cfg: CfgNode) -> Optional[NormSpec]:
     if node is None or not node.ENABLED:
         return None
     check_config(cfg)
-    return NormSpec(
-        target=node.TARGET,
-        num_groups=node.NUM_GROUPS,
-        dim_per_group=node.DIM_PER_GROUP or None,
-        eps=node.EPS or None,
-        transfer=node.TRANSFER,
-        include=tuple(node.INCLUDE),
-        exclude=tuple(node.EXCLUDE),
-        weight_standardization=node.get("WEIGHT_STANDARDIZATION", False),
-    )
+    try:  # what only the keys together decide (WEIGHT_STANDARDIZATION needs TARGET GN)
+        return NormSpec(target=node.TARGET, num_groups=node.NUM_GROUPS,
+                        dim_per_group=node.DIM_PER_GROUP or None, eps=node.EPS or None,
+                        transfer=node.TRANSFER, include=tuple(node.INCLUDE),
+                        exclude=tuple(node.EXCLUDE),
+                        weight_standardization=node.get("WEIGHT_STANDARDIZATION", False))
+    except ValueError as e:
+        raise ConfigError(f"MODEL.NORM_CONVERSION: {e}") from e
 
 
 def convert_model_by_config(model: nn.Module, cfg: CfgNode) -> nn.Module:

@@ -63,7 +63,7 @@ class NormSpec:
         NORM_SOURCES.types_named(sources)
         object.__setattr__(self, "sources", sources)
         if self.weight_standardization and self.target != "GN":
-            raise ValueError(f"weight_standardization goes with target 'GN' (a norm after the "
+            raise ValueError(f"weight standardization goes with target 'GN' (a norm after the "
                              f"conv that gives back its scale), not {self.target!r}")
 
     def selects(self, name: str, module: nn.Module) -> bool:

@@ -126,12 +126,12 @@ def test_only_convs_before_a_converted_group_norm_standardize(caplog):
 
 
 def test_weight_standardization_needs_a_group_norm_target():
-    with pytest.raises(ValueError, match="goes with target 'GN'"):
+    with pytest.raises(ValueError, match="weight standardization goes with target 'GN'"):
         gn_det.NormSpec(target="FrozenBN", weight_standardization=True)
     cfg = gn_det.get_cfg()
     cfg.merge_from_list(["MODEL.NORM_CONVERSION.ENABLED", "True", "MODEL.NORM_CONVERSION.TARGET",
                          "FrozenBN", "MODEL.NORM_CONVERSION.WEIGHT_STANDARDIZATION", "True"])
-    with pytest.raises(ConfigError, match="WEIGHT_STANDARDIZATION True goes with TARGET 'GN'"):
+    with pytest.raises(ConfigError, match="NORM_CONVERSION: weight standardization goes with"):
         gn_det.norm_spec_from_config(cfg)
 
 
@@ -230,7 +230,7 @@ def test_configs_and_lazy_configs_build_gn_ws():
     assert sum(isinstance(m, WSConv2d) for m in model.modules()) == len(norms) == 32
     from gn_det.lazy import build_converted_model, with_norm_conversion
 
-    with pytest.raises(ValueError, match="goes with target 'GN'"):
+    with pytest.raises(ValueError, match="weight standardization goes with target 'GN'"):
         with_norm_conversion({}, target="FrozenBN", weight_standardization=True)
     lazy = build_converted_model(resnet18_fpn_backbone(freeze_at=0), weight_standardization=True)
     assert sum(isinstance(m, WSConv2d) for m in lazy.modules()) == 28  # 20 backbone + 8 FPN
@@ -252,6 +252,43 @@ def test_cli_converts_a_bn_checkpoint_to_gn_ws(tmp_path, capsys):
     with torch.no_grad():
         for name, feature in expected.backbone(x).items():
             torch.testing.assert_close(target.backbone(x)[name], feature, rtol=1e-5, atol=1e-5)
+
+
+def test_a_native_gn_target_config_with_the_ws_key_decides_ws(tmp_path, capsys):
+    """--target-config naming detectron2's own GN (ENABLED False) with WEIGHT_STANDARDIZATION
+    True: the conversion targets GN + WS (transfer, verification, metadata, no pkl)."""
+    from gn_det.checkpoint.io import load_checkpoint_file
+    from gn_det.standardization import WS_KEY
+
+    bn, _ = shapes_bn_mask_rcnn()
+    torch.save({"model": bn.state_dict()}, tmp_path / "bn.pth")
+    norms = "".join(f"  {key}:\n    NORM: GN\n" for key in
+                    ("RESNETS", "FPN", "ROI_BOX_HEAD", "ROI_MASK_HEAD"))
+    base = resolve_config_name("shapes/Base-shapes.yaml")
+    target = tmp_path / "native_gn_ws.yaml"
+    target.write_text(f"_BASE_: {base}\nMODEL:\n{norms}"
+                      "  NORM_CONVERSION:\n    WEIGHT_STANDARDIZATION: True\n")
+    args = ["convert", "--weights", str(tmp_path / "bn.pth"), "--config-file", "shapes/bn.yaml",
+            "--target-config", str(target)]
+    cpu = ["MODEL.DEVICE", "cpu"]  # the source config's options, last
+    assert main([*args, "--output", str(tmp_path / "out.pkl"), *cpu]) == 2
+    assert "GN + Weight Standardization checkpoint is written as pth" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "out.pth"), *cpu]) == 0
+    written = load_checkpoint_file(str(tmp_path / "out.pth"))
+    assert WS_KEY in written
+    expected = convert_norm(copy.deepcopy(bn), weight_standardization=True)
+    cfg = load_config(str(target))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg).eval()
+    model.load_state_dict(written["model"], strict=True)
+    x = torch.rand(1, 3, 96, 128) * 255
+    with torch.no_grad():
+        for name, feature in expected.backbone(x).items():
+            torch.testing.assert_close(model.backbone(x)[name], feature, rtol=1e-5, atol=1e-5)
+    target.write_text(target.read_text().replace("True", "False"))
+    assert main([*args, "--weight-standardization", "--output", str(tmp_path / "x.pth"), *cpu]) == 2
+    assert "WEIGHT_STANDARDIZATION is False" in capsys.readouterr().err
+    assert not (tmp_path / "x.pth").exists()
 
 
 def test_cli_inspect_shows_which_convs_standardize(capsys):

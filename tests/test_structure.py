@@ -14,7 +14,7 @@ PACKAGE = Path(gn_det.__file__).resolve().parent
 #: where the package stands, so that it can shrink and not grow: 5,555 before GN + Weight
 #: Standardization (issue 33) added its target, transfer, calibration, checkpoint guard, CLI flag
 #: and the prefixes module it shares with conversion and folding.
-LINE_BUDGET = 5965
+LINE_BUDGET = 5964
 MODULE_LIMIT = 500
 FUNCTION_LIMIT = 80
 #: Modules that read and write checkpoint files: they import nothing of the model code.

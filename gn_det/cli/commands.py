@@ -165,7 +165,7 @@ def cmd_convert(args) -> int:
     if args.fold_exclude:
         raise UsageError("--fold-exclude goes with --to folded")
 
-    from ..checkpoint.convert import check_output, convert_checkpoint
+    from ..checkpoint.convert import check_input_conventions, check_output, convert_checkpoint
     from ..config import norm_spec_from_config
 
     check_output(args.output, args.format, args.force,
@@ -175,8 +175,6 @@ def cmd_convert(args) -> int:
     target_cfg = _load_cfg(args.target_config, device=source_cfg.MODEL.DEVICE,
                            allow_unsafe_yaml=args.allow_unsafe_yaml) if args.target_config else None
     if target_cfg is not None:
-        from ..checkpoint.convert import check_input_conventions
-
         check_input_conventions(source_cfg, target_cfg)  # before minutes of calibration
     target_spec = norm_spec_from_config(target_cfg) if target_cfg is not None else None
     explicit = [f for f, v in (("--to", args.to), ("--transfer", args.transfer),
@@ -186,6 +184,13 @@ def cmd_convert(args) -> int:
     if target_spec is not None and explicit:
         raise UsageError(f"{', '.join(explicit)} conflict with --target-config {args.target_config}"
                          ", whose MODEL.NORM_CONVERSION decides the conversion")
+    if target_cfg is not None and target_spec is None:  # a native GN target: its WS key decides
+        ws = bool(target_cfg.MODEL.NORM_CONVERSION.get("WEIGHT_STANDARDIZATION", False))
+        if args.weight_standardization and not ws:
+            raise UsageError(f"--weight-standardization conflicts with --target-config "
+                             f"{args.target_config}: its WEIGHT_STANDARDIZATION is False")
+        args.weight_standardization = ws
+        check_output(args.output, args.format, args.force, standardized=ws)
     method = args.transfer if args.transfer in ("calibrate", "distill") else None
     if method:
         args.transfer = "stats"  # both start from the data-free transfer

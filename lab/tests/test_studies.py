@@ -447,6 +447,7 @@ def test_logged_seconds_counts_the_processes_that_trained_what_the_run_has(tmp_p
     assert logged_seconds(tmp_path) == 70 * 60
 
 
+@pytest.mark.study
 def test_gpu_smoke_runs_every_check_on_the_cpu(tmp_path):
     """lab/tools/gpu_smoke.py, the script for the day a GPU is lent, at CPU size: every check
     passes (the 2-process one on gloo), the table and JSON are written."""

@@ -632,7 +632,7 @@ def paired_rows(result: dict) -> list:
                 " / ".join(f"{x['final']['box']['ap']:.1f}" for x in runs),
                 " / ".join(f"{x['final']['mask']['ap']:.1f}" for x in runs),
                 f"{mean['box']:.1f} / {mean['mask']:.1f}",
-                f"{gain['box']:+.1f} / {gain['mask']:+.1f}",
+                "—" if math.isnan(gain["box"]) else f"{gain['box']:+.1f} / {gain['mask']:+.1f}",
                 f"{statistics.mean(x['minutes'] for x in runs):.0f}",
             ]
         )
