@@ -1,6 +1,5 @@
 # Two commands set everything up on a fresh machine:  make demo  |  make test
-# Both create .venv (Python 3.11) and install the pinned dependencies once (--no-compile: Python
-# compiles what it imports on first use, a minute less of install); the install is
+# Both create .venv (Python 3.11) and install the pinned dependencies once; the install is
 # skipped while a stamp keyed by the requirement files (and pyproject.toml) exists.
 
 PYTHON ?= python3.11
@@ -22,16 +21,16 @@ install: $(STAMP)
 
 $(STAMP): $(REQS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --no-compile -r requirements/torch.txt -r requirements/base.txt
+	$(PIP) install -r requirements/torch.txt -r requirements/base.txt
 	# detectron2's pure-Python code: the cp310 wheel unpacked into this venv, hash-checked;
 	# its compiled _C is for another torch and Python and is never loaded, and its top-level
 	# 'tools' package would shadow ours.
-	$(PIP) install --no-compile --no-deps --only-binary=:all: --python-version 3.10 --upgrade \
+	$(PIP) install --no-deps --only-binary=:all: --python-version 3.10 --upgrade \
 		--target "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
 		--require-hashes -r requirements/detectron2.txt
 	cd "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" && \
 		rm -rf tools detectron2/_C*.so
-	$(PIP) install --no-compile --no-deps --no-build-isolation -e .
+	$(PIP) install --no-deps --no-build-isolation -e .
 	$(PY) -c "import detectron2, gn_det; print('detectron2', detectron2.__version__, 'gn_det', gn_det.__version__)"
 	rm -f $(VENV)/.installed-*
 	touch $@
